@@ -1,0 +1,578 @@
+"""Decay linear attention language models (DESIGN.md): `LinearDecayModel`, `LinearDecayForCausalLM`.
+
+Read top to bottom: the recurrent cache, norms and position encodings, the token mixer (§1–4), the SwiGLU block, the
+backbone and the causal LM head. The recurrence itself lives in `recurrence_linear_decay` (naive oracle, chunked
+PyTorch path, decoding step, and the seam where GPU kernels plug in); the decay parameterizations live in
+`decay_linear_decay` (one registry, §2).
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .configuration_linear_decay import LinearDecayConfig
+from .decay_linear_decay import DECAY_REGISTRY, DecayParameterization
+from .recurrence_linear_decay import fused_recurrent, linear_decay_attention
+
+# transformers renamed `past_key_values` to `cache` in 5.2x; read both, return the one the installed version uses.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+# A cached forward of at most this many tokens uses the token-by-token decoding step; longer ones the chunked form.
+RECURRENT_MAX_TOKENS = 8
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Recurrent cache (constant memory in context length)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class RecurrentStateLayer:
+    """Batch-first named state tensors of one layer (the recurrent state S, LightNet's normaliser, ...)."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self):
+        self.tensors = {}
+
+    def get(self, name):
+        return self.tensors.get(name)
+
+    def set(self, name, value):
+        self.tensors[name] = value
+
+    def _map(self, fn):
+        self.tensors = {name: fn(t) for name, t in self.tensors.items()}
+
+    def reorder_cache(self, beam_idx):
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats):
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices):
+        self._map(lambda t: t[indices])
+
+    def reset(self):
+        self.tensors = {}
+
+    def crop(self, tokens_to_remove):
+        raise NotImplementedError("a recurrent state cannot be rolled back: it keeps no per-token history")
+
+    def offload(self):
+        self._map(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self):
+        pass
+
+    def get_seq_length(self):
+        return 0
+
+    def get_max_length(self):
+        return -1
+
+
+class LinearDecayCache(Cache):
+    """Cache for `generate()`: per layer the fp32 state [B, H, K, V] (+ LightNet's Z), plus model-level state (TPE
+    filter state and each row's count of real tokens, which gives rope/lrpe offsets under left padding)."""
+
+    def __init__(self, config=None, num_layers=None):
+        num_layers = num_layers if num_layers is not None else config.num_hidden_layers
+        super().__init__(layers=[RecurrentStateLayer() for _ in range(num_layers)])
+        self.model_state = RecurrentStateLayer()
+        self.seen_tokens = 0
+
+    def _all_layers(self):
+        return [*self.layers, self.model_state]
+
+    def get_seq_length(self, layer_idx=0):
+        return self.seen_tokens
+
+    def get_max_length(self, layer_idx=None):
+        return -1
+
+    def has_previous_state(self, layer_idx=None, state_idx=None):
+        return self.seen_tokens > 0
+
+    def reorder_cache(self, beam_idx):
+        for layer in self._all_layers():
+            layer.reorder_cache(beam_idx)
+
+    def batch_repeat_interleave(self, repeats):
+        for layer in self._all_layers():
+            layer.batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices):
+        for layer in self._all_layers():
+            layer.batch_select_indices(indices)
+
+    def reset(self):
+        for layer in self._all_layers():
+            layer.reset()
+        self.seen_tokens = 0
+
+    def crop(self, tokens_to_remove):
+        raise NotImplementedError("LinearDecayCache keeps no per-token history and cannot be cropped")
+
+    @property
+    def batch_size(self):
+        offsets = self.model_state.get("real_tokens")
+        return -1 if offsets is None else offsets.shape[0]
+
+    @property
+    def is_compileable(self):
+        return False
+
+    @property
+    def is_initialized(self):
+        return self.seen_tokens > 0
+
+    @property
+    def is_croppable(self):
+        return False
+
+    @property
+    def is_linear(self):
+        return [True] * len(self.layers)
+
+    @property
+    def is_sliding(self):
+        return [False] * len(self.layers)
+
+
+def run_recurrence(q, k, v, log_decay, scale, state_layer):
+    """One recurrence call for a mixer or the TPE filter: the decoding step for short cached calls, else the chunked
+    form; reads and writes the state in `state_layer` (a RecurrentStateLayer, or None without a cache)."""
+    initial_state = state_layer.get("recurrent") if state_layer is not None else None
+    if state_layer is not None and q.shape[1] <= RECURRENT_MAX_TOKENS:
+        o, state = fused_recurrent(q, k, v, log_decay, scale=scale, initial_state=initial_state,
+                                   output_final_state=True)
+    else:
+        o, state = linear_decay_attention(q, k, v, log_decay, scale=scale, initial_state=initial_state,
+                                          output_final_state=state_layer is not None)
+    if state_layer is not None:
+        state_layer.set("recurrent", state)
+    return o
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class LinearDecayRMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class ZeroInitLinear(nn.Linear):
+    """A projection that starts at zero (SwiGLU down projection, TPE output; DESIGN §1, §4)."""
+
+
+def apply_rope(x, positions, theta, fraction):
+    """Rotary embedding on the first `fraction` of each head's channels (DESIGN §4). x [B, T, H, e]."""
+    head_dim = x.shape[-1]
+    rot = 2 * int(head_dim * fraction // 2)
+    inv_freq = theta ** (-torch.arange(0, rot, 2, device=x.device, dtype=torch.float32) / rot)
+    angles = positions.float().unsqueeze(-1) * inv_freq  # [B, T, rot/2]
+    cos, sin = angles.cos().unsqueeze(2), angles.sin().unsqueeze(2)
+    x_rot, x_pass = x[..., :rot].float(), x[..., rot:]
+    x1, x2 = x_rot[..., : rot // 2], x_rot[..., rot // 2 :]
+    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    return torch.cat([rotated, x_pass], dim=-1)
+
+
+def apply_lrpe(x, positions, theta):
+    """LRPE, the cosine form the authors ran as "RoPE" (DESIGN §4): x -> [x ⊙ cos(tθ), x ⊙ sin(tθ)], θ_i =
+    theta^{−2i/e} on the first half of the channels and 0 on the rest, so the key dim doubles."""
+    head_dim = x.shape[-1]
+    index = torch.arange(head_dim, device=x.device, dtype=torch.float32)
+    freq = torch.where(index < head_dim // 2, theta ** (-2 * index / head_dim), torch.zeros_like(index))
+    angles = (positions.float().unsqueeze(-1) * freq).unsqueeze(2)  # [B, T, 1, e]
+    xf = x.float()
+    return torch.cat([xf * angles.cos(), xf * angles.sin()], dim=-1).to(x.dtype)
+
+
+class LinearDecayTPE(nn.Module):
+    """TPE (DESIGN §4): a learned per-head EMA filter over the token embeddings that replaces them.
+
+    Per head h: λ_h = sigmoid(a_h) (static), static query/key vectors, values = the head's slice of the embedding;
+    the filter output goes through a zero-initialised projection and is added to the embeddings (identity at init).
+    Init: λ_h spread from 0.5 to 0.99 over heads; q_h = k_h = e^{-1/2}·1 so q·k = 1 (a unit-gain EMA).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        self.decay_logit = nn.Parameter(torch.empty(self.num_heads))
+        self.query = nn.Parameter(torch.empty(self.num_heads, self.head_dim))
+        self.key = nn.Parameter(torch.empty(self.num_heads, self.head_dim))
+        self.out_proj = ZeroInitLinear(config.hidden_size, config.hidden_size, bias=False)
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        init.copy_(self.decay_logit, torch.linspace(0.0, math.log(99.0), self.num_heads))
+        init.constant_(self.query, self.head_dim**-0.5)
+        init.constant_(self.key, self.head_dim**-0.5)
+
+    def forward(self, x, mask=None, state_layer=None):
+        batch, length, _ = x.shape
+        shape = (batch, length, self.num_heads, self.head_dim)
+        q = self.query.to(x.dtype).expand(shape)
+        k = self.key.to(x.dtype).expand(shape)
+        log_decay = F.logsigmoid(self.decay_logit.float())
+        if mask is not None:
+            k = k * mask[:, :, None, None].to(x.dtype)
+            log_decay = log_decay.expand(batch, length, -1).masked_fill(~mask[:, :, None], 0.0)
+        o = run_recurrence(q, k, x.view(shape), log_decay, 1.0, state_layer)
+        return x + self.out_proj(o.reshape(batch, length, -1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The token mixer (DESIGN §1)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class LinearDecayAttention(nn.Module):
+    """Decay linear attention: q = silu(W_q x), k = silu(W_k x) (or derived from the decay when shared), v = W_v x,
+    log λ from the registered decay parameterization, o = recurrence, y = W_o RMSNorm(o ⊙ sigmoid(U_2 U_1 x))."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        self.scale = config.attention_scale
+        self.share_decay = config.share_decay
+        self.position_encoding = config.position_encoding
+        self.rope_theta, self.rope_fraction = config.rope_theta, config.rope_fraction
+        self.vector_decay = config.decay_granularity == "vector"
+        hidden = config.hidden_size
+        spec = DECAY_REGISTRY[config.decay_type]
+
+        self.q_proj = nn.Linear(hidden, hidden, bias=False)
+        self.k_proj = nn.Linear(hidden, hidden, bias=False)
+        self.v_proj = nn.Linear(hidden, hidden, bias=False)
+        decay_width = hidden if self.vector_decay else self.num_heads
+        if spec.data_dependent and not self.share_decay:
+            if self.vector_decay:  # low rank d -> r -> d, no nonlinearity in between
+                self.decay_proj = nn.Sequential(
+                    nn.Linear(hidden, config.decay_rank, bias=False), nn.Linear(config.decay_rank, hidden, bias=False)
+                )
+            else:
+                self.decay_proj = nn.Linear(hidden, self.num_heads, bias=False)
+        else:
+            self.decay_proj = None
+        self.decay = spec.module(config, layer_idx, decay_width)
+        if config.use_output_gate:
+            self.gate_proj = nn.Sequential(
+                nn.Linear(hidden, config.head_dim, bias=False), nn.Linear(config.head_dim, hidden, bias=False)
+            )
+        else:
+            self.gate_proj = None
+        self.out_norm = LinearDecayRMSNorm(hidden, eps=config.rms_norm_eps)
+        self.o_proj = nn.Linear(hidden, hidden, bias=False)
+
+    def forward(self, x, mask=None, positions=None, lower_bound=None, state_layer=None):
+        batch, length, hidden = x.shape
+        heads, head_dim = self.num_heads, self.head_dim
+        normaliser = state_layer.get("normaliser") if state_layer is not None else None
+
+        q = F.silu(self.q_proj(x))
+        v = self.v_proj(x)
+        if self.share_decay:  # DESIGN §3: z = W_k x, k derived from the decay
+            z = self.k_proj(x).float()
+            log_decay, normaliser = self.decay(z, mask=mask, lower_bound=lower_bound, normaliser=normaliser)
+            k = self.decay.shared_key(z, log_decay).to(x.dtype)
+        else:
+            k = F.silu(self.k_proj(x))
+            z = self.decay_proj(x).float() if self.decay_proj is not None else None
+            log_decay, normaliser = self.decay(
+                z, mask=mask, lower_bound=lower_bound, normaliser=normaliser, device=x.device
+            )
+        if mask is not None:
+            k = k * mask.unsqueeze(-1).to(k.dtype)
+
+        q, k, v = (t.view(batch, length, heads, head_dim) for t in (q, k, v))
+        if log_decay.dim() == 3 and self.vector_decay:
+            log_decay = log_decay.view(batch, length, heads, head_dim)
+        if self.position_encoding == "rope":
+            q = apply_rope(q, positions, self.rope_theta, self.rope_fraction)
+            k = apply_rope(k, positions, self.rope_theta, self.rope_fraction)
+        elif self.position_encoding == "lrpe":
+            q, k = apply_lrpe(q, positions, self.rope_theta), apply_lrpe(k, positions, self.rope_theta)
+            if log_decay.dim() == 4:
+                log_decay = torch.cat([log_decay, log_decay], dim=-1)
+
+        o = run_recurrence(q, k, v, log_decay, self.scale, state_layer)
+        if state_layer is not None and normaliser is not None:
+            state_layer.set("normaliser", normaliser)
+
+        o = o.reshape(batch, length, hidden)
+        if self.gate_proj is not None:
+            o = o * torch.sigmoid(self.gate_proj(x))
+        return self.o_proj(self.out_norm(o))
+
+
+class LinearDecayMLP(nn.Module):
+    """SwiGLU feed-forward."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = ZeroInitLinear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LinearDecayBlock(GradientCheckpointingLayer):
+    """Pre-norm block: x += Mixer(RMSNorm(x)); x += SwiGLU(RMSNorm(x))."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.attn_norm = LinearDecayRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.attn = LinearDecayAttention(config, layer_idx)
+        self.mlp_norm = LinearDecayRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = LinearDecayMLP(config)
+
+    def forward(self, hidden_states, mask=None, positions=None, lower_bound=None, state_layer=None):
+        hidden_states = hidden_states + self.attn(
+            self.attn_norm(hidden_states), mask=mask, positions=positions, lower_bound=lower_bound,
+            state_layer=state_layer,
+        )
+        return hidden_states + self.mlp(self.mlp_norm(hidden_states))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class LinearDecayPreTrainedModel(PreTrainedModel):
+    config_class = LinearDecayConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LinearDecayBlock"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """DESIGN §1–2: truncated normal (std = initializer_range) for linears and embeddings, zero SwiGLU down
+        projection and TPE output, norms 1, decay parameters by their unit, HGRN2 lower-bound logits 1."""
+        std = self.config.initializer_range
+        if isinstance(module, ZeroInitLinear):
+            init.zeros_(module.weight)
+        elif isinstance(module, (nn.Linear, nn.Embedding)):
+            init.trunc_normal_(module.weight, mean=0.0, std=std, a=-2 * std, b=2 * std)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, LinearDecayRMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, DecayParameterization):
+            module.reset_parameters(self.config)
+        elif isinstance(module, LinearDecayTPE):
+            module.reset_parameters()
+        elif isinstance(module, LinearDecayModel) and module.lower_bound_logits is not None:
+            init.ones_(module.lower_bound_logits)
+
+
+class LinearDecayModel(LinearDecayPreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.tpe = LinearDecayTPE(config) if config.position_encoding == "tpe" else None
+        self.layers = nn.ModuleList([LinearDecayBlock(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = LinearDecayRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        if config.decay_type == "hgrn2" and config.hgrn2_lower_bound:
+            width = config.hidden_size if config.decay_granularity == "vector" else config.num_heads
+            self.lower_bound_logits = nn.Parameter(torch.empty(config.num_hidden_layers, width))
+        else:
+            self.lower_bound_logits = None
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def decay_lower_bounds(self):
+        """HGRN2's γ_l = cumsum_l softmax_l(P) − its layer-0 value: γ_0 = 0, γ_l = l/L at init (DESIGN §2).
+        Returns one [D] tensor per layer, None where γ is identically 0."""
+        if self.lower_bound_logits is None:
+            return [None] * len(self.layers)
+        cumulative = self.lower_bound_logits.float().softmax(dim=0).cumsum(dim=0)
+        gamma = cumulative - cumulative[:1]
+        return [None] + list(gamma[1:].unbind(0))
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, cache=None,
+                inputs_embeds=None, use_cache=None, output_hidden_states=None, return_dict=None, **kwargs):
+        cache = cache if cache is not None else past_key_values
+        if cache is not None and not isinstance(cache, LinearDecayCache):
+            raise TypeError(f"LinearDecayModel needs a LinearDecayCache, got {type(cache).__name__}")
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if use_cache and cache is None:
+            cache = LinearDecayCache(self.config)
+        elif not use_cache:
+            cache = None
+        past_length = cache.get_seq_length() if cache is not None else 0
+
+        inputs_embeds = self._check_inputs(input_ids, inputs_embeds, attention_mask, past_length)
+        batch, length = inputs_embeds.shape[:2]
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask[:, -length:].bool()
+            mask = None if bool(mask.all()) else mask
+
+        positions = None
+        if self.config.position_encoding in ("rope", "lrpe"):
+            positions = self._positions(position_ids, mask, cache, batch, length, inputs_embeds.device)
+
+        hidden_states = inputs_embeds
+        if self.tpe is not None:
+            hidden_states = self.tpe(hidden_states, mask, cache.model_state if cache is not None else None)
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        for layer, lower_bound in zip(self.layers, self.decay_lower_bounds()):
+            state_layer = cache.layers[layer.attn.layer_idx] if cache is not None else None
+            hidden_states = layer(hidden_states, mask=mask, positions=positions, lower_bound=lower_bound,
+                                  state_layer=state_layer)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
+        if cache is not None:
+            cache.seen_tokens += length
+        output = BaseModelOutputWithPast(last_hidden_state=hidden_states, hidden_states=all_hidden_states,
+                                         **{CACHE_FIELD: cache})
+        return output if return_dict is not False else output.to_tuple()
+
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, past_length):
+        """Clear errors before any compute; returns the input embeddings."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+            if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+                raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.vocab_size):
+                bad = input_ids[(input_ids < 0) | (input_ids >= self.vocab_size)][0].item()
+                raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, {self.vocab_size})")
+            batch, length = input_ids.shape
+        else:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+                raise ValueError(f"inputs_embeds must be [batch, seq_len, {self.config.hidden_size}], got "
+                                 f"{tuple(inputs_embeds.shape)}")
+            batch, length = inputs_embeds.shape[:2]
+        if length == 0 or batch == 0:
+            raise ValueError(f"empty input: batch={batch}, seq_len={length}; at least one token is needed")
+        if attention_mask is not None:
+            allowed = {length, past_length + length}
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] not in allowed:
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}; expected [{batch}, {length}]"
+                    + (f" or [{batch}, {past_length + length}] (past + new tokens)" if past_length else "")
+                )
+        return self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+
+    @staticmethod
+    def _positions(position_ids, mask, cache, batch, length, device):
+        """Each token's index among its row's real tokens: rope/lrpe offsets that ignore left padding and continue
+        from the cache, which keeps every row's count of real tokens."""
+        state = cache.model_state if cache is not None else None
+        seen = state.get("real_tokens") if state is not None else None
+        if seen is None:
+            seen = torch.zeros(batch, dtype=torch.long, device=device)
+        real = mask.long() if mask is not None else torch.ones(batch, length, dtype=torch.long, device=device)
+        if position_ids is None:
+            positions = (seen.unsqueeze(-1) + real.cumsum(-1) - 1).clamp(min=0)
+        else:
+            positions = position_ids.expand(batch, length)
+        if state is not None:
+            state.set("real_tokens", seen + real.sum(-1))
+        return positions
+
+
+class LinearDecayForCausalLM(LinearDecayPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = LinearDecayModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """generate(): our recurrent cache instead of a DynamicCache, under the name this transformers reads."""
+        for name in ("cache", "past_key_values"):
+            if model_kwargs.get(name) is not None:
+                if not isinstance(model_kwargs[name], LinearDecayCache):
+                    raise TypeError(f"LinearDecayForCausalLM needs a LinearDecayCache, got {type(model_kwargs[name])}")
+                return
+        if generation_config.use_cache is not False:
+            model_kwargs[CACHE_FIELD] = LinearDecayCache(self.config)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, cache=None,
+                inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None, return_dict=None,
+                logits_to_keep=0, **kwargs):
+        if labels is not None:
+            expected = tuple((input_ids if input_ids is not None else inputs_embeds).shape[:2])
+            if tuple(labels.shape) != expected:
+                raise ValueError(f"labels have shape {tuple(labels.shape)}; expected {expected} like the inputs")
+            bad = (labels != -100) & ((labels < 0) | (labels >= self.vocab_size))
+            if bool(bad.any()):
+                raise ValueError(f"labels contain {labels[bad][0].item()}, neither -100 nor in [0, {self.vocab_size})")
+        outputs = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            cache=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            output_hidden_states=output_hidden_states, return_dict=True,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.vocab_size, **kwargs)
+        output = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                        **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)})
+        return output if return_dict is not False else output.to_tuple()
+
+
+LinearDecayModel.register_for_auto_class("AutoModel")
+LinearDecayForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = ["LinearDecayModel", "LinearDecayForCausalLM", "LinearDecayPreTrainedModel", "LinearDecayCache"]
