@@ -25,12 +25,23 @@ PRESETS = {
 }
 
 
+DEFAULT_AUTO_MAP = {
+    "AutoConfig": "configuration_linear_decay.LinearDecayConfig",
+    "AutoModel": "modeling_linear_decay.LinearDecayModel",
+    "AutoModelForCausalLM": "modeling_linear_decay.LinearDecayForCausalLM",
+}
+
+
 def _invalid(field, value, allowed):
     return ValueError(f"LinearDecayConfig: invalid {field}={value!r}; {allowed}.")
 
 
 def combination_error(decay_type, decay_granularity, share_decay, position_encoding):
     """Why a (decay_type, granularity, sharing, position encoding) is unsupported, or None if it is supported."""
+    if not all(isinstance(x, str) for x in (decay_type, decay_granularity, position_encoding)):
+        bad = next((n, x) for n, x in (("decay_type", decay_type), ("decay_granularity", decay_granularity),
+                                       ("position_encoding", position_encoding)) if not isinstance(x, str))
+        return _invalid(bad[0], bad[1], "must be a string")
     if decay_type not in DECAY_REGISTRY:
         return _invalid("decay_type", decay_type, f"allowed: {', '.join(DECAY_TYPES)}")
     spec = DECAY_REGISTRY[decay_type]
@@ -130,7 +141,9 @@ class LinearDecayConfig(PreTrainedConfig):
         self.decay_rank = decay_rank
         self.simple_decay_init = simple_decay_init
         self.gla_denominator = gla_denominator
-        self.mamba2_a_init_range = tuple(mamba2_a_init_range) if mamba2_a_init_range is not None else None
+        self.mamba2_a_init_range = (
+            tuple(mamba2_a_init_range) if isinstance(mamba2_a_init_range, (list, tuple)) else mamba2_a_init_range
+        )
         self.mamba2_dt_min = mamba2_dt_min
         self.mamba2_dt_max = mamba2_dt_max
         self.mamba2_dt_init_floor = mamba2_dt_init_floor
@@ -143,8 +156,12 @@ class LinearDecayConfig(PreTrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
         self.use_cache = use_cache
+        if not isinstance(tie_word_embeddings, bool):
+            raise _invalid("tie_word_embeddings", tie_word_embeddings, "allowed: True or False")
         self._resolve_defaults()
         self.validate_linear_decay()
+        # Every checkpoint names all its Auto classes, so remote code serves AutoModel as well as the causal LM.
+        kwargs["auto_map"] = {**DEFAULT_AUTO_MAP, **(kwargs.get("auto_map") or {})}
         super().__init__(
             tie_word_embeddings=tie_word_embeddings,
             pad_token_id=pad_token_id,
@@ -161,24 +178,31 @@ class LinearDecayConfig(PreTrainedConfig):
         return cls(**{**PRESETS[name], **overrides})
 
     def _resolve_defaults(self):
-        if self.head_dim is None and _is_int(self.hidden_size) and _is_int(self.num_heads) and self.num_heads > 0:
-            self.head_dim = self.hidden_size // self.num_heads
-        if self.intermediate_size is None and _is_int(self.hidden_size):
-            self.intermediate_size = 256 * math.ceil(8 * self.hidden_size / 3 / 256)
-        if self.decay_rank is None:
-            self.decay_rank = self.head_dim
-        if self.decay_granularity is None and self.decay_type in DECAY_REGISTRY:
-            self.decay_granularity = DECAY_REGISTRY[self.decay_type].granularities[0]
-
-    def validate_linear_decay(self):
-        """Raise ValueError for any field outside its domain or any unsupported combination."""
-        for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "head_dim",
-                      "intermediate_size", "decay_rank"):
+        """Fill the derived defaults (head_dim, intermediate_size, decay_rank, decay_granularity); sizes are checked
+        here first so that a derived value never hides the field that was actually wrong."""
+        for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads"):
             value = getattr(self, field)
             if not _is_int(value) or value <= 0:
                 raise _invalid(field, value, "must be a positive integer")
         if self.hidden_size % self.num_heads != 0:
             raise _invalid("num_heads", self.num_heads, f"must divide hidden_size={self.hidden_size}")
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.intermediate_size is None:
+            self.intermediate_size = 256 * math.ceil(8 * self.hidden_size / 3 / 256)
+        if self.decay_rank is None:
+            self.decay_rank = self.head_dim
+        if not isinstance(self.decay_type, str) or self.decay_type not in DECAY_REGISTRY:
+            raise _invalid("decay_type", self.decay_type, f"allowed: {', '.join(DECAY_TYPES)}")
+        if self.decay_granularity is None:
+            self.decay_granularity = DECAY_REGISTRY[self.decay_type].granularities[0]
+
+    def validate_linear_decay(self):
+        """Raise ValueError for any field outside its domain or any unsupported combination."""
+        for field in ("head_dim", "intermediate_size", "decay_rank"):
+            value = getattr(self, field)
+            if not _is_int(value) or value <= 0:
+                raise _invalid(field, value, "must be a positive integer")
         if self.head_dim * self.num_heads != self.hidden_size:
             raise _invalid(
                 "head_dim", self.head_dim,
@@ -192,7 +216,7 @@ class LinearDecayConfig(PreTrainedConfig):
         if not (_is_real(self.gla_denominator) and self.gla_denominator > 0):
             raise _invalid("gla_denominator", self.gla_denominator, "must be a positive number")
         a_range = self.mamba2_a_init_range
-        if not (a_range is not None and len(a_range) == 2 and all(_is_real(a) for a in a_range)
+        if not (isinstance(a_range, tuple) and len(a_range) == 2 and all(_is_real(a) for a in a_range)
                 and 0 < a_range[0] <= a_range[1]):
             raise _invalid("mamba2_a_init_range", a_range, "must be (low, high) with 0 < low <= high")
         if not (_is_real(self.mamba2_dt_min) and _is_real(self.mamba2_dt_max)

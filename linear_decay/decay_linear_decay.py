@@ -155,8 +155,8 @@ class HGRN2Decay(DecayParameterization):
     def log_decay(self, z, mask=None, lower_bound=None, normaliser=None, device=None):
         if lower_bound is None:
             return F.logsigmoid(z), normaliser
-        lower_bound = lower_bound.float()
-        return torch.logaddexp(torch.log(lower_bound), torch.log1p(-lower_bound) + F.logsigmoid(z)), normaliser
+        # log(γ + (1 − γ)σ(z)) = log1p(−(1 − γ)σ(−z)): ≤ 0 by construction, exact near λ = 1
+        return torch.log1p(-(1.0 - lower_bound.float()) * torch.sigmoid(-z)), normaliser
 
 
 @register_decay("lightnet", shareable=True)

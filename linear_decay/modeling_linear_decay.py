@@ -546,6 +546,13 @@ class LinearDecayForCausalLM(LinearDecayPreTrainedModel, GenerationMixin):
         if generation_config.use_cache is not False:
             model_kwargs[CACHE_FIELD] = LinearDecayCache(self.config)
 
+    def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, **kwargs):
+        """generate() derives position_ids from the attention mask alone, which restarts at 0 when a call continues
+        from a filled cache; the model's own positions (cache row counts + mask) are right in every case."""
+        model_inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
+        model_inputs.pop("position_ids", None)
+        return model_inputs
+
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, cache=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None, return_dict=None,
                 logits_to_keep=0, **kwargs):

@@ -43,6 +43,7 @@ def naive_recurrence(q, k, v, log_decay=None, scale=1.0, initial_state=None, out
     """Oracle: the recurrence one token at a time, fp32."""
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
+    out_dtype = v.dtype
     decay = _broadcast_decay(log_decay, batch, length, heads, key_dim, q.device).exp()
     q, k, v = q.float(), k.float(), v.float()
     state = q.new_zeros(batch, heads, key_dim, value_dim) if initial_state is None else initial_state.float()
@@ -51,7 +52,7 @@ def naive_recurrence(q, k, v, log_decay=None, scale=1.0, initial_state=None, out
         state = decay[:, t, :, :, None] * state + torch.einsum("bhk,bhv->bhkv", k[:, t], v[:, t])
         outputs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], state) * scale)
     o = torch.stack(outputs, dim=1) if outputs else v.new_zeros(batch, 0, heads, value_dim)
-    return o.to(v.dtype), (state if output_final_state else None)
+    return o.to(out_dtype), (state if output_final_state else None)
 
 
 def fused_recurrent(q, k, v, log_decay=None, scale=1.0, initial_state=None, output_final_state=False):
@@ -72,55 +73,75 @@ def fused_recurrent(q, k, v, log_decay=None, scale=1.0, initial_state=None, outp
     return o.to(v.dtype), (state if output_final_state else None)
 
 
+# Largest in-chunk cumulative decay |b| for which the factorised intra-chunk form q e^{b} · (k e^{−b})ᵀ stays exact in
+# fp32 (e^{±60} is far from over/underflow). Chunks with stronger decay take the pairwise form.
+FACTORISED_DECAY_LIMIT = 60.0
+
+
 def chunked_recurrence(q, k, v, log_decay=None, scale=1.0, initial_state=None, output_final_state=False,
                        chunk_size=None):
-    """Chunkwise parallel form (GLA / simple-GLA style), fp32 with in-chunk cumulative log-decay.
+    """Chunkwise parallel form (GLA / simple-GLA style) in fp32; in-chunk cumulative log-decay b in fp64.
 
-    Within a chunk the pairwise decay exp(b_t − b_s) (s ≤ t) is formed explicitly, so no exponent is ever positive:
-    stable for arbitrarily strong decays. Across chunks the state is carried by a short loop over chunks.
+    Intra-chunk scores A[t, s] = Σ_c q_tc k_sc e^{b_tc − b_sc} (s ≤ t). Scalar decay forms e^{b_t − b_s} per pair.
+    Vector decay uses the matmul (q ⊙ e^{b})(k ⊙ e^{−b})ᵀ, exact while |b| ≤ FACTORISED_DECAY_LIMIT; chunks whose
+    decay is stronger are recomputed with the explicit pairwise decay, which never forms a positive exponent.
+    Across chunks the state is carried by a short loop over chunks.
     """
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     out_dtype = v.dtype
     g = _broadcast_decay(log_decay, batch, length, heads, key_dim, q.device)
     vector = g.shape[-1] != 1
-    chunk = chunk_size or (16 if vector else 64)
-    chunk = min(chunk, max(length, 1))
+    chunk = min(chunk_size or (32 if vector else 64), max(length, 1))
     num_chunks = -(-length // chunk)
     pad = num_chunks * chunk - length
 
-    def to_chunks(x):  # [B, T, H, D] -> [B, H, N, C, D] fp32, zero-padded (k = 0 and log λ = 0 leave S untouched)
-        x = x.float()
+    def to_chunks(x, dtype=torch.float32):  # [B, T, H, D] -> [B, H, N, C, D], zero-padded (k = 0, log λ = 0: S kept)
+        x = x.to(dtype)
         if pad:
             x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))
         return x.view(batch, num_chunks, chunk, heads, x.shape[-1]).permute(0, 3, 1, 2, 4)
 
-    q, k, v, g = to_chunks(q), to_chunks(k), to_chunks(v), to_chunks(g)
-    b = g.cumsum(dim=-2)  # inclusive in-chunk cumulative log-decay, ≤ 0, [B, H, N, C, K'|1]
+    q, k, v = to_chunks(q), to_chunks(k), to_chunks(v)
+    b = to_chunks(g, torch.float64).cumsum(dim=-2)  # inclusive, ≤ 0, [B, H, N, C, K'|1]; fp64 keeps differences exact
     b_last = b[..., -1:, :]
     causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+    q_decayed = q * b.exp().float()  # q_t e^{b_t}: reads the state at the chunk start
 
-    # Intra-chunk: A[t, s] = Σ_c q_tc k_sc exp(b_tc − b_sc) for s ≤ t.
     if vector:
-        diff = (b.unsqueeze(-2) - b.unsqueeze(-3)).masked_fill(~causal[:, :, None], float("-inf"))
-        scores = (q.unsqueeze(-2) * k.unsqueeze(-3) * diff.exp()).sum(-1)
+        k_grown = k * (-b).clamp(max=FACTORISED_DECAY_LIMIT).exp().float()
+        scores = (q_decayed @ k_grown.transpose(-1, -2)).masked_fill(~causal, 0.0)
+        strong = b_last[..., 0, :].amin(-1) < -FACTORISED_DECAY_LIMIT  # [B, H, N]
+        if bool(strong.any()):
+            scores = scores.masked_scatter(strong[..., None, None].expand_as(scores),
+                                           _pairwise_scores(q[strong], k[strong], b[strong], causal))
     else:
-        diff = (b[..., 0].unsqueeze(-1) - b[..., 0].unsqueeze(-2)).masked_fill(~causal, float("-inf"))
-        scores = (q @ k.transpose(-1, -2)) * diff.exp()
+        scores = (q @ k.transpose(-1, -2)) * _pairwise_decay(b[..., 0], causal)
     o = scores @ v
 
     # Inter-chunk: each chunk's contribution to the state at its end, then a scan over chunks.
-    chunk_updates = (k * (b_last - b).exp()).transpose(-1, -2) @ v  # [B, H, N, K, V]
-    chunk_decay = b_last.exp().transpose(-1, -2)  # [B, H, N, K'|1, 1]
+    chunk_updates = (k * (b_last - b).exp().float()).transpose(-1, -2) @ v  # [B, H, N, K, V]
+    chunk_decay = b_last.exp().float().transpose(-1, -2)  # [B, H, N, K'|1, 1]
     state = q.new_zeros(batch, heads, key_dim, value_dim) if initial_state is None else initial_state.float()
     states_before = []
-    for n in range(num_chunks):
+    for decay_n, update_n in zip(chunk_decay.unbind(2), chunk_updates.unbind(2)):  # unbind: one cheap backward
         states_before.append(state)
-        state = chunk_decay[:, :, n] * state + chunk_updates[:, :, n]
-    o = o + (q * b.exp()) @ torch.stack(states_before, dim=2)
+        state = decay_n * state + update_n
+    o = o + q_decayed @ torch.stack(states_before, dim=2)
 
     o = (o * scale).permute(0, 2, 3, 1, 4).reshape(batch, num_chunks * chunk, heads, value_dim)[:, :length]
     return o.to(out_dtype), (state if output_final_state else None)
+
+
+def _pairwise_decay(b, causal):
+    """e^{b_t − b_s} for s ≤ t, else 0; b [..., C] fp64 -> [..., C, C] fp32."""
+    return (b.unsqueeze(-1) - b.unsqueeze(-2)).masked_fill(~causal, float("-inf")).exp().float()
+
+
+def _pairwise_scores(q, k, b, causal):
+    """Vector-decay scores with the explicit pairwise decay: q, k [M, C, K] fp32, b [M, C, K] fp64 -> [M, C, C]."""
+    decay = _pairwise_decay(b.transpose(-1, -2), causal).permute(0, 2, 3, 1)  # [M, C, C, K]
+    return (q.unsqueeze(-2) * k.unsqueeze(-3) * decay).sum(-1)
 
 
 BACKENDS["torch"] = chunked_recurrence

@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny config factory and a way to move weights away from their initialisation."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import linear_decay  # noqa: E402  (registers the Auto classes)
+from linear_decay import LinearDecayConfig, LinearDecayForCausalLM  # noqa: E402
+
+TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_heads=2, intermediate_size=64, decay_rank=8)
+
+
+def tiny_config(**overrides):
+    return LinearDecayConfig(**{**TINY, **overrides})
+
+
+def perturbed_model(config, seed=0, scale=0.3):
+    """A model whose weights are moved off their initialisation (zero-initialised projections become active), so
+    that every parameter gets a non-trivial gradient and decays vary across tokens."""
+    torch.manual_seed(seed)
+    model = LinearDecayForCausalLM(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * scale * (param.std() if param.numel() > 1 else 1.0).clamp(min=0.05))
+    return model
+
+
+def relative_error(actual, expected):
+    actual, expected = actual.double(), expected.double()
+    return float((actual - expected).norm() / expected.norm().clamp(min=1e-12))
+
+
+@pytest.fixture
+def backend(monkeypatch):
+    """Select the recurrence backend for the whole model: backend('naive') or backend('torch')."""
+
+    def select(name):
+        monkeypatch.setenv("LINEAR_DECAY_BACKEND", name)
+
+    return select
+
+
+@pytest.fixture(scope="session", autouse=True)
+def single_thread():
+    """Tiny models are dominated by per-op overhead: on a busy 2-core machine several intra-op threads make them an
+    order of magnitude slower, so the suite runs on one thread."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
