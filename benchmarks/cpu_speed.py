@@ -1,12 +1,11 @@
 """CPU speed of the PyTorch path (issue: core model family).
 
-Times a whole-model forward+backward at B=2, T=2048, hidden 512, 4 layers for
-  - our chunked PyTorch path (LINEAR_DECAY_BACKEND=torch),
-  - our naive fp32 recurrence (LINEAR_DECAY_BACKEND=naive, the oracle),
-  - transformers' LlamaForCausalLM (sdpa) of the same width, depth, SwiGLU width and vocabulary,
-in the same process, and prints the ratios. Targets: chunked ≥ 20× faster than naive, ≤ 1.5× Llama's time.
+At B=2, T=2048, hidden 512 (8 heads of 64), 4 layers, forward+backward, in one process:
+  - the recurrence alone: chunked PyTorch path vs the naive fp32 oracle (target: chunked ≥ 20× faster);
+  - the whole model on the chunked path vs transformers' LlamaForCausalLM (sdpa) of the same width, depth, SwiGLU
+    width and vocabulary (target: ≤ 1.5× Llama's time), and for the --naive_models rows the whole model on the oracle.
 
-    python benchmarks/cpu_speed.py [--decay_types mamba2 simple] [--repeats 3] [--naive_repeats 1]
+    python benchmarks/cpu_speed.py [--models mamba2:vector simple:scalar] [--repeats 3]
 """
 
 import argparse
@@ -20,6 +19,7 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from linear_decay import LinearDecayConfig, LinearDecayForCausalLM
+from linear_decay.recurrence_linear_decay import chunked_recurrence, naive_recurrence
 
 
 def time_fwd_bwd(model, input_ids, repeats, warmup=1):
@@ -35,47 +35,70 @@ def time_fwd_bwd(model, input_ids, repeats, warmup=1):
     return statistics.median(times)
 
 
+def time_recurrence(fn, shape_decay, batch, length, heads, dim, repeats):
+    """The recurrence alone, forward+backward, on random inputs (median seconds)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(batch, length, heads, dim, requires_grad=True) for _ in range(3))
+    log_decay = (-torch.rand(shape_decay) * 0.5).requires_grad_()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        o, _ = fn(q, k, v, log_decay)
+        o.square().sum().backward()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--decay_types", nargs="+", default=["mamba2", "gla", "simple", "tnl"])
+    parser.add_argument("--models", nargs="+", default=["mamba2:vector", "gla:vector", "simple:scalar", "tnl:scalar"],
+                        help="decay_type:granularity of the whole-model rows")
+    parser.add_argument("--naive_models", nargs="+", default=["mamba2:vector"],
+                        help="rows that also time the whole model on the naive oracle (slow)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--naive_repeats", type=int, default=1)
     args = parser.parse_args()
+
+    heads = args.hidden // 64
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {platform.machine()}, "
+          f"{torch.get_num_threads()} threads; B={args.batch} T={args.length} hidden={args.hidden} "
+          f"layers={args.layers} heads={heads} vocab={args.vocab}; forward+backward, fp32, median of {args.repeats}")
+
+    print("\nrecurrence alone (q, k, v [B, T, H, 64]):")
+    for name, decay_shape in (("vector", (args.batch, args.length, heads, 64)), ("scalar", (args.batch, args.length, heads))):
+        chunked = time_recurrence(chunked_recurrence, decay_shape, args.batch, args.length, heads, 64, args.repeats)
+        naive = time_recurrence(naive_recurrence, decay_shape, args.batch, args.length, heads, 64, 1)
+        print(f"  {name:<7} chunked {chunked * 1e3:8.1f} ms, naive {naive * 1e3:9.1f} ms -> naive/chunked "
+              f"{naive / chunked:6.1f}x (target >= 20)")
 
     torch.manual_seed(0)
     input_ids = torch.randint(0, args.vocab, (args.batch, args.length))
-    common = dict(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers, num_heads=args.hidden // 64)
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads; B={args.batch} T={args.length} hidden={args.hidden} "
-          f"layers={args.layers} vocab={args.vocab}; fwd+bwd, fp32, median of {args.repeats}")
-
-    ours_config = LinearDecayConfig(**common)
+    common = dict(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers, num_heads=heads)
+    intermediate = LinearDecayConfig(**common).intermediate_size
     llama = LlamaForCausalLM(LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64,
-        intermediate_size=ours_config.intermediate_size, max_position_embeddings=args.length,
+        vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=heads,
+        num_key_value_heads=heads, intermediate_size=intermediate, max_position_embeddings=args.length,
         attn_implementation="sdpa",
     ))
     llama_time = time_fwd_bwd(llama, input_ids, args.repeats)
-    print(f"{'llama (sdpa)':<28} {llama_time * 1e3:9.1f} ms")
-
-    rows = []
-    for decay_type in args.decay_types:
-        model = LinearDecayForCausalLM(LinearDecayConfig(**common, decay_type=decay_type))
+    print(f"\nwhole model (SwiGLU {intermediate}):\n  {'llama (sdpa)':<18} {llama_time * 1e3:8.1f} ms")
+    for row in args.models:
+        decay_type, granularity = row.split(":")
+        model = LinearDecayForCausalLM(LinearDecayConfig(**common, decay_type=decay_type,
+                                                         decay_granularity=granularity))
         os.environ["LINEAR_DECAY_BACKEND"] = "torch"
         chunked = time_fwd_bwd(model, input_ids, args.repeats)
-        os.environ["LINEAR_DECAY_BACKEND"] = "naive"
-        naive = time_fwd_bwd(model, input_ids, args.naive_repeats, warmup=0)
-        os.environ["LINEAR_DECAY_BACKEND"] = "torch"
-        rows.append((decay_type, model.config.decay_granularity, chunked, naive))
-        print(f"{decay_type + ' (' + model.config.decay_granularity + ')':<28} {chunked * 1e3:9.1f} ms chunked, "
-              f"{naive * 1e3:9.1f} ms naive  -> naive/chunked {naive / chunked:5.1f}x (target >= 20), "
-              f"chunked/llama {chunked / llama_time:4.2f}x (target <= 1.5)")
+        line = f"  {row:<18} {chunked * 1e3:8.1f} ms chunked -> ours/llama {chunked / llama_time:4.2f}x (target <= 1.5)"
+        if row in args.naive_models:
+            os.environ["LINEAR_DECAY_BACKEND"] = "naive"
+            naive = time_fwd_bwd(model, input_ids, 1, warmup=0)
+            line += f"; naive {naive * 1e3:8.1f} ms -> naive/chunked {naive / chunked:5.1f}x"
+            os.environ["LINEAR_DECAY_BACKEND"] = "torch"
+        print(line)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,12 @@ def tiny_config(**overrides):
     return LinearDecayConfig(**{**TINY, **overrides})
 
 
+def combo_id(combo):
+    """Readable test id of a (decay_type, granularity, share_decay, position_encoding) combination."""
+    decay_type, granularity, share, position = combo
+    return f"{decay_type}-{granularity}-{'shared' if share else 'own'}-{position}"
+
+
 def perturbed_model(config, seed=0, scale=0.3):
     """A model whose weights are moved off their initialisation (zero-initialised projections become active), so
     that every parameter gets a non-trivial gradient and decays vary across tokens."""

@@ -20,7 +20,7 @@ import torch
 import linear_decay.recurrence_linear_decay as rec
 from linear_decay import LinearDecayForCausalLM, valid_combinations
 
-from conftest import perturbed_model, relative_error, tiny_config
+from conftest import combo_id, perturbed_model, relative_error, tiny_config
 
 TOL = 1e-5
 NOISE_FACTOR = 3.0
@@ -28,9 +28,6 @@ LENGTHS = (1, 37, 150)  # one token; not a multiple of either chunk (32 vector, 
 COMBOS = valid_combinations()
 
 
-def combo_id(combo):
-    decay, granularity, share, position = combo
-    return f"{decay}-{granularity}-{'shared' if share else 'own'}-{position}"
 
 
 def config_for(combo, **extra):

@@ -16,7 +16,7 @@ import linear_decay
 from linear_decay import LinearDecayCache
 from linear_decay.modeling_linear_decay import CACHE_FIELD, RECURRENT_MAX_TOKENS
 
-from conftest import perturbed_model, relative_error, tiny_config
+from conftest import combo_id, perturbed_model, relative_error, tiny_config
 
 PAD = 0  # pad token id; real prompt tokens below are drawn from [1, vocab)
 TOLERANCE = 1e-5
@@ -24,9 +24,6 @@ TOLERANCE = 1e-5
 COMBOS = linear_decay.valid_combinations()
 
 
-def combo_id(combo):
-    decay_type, granularity, share, position = combo
-    return f"{decay_type}-{granularity}-{'shared' if share else 'own'}-{position}"
 
 
 # A few diverse combinations for the more expensive checks: every decay family, both granularities, sharing, and
