@@ -199,6 +199,19 @@ def test_strong_decay_is_finite_and_correct(fn, kind, low, high):
     assert_close(actual, expected, what=f"{fn.__name__} {kind} log λ in [{low}, {high}]")
 
 
+def test_vector_decay_mixing_mild_and_strong_chunks():
+    """Chunks past the factorised form's limit take the pairwise form while the others keep the matmul form: a batch
+    where one head decays mildly, one strongly, and one switches from mild to strong mid-sequence."""
+    q, k, v, log_decay, state = make_inputs("vector", 150, seed=11, low=-0.3, high=0.0)
+    log_decay[:, :, 1] -= 8.0  # ~ -8 per step: every 32-token chunk is far past the limit
+    log_decay[:, 70:, 2] -= 4.0  # mild, then strong from token 70
+    chunk_sums = log_decay[:, :128].reshape(B, 4, 32, H, K).sum(2).amin(-1)  # [B, chunks, H]
+    limit = rec.FACTORISED_DECAY_LIMIT
+    assert (chunk_sums < -limit).any() and (chunk_sums > -limit).any()  # both forms are really exercised
+    expected = run_with_grads(naive_recurrence, q, k, v, log_decay, state)
+    assert_close(run_with_grads(chunked_recurrence, q, k, v, log_decay, state), expected, what="mixed chunks")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Reduced precision inputs
 # ---------------------------------------------------------------------------------------------------------------
