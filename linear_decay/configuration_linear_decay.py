@@ -38,14 +38,10 @@ def _invalid(field, value, allowed):
 
 def combination_error(decay_type, decay_granularity, share_decay, position_encoding):
     """Why a (decay_type, granularity, sharing, position encoding) is unsupported, or None if it is supported."""
-    if not all(isinstance(x, str) for x in (decay_type, decay_granularity, position_encoding)):
-        bad = next((n, x) for n, x in (("decay_type", decay_type), ("decay_granularity", decay_granularity),
-                                       ("position_encoding", position_encoding)) if not isinstance(x, str))
-        return _invalid(bad[0], bad[1], "must be a string")
-    if decay_type not in DECAY_REGISTRY:
+    if not isinstance(decay_type, str) or decay_type not in DECAY_REGISTRY:
         return _invalid("decay_type", decay_type, f"allowed: {', '.join(DECAY_TYPES)}")
     spec = DECAY_REGISTRY[decay_type]
-    if decay_granularity not in DECAY_GRANULARITIES:
+    if not isinstance(decay_granularity, str) or decay_granularity not in DECAY_GRANULARITIES:
         return _invalid("decay_granularity", decay_granularity, f"allowed: {', '.join(DECAY_GRANULARITIES)}")
     if decay_granularity not in spec.granularities:
         return _invalid(
@@ -59,7 +55,7 @@ def combination_error(decay_type, decay_granularity, share_decay, position_encod
             return _invalid("share_decay", share_decay, f"sharing (DESIGN §3) needs decay_type in {shareable}")
         if decay_granularity != "vector":
             return _invalid("share_decay", share_decay, "sharing (DESIGN §3) needs decay_granularity='vector'")
-    if position_encoding not in POSITION_ENCODINGS:
+    if not isinstance(position_encoding, str) or position_encoding not in POSITION_ENCODINGS:
         return _invalid("position_encoding", position_encoding, f"allowed: {', '.join(POSITION_ENCODINGS)}")
     return None
 
@@ -179,7 +175,8 @@ class LinearDecayConfig(PreTrainedConfig):
 
     def _resolve_defaults(self):
         """Fill the derived defaults (head_dim, intermediate_size, decay_rank, decay_granularity); sizes are checked
-        here first so that a derived value never hides the field that was actually wrong."""
+        here first so that a derived value never hides the field that was actually wrong. An unknown decay_type is
+        reported by `combination_error`."""
         for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads"):
             value = getattr(self, field)
             if not _is_int(value) or value <= 0:
@@ -192,9 +189,7 @@ class LinearDecayConfig(PreTrainedConfig):
             self.intermediate_size = 256 * math.ceil(8 * self.hidden_size / 3 / 256)
         if self.decay_rank is None:
             self.decay_rank = self.head_dim
-        if not isinstance(self.decay_type, str) or self.decay_type not in DECAY_REGISTRY:
-            raise _invalid("decay_type", self.decay_type, f"allowed: {', '.join(DECAY_TYPES)}")
-        if self.decay_granularity is None:
+        if self.decay_granularity is None and isinstance(self.decay_type, str) and self.decay_type in DECAY_REGISTRY:
             self.decay_granularity = DECAY_REGISTRY[self.decay_type].granularities[0]
 
     def validate_linear_decay(self):
