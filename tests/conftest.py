@@ -58,3 +58,34 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+# A small model trained for a few steps on the bundled corpus, saved with the bundled tokenizer: what the ecosystem
+# tests (lm-eval, hub round trip, examples) load. Trained once per session with a plain loop (deterministic).
+TRAINED_CONFIG = dict(hidden_size=64, num_hidden_layers=2, num_heads=2, intermediate_size=128, decay_rank=16)
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from linear_decay.quickstart import TOKENIZER, load_bundled_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    tokens = torch.tensor(load_bundled_tokens(tokenizer)[: 64 * 8 * 128]).view(-1, 128)
+    config = LinearDecayConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                               **TRAINED_CONFIG)
+    torch.manual_seed(0)
+    model = LinearDecayForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    for step in range(64):
+        batch = tokens[step * 8: (step + 1) * 8]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    path = tmp_path_factory.mktemp("trained") / "checkpoint"
+    model.eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
