@@ -5,6 +5,7 @@ the value given and what is allowed. `valid_combinations()` enumerates every sup
 (decay_type, decay_granularity, share_decay, position_encoding).
 """
 
+import difflib
 import itertools
 import math
 
@@ -171,6 +172,12 @@ class LinearDecayConfig(PreTrainedConfig):
         """A paper size (`160m`, `410m`, `1.45b`) or `tiny`, with any field overridden."""
         if name not in PRESETS:
             raise _invalid("preset", name, f"allowed: {', '.join(PRESETS)}")
+        known = cls().to_dict()
+        for field in overrides:
+            if field not in known:
+                close = difflib.get_close_matches(field, known, n=3)
+                hint = f"did you mean {', '.join(close)}?" if close else f"fields: {', '.join(sorted(known))}"
+                raise ValueError(f"LinearDecayConfig has no field {field!r}; {hint}")
         return cls(**{**PRESETS[name], **overrides})
 
     def _resolve_defaults(self):

@@ -122,16 +122,22 @@ class Mamba2Decay(DecayParameterization):
 
 @register_decay("mamba2_no_a")
 class Mamba2NoADecay(Mamba2Decay):
+    """Mamba2 ablation without A: log λ = −softplus(z + dt_bias)."""
+
     use_a = False
 
 
 @register_decay("mamba2_no_dt")
 class Mamba2NoDtDecay(Mamba2Decay):
+    """Mamba2 ablation without dt_bias: log λ = −exp(A_log)·softplus(z)."""
+
     use_dt_bias = False
 
 
 @register_decay("mamba2_no_a_no_dt")
 class Mamba2NoANoDtDecay(Mamba2Decay):
+    """Mamba2 ablation without A and dt_bias: log λ = −softplus(z)."""
+
     use_a = False
     use_dt_bias = False
 
@@ -181,6 +187,8 @@ def tnl_log_decay(layer_idx, num_layers, num_heads, device=None):
 
 @register_decay("tnl", granularities=("scalar",), data_dependent=False)
 class TNLDecay(DecayParameterization):
+    """TNL's static per-head decay −(1/n_h)(1 − l/(L−1) + 1e-5), n_h = 2·128^{h/(H−1)}; nothing is trained."""
+
     def __init__(self, config, layer_idx, width):
         super().__init__(config, layer_idx, width)
         self.num_layers = config.num_hidden_layers

@@ -7,6 +7,8 @@ PyTorch path, decoding step, and the seam where GPU kernels plug in); the decay 
 """
 
 import math
+import os
+import tempfile
 
 import torch
 import torch.nn as nn
@@ -392,6 +394,66 @@ class LinearDecayPreTrainedModel(PreTrainedModel):
             module.reset_parameters()
         elif isinstance(module, LinearDecayModel) and module.lower_bound_logits is not None:
             init.ones_(module.lower_bound_logits)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, but a checkpoint whose config.json does not describe its weights (say
+        `decay_type` edited after saving) is an error instead of silently re-initialised or dropped parameters. Only
+        the LM head may be missing or extra (base model ↔ causal LM). `ignore_mismatched_sizes=True` allows it."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        if not kwargs.get("ignore_mismatched_sizes"):
+            missing = sorted(k for k in info["missing_keys"] if not k.startswith("lm_head"))
+            unexpected = sorted(k for k in info["unexpected_keys"] if not k.startswith("lm_head"))
+            if missing or unexpected:
+                c = model.config
+                raise ValueError(
+                    f"The weights at {model.name_or_path!r} do not match its config (decay_type={c.decay_type!r}, "
+                    f"decay_granularity={c.decay_granularity!r}, share_decay={c.share_decay}, position_encoding="
+                    f"{c.position_encoding!r}): parameters the config needs but the checkpoint lacks: "
+                    f"{missing or 'none'}; parameters the checkpoint has but the config does not use: "
+                    f"{unexpected or 'none'}. Was config.json edited after the weights were saved? Pass "
+                    f"ignore_mismatched_sizes=True to load anyway (missing parameters are then freshly initialised).")
+        return (model, info) if want_info else model
+
+    # Hub: checkpoints carry a model card (README.md) describing their design choices; see `linear_decay.model_card`.
+
+    def _write_model_card(self, save_directory, repo_id=None, tags=()):
+        try:  # the card module ships with the package; code loaded as remote code alone writes no card
+            from linear_decay.model_card import write_model_card
+        except ImportError:
+            return
+        write_model_card(save_directory, self.config, repo_id=repo_id, base_model=self.name_or_path,
+                         tags=[*(self.model_tags or []), *tags])
+
+    def save_pretrained(self, save_directory, is_main_process=True, *args, push_to_hub=False, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus the model card README.md; `push_to_hub=True` uploads through
+        `push_to_hub` (so the Hub gets this card, not a generic one)."""
+        hub_kwargs = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "create_pr", "private")
+                      if key in kwargs}
+        super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
+        if is_main_process:
+            self._write_model_card(save_directory, repo_id=hub_kwargs.get("repo_id"))
+        if push_to_hub and is_main_process:
+            repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(os.fspath(save_directory))))
+            self.push_to_hub(repo_id, token=kwargs.get("token"), max_shard_size=kwargs.get("max_shard_size", "50GB"),
+                             **hub_kwargs)
+
+    def push_to_hub(self, repo_id, *, commit_message=None, commit_description=None, private=None, token=None,
+                    revision=None, create_pr=False, max_shard_size="50GB", tags=None):
+        """Upload weights, config, code and this family's model card to the Hub (same arguments as transformers'
+        `push_to_hub`). Returns the commit info."""
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as work_dir:
+            super().save_pretrained(work_dir, max_shard_size=max_shard_size)
+            tags = [tags] if isinstance(tags, str) else list(tags or [])
+            self._write_model_card(work_dir, repo_id=repo_id, tags=tags)
+            return api.upload_folder(repo_id=repo_id, folder_path=work_dir, revision=revision, create_pr=create_pr,
+                                     commit_message=commit_message or "Upload model",
+                                     commit_description=commit_description)
 
 
 class LinearDecayModel(LinearDecayPreTrainedModel):
