@@ -36,7 +36,7 @@ def perturbed_model(config, seed=0, scale=0.3):
 
 
 def relative_error(actual, expected):
-    actual, expected = actual.double(), expected.double()
+    actual, expected = actual.detach().double(), expected.detach().double()
     return float((actual - expected).norm() / expected.norm().clamp(min=1e-12))
 
 
