@@ -21,7 +21,12 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .configuration_linear_decay import LinearDecayConfig
 from .decay_linear_decay import DECAY_REGISTRY, DecayParameterization
-from .recurrence_linear_decay import fused_recurrent, linear_decay_attention
+from .recurrence_linear_decay import linear_decay_attention, recurrent_step
+
+try:  # the fused output gate + RMSNorm (Triton); CPU-only torch has no Triton and keeps the two-step torch code
+    from .kernels_norm_linear_decay import gated_rms_norm
+except ImportError:
+    gated_rms_norm = None
 
 # transformers renamed `past_key_values` to `cache` in 5.2x; read both, return the one the installed version uses.
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -156,8 +161,8 @@ def run_recurrence(q, k, v, log_decay, scale, state_layer):
     form; reads and writes the state in `state_layer` (a RecurrentStateLayer, or None without a cache)."""
     initial_state = state_layer.get("recurrent") if state_layer is not None else None
     if state_layer is not None and q.shape[1] <= RECURRENT_MAX_TOKENS:
-        o, state = fused_recurrent(q, k, v, log_decay, scale=scale, initial_state=initial_state,
-                                   output_final_state=True)
+        o, state = recurrent_step(q, k, v, log_decay, scale=scale, initial_state=initial_state,
+                                  output_final_state=True)
     else:
         o, state = linear_decay_attention(q, k, v, log_decay, scale=scale, initial_state=initial_state,
                                           output_final_state=state_layer is not None)
@@ -328,7 +333,13 @@ class LinearDecayAttention(nn.Module):
 
         o = o.reshape(batch, length, hidden)
         if self.gate_proj is not None:
-            o = o * torch.sigmoid(self.gate_proj(x))
+            gate_logits = self.gate_proj(x)
+            # The fused kernel follows the recurrence's backend rule (`resolve_backend`): auto -> on CUDA tensors,
+            # triton -> always (CPU tensors run in Triton's interpreter), torch / naive -> never.
+            backend = os.environ.get("LINEAR_DECAY_BACKEND", "auto")
+            if gated_rms_norm is not None and (backend == "triton" or (backend == "auto" and o.is_cuda)):
+                return self.o_proj(gated_rms_norm(o, gate_logits, self.out_norm.weight, self.out_norm.eps))
+            o = o * torch.sigmoid(gate_logits)
         return self.o_proj(self.out_norm(o))
 
 

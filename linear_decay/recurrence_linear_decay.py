@@ -16,8 +16,10 @@
 - `naive_recurrence`: the fp32 step-by-step oracle (tests only).
 - `chunked_recurrence`: the vectorised chunkwise form, the CPU training/prefill path.
 - `fused_recurrent`: token-by-token state update for decoding (a few tokens per call).
-`linear_decay_attention` dispatches between backends (`LINEAR_DECAY_BACKEND=torch|triton|naive|auto`); GPU kernels register
-themselves in `BACKENDS` when they are importable.
+`linear_decay_attention` (training / prefill, optionally on packed sequences with `cu_seqlens`) and `recurrent_step`
+(decoding) dispatch between backends (`LINEAR_DECAY_BACKEND=torch|triton|naive|auto`; auto: Triton for CUDA tensors,
+PyTorch for CPU tensors). The Triton kernels (`kernels_chunk_linear_decay`, `kernels_recurrent_linear_decay`) register
+themselves when `triton` imports; `triton` forces them, on CPU tensors too under TRITON_INTERPRET=1.
 """
 
 import os
@@ -146,6 +148,22 @@ def _pairwise_scores(q, k, b, causal):
 
 BACKENDS["torch"] = chunked_recurrence
 BACKENDS["naive"] = naive_recurrence  # the oracle, selectable for debugging and for tests of the whole model
+DECODE_BACKENDS = {"torch": fused_recurrent, "naive": naive_recurrence}
+VARLEN_BACKENDS = set()  # backends that take cu_seqlens themselves; the others run packed sequences one by one
+
+try:  # the Triton kernels (GPU, or CPU tensors under TRITON_INTERPRET=1); absent with CPU-only torch
+    from .kernels_chunk_linear_decay import triton_chunked_recurrence
+
+    BACKENDS["triton"] = torch.compiler.disable(triton_chunked_recurrence)  # compiled models call it eagerly
+    VARLEN_BACKENDS.add("triton")
+except ImportError:
+    pass
+try:
+    from .kernels_recurrent_linear_decay import triton_fused_recurrent
+
+    DECODE_BACKENDS["triton"] = torch.compiler.disable(triton_fused_recurrent)
+except ImportError:
+    pass
 
 
 def resolve_backend(device_type, backend=None):
@@ -156,15 +174,55 @@ def resolve_backend(device_type, backend=None):
     if backend not in ("torch", "triton", "naive"):
         raise ValueError(f"LINEAR_DECAY_BACKEND={backend!r}; allowed: torch, triton, naive, auto")
     if backend not in BACKENDS:
-        raise RuntimeError(f"LINEAR_DECAY_BACKEND={backend!r} was requested but its kernels are not available here")
+        raise RuntimeError(f"LINEAR_DECAY_BACKEND={backend!r} was requested but its kernels are not available here "
+                           "(the Triton kernels need the `triton` package)")
     return backend
 
 
 def linear_decay_attention(q, k, v, log_decay=None, scale=1.0, initial_state=None, output_final_state=False,
-                           backend=None):
-    """Chunked training / prefill form on the selected backend."""
-    fn = BACKENDS[resolve_backend(q.device.type, backend)]
+                           cu_seqlens=None, backend=None):
+    """Chunked training / prefill form on the selected backend. `cu_seqlens` (int32 [N + 1]): N sequences packed
+    along T of a batch of one, with states [N, H, K, V]."""
+    name = resolve_backend(q.device.type, backend)
+    if (name == "triton" and (backend or os.environ.get("LINEAR_DECAY_BACKEND", "auto")) == "auto"
+            and log_decay is not None and log_decay.dim() == 4):
+        # Vector decay stays on the PyTorch path under `auto` until its Triton kernels pass the GPU checks with strong
+        # decays (tests/test_kernels_gpu.py; the pairwise branch has only run under the interpreter so far).
+        # LINEAR_DECAY_BACKEND=triton selects them.
+        name = "torch"
+    fn = BACKENDS[name]
+    if cu_seqlens is None or name in VARLEN_BACKENDS:
+        kwargs = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+        return fn(q, k, v, log_decay, scale=scale, initial_state=initial_state,
+                  output_final_state=output_final_state, **kwargs)
+    return _per_sequence(fn, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens)
+
+
+def recurrent_step(q, k, v, log_decay=None, scale=1.0, initial_state=None, output_final_state=False, backend=None):
+    """Decoding: a few tokens folded into the state. The Triton kernel updates `initial_state` in place; calls that
+    need gradients take the PyTorch path."""
+    name = resolve_backend(q.device.type, backend)
+    needs_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, log_decay, initial_state))
+    fn = DECODE_BACKENDS.get("torch" if needs_grad else name, fused_recurrent)
     return fn(q, k, v, log_decay, scale=scale, initial_state=initial_state, output_final_state=output_final_state)
 
 
-__all__ = ["naive_recurrence", "chunked_recurrence", "fused_recurrent", "linear_decay_attention", "BACKENDS"]
+def _per_sequence(fn, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens):
+    """Varlen through a backend without it: each packed sequence on its own."""
+    if q.shape[0] != 1:
+        raise ValueError(f"cu_seqlens needs the sequences packed into a batch of one; got batch {q.shape[0]}")
+    bounds = cu_seqlens.tolist()
+    outputs, finals = [], []
+    for index, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        decay = log_decay if log_decay is None or log_decay.dim() == 1 else log_decay[:, start:end]
+        state = initial_state[index:index + 1] if initial_state is not None else None
+        o, final = fn(q[:, start:end], k[:, start:end], v[:, start:end], decay, scale=scale, initial_state=state,
+                      output_final_state=output_final_state)
+        outputs.append(o)
+        finals.append(final)
+    return torch.cat(outputs, dim=1), (torch.cat(finals, dim=0) if output_final_state else None)
+
+
+__all__ = ["naive_recurrence", "chunked_recurrence", "fused_recurrent", "linear_decay_attention", "recurrent_step",
+           "BACKENDS"]

@@ -7,6 +7,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors; it must be switched on before the first
+# @triton.jit decorator runs, i.e. before linear_decay is imported (DESIGN §7).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import linear_decay  # noqa: E402  (registers the Auto classes)
 from linear_decay import LinearDecayConfig, LinearDecayForCausalLM  # noqa: E402

@@ -1,0 +1,126 @@
+"""Sweep the launch settings of the chunked Triton kernels on the GPU (kernels_chunk_linear_decay.TUNING).
+
+    python benchmarks/tune_chunk_kernels.py [--shape 8,2048,16,128] [--kinds vector,scalar] [--json PATH]
+
+For each decay kind and each candidate (value block, warps, stages) it runs forward+backward in bf16 under the
+torch profiler and reads each kernel's own time, checks the result against the fp32 PyTorch chunked path (a wrong
+variant is dropped), and prints the best setting per kernel: the values to write into TUNING / TUNING_OVERRIDES.
+"""
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from linear_decay import kernels_chunk_linear_decay as kernels  # noqa: E402
+from linear_decay.recurrence_linear_decay import chunked_recurrence  # noqa: E402
+
+KERNELS = {"states": "_chunk_states_kernel", "output": "_chunk_output_kernel",
+           "state_grads": "_chunk_state_grads_kernel", "dq": "_chunk_dq_kernel",
+           "dk_dv": "_chunk_dk_dv_kernel"}
+KIND_CODE = {"vector": kernels.DECAY_VECTOR, "scalar": kernels.DECAY_SCALAR}
+
+
+def make_inputs(kind, batch, length, heads, dim, seed=0):
+    torch.manual_seed(seed)
+    q = F.silu(torch.randn(batch, length, heads, dim, device="cuda")).bfloat16().requires_grad_()
+    k = F.silu(torch.randn(batch, length, heads, dim, device="cuda")).bfloat16().requires_grad_()
+    v = torch.randn(batch, length, heads, dim, device="cuda").bfloat16().requires_grad_()
+    shape = (batch, length, heads, dim) if kind == "vector" else (batch, length, heads)
+    g = (F.logsigmoid(torch.randn(shape, device="cuda")) / 16).requires_grad_()
+    return q, k, v, g
+
+
+def relative_error(a, b):
+    a, b = a.detach(), b.detach()
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-12))
+
+
+def check(kind, dim):
+    """Relative errors of bf16 output and grads against the fp32 PyTorch chunked path on the same inputs."""
+    q, k, v, g = make_inputs(kind, 2, 300, 4, dim, seed=1)
+    do = torch.randn_like(v)
+    o, _ = kernels.triton_chunked_recurrence(q, k, v, g, scale=dim ** -0.5)
+    grads = torch.autograd.grad((o * do).sum(), (q, k, v, g))
+    ref_inputs = [x.detach().float().requires_grad_() for x in (q, k, v, g)]
+    ref_o, _ = chunked_recurrence(*ref_inputs, scale=dim ** -0.5)
+    ref_grads = torch.autograd.grad((ref_o * do.float()).sum(), ref_inputs)
+    return max([relative_error(o, ref_o)] + [relative_error(a, b) for a, b in zip(grads, ref_grads)])
+
+
+def profile(kind, shape, iterations=5):
+    """Mean device time (ms) of each of our kernels in one forward+backward."""
+    q, k, v, g = make_inputs(kind, *shape)
+    do = torch.randn_like(v)
+
+    def step():
+        o, _ = kernels.triton_chunked_recurrence(q, k, v, g, scale=shape[-1] ** -0.5)
+        torch.autograd.grad(o, (q, k, v, g), do)
+
+    step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(iterations):
+            step()
+        torch.cuda.synchronize()
+    times = {}
+    for event in prof.key_averages():
+        time_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        for name, kernel in KERNELS.items():
+            if kernel in event.key:
+                times[name] = times.get(name, 0.0) + time_us / 1000 / iterations
+    return times
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="8,2048,16,128", help="B,T,H,D")
+    parser.add_argument("--kinds", default="vector,scalar")
+    parser.add_argument("--block_v", default="32,64,128")
+    parser.add_argument("--warps", default="4,8")
+    parser.add_argument("--stages", default="1,2")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    shape = tuple(int(x) for x in args.shape.split(","))
+    candidates = [dict(block_v=bv, num_warps=w, num_stages=s) for bv, w, s in itertools.product(
+        *(map(int, values.split(",")) for values in (args.block_v, args.warps, args.stages)))]
+    print(f"torch {torch.__version__}, triton {kernels.triton.__version__}, {torch.cuda.get_device_name()}, "
+          f"shape {shape}", flush=True)
+    results = []
+    for kind in args.kinds.split(","):
+        for candidate in candidates:
+            for name in KERNELS:
+                kernels.TUNING_OVERRIDES[(name, KIND_CODE[kind])] = dict(candidate)
+            try:
+                error = check(kind, shape[-1])
+                times = profile(kind, shape)
+            except Exception as failure:  # a setting that does not compile (shared memory, registers)
+                print(f"{kind} {candidate}: failed: {str(failure).splitlines()[0][:150]}", flush=True)
+                continue
+            row = dict(kind=kind, **candidate, error=error, **times)
+            results.append(row)
+            print(f"{kind:6s} bv={candidate['block_v']:3d} w={candidate['num_warps']} s={candidate['num_stages']} "
+                  f"err={error:.1e} " + " ".join(f"{n}={t:.3f}" for n, t in times.items()), flush=True)
+    print("\nbest per kernel (ms):")
+    for kind in args.kinds.split(","):
+        for name in KERNELS:
+            rows = [r for r in results if r["kind"] == kind and name in r and r["error"] < 2e-2]
+            if rows:
+                best = min(rows, key=lambda r: r[name])
+                default = [r for r in rows if all(r[key] == kernels.TUNING[name][key]
+                                                  for key in ("block_v", "num_warps", "num_stages"))]
+                print(f"  {kind:6s} {name:12s} block_v={best['block_v']} num_warps={best['num_warps']} "
+                      f"num_stages={best['num_stages']}: {best[name]:.3f} ms"
+                      + (f" (default {default[0][name]:.3f})" if default else ""))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,621 @@
+"""Triton kernels for the chunked decay recurrence (DESIGN.md §1), forward and backward, on packed sequences.
+
+    o, final_state = triton_chunked_recurrence(q, k, v, log_decay, scale, initial_state, output_final_state,
+                                               cu_seqlens=None)
+
+Same contract as `recurrence_linear_decay.chunked_recurrence` (whose docstring gives the shapes), plus `cu_seqlens`:
+int32 offsets [N + 1] of N sequences packed along T of a batch of one (varlen); initial/final states are then
+[N, H, K, V]. A regular batch [B, T] runs as B packed sequences of length T, so every kernel below sees packed
+sequences. The oracle is `recurrence_linear_decay.naive_recurrence`; `chunked_recurrence` is the PyTorch twin.
+
+Algorithm (per head; b = cumulative log λ, fp32 throughout; q is pre-multiplied by `scale`):
+
+- `_chunk_states_kernel`: walks each sequence in chunks of CHUNK tokens and stores the state at every chunk start
+  (S ← e^{B} ⊙ S + (k ⊙ e^{B − b})ᵀ v, B the chunk's total log-decay).
+- `_chunk_output_kernel`: one program per (chunk, head, value block). Inside the chunk it walks SUB-token
+  sub-chunks with the state in registers: o = (q ⊙ e^{b}) S + A v, A the decayed causal scores of the sub-chunk.
+  Every exponent is ≤ 0 except inside a sub-chunk's diagonal block: for vector decay that block uses the factorised
+  matmul (q ⊙ e^{b})(k ⊙ e^{−b})ᵀ while the sub-chunk's decay span stays under FACTORISED_DECAY_LIMIT, and the
+  explicit pairwise decay otherwise, so strong decays stay exact. Scalar decay forms e^{b_i − b_j} directly.
+- backward: the state gradient at every chunk end (`_chunk_state_grads_kernel`, reverse walk), then per chunk
+  a forward walk for dq (`_chunk_dq_kernel`) and a reverse walk for dk, dv (`_chunk_dk_dv_kernel`); partial dq, dk per value block are
+  summed afterwards (deterministic, no atomics). d log λ is the reverse cumulative sum of q ⊙ dq − k ⊙ dk plus the
+  final-state term Σ_v dS_T ⊙ S_T (`_decay_grads_kernel`).
+
+Triton ≥ 3.4 and < 3.7.1 miscompiles `tl.dot(tl.trans(x), y)` on Hopper when x is a down-cast dot result (DESIGN §7):
+transposed operands here are always loaded or elementwise tensors; results wanted transposed are computed as
+`dot(state, trans(loaded))` and transposed in registers.
+"""
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as error:  # CPU-only torch ships without Triton: recurrence_linear_decay keeps the PyTorch path
+    raise ImportError("Triton is not installed") from error
+
+CHUNK = 64
+# sub-chunk length inside a chunk: vector decay needs short diagonal blocks, scalar decay takes the chunk at once
+VECTOR_SUB_CHUNK, SCALAR_SUB_CHUNK = 16, 64
+FACTORISED_DECAY_LIMIT = 60.0  # as in recurrence_linear_decay: e^{±60} is far from fp32/bf16 over- and underflow
+MAX_HEAD_DIM = 256
+STATE_KEY_BLOCK = 64  # the state walks split the key dim over programs; the chunk kernels hold all of it
+
+DECAY_NONE, DECAY_STATIC, DECAY_SCALAR, DECAY_VECTOR = 0, 1, 2, 3
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared device functions
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_log_decay(g_ptr, token0, rows, row_mask, head, H: tl.constexpr, K: tl.constexpr, cols,
+                    DECAY: tl.constexpr):
+    """log λ of `rows` (token offsets from token0) at key channels `cols` as fp32: [R, len(cols)] for vector decay,
+    [R] otherwise; 0 where masked."""
+    if DECAY == 3:
+        ptrs = g_ptr + ((token0 + rows[:, None]) * H + head) * K + cols[None, :]
+        return tl.load(ptrs, mask=row_mask[:, None] & (cols[None, :] < K), other=0.0).to(tl.float32)
+    elif DECAY == 2:
+        return tl.load(g_ptr + (token0 + rows) * H + head, mask=row_mask, other=0.0).to(tl.float32)
+    elif DECAY == 1:
+        gamma = tl.load(g_ptr + head).to(tl.float32)
+        return tl.where(row_mask, gamma, 0.0)
+    else:
+        return tl.zeros(rows.shape, dtype=tl.float32)
+
+
+@triton.jit
+def _row_decay(b, VECTOR: tl.constexpr):
+    """e^{b} shaped to multiply a [R, K] tile."""
+    if VECTOR:
+        decay = tl.exp(b)
+    else:
+        decay = tl.exp(b)[:, None]
+    return decay
+
+
+@triton.jit
+def _tile(ptr, token0, rows, row_mask, head, H: tl.constexpr, D: tl.constexpr, cols, col_mask):
+    """Rows `token0 + rows` of a [T, H, D] tensor at columns `cols` as fp32 [R, len(cols)]; 0 where masked."""
+    ptrs = ptr + ((token0 + rows[:, None]) * H + head) * D + cols[None, :]
+    return tl.load(ptrs, mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _decayed_scores(x, y, b, S: tl.constexpr, VECTOR: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    """M[i, j] = Σ_c x_ic y_jc e^{b_ic − b_jc} for j ≤ i, else 0 (x, y [S, K] fp32, b sub-chunk-local, ≤ 0).
+
+    Vector decay: the factorised matmul when the sub-chunk's decay span allows it, else column by column with the
+    pairwise decay (exponents ≤ 0 only). Scalar decay: (x yᵀ) ⊙ e^{b_i − b_j}."""
+    i = tl.arange(0, S)[:, None]
+    j = tl.arange(0, S)[None, :]
+    if VECTOR:
+        span = -tl.min(tl.sum(tl.where(i == S - 1, b, 0.0), axis=0), axis=0)  # b of the last row is the lowest
+        if span <= 60.0:
+            scores = tl.dot((x * tl.exp(b)).to(DOT_DTYPE), tl.trans((y * tl.exp(-b)).to(DOT_DTYPE)),
+                            input_precision=PRECISION)
+        else:
+            scores = tl.zeros((S, S), dtype=tl.float32)
+            for col in tl.static_range(S):
+                y_col = tl.sum(tl.where(i == col, y, 0.0), axis=0)
+                b_col = tl.sum(tl.where(i == col, b, 0.0), axis=0)
+                decay = tl.exp(tl.where(i >= col, b - b_col[None, :], float("-inf")))
+                scores = tl.where(j == col, tl.sum(x * y_col[None, :] * decay, axis=1)[:, None], scores)
+        scores = tl.where(i >= j, scores, 0.0)
+    else:
+        scores = tl.dot(x.to(DOT_DTYPE), tl.trans(y.to(DOT_DTYPE)), input_precision=PRECISION)
+        scores = tl.where(i >= j, scores * tl.exp(tl.where(i >= j, b[:, None] - b[None, :], float("-inf"))), 0.0)
+    return scores
+
+
+@triton.jit
+def _decayed_mix(m, y, b, S: tl.constexpr, REVERSE: tl.constexpr, VECTOR: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """R_i = Σ_{j ≤ i} m_ij e^{b_i − b_j} ⊙ y_j (REVERSE: R_j = Σ_{i ≥ j} m_ij e^{b_i − b_j} ⊙ y_i), m [S, S] already
+    causally masked, y [S, K] fp32 -> [S, K] fp32. The dq / dk intra-sub-chunk terms."""
+    i = tl.arange(0, S)[:, None]
+    j = tl.arange(0, S)[None, :]
+    # one exit at the end: a `return` inside a branch becomes unstructured control flow, which Triton 3.6 cannot
+    # lower inside the sub-chunk loop
+    if VECTOR:
+        span = -tl.min(tl.sum(tl.where(i == S - 1, b, 0.0), axis=0), axis=0)
+        if span <= 60.0:
+            if REVERSE:  # e^{−b_j} Σ_i m_ij (y_i e^{b_i}); mᵀ is wanted, so m is passed already transposed
+                result = tl.exp(-b) * tl.dot(m.to(DOT_DTYPE), (y * tl.exp(b)).to(DOT_DTYPE),
+                                             input_precision=PRECISION)
+            else:
+                result = tl.exp(b) * tl.dot(m.to(DOT_DTYPE), (y * tl.exp(-b)).to(DOT_DTYPE),
+                                            input_precision=PRECISION)
+        else:
+            result = tl.zeros(y.shape, dtype=tl.float32)
+            for src in tl.static_range(S):
+                y_src = tl.sum(tl.where(i == src, y, 0.0), axis=0)
+                b_src = tl.sum(tl.where(i == src, b, 0.0), axis=0)
+                weight = tl.sum(tl.where(j == src, m, 0.0), axis=1)  # column `src` of m (mᵀ row when REVERSE)
+                if REVERSE:  # rows j ≤ src receive y_src e^{b_src − b_j}
+                    decay = tl.exp(tl.where(i <= src, b_src[None, :] - b, float("-inf")))
+                else:  # rows i ≥ src receive y_src e^{b_i − b_src}
+                    decay = tl.exp(tl.where(i >= src, b - b_src[None, :], float("-inf")))
+                result += weight[:, None] * y_src[None, :] * decay
+    else:
+        if REVERSE:
+            mixed = tl.where(i <= j, m * tl.exp(tl.where(i <= j, b[None, :] - b[:, None], float("-inf"))), 0.0)
+        else:
+            mixed = tl.where(i >= j, m * tl.exp(tl.where(i >= j, b[:, None] - b[None, :], float("-inf"))), 0.0)
+        result = tl.dot(mixed.to(DOT_DTYPE), y.to(DOT_DTYPE), input_precision=PRECISION)
+    return result
+
+
+@triton.jit
+def _decayed_scores_transposed(x, y, b, S: tl.constexpr, VECTOR: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                               PRECISION: tl.constexpr):
+    """Mᵀ of `_decayed_scores(x, y, b)` computed directly (row j, column i ≥ j), so that it can feed a dot without a
+    transpose of a dot result (DESIGN §7)."""
+    j = tl.arange(0, S)[:, None]
+    i = tl.arange(0, S)[None, :]
+    if VECTOR:
+        span = -tl.min(tl.sum(tl.where(j == S - 1, b, 0.0), axis=0), axis=0)
+        if span <= 60.0:
+            scores = tl.dot((y * tl.exp(-b)).to(DOT_DTYPE), tl.trans((x * tl.exp(b)).to(DOT_DTYPE)),
+                            input_precision=PRECISION)
+        else:
+            scores = tl.zeros((S, S), dtype=tl.float32)
+            for col in tl.static_range(S):
+                x_col = tl.sum(tl.where(j == col, x, 0.0), axis=0)
+                b_col = tl.sum(tl.where(j == col, b, 0.0), axis=0)
+                decay = tl.exp(tl.where(j <= col, b_col[None, :] - b, float("-inf")))
+                scores = tl.where(i == col, tl.sum(y * x_col[None, :] * decay, axis=1)[:, None], scores)
+        scores = tl.where(j <= i, scores, 0.0)
+    else:
+        scores = tl.dot(y.to(DOT_DTYPE), tl.trans(x.to(DOT_DTYPE)), input_precision=PRECISION)
+        scores = tl.where(j <= i, scores * tl.exp(tl.where(j <= i, b[None, :] - b[:, None], float("-inf"))), 0.0)
+    return scores
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forward kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _chunk_states_kernel(k_ptr, v_ptr, g_ptr, initial_ptr, states_ptr, final_ptr, cu_seqlens_ptr, chunk_offsets_ptr,
+                         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                         C: tl.constexpr, DECAY: tl.constexpr, HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr,
+                         DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """The state at the start of every chunk of one (sequence, head, value block), and the final state."""
+    k_block, v_block, seq_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq, head = seq_head // H, seq_head % H
+    bos, eos = tl.load(cu_seqlens_ptr + seq), tl.load(cu_seqlens_ptr + seq + 1)
+    first_chunk = tl.load(chunk_offsets_ptr + seq)
+    VECTOR: tl.constexpr = DECAY == 3
+    ck = k_block * BK + tl.arange(0, BK)  # key channels evolve independently: split over programs
+    cv = v_block * BV + tl.arange(0, BV)
+    state_offsets = ck[:, None] * V + cv[None, :]
+    state_mask = (ck < K)[:, None] & (cv < V)[None, :]
+    if HAS_INITIAL:
+        state = tl.load(initial_ptr + seq_head * K * V + state_offsets, mask=state_mask, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros((BK, BV), dtype=tl.float32)
+    rows = tl.arange(0, C)
+    for n in range(tl.cdiv(eos - bos, C)):
+        tl.store(states_ptr + ((first_chunk + n) * H + head) * K * V + state_offsets,
+                 state.to(states_ptr.dtype.element_ty), mask=state_mask)
+        token0 = bos + n * C
+        row_mask = token0 + rows < eos
+        k = _tile(k_ptr, token0, rows, row_mask, head, H, K, ck, ck < K)
+        v = _tile(v_ptr, token0, rows, row_mask, head, H, V, cv, cv < V)
+        g = _load_log_decay(g_ptr, token0, rows, row_mask, head, H, K, ck, DECAY)
+        b = tl.cumsum(g, axis=0)
+        total = tl.sum(g, axis=0)
+        if VECTOR:
+            k_to_end = k * tl.exp(total[None, :] - b)
+            state = state * tl.exp(total)[:, None]
+        else:
+            k_to_end = k * tl.exp(total - b)[:, None]
+            state = state * tl.exp(total)
+        state += tl.dot(tl.trans(k_to_end.to(DOT_DTYPE)), v.to(DOT_DTYPE), input_precision=PRECISION)
+    if STORE_FINAL:
+        tl.store(final_ptr + seq_head * K * V + state_offsets, state, mask=state_mask)
+
+
+@triton.jit
+def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, g_ptr, states_ptr, o_ptr, cu_seqlens_ptr, chunk_seq_ptr,
+                         chunk_token_ptr, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                         BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, S: tl.constexpr, DECAY: tl.constexpr,
+                         DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """o of one (value block, chunk, head): sub-chunks of S tokens in order, the state carried in registers."""
+    v_block, chunk, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq, chunk_token = tl.load(chunk_seq_ptr + chunk), tl.load(chunk_token_ptr + chunk)
+    eos = tl.load(cu_seqlens_ptr + seq + 1)
+    VECTOR: tl.constexpr = DECAY == 3
+    ck = tl.arange(0, BK)
+    cv = v_block * BV + tl.arange(0, BV)
+    state_mask = (ck < K)[:, None] & (cv < V)[None, :]
+    state = tl.load(states_ptr + (chunk * H + head) * K * V + ck[:, None] * V + cv[None, :], mask=state_mask,
+                    other=0.0).to(tl.float32)
+    rows = tl.arange(0, S)
+    for sub in range(C // S):
+        token0 = chunk_token + sub * S
+        row_mask = token0 + rows < eos
+        q = _tile(q_ptr, token0, rows, row_mask, head, H, K, ck, ck < K) * scale
+        k = _tile(k_ptr, token0, rows, row_mask, head, H, K, ck, ck < K)
+        v = _tile(v_ptr, token0, rows, row_mask, head, H, V, cv, cv < V)
+        g = _load_log_decay(g_ptr, token0, rows, row_mask, head, H, K, ck, DECAY)
+        b = tl.cumsum(g, axis=0)
+        scores = _decayed_scores(q, k, b, S, VECTOR, DOT_DTYPE, PRECISION)
+        o = tl.dot((q * _row_decay(b, VECTOR)).to(DOT_DTYPE), state.to(DOT_DTYPE), input_precision=PRECISION)
+        o += tl.dot(scores.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION)
+        tl.store(o_ptr + ((token0 + rows[:, None]) * H + head) * V + cv[None, :], o.to(o_ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & (cv < V)[None, :])
+        if sub < C // S - 1:
+            total = tl.sum(g, axis=0)
+            if VECTOR:
+                k_to_end = k * tl.exp(total[None, :] - b)
+                state = state * tl.exp(total)[:, None]
+            else:
+                k_to_end = k * tl.exp(total - b)[:, None]
+                state = state * tl.exp(total)
+            state += tl.dot(tl.trans(k_to_end.to(DOT_DTYPE)), v.to(DOT_DTYPE), input_precision=PRECISION)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backward kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _chunk_state_grads_kernel(q_ptr, do_ptr, g_ptr, final_grad_ptr, state_grads_ptr, initial_grad_ptr,
+                              cu_seqlens_ptr, chunk_offsets_ptr, scale, H: tl.constexpr, K: tl.constexpr,
+                              V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                              DECAY: tl.constexpr, HAS_FINAL_GRAD: tl.constexpr, STORE_INITIAL_GRAD: tl.constexpr,
+                              DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """∂L/∂S at the end of every chunk (reverse walk): dS ← e^{B} ⊙ dS + (q ⊙ e^{b})ᵀ do; ∂L/∂S_0 last."""
+    k_block, v_block, seq_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq, head = seq_head // H, seq_head % H
+    bos, eos = tl.load(cu_seqlens_ptr + seq), tl.load(cu_seqlens_ptr + seq + 1)
+    first_chunk = tl.load(chunk_offsets_ptr + seq)
+    VECTOR: tl.constexpr = DECAY == 3
+    ck = k_block * BK + tl.arange(0, BK)  # key channels evolve independently: split over programs
+    cv = v_block * BV + tl.arange(0, BV)
+    state_offsets = ck[:, None] * V + cv[None, :]
+    state_mask = (ck < K)[:, None] & (cv < V)[None, :]
+    if HAS_FINAL_GRAD:
+        dstate = tl.load(final_grad_ptr + seq_head * K * V + state_offsets, mask=state_mask, other=0.0)
+        dstate = dstate.to(tl.float32)
+    else:
+        dstate = tl.zeros((BK, BV), dtype=tl.float32)
+    rows = tl.arange(0, C)
+    num_chunks = tl.cdiv(eos - bos, C)
+    for r in range(num_chunks):
+        n = num_chunks - 1 - r
+        tl.store(state_grads_ptr + ((first_chunk + n) * H + head) * K * V + state_offsets,
+                 dstate.to(state_grads_ptr.dtype.element_ty), mask=state_mask)
+        token0 = bos + n * C
+        row_mask = token0 + rows < eos
+        q = _tile(q_ptr, token0, rows, row_mask, head, H, K, ck, ck < K) * scale
+        do = _tile(do_ptr, token0, rows, row_mask, head, H, V, cv, cv < V)
+        g = _load_log_decay(g_ptr, token0, rows, row_mask, head, H, K, ck, DECAY)
+        b = tl.cumsum(g, axis=0)
+        total = tl.sum(g, axis=0)
+        if VECTOR:
+            dstate = dstate * tl.exp(total)[:, None]
+        else:
+            dstate = dstate * tl.exp(total)
+        q_from_start = (q * _row_decay(b, VECTOR)).to(DOT_DTYPE)
+        dstate += tl.dot(tl.trans(q_from_start), do.to(DOT_DTYPE), input_precision=PRECISION)
+    if STORE_INITIAL_GRAD:
+        tl.store(initial_grad_ptr + seq_head * K * V + state_offsets, dstate, mask=state_mask)
+
+
+@triton.jit
+def _chunk_dq_kernel(k_ptr, v_ptr, g_ptr, do_ptr, states_ptr, dq_ptr, cu_seqlens_ptr, chunk_seq_ptr, chunk_token_ptr,
+                     total_tokens, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                     BV: tl.constexpr, C: tl.constexpr, S: tl.constexpr, DECAY: tl.constexpr,
+                     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """dq' = ∂L/∂(scale·q) of one (value block, chunk, head), partial over the value block: a forward walk over the
+    sub-chunks with the state S, dq'_i = S_i do_i (state part e^{b_i} ⊙ S do_i, intra part through dA = do vᵀ)."""
+    v_block, chunk, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq, chunk_token = tl.load(chunk_seq_ptr + chunk), tl.load(chunk_token_ptr + chunk)
+    eos = tl.load(cu_seqlens_ptr + seq + 1)
+    VECTOR: tl.constexpr = DECAY == 3
+    ck = tl.arange(0, BK)
+    cv = v_block * BV + tl.arange(0, BV)
+    state_offsets = (chunk * H + head) * K * V + ck[:, None] * V + cv[None, :]
+    state_mask = (ck < K)[:, None] & (cv < V)[None, :]
+    rows = tl.arange(0, S)
+    i = rows[:, None]
+    j = rows[None, :]
+    partial_offset = v_block * total_tokens * H * K  # dq, dk: one fp32 slice per value block
+
+    state = tl.load(states_ptr + state_offsets, mask=state_mask, other=0.0).to(tl.float32)
+    for sub in range(C // S):
+        token0 = chunk_token + sub * S
+        row_mask = token0 + rows < eos
+        k = _tile(k_ptr, token0, rows, row_mask, head, H, K, ck, ck < K)
+        v = _tile(v_ptr, token0, rows, row_mask, head, H, V, cv, cv < V)
+        do = _tile(do_ptr, token0, rows, row_mask, head, H, V, cv, cv < V)
+        g = _load_log_decay(g_ptr, token0, rows, row_mask, head, H, K, ck, DECAY)
+        b = tl.cumsum(g, axis=0)
+        dA = tl.where(i >= j, tl.dot(do.to(DOT_DTYPE), tl.trans(v.to(DOT_DTYPE)), input_precision=PRECISION), 0.0)
+        dq = tl.trans(tl.dot(state.to(DOT_DTYPE), tl.trans(do.to(DOT_DTYPE)), input_precision=PRECISION))
+        dq = dq * _row_decay(b, VECTOR) + _decayed_mix(dA, k, b, S, False, VECTOR, DOT_DTYPE, PRECISION)
+        tl.store(dq_ptr + partial_offset + ((token0 + rows[:, None]) * H + head) * K + ck[None, :], dq,
+                 mask=row_mask[:, None] & (ck < K)[None, :])
+        if sub < C // S - 1:
+            total = tl.sum(g, axis=0)
+            if VECTOR:
+                k_to_end = k * tl.exp(total[None, :] - b)
+                state = state * tl.exp(total)[:, None]
+            else:
+                k_to_end = k * tl.exp(total - b)[:, None]
+                state = state * tl.exp(total)
+            state += tl.dot(tl.trans(k_to_end.to(DOT_DTYPE)), v.to(DOT_DTYPE), input_precision=PRECISION)
+
+
+@triton.jit
+def _chunk_dk_dv_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, state_grads_ptr, dk_ptr, dv_ptr, cu_seqlens_ptr,
+                        chunk_seq_ptr, chunk_token_ptr, scale, total_tokens, H: tl.constexpr, K: tl.constexpr,
+                        V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
+                        DECAY: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """dk (partial over the value block) and dv of one (value block, chunk, head): a reverse walk over the sub-chunks
+    with the state gradient dS, dk_j = dS_j v_j, dv_j = dS_jᵀ k_j (intra parts through dAᵀ and the scores Aᵀ)."""
+    v_block, chunk, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq, chunk_token = tl.load(chunk_seq_ptr + chunk), tl.load(chunk_token_ptr + chunk)
+    eos = tl.load(cu_seqlens_ptr + seq + 1)
+    VECTOR: tl.constexpr = DECAY == 3
+    ck = tl.arange(0, BK)
+    cv = v_block * BV + tl.arange(0, BV)
+    state_offsets = (chunk * H + head) * K * V + ck[:, None] * V + cv[None, :]
+    state_mask = (ck < K)[:, None] & (cv < V)[None, :]
+    rows = tl.arange(0, S)
+    i = rows[:, None]
+    j = rows[None, :]
+    partial_offset = v_block * total_tokens * H * K  # dq, dk: one fp32 slice per value block
+
+    dstate = tl.load(state_grads_ptr + state_offsets, mask=state_mask, other=0.0).to(tl.float32)
+    for r in range(C // S):
+        token0 = chunk_token + (C // S - 1 - r) * S
+        row_mask = token0 + rows < eos
+        q = _tile(q_ptr, token0, rows, row_mask, head, H, K, ck, ck < K) * scale
+        k = _tile(k_ptr, token0, rows, row_mask, head, H, K, ck, ck < K)
+        v = _tile(v_ptr, token0, rows, row_mask, head, H, V, cv, cv < V)
+        do = _tile(do_ptr, token0, rows, row_mask, head, H, V, cv, cv < V)
+        g = _load_log_decay(g_ptr, token0, rows, row_mask, head, H, K, ck, DECAY)
+        b = tl.cumsum(g, axis=0)
+        total = tl.sum(g, axis=0)
+        if VECTOR:
+            to_end = tl.exp(total[None, :] - b)
+        else:
+            to_end = tl.exp(total - b)[:, None]
+        dA_t = tl.where(i <= j, tl.dot(v.to(DOT_DTYPE), tl.trans(do.to(DOT_DTYPE)), input_precision=PRECISION), 0.0)
+        dk = tl.trans(tl.dot(dstate.to(DOT_DTYPE), tl.trans(v.to(DOT_DTYPE)), input_precision=PRECISION)) * to_end
+        dk += _decayed_mix(dA_t, q, b, S, True, VECTOR, DOT_DTYPE, PRECISION)
+        tl.store(dk_ptr + partial_offset + ((token0 + rows[:, None]) * H + head) * K + ck[None, :], dk,
+                 mask=row_mask[:, None] & (ck < K)[None, :])
+        scores_t = _decayed_scores_transposed(q, k, b, S, VECTOR, DOT_DTYPE, PRECISION)
+        dv = tl.dot((k * to_end).to(DOT_DTYPE), dstate.to(DOT_DTYPE), input_precision=PRECISION)
+        dv += tl.dot(scores_t.to(DOT_DTYPE), do.to(DOT_DTYPE), input_precision=PRECISION)
+        tl.store(dv_ptr + ((token0 + rows[:, None]) * H + head) * V + cv[None, :], dv.to(dv_ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & (cv < V)[None, :])
+        if r < C // S - 1:
+            if VECTOR:
+                dstate = dstate * tl.exp(total)[:, None]
+            else:
+                dstate = dstate * tl.exp(total)
+            q_from_start = (q * _row_decay(b, VECTOR)).to(DOT_DTYPE)
+            dstate += tl.dot(tl.trans(q_from_start), do.to(DOT_DTYPE), input_precision=PRECISION)
+
+
+
+@triton.jit
+def _reverse_cumsum_kernel(x_ptr, carry_ptr, out_ptr, cu_seqlens_ptr, H: tl.constexpr, D: tl.constexpr,
+                           BD: tl.constexpr, C: tl.constexpr, HAS_CARRY: tl.constexpr):
+    """out_t = carry + Σ_{s ≥ t} x_s within each sequence of packed [T, H, D] fp32 (d log λ from its local terms)."""
+    seq_head = tl.program_id(0)
+    seq, head = seq_head // H, seq_head % H
+    bos, eos = tl.load(cu_seqlens_ptr + seq), tl.load(cu_seqlens_ptr + seq + 1)
+    cd = tl.arange(0, BD)
+    if HAS_CARRY:
+        carry = tl.load(carry_ptr + seq_head * D + cd, mask=cd < D, other=0.0)
+    else:
+        carry = tl.zeros((BD,), dtype=tl.float32)
+    backwards = C - 1 - tl.arange(0, C)  # rows read last-to-first, so that a forward cumsum is the reverse one
+    num_chunks = tl.cdiv(eos - bos, C)
+    for r in range(num_chunks):
+        token0 = bos + (num_chunks - 1 - r) * C
+        mask = (token0 + backwards < eos)[:, None] & (cd < D)[None, :]
+        ptrs = ((token0 + backwards[:, None]) * H + head) * D + cd[None, :]
+        x = tl.load(x_ptr + ptrs, mask=mask, other=0.0)
+        tl.store(out_ptr + ptrs, tl.cumsum(x, axis=0) + carry[None, :], mask=mask)
+        carry += tl.sum(x, axis=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _dot_settings(dtype):
+    """(dot operand dtype, dot precision): bf16 operands for bf16 inputs; fp32 otherwise (fp16 cannot hold the
+    factorised e^{±b}), as TF32 for fp16 inputs and exact for fp32 inputs."""
+    if dtype == torch.bfloat16:
+        return tl.bfloat16, "ieee"
+    return tl.float32, ("tf32" if dtype == torch.float16 else "ieee")
+
+
+def _chunk_layout(cu_seqlens, batch, length, device):
+    """Packed-sequence bookkeeping: (cu_seqlens, per-sequence first chunk [N + 1], chunk -> sequence, chunk -> first
+    token). A regular batch needs no device-to-host copy."""
+    if cu_seqlens is None:
+        per_sequence = triton.cdiv(length, CHUNK)
+        cu_seqlens = torch.arange(0, batch + 1, device=device, dtype=torch.int32) * length
+        chunk_offsets = torch.arange(0, batch + 1, device=device, dtype=torch.int32) * per_sequence
+        chunk_seq = torch.arange(batch, device=device, dtype=torch.int32).repeat_interleave(per_sequence)
+        chunk_token = (chunk_seq * length + torch.arange(per_sequence, device=device, dtype=torch.int32).repeat(batch)
+                       * CHUNK).to(torch.int32)
+        return cu_seqlens, chunk_offsets, chunk_seq, chunk_token
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    counts = [triton.cdiv(n, CHUNK) for n in lengths]
+    starts = cu_seqlens[:-1].tolist()
+    chunk_offsets = torch.tensor([0] + counts, dtype=torch.int64).cumsum(0).to(device=device, dtype=torch.int32)
+    chunk_seq = torch.tensor([s for s, count in enumerate(counts) for _ in range(count)], dtype=torch.int32)
+    chunk_token = torch.tensor([start + n * CHUNK for start, count in zip(starts, counts) for n in range(count)],
+                               dtype=torch.int32)
+    return cu_seqlens.to(torch.int32), chunk_offsets, chunk_seq.to(device), chunk_token.to(device)
+
+
+def _decay_kind(log_decay, key_dim):
+    if log_decay is None:
+        return DECAY_NONE
+    return {1: DECAY_STATIC, 3: DECAY_SCALAR, 4: DECAY_VECTOR}[log_decay.dim()]
+
+
+class _ChunkedRecurrence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, log_decay, initial_state, scale, cu_seqlens, output_final_state):
+        batch, length, heads, key_dim = q.shape
+        value_dim = v.shape[-1]
+        decay = _decay_kind(log_decay, key_dim)
+        layout = _chunk_layout(cu_seqlens, batch, length, q.device)
+        num_sequences = layout[0].numel() - 1
+        q, k, v = (x.contiguous() for x in (q, k, v))
+        g = log_decay.float().contiguous() if log_decay is not None else q.new_zeros(1, dtype=torch.float32)
+        initial = initial_state.float().contiguous() if initial_state is not None else None
+        o = torch.empty_like(v)
+        states, final = _forward_states(k, v, g, initial, layout, decay, heads, key_dim, value_dim,
+                                        num_sequences, output_final_state)
+        dot_dtype, precision = _dot_settings(q.dtype)
+        block_v, launch = _launch("output", value_dim, decay)
+        grid = (triton.cdiv(value_dim, block_v), layout[2].numel(), heads)
+        _chunk_output_kernel[grid](q, k, v, g, states, o, layout[0], layout[2], layout[3], scale, heads, key_dim,
+                                   value_dim, _key_block(key_dim), block_v, CHUNK, _sub_chunk(decay), decay,
+                                   dot_dtype, precision, **launch)
+        ctx.save_for_backward(q, k, v, g, initial, *layout)
+        ctx.decay, ctx.scale, ctx.shape = decay, scale, (batch, length, heads, key_dim, value_dim, num_sequences)
+        ctx.log_decay_shape = None if log_decay is None else log_decay.shape
+        ctx.log_decay_dtype = None if log_decay is None else log_decay.dtype
+        ctx.initial_dtype = None if initial_state is None else initial_state.dtype
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, final_grad):
+        q, k, v, g, initial, *layout = ctx.saved_tensors
+        batch, length, heads, key_dim, value_dim, num_sequences = ctx.shape
+        decay, scale = ctx.decay, ctx.scale
+        needs_decay_grad = ctx.needs_input_grad[3] and decay != DECAY_NONE
+        states, final = _forward_states(k, v, g, initial, layout, decay, heads, key_dim, value_dim, num_sequences,
+                                        output_final_state=needs_decay_grad and final_grad is not None)
+        do = do.contiguous()
+        dot_dtype, precision = _dot_settings(q.dtype)
+        block_k = _key_block(key_dim)
+        state_grads = torch.empty_like(states)
+        initial_grad = (torch.empty(num_sequences, heads, key_dim, value_dim, device=q.device, dtype=torch.float32)
+                        if initial is not None else None)
+        final_grad = final_grad.float().contiguous() if final_grad is not None else None
+        block_v, launch = _launch("state_grads", value_dim, decay)
+        block_k_split = min(block_k, STATE_KEY_BLOCK)
+        _chunk_state_grads_kernel[(triton.cdiv(key_dim, block_k_split), triton.cdiv(value_dim, block_v),
+                                   num_sequences * heads)](
+            q, do, g, final_grad, state_grads, initial_grad, layout[0], layout[1], scale, heads, key_dim, value_dim,
+            block_k_split, block_v, CHUNK, decay, final_grad is not None, initial is not None, dot_dtype, precision,
+            **launch)
+        total_tokens = batch * length
+        sub_chunk = _sub_chunk(decay)
+        block_v, launch = _launch("dq", value_dim, decay)
+        value_blocks = triton.cdiv(value_dim, block_v)
+        dq = q.new_empty(value_blocks, batch, length, heads, key_dim, dtype=torch.float32)
+        _chunk_dq_kernel[(value_blocks, layout[2].numel(), heads)](
+            k, v, g, do, states, dq, layout[0], layout[2], layout[3], total_tokens, heads, key_dim, value_dim, block_k,
+            block_v, CHUNK, sub_chunk, decay, dot_dtype, precision, **launch)
+        block_v, launch = _launch("dk_dv", value_dim, decay)
+        value_blocks = triton.cdiv(value_dim, block_v)
+        dk = q.new_empty(value_blocks, batch, length, heads, key_dim, dtype=torch.float32)
+        dv = torch.empty_like(v)
+        _chunk_dk_dv_kernel[(value_blocks, layout[2].numel(), heads)](
+            q, k, v, g, do, state_grads, dk, dv, layout[0], layout[2], layout[3], scale, total_tokens, heads, key_dim,
+            value_dim, block_k, block_v, CHUNK, sub_chunk, decay, dot_dtype, precision, **launch)
+        dq, dk = dq.sum(0), dk.sum(0)  # dq here is ∂L/∂(scale·q)
+
+        d_log_decay = None
+        if needs_decay_grad:
+            local = q.float() * scale * dq - k.float() * dk  # [B, T, H, K]
+            carry = (final_grad * final).sum(-1) if final_grad is not None else None  # Σ_v dS_T ⊙ S_T
+            if decay != DECAY_VECTOR:
+                local = local.sum(-1, keepdim=True)
+                carry = carry.sum(-1, keepdim=True) if carry is not None else None
+            d_log_decay = torch.empty_like(local)
+            depth = local.shape[-1]
+            _reverse_cumsum_kernel[(num_sequences * heads,)](
+                local, carry, d_log_decay, layout[0], heads, depth, triton.next_power_of_2(depth), CHUNK,
+                carry is not None, num_warps=4)
+            if decay == DECAY_SCALAR:
+                d_log_decay = d_log_decay.squeeze(-1)
+            elif decay == DECAY_STATIC:
+                d_log_decay = d_log_decay.sum((0, 1, 3))
+            d_log_decay = d_log_decay.view(ctx.log_decay_shape).to(ctx.log_decay_dtype)
+        if initial_grad is not None:
+            initial_grad = initial_grad.to(ctx.initial_dtype)
+        return ((dq * scale).to(q.dtype), dk.to(k.dtype), dv, d_log_decay, initial_grad, None, None, None)
+
+
+def _key_block(key_dim):
+    return max(16, triton.next_power_of_2(key_dim))
+
+
+# Launch settings per kernel and decay kind: value block (capped by the head dim), warps, pipeline stages.
+# benchmarks/tune_chunk_kernels.py sweeps them on the GPU; the values here are what it found best on the H200.
+TUNING = {
+    "states": dict(block_v=64, num_warps=8, num_stages=2),
+    "output": dict(block_v=64, num_warps=8, num_stages=2),
+    "state_grads": dict(block_v=64, num_warps=8, num_stages=2),
+    "dq": dict(block_v=32, num_warps=8, num_stages=2),
+    "dk_dv": dict(block_v=32, num_warps=8, num_stages=2),
+}
+TUNING_OVERRIDES = {}  # {(kernel, decay kind): settings}, for what differs between vector and scalar decay
+
+
+def _launch(kernel, value_dim, decay):
+    """(value block, launch kwargs) of one kernel."""
+    settings = {**TUNING[kernel], **TUNING_OVERRIDES.get((kernel, decay), {})}
+    block_v = min(settings.pop("block_v"), max(16, triton.next_power_of_2(value_dim)))
+    return block_v, settings
+
+
+def _sub_chunk(decay):
+    return VECTOR_SUB_CHUNK if decay == DECAY_VECTOR else SCALAR_SUB_CHUNK
+
+
+def _forward_states(k, v, g, initial, layout, decay, heads, key_dim, value_dim, num_sequences, output_final_state):
+    """States at every chunk start ([chunks, H, K, V], in the dot dtype) and the final states (fp32) or None."""
+    cu_seqlens, chunk_offsets, chunk_seq, _ = layout
+    dot_dtype, precision = _dot_settings(k.dtype)
+    states = k.new_empty(chunk_seq.numel(), heads, key_dim, value_dim,
+                         dtype=torch.bfloat16 if dot_dtype == tl.bfloat16 else torch.float32)
+    final = (k.new_empty(num_sequences, heads, key_dim, value_dim, dtype=torch.float32) if output_final_state
+             else None)
+    block_v, launch = _launch("states", value_dim, decay)
+    block_k = min(_key_block(key_dim), STATE_KEY_BLOCK)
+    _chunk_states_kernel[(triton.cdiv(key_dim, block_k), triton.cdiv(value_dim, block_v), num_sequences * heads)](
+        k, v, g, initial, states, final, cu_seqlens, chunk_offsets, heads, key_dim, value_dim, block_k,
+        block_v, CHUNK, decay, initial is not None, output_final_state, dot_dtype, precision, **launch)
+    return states, final
+
+
+def triton_chunked_recurrence(q, k, v, log_decay=None, scale=1.0, initial_state=None, output_final_state=False,
+                              cu_seqlens=None):
+    """The chunked recurrence on the Triton kernels (module docstring); autograd to q, k, v, log λ, initial state."""
+    if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"the Triton kernels take head dims up to {MAX_HEAD_DIM}; got K={q.shape[-1]}, "
+                         f"V={v.shape[-1]}")
+    if cu_seqlens is not None and q.shape[0] != 1:
+        raise ValueError(f"cu_seqlens needs the sequences packed into a batch of one; got batch {q.shape[0]}")
+    o, final = _ChunkedRecurrence.apply(q, k, v, log_decay, initial_state, float(scale), cu_seqlens,
+                                        output_final_state)
+    return o, final
+
+
+__all__ = ["triton_chunked_recurrence"]

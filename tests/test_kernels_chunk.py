@@ -1,0 +1,166 @@
+"""The chunked Triton kernels (kernels_chunk_linear_decay) against the fp32 naive recurrence, in Triton's interpreter
+on CPU (conftest sets TRITON_INTERPRET=1 without a GPU): forward, final state and every gradient, for vector,
+scalar, static and no decay; packed sequences; lengths that are not a multiple of the chunk; strong decays that
+force the pairwise path. fp32 only on CPU (DESIGN §7: bf16 dots are wrong under the interpreter)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from linear_decay import recurrence_linear_decay as recurrence  # noqa: E402
+from linear_decay.kernels_chunk_linear_decay import CHUNK, triton_chunked_recurrence  # noqa: E402
+from linear_decay.recurrence_linear_decay import naive_recurrence  # noqa: E402
+
+from conftest import perturbed_model, relative_error, tiny_config  # noqa: E402
+
+TOLERANCE = 2e-5  # fp32 against fp32 with a different summation order
+
+
+def make_log_decay(kind, batch, length, heads, key_dim, strength=1.0, generator=None):
+    if kind == "vector":
+        return F.logsigmoid(torch.randn(batch, length, heads, key_dim, generator=generator) + 2) * strength
+    if kind == "scalar":
+        return F.logsigmoid(torch.randn(batch, length, heads, generator=generator) + 2) * strength
+    if kind == "static":
+        return torch.log1p(-torch.pow(2.0, -torch.arange(1, heads + 1, dtype=torch.float32)))
+    return None
+
+
+def make_inputs(kind, batch, length, heads, key_dim, value_dim, strength=1.0, seed=0, initial=True):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, length, heads, key_dim, generator=generator)
+    k = torch.randn(batch, length, heads, key_dim, generator=generator)
+    v = torch.randn(batch, length, heads, value_dim, generator=generator)
+    log_decay = make_log_decay(kind, batch, length, heads, key_dim, strength, generator)
+    state = torch.randn(batch, heads, key_dim, value_dim, generator=generator) if initial else None
+    return [x.requires_grad_() if x is not None else None for x in (q, k, v, log_decay, state)]
+
+
+def outputs_and_grads(fn, inputs, scale, seed=1, **kwargs):
+    """o, final state and the gradients of a random projection of both (so dS_T is exercised)."""
+    q, k, v, log_decay, state = inputs
+    o, final = fn(q, k, v, log_decay, scale=scale, initial_state=state, output_final_state=True, **kwargs)
+    generator = torch.Generator().manual_seed(seed)
+    loss = (o * torch.randn(o.shape, generator=generator)).sum() + (final * torch.randn(final.shape,
+                                                                                         generator=generator)).sum()
+    wrt = [x for x in inputs if x is not None and x.requires_grad]
+    return [o, final, *torch.autograd.grad(loss, wrt)]
+
+
+def assert_close(actual, expected, names, tolerance=TOLERANCE):
+    for name, a, e in zip(names, actual, expected):
+        assert a.shape == e.shape, (name, a.shape, e.shape)
+        assert torch.isfinite(a).all(), name
+        assert relative_error(a, e) <= tolerance, (name, relative_error(a, e))
+
+
+NAMES = ["o", "final_state", "dq", "dk", "dv", "d_log_decay", "d_initial_state"]
+
+
+@pytest.mark.parametrize("kind", ["vector", "scalar", "static", "none"])
+@pytest.mark.parametrize("length", [1, CHUNK - 1, CHUNK + 37])
+def test_kernels_match_naive_recurrence(kind, length):
+    inputs = make_inputs(kind, 2, length, 2, 32, 48, seed=length)
+    actual = outputs_and_grads(triton_chunked_recurrence, inputs, scale=0.7)
+    expected = outputs_and_grads(naive_recurrence, inputs, scale=0.7)
+    names = [n for n in NAMES if n != "d_log_decay" or inputs[3] is not None]
+    assert_close(actual, expected, names)
+
+
+@pytest.mark.parametrize("kind", ["vector", "scalar"])
+def test_strong_decays_stay_exact(kind):
+    """log λ down to about −40 per step: vector decay leaves the factorised form for the pairwise one."""
+    inputs = make_inputs(kind, 1, 40, 1, 16, 16, strength=20.0, seed=3)
+    actual = outputs_and_grads(triton_chunked_recurrence, inputs, scale=1.0)
+    expected = outputs_and_grads(naive_recurrence, inputs, scale=1.0)
+    # d log λ is a difference of large terms (q ⊙ dq − k ⊙ dk) when decays are this strong
+    assert_close(actual, expected, NAMES, tolerance=2e-4)
+
+
+def test_mixed_strength_sub_chunks():
+    """Channels with weak and strong decay in one head, over several chunks, no initial state."""
+    q, k, v, log_decay, _ = make_inputs("vector", 2, 2 * CHUNK + 5, 2, 16, 32, seed=4, initial=False)
+    with torch.no_grad():
+        log_decay[..., :4] *= 60.0
+        log_decay[..., 4:8] *= 1e-3
+    inputs = [q, k, v, log_decay, None]
+    actual = outputs_and_grads(triton_chunked_recurrence, inputs, scale=0.25)
+    expected = outputs_and_grads(naive_recurrence, inputs, scale=0.25)
+    assert_close(actual, expected, NAMES[:-1], tolerance=2e-4)
+
+
+def test_non_power_of_two_head_dims():
+    inputs = make_inputs("vector", 1, CHUNK + 3, 3, 24, 40, seed=5)
+    actual = outputs_and_grads(triton_chunked_recurrence, inputs, scale=0.5)
+    expected = outputs_and_grads(naive_recurrence, inputs, scale=0.5)
+    assert_close(actual, expected, NAMES)
+
+
+@pytest.mark.parametrize("kind", ["vector", "scalar", "static"])
+def test_packed_sequences_equal_separate_runs(kind):
+    lengths = [1, CHUNK + 6, CHUNK, 5]
+    cu_seqlens = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    q, k, v, log_decay, _ = make_inputs(kind, 1, sum(lengths), 2, 16, 16, seed=6, initial=False)
+    state = torch.randn(len(lengths), 2, 16, 16).requires_grad_()
+    inputs = [q, k, v, log_decay, state]
+    actual = outputs_and_grads(triton_chunked_recurrence, inputs, scale=1.0, cu_seqlens=cu_seqlens)
+
+    def one_by_one(q, k, v, log_decay, scale, initial_state, output_final_state):
+        return recurrence._per_sequence(naive_recurrence, q, k, v, log_decay, scale, initial_state,
+                                        output_final_state, cu_seqlens)
+
+    expected = outputs_and_grads(one_by_one, inputs, scale=1.0)
+    assert_close(actual, expected, NAMES)
+
+
+def test_fp16_inputs():
+    q, k, v, log_decay, state = make_inputs("vector", 1, CHUNK + 9, 2, 32, 32, seed=7)
+    half = [x.detach().half() for x in (q, k, v)]
+    o, final = triton_chunked_recurrence(*half, log_decay.detach(), initial_state=state.detach(),
+                                         output_final_state=True)
+    expected_o, expected_final = naive_recurrence(*half, log_decay.detach(), initial_state=state.detach(),
+                                                  output_final_state=True)
+    assert o.dtype == torch.float16 and final.dtype == torch.float32
+    assert relative_error(o, expected_o) <= 2e-3  # TF32 dots for fp16 inputs
+    assert relative_error(final, expected_final) <= 2e-3
+
+
+def test_dispatch(monkeypatch):
+    monkeypatch.delenv("LINEAR_DECAY_BACKEND", raising=False)
+    assert recurrence.resolve_backend("cpu") == "torch"
+    assert recurrence.resolve_backend("cuda") == "triton"
+    monkeypatch.setenv("LINEAR_DECAY_BACKEND", "triton")
+    assert recurrence.resolve_backend("cpu") == "triton"
+    q, k, v, log_decay, _ = make_inputs("scalar", 1, 10, 1, 16, 16, initial=False)
+    cu_seqlens = torch.tensor([0, 4, 10], dtype=torch.int32)
+    monkeypatch.setenv("LINEAR_DECAY_BACKEND", "torch")  # no varlen in the PyTorch path: one sequence at a time
+    o_torch, _ = recurrence.linear_decay_attention(q, k, v, log_decay, cu_seqlens=cu_seqlens)
+    monkeypatch.setenv("LINEAR_DECAY_BACKEND", "triton")
+    o_triton, _ = recurrence.linear_decay_attention(q, k, v, log_decay, cu_seqlens=cu_seqlens)
+    expected = torch.cat([naive_recurrence(q[:, :4], k[:, :4], v[:, :4], log_decay[:, :4])[0],
+                          naive_recurrence(q[:, 4:], k[:, 4:], v[:, 4:], log_decay[:, 4:])[0]], dim=1)
+    assert relative_error(o_torch, expected) <= TOLERANCE and relative_error(o_triton, expected) <= TOLERANCE
+
+
+@pytest.mark.parametrize("decay_type,granularity", [("mamba2", "vector"), ("gla", "scalar"), ("tnl", "scalar")])
+def test_whole_model_on_the_kernels(monkeypatch, decay_type, granularity):
+    """A tiny model on LINEAR_DECAY_BACKEND=triton against the naive oracle: logits and every parameter gradient."""
+    config = tiny_config(decay_type=decay_type, decay_granularity=granularity, hidden_size=32, num_heads=2)
+    model = perturbed_model(config, seed=11)
+    input_ids = torch.randint(0, config.vocab_size, (2, CHUNK + 7), generator=torch.Generator().manual_seed(0))
+
+    def run(backend):
+        monkeypatch.setenv("LINEAR_DECAY_BACKEND", backend)
+        model.zero_grad()
+        logits = model(input_ids, use_cache=False).logits
+        logits.float().logsumexp(-1).mean().backward()
+        return logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    logits, grads = run("triton")
+    expected_logits, expected_grads = run("naive")
+    assert relative_error(logits, expected_logits) <= TOLERANCE
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        assert relative_error(grad, expected_grads[name]) <= 1e-4, name

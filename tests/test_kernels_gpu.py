@@ -1,0 +1,498 @@
+"""The Triton kernels on a CUDA GPU (skipped without one), each against an independent reference:
+
+- `triton_chunked_recurrence` forward and every gradient (q, k, v, log λ, initial state, through the final state)
+  against the fp32 step-by-step oracle `naive_recurrence` run on fp32 copies of the same (rounded) inputs, for vector,
+  scalar, static and no decay; bf16 / fp16 / fp32; T ∈ {1, 63, 64, 65, 300, 1000} (one token, around the chunk size,
+  several chunks); head dims 64, 128, 96 (not a power of two) and K ≠ V; strong decays (log λ down to −20 per step
+  on some channels), weak ones (≈ 0) and channels with no decay at all; with and without initial / final states;
+  non-contiguous and broadcast (stride-0) inputs as the model's TPE passes them.
+- varlen: a packed batch with `cu_seqlens` equals each sequence run alone (outputs, final states, gradients) and the
+  oracle.
+- `triton_fused_recurrent` (decoding) against the oracle, with its in-place state update.
+- The whole model: a small LinearDecayForCausalLM on CUDA with LINEAR_DECAY_BACKEND=triton against =torch (logits and
+  every parameter gradient, fp32 and bf16), cached decoding against a full forward, and `torch.compile(model)` forward
+  and backward against eager.
+
+Compile time dominates: run with `-n 8` (pytest-xdist) on the GPU machine, see the note above LENGTH_CASES.
+
+Tolerances are relative errors ||a − b|| / ||b|| over a whole tensor (conftest.relative_error), by input dtype:
+fp32 5e-4 (the kernels may use tf32 dots), fp16 5e-3, bf16 2e-2. Every output and gradient must also be finite.
+Inputs are fresh per check (a seed derived from the test's parameters), generated on the CPU so they are the same on
+every machine.
+"""
+
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    pytest.skip("the Triton kernel tests need a CUDA GPU", allow_module_level=True)
+
+from linear_decay.modeling_linear_decay import CACHE_FIELD, RECURRENT_MAX_TOKENS  # noqa: E402
+from linear_decay.recurrence_linear_decay import BACKENDS, naive_recurrence, resolve_backend  # noqa: E402
+
+from conftest import perturbed_model, relative_error, tiny_config  # noqa: E402
+
+DEVICE = "cuda"
+TOL = {torch.float32: 5e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+DTYPE_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+KINDS = ("vector", "scalar", "static", "none")
+
+
+def chunk_kernel():
+    from linear_decay.kernels_chunk_linear_decay import triton_chunked_recurrence
+    return triton_chunked_recurrence
+
+
+def decode_kernel():
+    from linear_decay.kernels_recurrent_linear_decay import triton_fused_recurrent
+    return triton_fused_recurrent
+
+
+def seed_of(*parts):
+    return zlib.crc32(repr(parts).encode())
+
+
+def cpu_generator(*parts):
+    return torch.Generator().manual_seed(seed_of(*parts))
+
+
+def assert_close(actual, expected, tol, what):
+    assert actual is not None, f"{what}: missing"
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert bool(torch.isfinite(actual).all()), f"{what}: non-finite values"
+    err = relative_error(actual, expected)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+    return err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def make_log_decay(kind, batch, length, heads, key_dim, strength, gen):
+    """log λ ≤ 0 in fp32 on the CPU. Per channel (vector: head × key channel; scalar, static: head) a rate r, and per
+    token log λ = −r·u with u ~ U[0.5, 1.5] (static: −r).
+      mixed:  r log-uniform in [1e-4, 13.3], one channel at the maximum (log λ down to −20 per step), one with r = 0
+              (no decay) and about one in eight more with r = 0;
+      strong: r log-uniform in [2, 13.3];   weak: r = 1e-3."""
+    if kind == "none":
+        return None
+    rate_shape = (heads, key_dim) if kind == "vector" else (heads,)
+    if strength == "weak":
+        rate = torch.full(rate_shape, 1e-3)
+    else:
+        low, high = (2.0, 13.3) if strength == "strong" else (1e-4, 13.3)
+        rate = torch.empty(rate_shape).uniform_(float(torch.tensor(low).log()), float(torch.tensor(high).log()),
+                                                generator=gen).exp()
+        if strength == "mixed":
+            flat = rate.view(-1)
+            flat[torch.rand(flat.shape, generator=gen) < 0.125] = 0.0
+            flat[0] = high
+            if flat.numel() > 1:
+                flat[1] = 0.0
+    if kind == "static":
+        return -rate
+    token_shape = (batch, length) + rate_shape
+    return -(rate * (0.5 + torch.rand(token_shape, generator=gen)))
+
+
+def make_inputs(kind, batch, length, heads, key_dim, value_dim, dtype, strength, gen, init_state, final_state,
+                scale):
+    """q, k, v in `dtype`, log λ fp32, states fp32 and the cotangents, all on the GPU."""
+    inputs = dict(
+        q=torch.randn(batch, length, heads, key_dim, generator=gen),
+        k=torch.randn(batch, length, heads, key_dim, generator=gen),
+        v=torch.randn(batch, length, heads, value_dim, generator=gen),
+    )
+    inputs = {name: t.to(dtype) for name, t in inputs.items()}
+    inputs["g"] = make_log_decay(kind, batch, length, heads, key_dim, strength, gen)
+    inputs["h0"] = torch.randn(batch, heads, key_dim, value_dim, generator=gen) if init_state else None
+    # o comes out in `dtype`, so its cotangent reaches the kernel rounded to `dtype`: give the oracle the same one.
+    inputs["do"] = torch.randn(batch, length, heads, value_dim, generator=gen).to(dtype).float()
+    inputs["dht"] = torch.randn(batch, heads, key_dim, value_dim, generator=gen) if final_state else None
+    inputs = {name: (None if t is None else t.to(DEVICE)) for name, t in inputs.items()}
+    inputs["scale"] = scale
+    inputs["final_state"] = final_state
+    return inputs
+
+
+GRAD_NAMES = ("q", "k", "v", "g", "h0")
+
+
+def run_with_grads(fn, inputs, upcast=False, **kwargs):
+    """o, final state and the gradients of <o, do> + <final state, dht> w.r.t. every input tensor (fp32 leaves if
+    `upcast`: the oracle sees exactly the values the kernel sees)."""
+    leaves = {}
+    for name in GRAD_NAMES:
+        t = inputs[name]
+        if t is not None:
+            t = t.detach().clone()
+            leaves[name] = (t.float() if upcast else t).requires_grad_()
+    o, ht = fn(leaves["q"], leaves["k"], leaves["v"], leaves.get("g"), scale=inputs["scale"],
+               initial_state=leaves.get("h0"), output_final_state=inputs["final_state"], **kwargs)
+    loss = (o.float() * inputs["do"]).sum()
+    if inputs["final_state"]:
+        assert ht is not None, "output_final_state=True returned no final state"
+        loss = loss + (ht.float() * inputs["dht"]).sum()
+    names = list(leaves)
+    grads = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
+    return dict(o=o.detach(), ht=None if ht is None else ht.detach(), **{"d" + n: g for n, g in zip(names, grads)})
+
+
+def compare_to_oracle(inputs, dtype, **kwargs):
+    """Run the kernel and the fp32 oracle; check dtypes, shapes, the inputs untouched and every result close."""
+    h0_before = None if inputs["h0"] is None else inputs["h0"].clone()
+    ours = run_with_grads(chunk_kernel(), inputs, **kwargs)
+    ref = run_with_grads(naive_recurrence, inputs, upcast=True)
+    tol = TOL[dtype]
+    assert ours["o"].dtype == dtype, f"o has dtype {ours['o'].dtype}, expected v's dtype {dtype}"
+    if inputs["final_state"]:
+        assert ours["ht"].dtype == torch.float32, f"final state has dtype {ours['ht'].dtype}"
+    else:
+        assert ours["ht"] is None, "output_final_state=False returned a final state"
+    if h0_before is not None:
+        assert torch.equal(inputs["h0"], h0_before), "initial_state was modified"
+    errors = {}
+    for key in ("o", "ht", "dq", "dk", "dv", "dg", "dh0"):
+        if ref.get(key) is None:
+            continue
+        errors[key] = assert_close(ours.get(key), ref[key], tol, key)
+    return errors
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Chunked kernel vs the oracle
+
+# Compile cost. Every distinct (decay kind, dtype, H, K, V, initial-state / final-state flags) compiles its own
+# kernels (the head count and dims are constexprs; the length is not), at tens of seconds each for forward+backward
+# on the H200. So the grid below varies the length, decay strength and scale freely, but keeps H = HEADS and
+# reuses few dims / flag combinations; run the file with `-n 8` (pytest-xdist) so that variants compile in parallel.
+HEADS = 2
+# Per input dtype the head dims of the full length sweep (bf16 at the model's 128).
+DIMS_FOR_DTYPE = {torch.bfloat16: (128, 128), torch.float16: (64, 64), torch.float32: (64, 64)}
+# (length, decay strength, scale): one token, around the chunk size (64), several chunks.
+LENGTH_CASES = [(1, "mixed", 1.0), (63, "strong", None), (64, "weak", 1.0), (65, "mixed", None),
+                (300, "mixed", 1.0), (1000, "mixed", None)]
+
+
+def case_id(case):
+    return f"T{case[0]}-{case[1]}"
+
+
+@pytest.mark.parametrize("dtype", list(DIMS_FOR_DTYPE), ids=DTYPE_NAME.get)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("case", LENGTH_CASES, ids=case_id)
+def test_chunk_matches_oracle(case, kind, dtype):
+    """Forward and all gradients, with an initial state and a final-state gradient."""
+    length, strength, scale = case
+    key_dim, value_dim = DIMS_FOR_DTYPE[dtype]
+    scale = key_dim ** -0.5 if scale is None else scale
+    gen = cpu_generator("chunk", case, kind, str(dtype))
+    inputs = make_inputs(kind, 2, length, HEADS, key_dim, value_dim, dtype, strength, gen, True, True, scale)
+    compare_to_oracle(inputs, dtype)
+
+
+# Without an initial state and/or without the final state (training runs with neither), bf16 at the model's dims.
+STATE_FLAGS = [(flags, kind) for flags in [(False, False), (True, False), (False, True)] for kind in KINDS
+               if flags == (False, False) or kind in ("vector", "scalar")]
+
+
+@pytest.mark.parametrize("flags,kind", STATE_FLAGS,
+                         ids=[f"{'h0' if f[0] else 'noh0'}-{'ht' if f[1] else 'noht'}-{k}" for f, k in STATE_FLAGS])
+def test_chunk_state_flags(flags, kind):
+    init, final = flags
+    gen = cpu_generator("flags", flags, kind)
+    inputs = make_inputs(kind, 3, 200, HEADS, 64, 64, torch.bfloat16, "mixed", gen, init, final, 0.125)
+    compare_to_oracle(inputs, torch.bfloat16)
+
+
+# Head dims that are not a power of two, and K != V (lrpe doubles the key dim), at a length that is not a multiple
+# of the chunk: (K, V, kinds, dtypes).
+ODD_DIM_CASES = [
+    (96, 96, KINDS, (torch.bfloat16,)),
+    (96, 96, ("vector",), (torch.float32,)),
+    (128, 64, ("vector", "static"), (torch.bfloat16,)),
+    (64, 128, ("scalar",), (torch.bfloat16,)),
+    (32, 48, ("vector",), (torch.bfloat16,)),
+]
+ODD_DIMS = [(k, v, kind, dtype) for k, v, kinds, dtypes in ODD_DIM_CASES for kind in kinds for dtype in dtypes]
+
+
+@pytest.mark.parametrize("key_dim,value_dim,kind,dtype", ODD_DIMS,
+                         ids=[f"K{k}-V{v}-{kind}-{DTYPE_NAME[d]}" for k, v, kind, d in ODD_DIMS])
+def test_chunk_odd_head_dims(key_dim, value_dim, kind, dtype):
+    gen = cpu_generator("odd", key_dim, value_dim, kind, str(dtype))
+    inputs = make_inputs(kind, 2, 150, HEADS, key_dim, value_dim, dtype, "mixed", gen, True, True, key_dim ** -0.5)
+    compare_to_oracle(inputs, dtype)
+
+
+@pytest.mark.parametrize("kind", ["vector", "scalar", "static"])
+def test_chunk_non_contiguous_inputs(kind):
+    """q, k, v (and log λ) as views of [B, H, T, D] tensors, and q, k broadcast over batch and time (stride 0, as
+    TPE passes its static query / key): the kernel must read them right (or copy them)."""
+    dtype, (batch, length, heads, dim) = torch.bfloat16, (2, 130, HEADS, 128)
+    gen = cpu_generator("noncontig", kind)
+    base = make_inputs(kind, batch, length, heads, dim, dim, dtype, "mixed", gen, True, True, dim ** -0.5)
+    ref = run_with_grads(naive_recurrence, base, upcast=True)
+    # transposed views
+    views = dict(base)
+    for name in ("q", "k", "v"):
+        views[name] = base[name].transpose(1, 2).contiguous().transpose(1, 2)
+        assert not views[name].is_contiguous()
+    if kind != "static":
+        views["g"] = base["g"].transpose(1, 2).contiguous().transpose(1, 2)
+    chunk = chunk_kernel()
+    o, ht = chunk(views["q"], views["k"], views["v"], views["g"], scale=views["scale"], initial_state=views["h0"],
+                  output_final_state=True)
+    assert_close(o, ref["o"].to(dtype), TOL[dtype], "o (transposed views)")
+    assert_close(ht, ref["ht"], TOL[dtype], "final state (transposed views)")
+    # broadcast q, k: one vector per head, expanded over batch and time
+    gen = cpu_generator("broadcast", kind)
+    q_head = torch.randn(heads, dim, generator=gen).to(dtype).to(DEVICE)
+    k_head = torch.randn(heads, dim, generator=gen).to(dtype).to(DEVICE)
+    bcast = dict(base, q=q_head.expand(batch, length, heads, dim), k=k_head.expand(batch, length, heads, dim))
+    o, ht = chunk(bcast["q"], bcast["k"], bcast["v"], bcast["g"], scale=bcast["scale"], initial_state=bcast["h0"],
+                  output_final_state=True)
+    o_ref, ht_ref = naive_recurrence(bcast["q"].float(), bcast["k"].float(), bcast["v"].float(), bcast["g"],
+                                     scale=bcast["scale"], initial_state=bcast["h0"], output_final_state=True)
+    assert_close(o, o_ref.to(dtype), TOL[dtype], "o (broadcast q, k)")
+    assert_close(ht, ht_ref, TOL[dtype], "final state (broadcast q, k)")
+
+
+def test_chunk_inference_mode_matches_autograd():
+    """No-grad / inference-mode forward (prefill) gives the same output as the autograd forward."""
+    dtype = torch.bfloat16
+    gen = cpu_generator("inference")
+    inputs = make_inputs("vector", 2, 200, HEADS, 128, 128, dtype, "mixed", gen, True, True, 0.125)
+    chunk = chunk_kernel()
+    with_grad = run_with_grads(chunk, inputs)
+    with torch.inference_mode():
+        o, ht = chunk(inputs["q"], inputs["k"], inputs["v"], inputs["g"], scale=0.125, initial_state=inputs["h0"],
+                      output_final_state=True)
+    assert_close(o, with_grad["o"], 1e-6, "o (inference mode)")
+    assert_close(ht, with_grad["ht"], 1e-6, "final state (inference mode)")
+
+
+def test_backend_registered_on_cuda():
+    assert "triton" in BACKENDS, "the Triton kernels did not register in recurrence_linear_decay.BACKENDS"
+    assert resolve_backend("cuda", "auto") == "triton"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Varlen (cu_seqlens)
+
+VARLEN_LENGTHS = [1, 63, 64, 65, 300, 7, 130]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=DTYPE_NAME.get)
+@pytest.mark.parametrize("kind", KINDS)
+def test_varlen_equals_separate_runs(kind, dtype):
+    heads, key_dim, value_dim = HEADS, *DIMS_FOR_DTYPE[dtype]
+    n, total = len(VARLEN_LENGTHS), sum(VARLEN_LENGTHS)
+    bounds = [0]
+    for length in VARLEN_LENGTHS:
+        bounds.append(bounds[-1] + length)
+    cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=DEVICE)
+    gen = cpu_generator("varlen", kind, str(dtype))
+    packed = make_inputs(kind, 1, total, heads, key_dim, value_dim, dtype, "mixed", gen, False, True, 0.125)
+    packed["h0"] = torch.randn(n, heads, key_dim, value_dim, generator=gen).to(DEVICE)
+    packed["dht"] = torch.randn(n, heads, key_dim, value_dim, generator=gen).to(DEVICE)
+    tol = TOL[dtype]
+    chunk = chunk_kernel()
+    whole = run_with_grads(chunk, packed, cu_seqlens=cu_seqlens)
+    assert whole["ht"].shape == (n, heads, key_dim, value_dim)
+
+    parts, refs = [], []
+    for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        one = dict(packed)
+        for name in ("q", "k", "v", "do"):
+            one[name] = packed[name][:, start:end]
+        if kind in ("vector", "scalar"):
+            one["g"] = packed["g"][:, start:end]
+        one["h0"], one["dht"] = packed["h0"][i:i + 1], packed["dht"][i:i + 1]
+        parts.append(run_with_grads(chunk, one))
+        refs.append(run_with_grads(naive_recurrence, one, upcast=True))
+
+    def joined(results, key):
+        if key in ("ht", "dh0"):
+            return torch.cat([r[key] for r in results], dim=0)
+        if key == "dg" and kind == "static":  # one [H] parameter shared by every sequence
+            return torch.stack([r[key] for r in results]).sum(0)
+        return torch.cat([r[key] for r in results], dim=1)
+
+    for key in ("o", "ht", "dq", "dk", "dv", "dg", "dh0"):
+        if whole.get(key) is None and refs[0].get(key) is None:
+            continue
+        assert_close(whole.get(key), joined(parts, key), tol, f"{key}: packed vs separate runs")
+        assert_close(whole.get(key), joined(refs, key).to(whole[key].dtype), tol, f"{key}: packed vs oracle")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding kernel
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=DTYPE_NAME.get)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("length,dims", [(1, (128, 128)), (3, (64, 64)), (8, (96, 64))],
+                         ids=["T1-K128", "T3-K64", "T8-K96V64"])
+def test_decode_matches_oracle(length, dims, kind, dtype):
+    key_dim, value_dim = dims
+    gen = cpu_generator("decode", length, dims, kind, str(dtype))
+    inputs = make_inputs(kind, 5, length, HEADS, key_dim, value_dim, dtype, "mixed", gen, True, True,
+                         key_dim ** -0.5)
+    state = inputs["h0"].clone()
+    o_ref, ht_ref = naive_recurrence(inputs["q"].float(), inputs["k"].float(), inputs["v"].float(), inputs["g"],
+                                     scale=inputs["scale"], initial_state=inputs["h0"], output_final_state=True)
+    with torch.no_grad():
+        o, ht = decode_kernel()(inputs["q"], inputs["k"], inputs["v"], inputs["g"], scale=inputs["scale"],
+                                initial_state=state, output_final_state=True)
+    assert o.dtype == dtype
+    assert_close(o, o_ref.to(dtype), TOL[dtype], "o")
+    assert_close(ht, ht_ref, 1e-4, "final state")
+    assert_close(state, ht_ref, 1e-4, "state updated in place")
+    # without an initial state
+    with torch.no_grad():
+        o, ht = decode_kernel()(inputs["q"], inputs["k"], inputs["v"], inputs["g"], scale=inputs["scale"],
+                                initial_state=None, output_final_state=True)
+    o_ref, ht_ref = naive_recurrence(inputs["q"].float(), inputs["k"].float(), inputs["v"].float(), inputs["g"],
+                                     scale=inputs["scale"], output_final_state=True)
+    assert_close(o, o_ref.to(dtype), TOL[dtype], "o (no initial state)")
+    assert_close(ht, ht_ref, 1e-4, "final state (no initial state)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The whole model
+
+# (decay_type, granularity, share_decay, position_encoding, head_dim): every decay shape the kernels see (vector,
+# scalar, static, none), lightnet's position-dependent decay, sharing, K = 2·V (lrpe), TPE's broadcast q/k, a head
+# dim that is not a power of two.
+MODEL_COMBOS = [
+    ("mamba2", "vector", False, "none", 64),
+    ("gla", "scalar", False, "rope", 64),
+    ("tnl", "scalar", False, "lrpe", 64),
+    ("lightnet", "vector", False, "none", 64),
+    ("simple", "vector", True, "tpe", 64),
+    ("none", "scalar", False, "none", 64),
+    ("hgrn2", "vector", False, "rope", 96),
+]
+
+
+def model_id(combo):
+    return "-".join(str(part) for part in combo[:2]) + ("-shared" if combo[2] else "") + f"-{combo[3]}-e{combo[4]}"
+
+
+def model_config(combo, **extra):
+    decay_type, granularity, share, position, head_dim = combo
+    hidden = 2 * head_dim
+    return tiny_config(decay_type=decay_type, decay_granularity=granularity, share_decay=share,
+                       position_encoding=position, hidden_size=hidden, num_heads=2, intermediate_size=2 * hidden,
+                       decay_rank=16, **extra)
+
+
+def model_batch(seed, length=150, vocab=64):
+    """Two rows, the second left-padded by 20 tokens."""
+    ids = torch.randint(1, vocab, (2, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones(2, length, dtype=torch.long)
+    mask[1, :20] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    return ids.to(DEVICE), mask.to(DEVICE), labels.to(DEVICE)
+
+
+def logits_and_grads(model, ids, mask, labels):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+    out.loss.backward()
+    grads = {name: p.grad.detach().float().clone() for name, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach().float(), grads
+
+
+def global_error(actual, expected):
+    keys = sorted(expected)
+    a = torch.cat([actual[k].flatten() for k in keys])
+    b = torch.cat([expected[k].flatten() for k in keys])
+    return relative_error(a, b)
+
+
+@pytest.mark.parametrize("combo", MODEL_COMBOS, ids=model_id)
+def test_model_triton_matches_torch(combo, backend):
+    """Same weights, backend triton vs torch. fp32: direct comparison. bf16: each bf16 backend against the fp32
+    model; the triton path may be at most 3× further from it than the torch path (which runs the recurrence in fp32),
+    with a floor for quantities where both are already within bf16 noise."""
+    model = perturbed_model(model_config(combo), seed=seed_of("model", combo) % 2 ** 31).to(DEVICE)
+    ids, mask, labels = model_batch(seed_of("batch", combo) % 2 ** 31)
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model.to(dtype)
+        for name in ("torch", "triton"):
+            backend(name)
+            results[dtype, name] = logits_and_grads(model, ids, mask, labels)
+            logits, grads = results[dtype, name]
+            assert bool(torch.isfinite(logits).all()), f"{name} {dtype}: non-finite logits"
+            assert all(bool(torch.isfinite(g).all()) for g in grads.values()), f"{name} {dtype}: non-finite grads"
+    model.float()
+
+    ref_logits, ref_grads = results[torch.float32, "torch"]
+    tri_logits, tri_grads = results[torch.float32, "triton"]
+    assert set(tri_grads) == set(ref_grads)
+    assert_close(tri_logits, ref_logits, 2e-3, "fp32 logits triton vs torch")
+    assert global_error(tri_grads, ref_grads) <= 5e-3, f"fp32 grads: {global_error(tri_grads, ref_grads):.2e}"
+    for name in ref_grads:
+        err = relative_error(tri_grads[name], ref_grads[name])
+        assert err <= 2e-2 or ref_grads[name].norm() < 1e-6, f"fp32 grad of {name}: relative error {err:.2e}"
+
+    bf_torch_logits, bf_torch_grads = results[torch.bfloat16, "torch"]
+    bf_tri_logits, bf_tri_grads = results[torch.bfloat16, "triton"]
+    e_tri, e_torch = relative_error(bf_tri_logits, ref_logits), relative_error(bf_torch_logits, ref_logits)
+    assert e_tri <= max(3 * e_torch, 1e-2), f"bf16 logits: triton {e_tri:.2e} vs torch {e_torch:.2e} from fp32"
+    e_tri, e_torch = global_error(bf_tri_grads, ref_grads), global_error(bf_torch_grads, ref_grads)
+    assert e_tri <= max(3 * e_torch, 3e-2), f"bf16 grads: triton {e_tri:.2e} vs torch {e_torch:.2e} from fp32"
+    for name in ref_grads:
+        e_tri = relative_error(bf_tri_grads[name], ref_grads[name])
+        e_torch = relative_error(bf_torch_grads[name], ref_grads[name])
+        assert e_tri <= max(3 * e_torch, 5e-2), f"bf16 grad of {name}: triton {e_tri:.2e} vs torch {e_torch:.2e}"
+
+
+@pytest.mark.parametrize("combo", [MODEL_COMBOS[0], MODEL_COMBOS[2], MODEL_COMBOS[4]], ids=model_id)
+def test_model_cached_decoding_on_triton(combo, backend):
+    """Prefill (chunked kernel) then token-by-token steps (decoding kernel) with the cache equal one full forward
+    on the PyTorch backend (fp32)."""
+    model = perturbed_model(model_config(combo), seed=seed_of("decode-model", combo) % 2 ** 31).to(DEVICE).eval()
+    ids = torch.randint(1, 64, (2, 90), generator=cpu_generator("decode-ids", combo)).to(DEVICE)
+    backend("torch")
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits
+    backend("triton")
+    with torch.no_grad():
+        out = model(input_ids=ids[:, :70], use_cache=True)
+        pieces, cache, position = [out.logits], getattr(out, CACHE_FIELD), 70
+        for size in (1, 4, 2, 3, 1, 8, 1):  # every call on the decoding path
+            assert size <= RECURRENT_MAX_TOKENS
+            step = ids[:, position:position + size]
+            out = model(input_ids=step, use_cache=True, **{CACHE_FIELD: cache})
+            pieces.append(out.logits)
+            cache, position = getattr(out, CACHE_FIELD), position + size
+    cached = torch.cat(pieces, dim=1)
+    assert_close(cached, full[:, :cached.shape[1]], 2e-3, "cached decoding (triton) vs full forward (torch)")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_NAME.get)
+def test_torch_compile_matches_eager(dtype, backend):
+    """torch.compile(model) runs forward and backward with the Triton kernels and matches eager mode."""
+    backend("triton")
+    combo = MODEL_COMBOS[0]
+    model = perturbed_model(model_config(combo), seed=seed_of("compile", str(dtype)) % 2 ** 31).to(DEVICE, dtype)
+    ids, mask, labels = model_batch(seed_of("compile-batch", str(dtype)) % 2 ** 31, length=200)
+    eager_logits, eager_grads = logits_and_grads(model, ids, mask, labels)
+    torch._dynamo.reset()
+    compiled = torch.compile(model)
+    comp_logits, comp_grads = logits_and_grads(compiled, ids, mask, labels)
+    comp_grads = {name.removeprefix("_orig_mod."): g for name, g in comp_grads.items()}
+    assert set(comp_grads) == set(eager_grads)
+    logits_tol, grads_tol = (1e-4, 1e-4) if dtype == torch.float32 else (3e-2, 5e-2)
+    assert_close(comp_logits, eager_logits, logits_tol, "compiled logits")
+    err = global_error(comp_grads, eager_grads)
+    assert err <= grads_tol, f"compiled grads: relative error {err:.2e}"
+    assert all(bool(torch.isfinite(g).all()) for g in comp_grads.values())
