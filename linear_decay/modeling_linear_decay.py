@@ -156,7 +156,7 @@ class LinearDecayCache(Cache):
         return [False] * len(self.layers)
 
 
-def run_recurrence(q, k, v, log_decay, scale, state_layer):
+def run_recurrence(q, k, v, log_decay, scale, state_layer, mask=None):
     """One recurrence call for a mixer or the TPE filter: the decoding step for short cached calls, else the chunked
     form; reads and writes the state in `state_layer` (a RecurrentStateLayer, or None without a cache)."""
     initial_state = state_layer.get("recurrent") if state_layer is not None else None
@@ -165,7 +165,7 @@ def run_recurrence(q, k, v, log_decay, scale, state_layer):
                                   output_final_state=True)
     else:
         o, state = linear_decay_attention(q, k, v, log_decay, scale=scale, initial_state=initial_state,
-                                          output_final_state=state_layer is not None)
+                                          output_final_state=state_layer is not None, mask=mask)
     if state_layer is not None:
         state_layer.set("recurrent", state)
     return o
@@ -248,7 +248,7 @@ class LinearDecayTPE(nn.Module):
         if mask is not None:
             k = k * mask[:, :, None, None].to(x.dtype)
             log_decay = log_decay.expand(batch, length, -1).masked_fill(~mask[:, :, None], 0.0)
-        o = run_recurrence(q, k, x.view(shape), log_decay, 1.0, state_layer)
+        o = run_recurrence(q, k, x.view(shape), log_decay, 1.0, state_layer, mask=mask)
         return x + self.out_proj(o.reshape(batch, length, -1))
 
 
@@ -327,7 +327,7 @@ class LinearDecayAttention(nn.Module):
             if log_decay.dim() == 4:
                 log_decay = torch.cat([log_decay, log_decay], dim=-1)
 
-        o = run_recurrence(q, k, v, log_decay, self.scale, state_layer)
+        o = run_recurrence(q, k, v, log_decay, self.scale, state_layer, mask=mask)
         if state_layer is not None and normaliser is not None:
             state_layer.set("normaliser", normaliser)
 

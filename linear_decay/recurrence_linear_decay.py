@@ -179,10 +179,17 @@ def resolve_backend(device_type, backend=None):
     return backend
 
 
+# A padded batch ([B, T] mask) runs as packed sequences on a varlen backend once at least this share of its tokens is
+# padding: the kernels then skip the padding instead of carrying it through the state (not yet timed on the GPU).
+PACK_MIN_PADDING = 0.125
+
+
 def linear_decay_attention(q, k, v, log_decay=None, scale=1.0, initial_state=None, output_final_state=False,
-                           cu_seqlens=None, backend=None):
+                           cu_seqlens=None, backend=None, mask=None):
     """Chunked training / prefill form on the selected backend. `cu_seqlens` (int32 [N + 1]): N sequences packed
-    along T of a batch of one, with states [N, H, K, V]."""
+    along T of a batch of one, with states [N, H, K, V]. `mask` ([B, T] bool, True = real token; the caller has
+    already made padded positions leave the state untouched, DESIGN §1) lets a varlen backend drop the padding;
+    outputs at padded positions are then 0."""
     name = resolve_backend(q.device.type, backend)
     if (name == "triton" and (backend or os.environ.get("LINEAR_DECAY_BACKEND", "auto")) == "auto"
             and log_decay is not None and log_decay.dim() == 4):
@@ -191,6 +198,9 @@ def linear_decay_attention(q, k, v, log_decay=None, scale=1.0, initial_state=Non
         # LINEAR_DECAY_BACKEND=triton selects them.
         name = "torch"
     fn = BACKENDS[name]
+    if (mask is not None and cu_seqlens is None and name in VARLEN_BACKENDS
+            and 1.0 - mask.float().mean().item() >= PACK_MIN_PADDING):
+        return _packed_by_mask(fn, q, k, v, log_decay, scale, initial_state, output_final_state, mask)
     if cu_seqlens is None or name in VARLEN_BACKENDS:
         kwargs = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
         return fn(q, k, v, log_decay, scale=scale, initial_state=initial_state,
@@ -206,6 +216,25 @@ def recurrent_step(q, k, v, log_decay=None, scale=1.0, initial_state=None, outpu
         x is not None and x.requires_grad for x in (q, k, v, log_decay, initial_state))
     fn = DECODE_BACKENDS.get("torch" if needs_grad else name, fused_recurrent)
     return fn(q, k, v, log_decay, scale=scale, initial_state=initial_state, output_final_state=output_final_state)
+
+
+def _packed_by_mask(fn, q, k, v, log_decay, scale, initial_state, output_final_state, mask):
+    """Run the real tokens of each row as one packed sequence (cu_seqlens) and scatter the outputs back."""
+    batch, length, heads, _ = q.shape
+    real = mask.reshape(-1).nonzero().squeeze(1)
+    cu_seqlens = torch.nn.functional.pad(mask.sum(1).cumsum(0), (1, 0)).to(torch.int32)
+
+    def pack(x):
+        return x.reshape(batch * length, *x.shape[2:]).index_select(0, real).unsqueeze(0)
+
+    if log_decay is not None and log_decay.dim() == 1:
+        packed_decay = log_decay
+    else:
+        packed_decay = pack(log_decay) if log_decay is not None else None
+    o, final = fn(pack(q), pack(k), pack(v), packed_decay, scale=scale, initial_state=initial_state,
+                  output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    out = o.new_zeros(batch * length, heads, o.shape[-1]).index_copy(0, real, o[0])
+    return out.view(batch, length, heads, o.shape[-1]), final
 
 
 def _per_sequence(fn, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens):

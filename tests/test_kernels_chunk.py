@@ -164,3 +164,36 @@ def test_whole_model_on_the_kernels(monkeypatch, decay_type, granularity):
     assert grads.keys() == expected_grads.keys()
     for name, grad in grads.items():
         assert relative_error(grad, expected_grads[name]) <= 1e-4, name
+
+
+@pytest.mark.parametrize("decay_type,granularity,position", [("gla", "vector", "none"), ("lightnet", "vector", "tpe"),
+                                                             ("tnl", "scalar", "rope")])
+def test_padded_batch_runs_packed(monkeypatch, decay_type, granularity, position):
+    """On a varlen backend a left-padded batch runs as packed sequences: each row's logits (and its cached state,
+    seen through the next token) equal the row run alone and unpadded on the naive oracle."""
+    config = tiny_config(decay_type=decay_type, decay_granularity=granularity, position_encoding=position)
+    model = perturbed_model(config, seed=12).eval()
+    lengths = [CHUNK + 6, 23]
+    rows = [torch.randint(0, config.vocab_size, (n,), generator=torch.Generator().manual_seed(n)) for n in lengths]
+    width = max(lengths)
+    input_ids = torch.stack([torch.cat([torch.zeros(width - len(r), dtype=torch.long), r]) for r in rows])
+    mask = torch.stack([torch.cat([torch.zeros(width - len(r)), torch.ones(len(r))]) for r in rows]).long()
+    next_token = torch.tensor([[5], [7]])
+    assert 1 - mask.float().mean() >= recurrence.PACK_MIN_PADDING
+
+    calls = []
+    packed = recurrence._packed_by_mask
+    monkeypatch.setattr(recurrence, "_packed_by_mask", lambda *args: calls.append(1) or packed(*args))
+    monkeypatch.setenv("LINEAR_DECAY_BACKEND", "triton")
+    with torch.no_grad():
+        out = model(input_ids, attention_mask=mask, use_cache=True)
+        step = model(next_token, attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1),
+                     past_key_values=out.past_key_values, use_cache=True)
+    assert calls, "the padded batch did not take the packed path"
+
+    monkeypatch.setenv("LINEAR_DECAY_BACKEND", "naive")
+    with torch.no_grad():
+        for index, row in enumerate(rows):
+            alone = model(torch.cat([row, next_token[index]])[None], use_cache=False).logits[0]
+            assert relative_error(out.logits[index, width - len(row):], alone[:-1]) <= TOLERANCE
+            assert relative_error(step.logits[index, -1], alone[-1]) <= TOLERANCE
