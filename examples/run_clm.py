@@ -306,6 +306,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Tra
         metrics.update(result.metrics)
         model.config.use_cache = True  # Trainer switches it off for training; decoding wants the recurrent cache
         model.generation_config.use_cache = True
+        if trainer.is_fsdp_enabled:  # checkpoints may be sharded; the final model is gathered so from_pretrained loads it
+            trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
         trainer.save_model()
         trainer.log_metrics("train", result.metrics)
         trainer.save_metrics("train", result.metrics)
