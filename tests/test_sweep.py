@@ -1,0 +1,193 @@
+"""The experiment-grid sweep (linear_decay/sweep.py, DESIGN §6): outputs with sane numbers checked against
+independent computations, resuming skips finished runs, bad grid entries are reported, the named grids."""
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from linear_decay.quickstart import CORPUS, TOKENIZER
+from linear_decay.sweep import GRIDS, build_config, load_grid, main
+
+SMALL_RUN = ["--size", "tiny", "--steps", "3", "--batch_size", "2", "--seq_len", "32", "--eval_examples", "2",
+             "--seeds", "0"]
+GRID = [
+    {"name": "gla-scalar", "overrides": {"decay_type": "gla", "decay_granularity": "scalar"}},
+    {"name": "typo", "overrides": {"decay_tpye": "gla"}},
+    {"name": "simple-p0.9", "overrides": {"decay_type": "simple", "simple_decay_init": 0.9}},
+    {"name": "tnl-shared", "overrides": {"decay_type": "tnl", "share_decay": True}},
+]
+
+
+def held_out_blocks(seq_len, count):
+    """The documented held-out split, recomputed: the last 2 % of the corpus's characters, from a line start."""
+    text = CORPUS.read_text(encoding="utf-8")
+    cut = text.rindex("\n", 0, int(len(text) * 0.98)) + 1
+    ids = AutoTokenizer.from_pretrained(TOKENIZER)(text[cut:], add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids[: seq_len * count]).view(count, seq_len)
+
+
+def test_sweep_writes_results_and_a_second_run_skips_everything(tmp_path, capsys):
+    grid_file = tmp_path / "grid.json"
+    grid_file.write_text(json.dumps(GRID))
+    out = tmp_path / "sweep"
+    assert main(["--grid", str(grid_file), "--output_dir", str(out), *SMALL_RUN]) == 0
+    printed = capsys.readouterr().out
+    assert "invalid: typo: LinearDecayConfig has no field 'decay_tpye'; did you mean decay_type" in printed
+    assert "invalid: tnl-shared:" in printed and "share_decay" in printed
+    assert printed.count(": start (") == 2 and printed.count(": done in ") == 2 and "ETA" in printed
+
+    expected_median = {"gla-scalar": 0.5, "simple-p0.9": 0.9}  # λ at init: sigmoid(0) and p (DESIGN §2)
+    results = {}
+    for name, median in expected_median.items():
+        run = out / f"{name}-seed0"
+        assert (run / "model.safetensors").is_file() and (run / "config.json").is_file()
+        result = json.loads((run / "result.json").read_text())
+        results[name] = result
+        assert result["steps"] == 3 and result["train_tokens"] == 3 * 2 * 32
+        assert abs(result["final_train_loss"] - math.log(8192)) < 1.0  # three steps barely move a uniform model
+        assert result["eval_perplexity"] == pytest.approx(math.exp(result["eval_loss"]))
+        assert result["eval_accuracy"] is None and result["tokens_per_second"] > 0
+        assert len(result["median_decay_per_layer"]) == 4  # tiny preset: 4 layers
+        assert all(abs(m - median) < 0.02 for m in result["median_decay_per_layer"]), result["median_decay_per_layer"]
+
+        model = AutoModelForCausalLM.from_pretrained(run).eval()  # the saved model gives the recorded eval loss
+        assert model.config.decay_type == result["overrides"]["decay_type"]
+        blocks = held_out_blocks(32, 2)
+        with torch.no_grad():
+            eval_loss = model(input_ids=blocks, labels=blocks, use_cache=False).loss.item()
+        assert eval_loss == pytest.approx(result["eval_loss"], rel=1e-4)
+
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["config"] for row in rows] == ["gla-scalar", "simple-p0.9"]
+    for row in rows:
+        result = results[row["config"]]
+        assert float(row["eval_loss"]) == pytest.approx(result["eval_loss"])
+        assert float(row["final_train_loss"]) == pytest.approx(result["final_train_loss"])
+        assert [float(m) for m in row["median_decay_per_layer"].split(";")] == pytest.approx(
+            result["median_decay_per_layer"], abs=1e-4)
+    assert rows[0]["decay_granularity"] == "scalar" and rows[1]["decay_type"] == "simple"
+    table = (out / "results.md").read_text()
+    assert "| gla-scalar |" in table and "| simple-p0.9 |" in table
+    assert "- typo: " in table and "- tnl-shared: " in table
+    assert (out / "decay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    watched = [out / f"{name}-seed0" / file
+               for name in expected_median for file in ("result.json", "model.safetensors")]
+    mtimes = [path.stat().st_mtime_ns for path in watched]
+    assert main(["--grid", str(grid_file), "--output_dir", str(out), *SMALL_RUN]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count(": skip") == 2 and ": start (" not in printed and "warning" not in printed
+    assert [path.stat().st_mtime_ns for path in watched] == mtimes
+    with open(out / "results.csv", newline="") as f:
+        assert [row["config"] for row in csv.DictReader(f)] == ["gla-scalar", "simple-p0.9"]
+
+    # A finished run is kept even under another budget, but the sweep says that it differs.
+    assert main(["--grid", str(grid_file), "--output_dir", str(out), *SMALL_RUN, "--steps", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count(": skip") == 2 and printed.count("warning: its result.json was trained with steps=3") == 2
+
+
+def test_mqar_sweep_reports_recall_accuracy(tmp_path, capsys):
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text("- name: gla\n  overrides: {decay_type: gla}\n")
+    out = tmp_path / "mqar"
+    main(["--grid", str(grid_file), "--output_dir", str(out), "--data", "mqar", "--mqar_vocab_size", "64",
+          "--mqar_num_pairs", "4", *SMALL_RUN])
+    assert "accuracy" in capsys.readouterr().out
+    result = json.loads((out / "gla-seed0" / "result.json").read_text())
+    assert 0.0 <= result["eval_accuracy"] <= 1.0 and result["eval_perplexity"] is None
+    assert result["model_config"]["vocab_size"] == 64
+    assert abs(result["final_train_loss"] - math.log(64)) < 1.0
+    with open(out / "results.csv", newline="") as f:
+        assert float(next(csv.DictReader(f))["eval_accuracy"]) == pytest.approx(result["eval_accuracy"])
+
+
+def test_grid_files_report_malformed_entries(tmp_path):
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text("- name: ok\n  overrides: {decay_type: gla}\n"
+                         "- overrides: {decay_type: gla}\n"
+                         "- name: flat\n  overrides: [decay_type, gla]\n"
+                         "- name: ok\n")
+    entries = load_grid(str(grid_file))
+    assert [entry.get("error") is None for entry in entries] == [True, False, False, False]
+    assert "name" in entries[1]["error"] and "mapping" in entries[2]["error"] and "duplicate" in entries[3]["error"]
+    not_a_list = tmp_path / "grid.json"
+    not_a_list.write_text('{"name": "gla"}')
+    with pytest.raises(SystemExit, match="expected a list"):
+        main(["--grid", str(not_a_list), "--output_dir", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="neither a named grid"):
+        main(["--grid", "T9", "--output_dir", str(tmp_path / "out")])
+
+
+def test_named_grids_are_the_papers_and_all_valid():
+    """DESIGN §6: T1 11 parameterizations, T2 4 × 2 sharing, T3 4 × 2 granularities + tnl, tnl_l, T4 6 × 4 positions
+    (none, rope, lrpe, tpe)."""
+    assert {name: len(entries) for name, entries in GRIDS.items()} == {"T1": 11, "T2": 8, "T3": 10, "T4": 24}
+    for entries in GRIDS.values():
+        assert len({entry["name"] for entry in entries}) == len(entries)
+        for entry in entries:
+            build_config("tiny", entry["overrides"], {"vocab_size": 8192})  # raises on an unsupported combination
+    t1 = {e["overrides"]["decay_type"] for e in GRIDS["T1"]}
+    assert t1 == {"mamba2", "mamba2_no_a", "mamba2_no_dt", "mamba2_no_a_no_dt", "gla", "hgrn2", "lightnet", "simple"}
+    assert sorted(e["overrides"]["simple_decay_init"] for e in GRIDS["T1"] if "simple_decay_init" in e["overrides"]) \
+        == [0.8, 0.9, 0.95, 0.99]
+    assert sum(e["overrides"]["share_decay"] for e in GRIDS["T2"]) == 4
+    assert all(e["overrides"]["decay_granularity"] == "scalar" for e in GRIDS["T4"])
+
+
+def test_shards_split_the_plan_and_model_overrides_reach_every_run(tmp_path, capsys):
+    grid_file = tmp_path / "grid.json"
+    grid_file.write_text(json.dumps([GRID[0], GRID[2]]))
+    out = tmp_path / "sharded"
+    common = ["--grid", str(grid_file), "--output_dir", str(out), *SMALL_RUN, "--seeds", "0,1",
+              "--model_overrides", "hidden_size=64, num_hidden_layers=2"]
+    trained = []
+    for shard in ("0/3", "1/3", "2/3"):
+        assert main([*common, "--shard", shard]) == 0
+        printed = capsys.readouterr().out
+        trained.append(sorted(line.split("] ")[1].split(":")[0] for line in printed.splitlines() if ": start (" in line))
+        assert not (out / "results.md").exists()  # shards leave the summaries to the last, unsharded run
+        if shard == "0/3":  # a look at the sweep so far: summaries of the finished runs, nothing trained
+            assert main([*common, "--summarize_only"]) == 0
+            printed = capsys.readouterr().out
+            assert "2 run(s) not finished: gla-scalar-seed1, simple-p0.9-seed0" in printed and "start" not in printed
+            with open(out / "results.csv", newline="") as f:
+                assert sorted(row["run"] for row in csv.DictReader(f)) == trained[0]
+            (out / "results.md").unlink()
+    # plan order: (gla-scalar, 0), (gla-scalar, 1), (simple-p0.9, 0), (simple-p0.9, 1) dealt round-robin
+    assert trained == [["gla-scalar-seed0", "simple-p0.9-seed1"], ["gla-scalar-seed1"], ["simple-p0.9-seed0"]]
+    assert main(common) == 0
+    printed = capsys.readouterr().out
+    assert printed.count(": skip") == 4 and ": start (" not in printed and "warning" not in printed
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((row["config"], row["seed"]) for row in rows) == [
+        ("gla-scalar", "0"), ("gla-scalar", "1"), ("simple-p0.9", "0"), ("simple-p0.9", "1")]
+    for run in trained[0]:
+        config = json.loads((out / run / "config.json").read_text())
+        assert (config["hidden_size"], config["num_hidden_layers"]) == (64, 2)
+        assert len(json.loads((out / run / "result.json").read_text())["median_decay_per_layer"]) == 2
+    assert "hidden_size=64" in (out / "results.md").read_text()
+    with pytest.raises(SystemExit):
+        main([*common, "--shard", "3/3"])
+    with pytest.raises(SystemExit, match="FIELD=VALUE"):
+        main([*common[:-1], "hidden_size"])
+
+
+def test_processes_run_the_shards_and_summarise(tmp_path, capsys):
+    grid_file = tmp_path / "grid.json"
+    grid_file.write_text(json.dumps([GRID[0], GRID[2]]))
+    out = tmp_path / "parallel"
+    assert main(["--grid", str(grid_file), "--output_dir", str(out), *SMALL_RUN, "--processes", "2", "--cpu",
+                 "--model_overrides", "hidden_size=32,num_heads=2,num_hidden_layers=1"]) == 0
+    printed = capsys.readouterr().out
+    for shard, run in ((0, "gla-scalar-seed0"), (1, "simple-p0.9-seed0")):
+        assert f"[shard {shard}] [1/1] {run}: start (" in printed
+        assert json.loads((out / run / "result.json").read_text())["steps"] == 3
+    with open(out / "results.csv", newline="") as f:
+        assert [row["run"] for row in csv.DictReader(f)] == ["gla-scalar-seed0", "simple-p0.9-seed0"]
