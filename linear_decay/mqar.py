@@ -25,7 +25,6 @@ the same dataset on every machine.
 
 import numpy as np
 import torch
-from datasets import Dataset
 
 IGNORE_INDEX = -100
 FILLER_TOKEN = 0
@@ -95,6 +94,8 @@ def mqar_dataset(num_examples, *, vocab_size, num_pairs, num_queries=None, seq_l
                  noise="random"):
     """A `datasets.Dataset` of MQAR examples with `input_ids` and `labels` (module docstring); `num_queries`
     defaults to `num_pairs` (every key asked once, as in Zoology)."""
+    from datasets import Dataset  # only here: mqar_examples and the scoring need no `datasets`
+
     num_queries = num_pairs if num_queries is None else num_queries
     input_ids, labels = mqar_examples(num_examples, vocab_size=vocab_size, num_pairs=num_pairs,
                                       num_queries=num_queries, seq_len=seq_len, seed=seed,

@@ -90,8 +90,16 @@ class SweepError(Exception):
 
 
 def load_grid(spec):
-    """The grid's entries [{name, overrides}]: a name in GRIDS or a .json / .yaml file. Malformed entries are kept
+    """The grid's entries [{name, overrides}]: a name in GRIDS, a .json / .yaml file, or several of those joined by
+    commas (e.g. "T1,T3"; a configuration in two grids is trained once, see run_sweep). Malformed entries are kept
     with an `error` so that they are reported beside the runs, not silently dropped."""
+    if "," in spec:
+        entries = [entry for part in spec.split(",") if part.strip() for entry in load_grid(part.strip())]
+        names = [entry["name"] for entry in entries]
+        for entry in entries:
+            if names.count(entry["name"]) > 1 and "error" not in entry:
+                entry["error"] = "duplicate name (runs would share a folder)"
+        return entries
     if spec in GRIDS:
         return [dict(entry) for entry in GRIDS[spec]]
     path = Path(spec)
@@ -156,19 +164,37 @@ def corpus_data(args, budget_examples, tokenizer):
     return train, evaluation, torch.tensor([held_out[:2048]])
 
 
+class ArrayExamples(torch.utils.data.Dataset):
+    """Rows of equally long int64 arrays as {name: tensor} examples (the MQAR sets held in memory: building a
+    `datasets.Dataset` of 10⁵ rows would cost more than a small run's training)."""
+
+    def __init__(self, **columns):
+        self.columns = {name: torch.as_tensor(array) for name, array in columns.items()}
+
+    def __len__(self):
+        return len(next(iter(self.columns.values())))
+
+    def __getitem__(self, index):
+        return {name: column[index] for name, column in self.columns.items()}
+
+
 def mqar_data(args, budget_examples, tokenizer=None):
     """(train, eval, decay_probe_ids): exactly one epoch of MQAR examples for the budget (seed --data_seed)
-    and a held-out set from another seed (linear_decay/mqar.py); the decay probe is 8 held-out examples."""
-    from .mqar import mqar_dataset
+    and a held-out set from another seed (linear_decay/mqar.py, the arrays of `mqar_dataset`); the decay probe is 8
+    held-out examples."""
+    from .mqar import mqar_examples
 
     knobs = dict(vocab_size=args.mqar_vocab_size, num_pairs=args.mqar_num_pairs, num_queries=args.mqar_num_queries,
                  seq_len=args.seq_len)
     try:
-        train = mqar_dataset(budget_examples, **knobs, seed=args.data_seed)
-        evaluation = mqar_dataset(args.eval_examples, **knobs, seed=args.data_seed + 1_000_003)
+        train = ArrayExamples(**dict(zip(("input_ids", "labels"),
+                                         mqar_examples(budget_examples, **knobs, seed=args.data_seed))))
+        evaluation = ArrayExamples(**dict(zip(("input_ids", "labels"),
+                                              mqar_examples(args.eval_examples, **knobs,
+                                                            seed=args.data_seed + 1_000_003))))
     except ValueError as error:
         raise SweepError(str(error)) from None
-    return train, evaluation, torch.tensor(evaluation[:8]["input_ids"])
+    return train, evaluation, evaluation.columns["input_ids"][:8]
 
 
 # ---------------------------------------------------------------- one run
@@ -258,11 +284,22 @@ def train_one(entry, seed, config, data, tokenizer, args, run_dir):
                                                                      "num_hidden_layers", "num_heads",
                                                                      "vocab_size")},
         "sweep_settings": dict(vars(args)),
+        "environment": run_environment(model.device),
     }
     partial = run_dir / (RESULT_FILE + ".partial")
     partial.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     os.replace(partial, run_dir / RESULT_FILE)  # result.json appears only complete: it marks the run as done
     return result
+
+
+def run_environment(device):
+    """Versions, device and recurrence backend of a run (tokens/s depend on them; with several shard processes on
+    one GPU they are a share of it, not a speed benchmark)."""
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "backend": os.environ.get("LINEAR_DECAY_BACKEND", "auto")}
 
 
 # ---------------------------------------------------------------- summaries
@@ -294,7 +331,7 @@ def by_configuration(results):
     return grouped
 
 
-def write_summaries(results, invalid, output_dir, title):
+def write_summaries(results, invalid, output_dir, title, aliases=()):
     """results.csv (one row per run), results.md (per configuration, mean ± std over seeds, and the invalid
     entries), decay.png (median λ vs layer per configuration, averaged over seeds; DESIGN §5)."""
     with open(output_dir / "results.csv", "w", newline="", encoding="utf-8") as f:
@@ -322,6 +359,9 @@ def write_summaries(results, invalid, output_dir, title):
         size = first["size"] + (f" ({first['model_overrides']})" if first.get("model_overrides") else "")
         lines += ["", f"{size} preset, {first['data']} data, {first['steps']} steps × "
                       f"{first['batch_size']} × {first['seq_len']} tokens = {first['train_tokens']:,} training tokens per run."]
+    if aliases:
+        lines += ["", "Same configuration under two names (trained once): "
+                  + ", ".join(f"{alias} = {name}" for alias, name in aliases) + "."]
     if invalid:
         lines += ["", "Skipped (invalid configuration):", ""]
         lines += [f"- {name}: {reason}" for name, reason in invalid]
@@ -443,7 +483,7 @@ def run_sweep(args):
         data_fields = dict(vocab_size=args.mqar_vocab_size)
 
     model_overrides = parse_model_overrides(args.model_overrides)
-    invalid, planned = [], []
+    invalid, planned, trained_as, aliases = [], [], {}, []  # trained_as: the configuration's settings -> the first entry's name
     for entry in entries:
         reason = entry.get("error")
         if reason is None:
@@ -455,6 +495,13 @@ def run_sweep(args):
             invalid.append((entry["name"], reason))
             print(f"invalid: {entry['name']}: {reason} — skipped", flush=True)
             continue
+        settings = config.to_json_string(use_diff=False)
+        if settings in trained_as:  # e.g. T1's gla is T3's gla-vector
+            print(f"same configuration: {entry['name']} = {trained_as[settings]} (trained once, as the latter)",
+                  flush=True)
+            aliases.append((entry["name"], trained_as[settings]))
+            continue
+        trained_as[settings] = entry["name"]
         planned += [(entry, seed, config) for seed in args.seeds]
     if args.shard is not None:
         index, count = args.shard
@@ -501,7 +548,7 @@ def run_sweep(args):
         print(f"shard {args.shard[0]}/{args.shard[1]}: {len(results)} runs finished in {output_dir}", flush=True)
         return results
     title = f"sweep {Path(args.grid).stem if args.grid not in GRIDS else args.grid}"
-    write_summaries(results, invalid, output_dir, title)
+    write_summaries(results, invalid, output_dir, title, aliases)
     print(f"{len(results)} runs, {len(invalid)} invalid configuration(s): {output_dir / 'results.md'}, "
           f"{output_dir / 'results.csv'}" + (f", {output_dir / 'decay.png'}" if results else ""), flush=True)
     return results

@@ -191,3 +191,15 @@ def test_processes_run_the_shards_and_summarise(tmp_path, capsys):
         assert json.loads((out / run / "result.json").read_text())["steps"] == 3
     with open(out / "results.csv", newline="") as f:
         assert [row["run"] for row in csv.DictReader(f)] == ["gla-scalar-seed0", "simple-p0.9-seed0"]
+
+
+def test_joined_grids_train_a_shared_configuration_once(tmp_path, capsys):
+    """T1's gla (vector by default) is T3's gla-vector: `--grid T1,T3` plans it once."""
+    out = tmp_path / "joined"
+    assert main(["--grid", "T1,T3", "--output_dir", str(out), "--summarize_only", "--seeds", "0,1"]) == 0
+    printed = capsys.readouterr().out
+    for alias, name in (("mamba2-vector", "mamba2"), ("gla-vector", "gla"), ("hgrn2-vector", "hgrn2"),
+                        ("lightnet-vector", "lightnet")):
+        assert f"same configuration: {alias} = {name}" in printed
+    assert "34 run(s) not finished" in printed  # (11 + 10 - 4) configurations x 2 seeds
+    assert "lightnet-vector = lightnet" in (out / "results.md").read_text()
