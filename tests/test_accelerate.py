@@ -87,13 +87,16 @@ def logged(output_dir):
 
 
 def test_two_ddp_processes_through_accelerate_match_one_process_with_the_whole_batch(corpus, tmp_path):
+    """DDP (+ gradient checkpointing) on two gloo processes vs one process without either: same losses, gradient
+    norms and weights after two AdamW steps."""
     run_clm = load_run_clm()
     ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
 
-    # two processes, 2 blocks each, launched with the CI config
+    # two processes, 2 blocks each, launched with the CI config, with activation checkpointing (recomputing the
+    # layers in the backward pass must not change DDP's gradient all-reduce)
     output = run([sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
                   CONFIGS / "cpu_ddp.yaml", REPO_ROOT / "examples" / "run_clm.py",
-                  *clm_args(ddp_dir, corpus, per_device_batch=2)], tmp_path, "ddp")
+                  *clm_args(ddp_dir, corpus, per_device_batch=2), "--gradient_checkpointing"], tmp_path, "ddp")
     assert output.count("model: 0.") == 2, output[-3000:]  # both ranks built the model
     # the independent reference: one process, 4 blocks per step, in this process (no launcher)
     run_clm.main([str(a) for a in clm_args(single_dir, corpus, per_device_batch=4)])
