@@ -88,6 +88,9 @@ class LinearDecayConfig(PreTrainedConfig):
         use_output_gate: the low-rank sigmoid gate before the output norm (DESIGN §1).
         attention_scale: multiplies q·k (default 1).
         rms_norm_eps: epsilon of every RMSNorm.
+        loss_chunk_size: 0, or the number of tokens per chunk of a chunked linear cross-entropy: a training-mode
+            forward with labels then computes the loss and its gradients chunk by chunk and never holds the
+            [B, T, vocab] logits (the output's `logits` is None); evaluation and generation are unaffected.
     """
 
     model_type = "linear_decay"
@@ -118,6 +121,7 @@ class LinearDecayConfig(PreTrainedConfig):
         use_output_gate=True,
         attention_scale=1.0,
         rms_norm_eps=1e-5,
+        loss_chunk_size=0,
         initializer_range=0.02,
         tie_word_embeddings=False,
         use_cache=True,
@@ -151,6 +155,7 @@ class LinearDecayConfig(PreTrainedConfig):
         self.use_output_gate = use_output_gate
         self.attention_scale = attention_scale
         self.rms_norm_eps = rms_norm_eps
+        self.loss_chunk_size = loss_chunk_size
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         if not isinstance(tie_word_embeddings, bool):
@@ -239,6 +244,8 @@ class LinearDecayConfig(PreTrainedConfig):
         for field in ("attention_scale", "rms_norm_eps", "initializer_range"):
             if not (_is_real(getattr(self, field)) and getattr(self, field) > 0):
                 raise _invalid(field, getattr(self, field), "must be a positive number")
+        if not (_is_int(self.loss_chunk_size) and self.loss_chunk_size >= 0):
+            raise _invalid("loss_chunk_size", self.loss_chunk_size, "must be 0 (off) or a positive number of tokens")
 
     @property
     def key_dim(self):

@@ -587,6 +587,67 @@ class LinearDecayModel(LinearDecayPreTrainedModel):
         return positions
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Chunked linear cross-entropy (config.loss_chunk_size)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Σ_t CE(h_t Wᵀ, y_t) / divisor over rows with y_t ≠ -100, `chunk` rows at a time: each chunk's logits (fp32
+    softmax) exist only inside the loop, and the gradients to h and W are formed there too (∂CE/∂logits =
+    softmax − onehot), so nothing of size [N, vocab] is kept for the backward pass."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk, divisor):
+        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            targets = labels[rows]
+            valid = targets != -100
+            if not bool(valid.any()):
+                continue
+            h = hidden[rows][valid]
+            logits = (h @ weight.t()).float()
+            targets = targets[valid]
+            log_norm = torch.logsumexp(logits, dim=-1)
+            total += (log_norm - logits.gather(1, targets[:, None]).squeeze(1)).sum()
+            if grad_hidden is None and grad_weight is None:
+                continue
+            grad_logits = torch.softmax(logits, dim=-1)
+            grad_logits[torch.arange(len(targets), device=targets.device), targets] -= 1.0
+            grad_logits = (grad_logits / divisor).to(weight.dtype)
+            if grad_hidden is not None:
+                index = torch.arange(start, start + len(valid), device=hidden.device)[valid]
+                grad_hidden.index_copy_(0, index, (grad_logits @ weight).to(hidden.dtype))
+            if grad_weight is not None:
+                grad_weight += (grad_logits.t() @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total / divisor
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (grad_hidden * grad_output.to(grad_hidden.dtype) if grad_hidden is not None else None,
+                (grad_weight * grad_output).to(ctx.weight_dtype) if grad_weight is not None else None,
+                None, None, None)
+
+
+def chunked_linear_cross_entropy(hidden_states, weight, labels, chunk, num_items_in_batch=None):
+    """The causal-LM loss of transformers' ForCausalLMLoss (labels shifted left by one, -100 ignored; mean over the
+    labelled tokens, or their sum / `num_items_in_batch` under gradient accumulation) from the last hidden states and
+    the LM head's weight, without materialising the logits (DESIGN §1's head; `config.loss_chunk_size`)."""
+    targets = F.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1).to(hidden_states.device)
+    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+    if num_items_in_batch is None:
+        divisor = float((targets != -100).sum())
+    else:
+        divisor = float(num_items_in_batch.item() if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk, divisor if divisor > 0 else float("nan"))
+
+
 class LinearDecayForCausalLM(LinearDecayPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -642,11 +703,15 @@ class LinearDecayForCausalLM(LinearDecayPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states, return_dict=True,
         )
         hidden_states = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.vocab_size, **kwargs)
+        logits = loss = None
+        if labels is not None and self.training and self.config.loss_chunk_size:
+            loss = chunked_linear_cross_entropy(hidden_states, self.lm_head.weight, labels,
+                                                self.config.loss_chunk_size, kwargs.get("num_items_in_batch"))
+        else:
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden_states[:, keep, :])
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.vocab_size, **kwargs)
         output = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                                         **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)})
         return output if return_dict is not False else output.to_tuple()

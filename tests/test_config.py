@@ -162,6 +162,8 @@ BAD_FIELDS = [
     # positive numbers
     ("attention_scale_zero", dict(attention_scale=0.0), "attention_scale", 0.0),
     ("rms_eps_negative", dict(rms_norm_eps=-1e-5), "rms_norm_eps", -1e-5),
+    ("loss_chunk_negative", dict(loss_chunk_size=-1), "loss_chunk_size", -1),
+    ("loss_chunk_float", dict(loss_chunk_size=0.5), "loss_chunk_size", 0.5),
     ("init_range_zero", dict(initializer_range=0.0), "initializer_range", 0.0),
 ]
 
@@ -289,7 +291,7 @@ FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "head_d
           "decay_granularity", "share_decay", "decay_rank", "simple_decay_init", "gla_denominator",
           "mamba2_a_init_range", "mamba2_dt_min", "mamba2_dt_max", "mamba2_dt_init_floor", "hgrn2_lower_bound",
           "position_encoding", "rope_theta", "rope_fraction", "use_output_gate", "attention_scale", "rms_norm_eps",
-          "initializer_range", "tie_word_embeddings", "use_cache")
+          "loss_chunk_size", "initializer_range", "tie_word_embeddings", "use_cache")
 
 
 def field_values(config):
@@ -303,7 +305,8 @@ NON_DEFAULT = dict(
     decay_type="simple", decay_granularity="vector", share_decay=True, decay_rank=5, simple_decay_init=0.9,
     gla_denominator=8.0, mamba2_a_init_range=(2.0, 8.0), mamba2_dt_min=2e-3, mamba2_dt_max=0.05,
     mamba2_dt_init_floor=2e-4, hgrn2_lower_bound=False, position_encoding="rope", rope_theta=500.0,
-    rope_fraction=0.5, use_output_gate=False, attention_scale=0.125, rms_norm_eps=1e-6, initializer_range=0.01,
+    rope_fraction=0.5, use_output_gate=False, attention_scale=0.125, rms_norm_eps=1e-6, loss_chunk_size=96,
+    initializer_range=0.01,
     tie_word_embeddings=True, use_cache=False,
 )
 
