@@ -11,7 +11,8 @@ The end-to-end GPU tests (tests/test_kernels_gpu.py) say *that* vector decay is 
 - `end-to-end`: o, the final state and all gradients through `triton_chunked_recurrence` against the naive
   recurrence in fp32;
 
-under each launch variant (warps of the chunk kernels; value block), for vector and scalar decay, mild and mixed
+under each launch variant (warps of the sub-chunk-walking kernels; RELOAD_STATE on or off: the carried state fed to
+the next dot through memory or straight from the dot accumulator, see `_carried_operand`), for vector and scalar decay, mild and mixed
 (some channels with log λ down to −20 per step, which takes the pairwise branch) decays, fp32 / fp16 / bf16 inputs.
 Relative errors ‖x − ref‖ / ‖ref‖ are printed with FAIL beyond 5e-4 (fp32), 5e-3 (fp16), 2e-2 (bf16).
 
@@ -117,20 +118,24 @@ def main(argv=None):
     parser.add_argument("--dims", type=int, default=128, help="K = V")
     parser.add_argument("--cpu", action="store_true", help="CPU tensors (needs TRITON_INTERPRET=1); no bf16")
     parser.add_argument("--warps", default="4,8", help="num_warps variants of the output / dq / dk_dv kernels")
+    parser.add_argument("--reload", default="1,0", help="RELOAD_STATE variants of the same kernels (1 on, 0 off)")
     args = parser.parse_args(argv)
     device = "cpu" if args.cpu else "cuda"
     dtypes = (torch.float32, torch.float16) if args.cpu else (torch.float32, torch.float16, torch.bfloat16)
     warps = [int(w) for w in args.warps.split(",")]
+    reloads = [bool(int(r)) for r in args.reload.split(",")]
     scale = args.dims ** -0.5
     failed = 0
     print(f"T={args.length}, H={HEADS}, K=V={args.dims}, device={device}, triton {kernels.triton.__version__}")
-    print(f"{'decay':7s} {'strength':8s} {'dtype':9s} {'warps':5s} {'states':>9s} {'output':>9s}  end-to-end")
-    for kind, strength, dtype, num_warps in itertools.product(("vector", "scalar"), ("mild", "mixed"), dtypes, warps):
+    print(f"{'decay':7s} {'strength':8s} {'dtype':9s} {'warps':5s} {'reload':6s} {'states':>9s} {'output':>9s}  "
+          "end-to-end")
+    for kind, strength, dtype, num_warps, reload in itertools.product(("vector", "scalar"), ("mild", "mixed"), dtypes,
+                                                                      warps, reloads):
         decay = kernels.DECAY_VECTOR if kind == "vector" else kernels.DECAY_SCALAR
         saved = dict(kernels.TUNING_OVERRIDES)
         for kernel in ("output", "dq", "dk_dv"):
             kernels.TUNING_OVERRIDES[kernel, decay] = {**kernels.TUNING_OVERRIDES.get((kernel, decay), {}),
-                                                       "num_warps": num_warps}
+                                                       "num_warps": num_warps, "RELOAD_STATE": reload}
         try:
             q, k, v, log_decay, initial = make_inputs(kind, strength, args.length, args.dims, dtype, device)
             tolerance = TOLERANCES[dtype]
@@ -146,7 +151,8 @@ def main(argv=None):
         bad = any(not e <= tolerance for e in judged)
         failed += bad
         detail = " ".join(f"{n} {e:.1e}" for n, e in end_to_end.items())
-        print(f"{kind:7s} {strength:8s} {str(dtype)[6:]:9s} {num_warps:<5d} {states_error:9.1e} {output_error:9.1e}  "
+        print(f"{kind:7s} {strength:8s} {str(dtype)[6:]:9s} {num_warps:<5d} {str(reload):6s} {states_error:9.1e} "
+              f"{output_error:9.1e}  "
               f"{detail}{'  FAIL' if bad else ''}", flush=True)
     print(f"{failed} failing case(s)")
     return 1 if failed else 0

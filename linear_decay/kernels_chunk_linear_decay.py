@@ -176,6 +176,24 @@ def _decayed_scores_transposed(x, y, b, S: tl.constexpr, VECTOR: tl.constexpr, D
     return scores
 
 
+@triton.jit
+def _carried_operand(state, slot_ptrs, slot_mask, DOT_DTYPE: tl.constexpr, RELOAD_STATE: tl.constexpr):
+    """The carried state (or state gradient) of a sub-chunk walk as the operand of the next sub-chunk's dots.
+
+    RELOAD_STATE: through memory (store into the program's own slot, barrier, load), so that the operand is a loaded
+    tensor, never a down-cast dot accumulator (DESIGN §7: Triton < 3.7.1 on Hopper miscompiles dot results reused as
+    dot operands in some layouts; the suspect for the wrong bf16 vector-decay results in BENCHMARKS.md). The slot
+    is free for this: the walk has read it already and nothing reads it afterwards."""
+    if RELOAD_STATE:
+        tl.store(slot_ptrs, state.to(slot_ptrs.dtype.element_ty), mask=slot_mask)
+        tl.debug_barrier()
+        operand = tl.load(slot_ptrs, mask=slot_mask, other=0.0).to(DOT_DTYPE)
+        tl.debug_barrier()  # every thread has read the slot before any overwrites it again
+    else:
+        operand = state.to(DOT_DTYPE)
+    return operand
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Forward kernels
 # ----------------------------------------------------------------------------------------------------------------
@@ -226,8 +244,9 @@ def _chunk_states_kernel(k_ptr, v_ptr, g_ptr, initial_ptr, states_ptr, final_ptr
 def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, g_ptr, states_ptr, o_ptr, cu_seqlens_ptr, chunk_seq_ptr,
                          chunk_token_ptr, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                          BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, S: tl.constexpr, DECAY: tl.constexpr,
-                         DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """o of one (value block, chunk, head): sub-chunks of S tokens in order, the state carried in registers."""
+                         DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, RELOAD_STATE: tl.constexpr):
+    """o of one (value block, chunk, head): sub-chunks of S tokens in order, the state carried in registers (and,
+    with RELOAD_STATE, fed to the next dot through this program's slot of `states`: see `_carried_operand`)."""
     v_block, chunk, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq, chunk_token = tl.load(chunk_seq_ptr + chunk), tl.load(chunk_token_ptr + chunk)
     eos = tl.load(cu_seqlens_ptr + seq + 1)
@@ -235,8 +254,9 @@ def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, g_ptr, states_ptr, o_ptr, cu_seqle
     ck = tl.arange(0, BK)
     cv = v_block * BV + tl.arange(0, BV)
     state_mask = (ck < K)[:, None] & (cv < V)[None, :]
-    state = tl.load(states_ptr + (chunk * H + head) * K * V + ck[:, None] * V + cv[None, :], mask=state_mask,
-                    other=0.0).to(tl.float32)
+    state_ptrs = states_ptr + (chunk * H + head) * K * V + ck[:, None] * V + cv[None, :]
+    state = tl.load(state_ptrs, mask=state_mask, other=0.0).to(tl.float32)
+    operand = state.to(DOT_DTYPE)
     rows = tl.arange(0, S)
     for sub in range(C // S):
         token0 = chunk_token + sub * S
@@ -247,7 +267,7 @@ def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, g_ptr, states_ptr, o_ptr, cu_seqle
         g = _load_log_decay(g_ptr, token0, rows, row_mask, head, H, K, ck, DECAY)
         b = tl.cumsum(g, axis=0)
         scores = _decayed_scores(q, k, b, S, VECTOR, DOT_DTYPE, PRECISION)
-        o = tl.dot((q * _row_decay(b, VECTOR)).to(DOT_DTYPE), state.to(DOT_DTYPE), input_precision=PRECISION)
+        o = tl.dot((q * _row_decay(b, VECTOR)).to(DOT_DTYPE), operand, input_precision=PRECISION)
         o += tl.dot(scores.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION)
         tl.store(o_ptr + ((token0 + rows[:, None]) * H + head) * V + cv[None, :], o.to(o_ptr.dtype.element_ty),
                  mask=row_mask[:, None] & (cv < V)[None, :])
@@ -260,6 +280,7 @@ def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, g_ptr, states_ptr, o_ptr, cu_seqle
                 k_to_end = k * tl.exp(total - b)[:, None]
                 state = state * tl.exp(total)
             state += tl.dot(tl.trans(k_to_end.to(DOT_DTYPE)), v.to(DOT_DTYPE), input_precision=PRECISION)
+            operand = _carried_operand(state, state_ptrs, state_mask, DOT_DTYPE, RELOAD_STATE)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -315,7 +336,7 @@ def _chunk_state_grads_kernel(q_ptr, do_ptr, g_ptr, final_grad_ptr, state_grads_
 def _chunk_dq_kernel(k_ptr, v_ptr, g_ptr, do_ptr, states_ptr, dq_ptr, cu_seqlens_ptr, chunk_seq_ptr, chunk_token_ptr,
                      total_tokens, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, C: tl.constexpr, S: tl.constexpr, DECAY: tl.constexpr,
-                     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+                     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, RELOAD_STATE: tl.constexpr):
     """dq' = ∂L/∂(scale·q) of one (value block, chunk, head), partial over the value block: a forward walk over the
     sub-chunks with the state S, dq'_i = S_i do_i (state part e^{b_i} ⊙ S do_i, intra part through dA = do vᵀ)."""
     v_block, chunk, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -332,6 +353,7 @@ def _chunk_dq_kernel(k_ptr, v_ptr, g_ptr, do_ptr, states_ptr, dq_ptr, cu_seqlens
     partial_offset = v_block * total_tokens * H * K  # dq, dk: one fp32 slice per value block
 
     state = tl.load(states_ptr + state_offsets, mask=state_mask, other=0.0).to(tl.float32)
+    operand = state.to(DOT_DTYPE)
     for sub in range(C // S):
         token0 = chunk_token + sub * S
         row_mask = token0 + rows < eos
@@ -341,7 +363,7 @@ def _chunk_dq_kernel(k_ptr, v_ptr, g_ptr, do_ptr, states_ptr, dq_ptr, cu_seqlens
         g = _load_log_decay(g_ptr, token0, rows, row_mask, head, H, K, ck, DECAY)
         b = tl.cumsum(g, axis=0)
         dA = tl.where(i >= j, tl.dot(do.to(DOT_DTYPE), tl.trans(v.to(DOT_DTYPE)), input_precision=PRECISION), 0.0)
-        dq = tl.trans(tl.dot(state.to(DOT_DTYPE), tl.trans(do.to(DOT_DTYPE)), input_precision=PRECISION))
+        dq = tl.trans(tl.dot(operand, tl.trans(do.to(DOT_DTYPE)), input_precision=PRECISION))
         dq = dq * _row_decay(b, VECTOR) + _decayed_mix(dA, k, b, S, False, VECTOR, DOT_DTYPE, PRECISION)
         tl.store(dq_ptr + partial_offset + ((token0 + rows[:, None]) * H + head) * K + ck[None, :], dq,
                  mask=row_mask[:, None] & (ck < K)[None, :])
@@ -354,13 +376,15 @@ def _chunk_dq_kernel(k_ptr, v_ptr, g_ptr, do_ptr, states_ptr, dq_ptr, cu_seqlens
                 k_to_end = k * tl.exp(total - b)[:, None]
                 state = state * tl.exp(total)
             state += tl.dot(tl.trans(k_to_end.to(DOT_DTYPE)), v.to(DOT_DTYPE), input_precision=PRECISION)
+            operand = _carried_operand(state, states_ptr + state_offsets, state_mask, DOT_DTYPE, RELOAD_STATE)
 
 
 @triton.jit
 def _chunk_dk_dv_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, state_grads_ptr, dk_ptr, dv_ptr, cu_seqlens_ptr,
                         chunk_seq_ptr, chunk_token_ptr, scale, total_tokens, H: tl.constexpr, K: tl.constexpr,
                         V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
-                        DECAY: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+                        DECAY: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                        RELOAD_STATE: tl.constexpr):
     """dk (partial over the value block) and dv of one (value block, chunk, head): a reverse walk over the sub-chunks
     with the state gradient dS, dk_j = dS_j v_j, dv_j = dS_jᵀ k_j (intra parts through dAᵀ and the scores Aᵀ)."""
     v_block, chunk, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -377,6 +401,7 @@ def _chunk_dk_dv_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, state_grads_ptr, dk_
     partial_offset = v_block * total_tokens * H * K  # dq, dk: one fp32 slice per value block
 
     dstate = tl.load(state_grads_ptr + state_offsets, mask=state_mask, other=0.0).to(tl.float32)
+    operand = dstate.to(DOT_DTYPE)
     for r in range(C // S):
         token0 = chunk_token + (C // S - 1 - r) * S
         row_mask = token0 + rows < eos
@@ -392,12 +417,12 @@ def _chunk_dk_dv_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, state_grads_ptr, dk_
         else:
             to_end = tl.exp(total - b)[:, None]
         dA_t = tl.where(i <= j, tl.dot(v.to(DOT_DTYPE), tl.trans(do.to(DOT_DTYPE)), input_precision=PRECISION), 0.0)
-        dk = tl.trans(tl.dot(dstate.to(DOT_DTYPE), tl.trans(v.to(DOT_DTYPE)), input_precision=PRECISION)) * to_end
+        dk = tl.trans(tl.dot(operand, tl.trans(v.to(DOT_DTYPE)), input_precision=PRECISION)) * to_end
         dk += _decayed_mix(dA_t, q, b, S, True, VECTOR, DOT_DTYPE, PRECISION)
         tl.store(dk_ptr + partial_offset + ((token0 + rows[:, None]) * H + head) * K + ck[None, :], dk,
                  mask=row_mask[:, None] & (ck < K)[None, :])
         scores_t = _decayed_scores_transposed(q, k, b, S, VECTOR, DOT_DTYPE, PRECISION)
-        dv = tl.dot((k * to_end).to(DOT_DTYPE), dstate.to(DOT_DTYPE), input_precision=PRECISION)
+        dv = tl.dot((k * to_end).to(DOT_DTYPE), operand, input_precision=PRECISION)
         dv += tl.dot(scores_t.to(DOT_DTYPE), do.to(DOT_DTYPE), input_precision=PRECISION)
         tl.store(dv_ptr + ((token0 + rows[:, None]) * H + head) * V + cv[None, :], dv.to(dv_ptr.dtype.element_ty),
                  mask=row_mask[:, None] & (cv < V)[None, :])
@@ -408,7 +433,7 @@ def _chunk_dk_dv_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, state_grads_ptr, dk_
                 dstate = dstate * tl.exp(total)
             q_from_start = (q * _row_decay(b, VECTOR)).to(DOT_DTYPE)
             dstate += tl.dot(tl.trans(q_from_start), do.to(DOT_DTYPE), input_precision=PRECISION)
-
+            operand = _carried_operand(dstate, state_grads_ptr + state_offsets, state_mask, DOT_DTYPE, RELOAD_STATE)
 
 
 @triton.jit
@@ -566,14 +591,15 @@ def _key_block(key_dim):
     return max(16, triton.next_power_of_2(key_dim))
 
 
-# Launch settings per kernel and decay kind: value block (capped by the head dim), warps, pipeline stages.
+# Launch settings per kernel and decay kind: value block (capped by the head dim), warps, pipeline stages, and for
+# the sub-chunk walks RELOAD_STATE (`_carried_operand`).
 # benchmarks/tune_chunk_kernels.py sweeps them on the GPU; the values here are what it found best on the H200.
 TUNING = {
     "states": dict(block_v=64, num_warps=8, num_stages=2),
-    "output": dict(block_v=64, num_warps=8, num_stages=2),
+    "output": dict(block_v=64, num_warps=8, num_stages=2, RELOAD_STATE=True),
     "state_grads": dict(block_v=64, num_warps=8, num_stages=2),
-    "dq": dict(block_v=32, num_warps=8, num_stages=2),
-    "dk_dv": dict(block_v=32, num_warps=8, num_stages=2),
+    "dq": dict(block_v=32, num_warps=8, num_stages=2, RELOAD_STATE=True),
+    "dk_dv": dict(block_v=32, num_warps=8, num_stages=2, RELOAD_STATE=True),
 }
 TUNING_OVERRIDES = {}  # {(kernel, decay kind): settings}, for what differs between vector and scalar decay
 
