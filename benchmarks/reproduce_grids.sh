@@ -2,7 +2,8 @@
 # The design-space reproduction of issue 5 / RESULTS.md on one GPU: grids T1 and T3 (DESIGN §6), every variant, two
 # seeds, on the bundled corpus (held-out perplexity) and on MQAR (recall accuracy). Small models use little of an
 # H200, so each sweep runs as several processes on the same GPU (`--processes`). Sweeps resume: run it again with the
-# same OUTPUT to finish what a time limit interrupted; the last step of each sweep writes results.md / results.csv /
+# same OUTPUT to finish what a time limit interrupted (or copy results/sweep_t1_t3, the records of the runs behind
+# RESULTS.md, to OUTPUT first); the last step of each sweep writes OUTPUT/{corpus,mqar}/results.md, results.csv and
 # decay.png. Usage: benchmarks/reproduce_grids.sh OUTPUT [GRIDS] [SECONDS]
 #   GRIDS   grids joined by commas, one sweep (default "T1,T3": a configuration in both is trained once)
 #   SECONDS wall-clock limit for all training (default: none); the summaries are written either way
@@ -26,12 +27,11 @@ run_limited() {  # run "$@" under the remaining time limit, if any
   fi
 }
 
-NAME=${GRIDS//,/+}
 run_limited python -m linear_decay.sweep --grid "$GRIDS" "${COMMON[@]}" "${CORPUS[@]}" --processes "$PROCESSES" \
-    --output_dir "$OUTPUT/$NAME-corpus" &
+    --output_dir "$OUTPUT/corpus" &
 run_limited python -m linear_decay.sweep --grid "$GRIDS" "${COMMON[@]}" "${MQAR[@]}" --processes "$PROCESSES" \
-    --output_dir "$OUTPUT/$NAME-mqar" &
+    --output_dir "$OUTPUT/mqar" &
 wait
 # summaries of whatever finished (a no-op rewrite when the sweeps completed)
-python -m linear_decay.sweep --grid "$GRIDS" "${COMMON[@]}" "${CORPUS[@]}" --summarize_only --output_dir "$OUTPUT/$NAME-corpus"
-python -m linear_decay.sweep --grid "$GRIDS" "${COMMON[@]}" "${MQAR[@]}" --summarize_only --output_dir "$OUTPUT/$NAME-mqar"
+python -m linear_decay.sweep --grid "$GRIDS" "${COMMON[@]}" "${CORPUS[@]}" --summarize_only --output_dir "$OUTPUT/corpus"
+python -m linear_decay.sweep --grid "$GRIDS" "${COMMON[@]}" "${MQAR[@]}" --summarize_only --output_dir "$OUTPUT/mqar"
