@@ -83,6 +83,11 @@ class DataArguments:
         default=None, metadata={"help": "Split .txt files into documents at this string (e.g. '\\n\\n\\n'); "
                                         "default: one document per file."})
     block_size: int = field(default=256, metadata={"help": "Tokens per packed training sequence."})
+    document_boundaries: bool = field(
+        default=False, metadata={"help": "Blocks carry position_ids that restart after every EOS, so every document "
+                                         "starts from a zero state (transformers' DataCollatorWithFlattening "
+                                         "convention; the kernels run the documents as packed sequences) and the "
+                                         "first token of a document is not a training target."})
     validation_split_percentage: float = field(
         default=2.0, metadata={"help": "Without a validation set: the last %% of packed blocks are held out."})
     streaming: bool = field(default=False, metadata={"help": "Stream the data (IterableDataset); needs --max_steps."})
@@ -162,16 +167,25 @@ def split_documents(batch, column, separator):
 
 
 def tokenize_and_pack(rows, tokenizer, args: DataArguments):
-    """Tokenize each document, append EOS, and cut the concatenation into blocks of `block_size` (labels = inputs)."""
+    """Tokenize each document, append EOS, and cut the concatenation into blocks of `block_size` (labels = inputs).
+    With --document_boundaries also position_ids (restarting at every document) and labels -100 at each document's
+    first token (it would be predicted from the previous document)."""
     eos = tokenizer.eos_token_id
     block = args.block_size
+    if args.document_boundaries and eos is None:
+        raise UsageError("--document_boundaries needs a tokenizer with an EOS token to separate documents")
 
     def pack(batch):
         encoded = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
         stream = list(chain.from_iterable(ids + [eos] if eos is not None else ids for ids in encoded))
         usable = len(stream) // block * block
         blocks = [stream[i: i + block] for i in range(0, usable, block)]
-        return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+        if not args.document_boundaries:
+            return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+        positions = list(chain.from_iterable(range(len(ids) + 1) for ids in encoded))
+        position_blocks = [positions[i: i + block] for i in range(0, usable, block)]
+        labels = [[-100 if p == 0 else t for t, p in zip(b, ps)] for b, ps in zip(blocks, position_blocks)]
+        return {"input_ids": blocks, "labels": labels, "position_ids": position_blocks}
 
     options = {} if args.streaming else {"num_proc": args.preprocessing_num_workers, "desc": "tokenize and pack"}
     return rows.map(pack, batched=True, batch_size=args.packing_batch_rows, remove_columns=["text"], **options)
@@ -244,6 +258,7 @@ def training_record(model_args, data_args, training_args, trainer, metrics):
         "steps": trainer.state.global_step,
         "global_batch_size": global_batch,
         "sequence_length": data_args.block_size,
+        "document_boundaries": data_args.document_boundaries,
         "train_tokens": trainer.state.global_step * global_batch * data_args.block_size,
         "learning_rate": training_args.learning_rate,
         "lr_scheduler": str(getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)),

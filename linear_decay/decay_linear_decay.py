@@ -47,6 +47,7 @@ class DecayParameterization(nn.Module):
     """
 
     decay_type = None
+    position_dependent = False  # log λ_t depends on the tokens before t (restarts with each packed document)
 
     def __init__(self, config, layer_idx, width):
         super().__init__()
@@ -168,6 +169,8 @@ class HGRN2Decay(DecayParameterization):
 @register_decay("lightnet", shareable=True)
 class LightNetDecay(DecayParameterization):
     """Z_t = logcumsumexp(0, z_1..z_t), log λ_t = Z_{t−1} − Z_t; position-dependent, so the cache carries Z."""
+
+    position_dependent = True
 
     def log_decay(self, z, mask=None, lower_bound=None, normaliser=None, device=None):
         if mask is not None:

@@ -156,9 +156,18 @@ class LinearDecayCache(Cache):
         return [False] * len(self.layers)
 
 
-def run_recurrence(q, k, v, log_decay, scale, state_layer, mask=None):
+def run_recurrence(q, k, v, log_decay, scale, state_layer, mask=None, cu_seqlens=None):
     """One recurrence call for a mixer or the TPE filter: the decoding step for short cached calls, else the chunked
-    form; reads and writes the state in `state_layer` (a RecurrentStateLayer, or None without a cache)."""
+    form; reads and writes the state in `state_layer` (a RecurrentStateLayer, or None without a cache).
+    `cu_seqlens` (packed documents, see `document_boundaries`): the rows are flattened into one packed batch and
+    every document starts from a zero state."""
+    if cu_seqlens is not None:
+        batch, length = q.shape[:2]
+        flat = [t.reshape(1, batch * length, *t.shape[2:]) for t in (q, k, v)]
+        if log_decay is not None and log_decay.dim() > 1:
+            log_decay = log_decay.reshape(1, batch * length, *log_decay.shape[2:])
+        o, _ = linear_decay_attention(*flat, log_decay, scale=scale, cu_seqlens=cu_seqlens)
+        return o.reshape(batch, length, *o.shape[2:])
     initial_state = state_layer.get("recurrent") if state_layer is not None else None
     if state_layer is not None and q.shape[1] <= RECURRENT_MAX_TOKENS:
         o, state = recurrent_step(q, k, v, log_decay, scale=scale, initial_state=initial_state,
@@ -169,6 +178,19 @@ def run_recurrence(q, k, v, log_decay, scale, state_layer, mask=None):
     if state_layer is not None:
         state_layer.set("recurrent", state)
     return o
+
+
+def document_boundaries(position_ids, batch, length):
+    """Packed documents, the convention of transformers' DataCollatorWithFlattening: position_ids restart at 0 where
+    a document starts inside a row. Returns int32 offsets [N + 1] of the N documents of the flattened batch (row
+    starts included), or None when no row holds more than one document."""
+    starts = (position_ids == 0).expand(batch, length).clone()
+    if not bool(starts[:, 1:].any()):
+        return None
+    starts[:, 0] = True
+    offsets = starts.reshape(-1).nonzero().squeeze(1)
+    end = torch.tensor([batch * length], device=offsets.device)
+    return torch.cat([offsets, end]).to(torch.int32)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -239,7 +261,7 @@ class LinearDecayTPE(nn.Module):
         init.constant_(self.query, self.head_dim**-0.5)
         init.constant_(self.key, self.head_dim**-0.5)
 
-    def forward(self, x, mask=None, state_layer=None):
+    def forward(self, x, mask=None, state_layer=None, cu_seqlens=None):
         batch, length, _ = x.shape
         shape = (batch, length, self.num_heads, self.head_dim)
         q = self.query.to(x.dtype).expand(shape)
@@ -248,7 +270,7 @@ class LinearDecayTPE(nn.Module):
         if mask is not None:
             k = k * mask[:, :, None, None].to(x.dtype)
             log_decay = log_decay.expand(batch, length, -1).masked_fill(~mask[:, :, None], 0.0)
-        o = run_recurrence(q, k, x.view(shape), log_decay, 1.0, state_layer, mask=mask)
+        o = run_recurrence(q, k, x.view(shape), log_decay, 1.0, state_layer, mask=mask, cu_seqlens=cu_seqlens)
         return x + self.out_proj(o.reshape(batch, length, -1))
 
 
@@ -296,7 +318,7 @@ class LinearDecayAttention(nn.Module):
         self.out_norm = LinearDecayRMSNorm(hidden, eps=config.rms_norm_eps)
         self.o_proj = nn.Linear(hidden, hidden, bias=False)
 
-    def forward(self, x, mask=None, positions=None, lower_bound=None, state_layer=None):
+    def forward(self, x, mask=None, positions=None, lower_bound=None, state_layer=None, cu_seqlens=None):
         batch, length, hidden = x.shape
         heads, head_dim = self.num_heads, self.head_dim
         normaliser = state_layer.get("normaliser") if state_layer is not None else None
@@ -305,14 +327,12 @@ class LinearDecayAttention(nn.Module):
         v = self.v_proj(x)
         if self.share_decay:  # DESIGN §3: z = W_k x, k derived from the decay
             z = self.k_proj(x).float()
-            log_decay, normaliser = self.decay(z, mask=mask, lower_bound=lower_bound, normaliser=normaliser)
+            log_decay, normaliser = self._decay(z, mask, lower_bound, normaliser, x.device, cu_seqlens)
             k = self.decay.shared_key(z, log_decay).to(x.dtype)
         else:
             k = F.silu(self.k_proj(x))
             z = self.decay_proj(x).float() if self.decay_proj is not None else None
-            log_decay, normaliser = self.decay(
-                z, mask=mask, lower_bound=lower_bound, normaliser=normaliser, device=x.device
-            )
+            log_decay, normaliser = self._decay(z, mask, lower_bound, normaliser, x.device, cu_seqlens)
         if mask is not None:
             k = k * mask.unsqueeze(-1).to(k.dtype)
 
@@ -327,7 +347,7 @@ class LinearDecayAttention(nn.Module):
             if log_decay.dim() == 4:
                 log_decay = torch.cat([log_decay, log_decay], dim=-1)
 
-        o = run_recurrence(q, k, v, log_decay, self.scale, state_layer, mask=mask)
+        o = run_recurrence(q, k, v, log_decay, self.scale, state_layer, mask=mask, cu_seqlens=cu_seqlens)
         if state_layer is not None and normaliser is not None:
             state_layer.set("normaliser", normaliser)
 
@@ -341,6 +361,16 @@ class LinearDecayAttention(nn.Module):
                 return self.o_proj(gated_rms_norm(o, gate_logits, self.out_norm.weight, self.out_norm.eps))
             o = o * torch.sigmoid(gate_logits)
         return self.o_proj(self.out_norm(o))
+
+    def _decay(self, z, mask, lower_bound, normaliser, device, cu_seqlens):
+        """The decay unit's (log λ, normaliser); with packed documents a position-dependent unit (LightNet's running
+        normaliser) restarts at every document, so it runs document by document."""
+        if cu_seqlens is None or not self.decay.position_dependent:
+            return self.decay(z, mask=mask, lower_bound=lower_bound, normaliser=normaliser, device=device)
+        flat = z.reshape(1, -1, z.shape[-1])
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        pieces = [self.decay(piece, lower_bound=lower_bound, device=device)[0] for piece in flat.split(lengths, dim=1)]
+        return torch.cat(pieces, dim=1).reshape(z.shape), None
 
 
 class LinearDecayMLP(nn.Module):
@@ -366,10 +396,10 @@ class LinearDecayBlock(GradientCheckpointingLayer):
         self.mlp_norm = LinearDecayRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = LinearDecayMLP(config)
 
-    def forward(self, hidden_states, mask=None, positions=None, lower_bound=None, state_layer=None):
+    def forward(self, hidden_states, mask=None, positions=None, lower_bound=None, state_layer=None, cu_seqlens=None):
         hidden_states = hidden_states + self.attn(
             self.attn_norm(hidden_states), mask=mask, positions=positions, lower_bound=lower_bound,
-            state_layer=state_layer,
+            state_layer=state_layer, cu_seqlens=cu_seqlens,
         )
         return hidden_states + self.mlp(self.mlp_norm(hidden_states))
 
@@ -503,6 +533,9 @@ class LinearDecayModel(LinearDecayPreTrainedModel):
         cache = cache if cache is not None else past_key_values
         if cache is not None and not isinstance(cache, LinearDecayCache):
             raise TypeError(f"LinearDecayModel needs a LinearDecayCache, got {type(cache).__name__}")
+        cu_seqlens = self._packed_documents(position_ids, attention_mask, input_ids, inputs_embeds, cache, use_cache)
+        if cu_seqlens is not None:
+            use_cache = False  # a state that mixes documents would mean nothing to a continuation
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if use_cache and cache is None:
             cache = LinearDecayCache(self.config)
@@ -523,12 +556,13 @@ class LinearDecayModel(LinearDecayPreTrainedModel):
 
         hidden_states = inputs_embeds
         if self.tpe is not None:
-            hidden_states = self.tpe(hidden_states, mask, cache.model_state if cache is not None else None)
+            hidden_states = self.tpe(hidden_states, mask, cache.model_state if cache is not None else None,
+                                     cu_seqlens=cu_seqlens)
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         for layer, lower_bound in zip(self.layers, self.decay_lower_bounds()):
             state_layer = cache.layers[layer.attn.layer_idx] if cache is not None else None
             hidden_states = layer(hidden_states, mask=mask, positions=positions, lower_bound=lower_bound,
-                                  state_layer=state_layer)
+                                  state_layer=state_layer, cu_seqlens=cu_seqlens)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
         hidden_states = self.norm(hidden_states)
@@ -539,6 +573,23 @@ class LinearDecayModel(LinearDecayPreTrainedModel):
         output = BaseModelOutputWithPast(last_hidden_state=hidden_states, hidden_states=all_hidden_states,
                                          **{CACHE_FIELD: cache})
         return output if return_dict is not False else output.to_tuple()
+
+    @staticmethod
+    def _packed_documents(position_ids, attention_mask, input_ids, inputs_embeds, cache, use_cache):
+        """cu_seqlens of packed documents (position_ids restarting at 0 inside a row, no padding mask), else None.
+        With a padding mask, position_ids are positions only (left padding may repeat 0)."""
+        if position_ids is None or position_ids.dim() != 2:
+            return None
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            return None
+        batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        if position_ids.shape[-1] != length:
+            return None
+        cu_seqlens = document_boundaries(position_ids, batch, length)
+        if cu_seqlens is not None and (cache is not None or use_cache):
+            raise ValueError("position_ids restart inside a row (packed documents), which runs without a cache: pass "
+                             "use_cache=False, or one document per row for cached decoding")
+        return cu_seqlens
 
     def _check_inputs(self, input_ids, inputs_embeds, attention_mask, past_length):
         """Clear errors before any compute; returns the input embeddings."""

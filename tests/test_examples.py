@@ -95,6 +95,58 @@ def test_packing_appends_eos_to_each_document_and_cuts_fixed_blocks(small_corpus
     assert len(blocks) == len(expected) // 32 and all(len(b) == 32 for b in blocks)
 
 
+def test_document_boundaries_restart_positions_after_every_eos(small_corpus, tmp_path):
+    from transformers import AutoTokenizer
+
+    corpus, works = small_corpus
+    tokenizer = AutoTokenizer.from_pretrained(run_clm.BUNDLED_TOKENIZER)
+    lengths = [len(tokenizer(work, add_special_tokens=False)["input_ids"]) + 1 for work in works]  # + EOS
+    expected_positions = [p for n in lengths for p in range(n)]
+    _, data_args, _ = parse(common_args(tmp_path, corpus, "--validation_split_percentage", "0",
+                                        "--document_boundaries"))
+    train, _ = run_clm.build_datasets(data_args, tokenizer)
+    rows = list(train)
+    plain = first_blocks(common_args(tmp_path, corpus, "--validation_split_percentage", "0"), count=10_000)
+    assert [row["input_ids"] for row in rows] == plain  # the same blocks, plus positions
+    positions = [p for row in rows for p in row["position_ids"]]
+    assert positions == expected_positions[: len(positions)]
+    starts = [sum(lengths[:i]) for i in range(1, len(lengths))]  # stream offsets where documents 2.. start
+    labels = [t for row in rows for t in row["labels"]]
+    ids = [t for row in rows for t in row["input_ids"]]
+    for offset in range(len(labels)):
+        assert labels[offset] == (-100 if offset in starts or offset == 0 else ids[offset])
+
+
+def test_training_with_document_boundaries_feeds_the_restarts_to_the_model(small_corpus, tmp_path):
+    """Two Trainer steps with --document_boundaries; the batches the Trainer collates carry the position_ids, and
+    with them the model's loss on a block that holds a boundary is the loss of the documents run apart."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, default_data_collator
+
+    corpus, _ = small_corpus
+    args = common_args(tmp_path / "run", corpus, "--do_train", "--max_steps", "2", "--block_size", "64",
+                       "--validation_split_percentage", "0", "--save_strategy", "no", "--document_boundaries",
+                       "--config_overrides", f"decay_type=simple,simple_decay_init=0.999,{SMALL_MODEL}")
+    run_clm.main(args)
+    assert sorted(step_losses(tmp_path / "run")) == [1, 2]
+    record = json.loads((tmp_path / "run" / "linear_decay_training.json").read_text())
+    assert record["document_boundaries"] is True
+
+    _, data_args, _ = parse(args)
+    train, _ = run_clm.build_datasets(data_args, AutoTokenizer.from_pretrained(run_clm.BUNDLED_TOKENIZER))
+    row = next(r for r in train if 0 in r["position_ids"][1:])  # a block where a document starts inside
+    batch = default_data_collator([row])
+    cut = row["position_ids"].index(0, 1)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run").eval()
+    with torch.no_grad():
+        packed = model(**batch, use_cache=False).logits[0]
+        ids = batch["input_ids"]
+        apart = torch.cat([model(input_ids=ids[:, :cut], use_cache=False).logits[0],
+                           model(input_ids=ids[:, cut:], use_cache=False).logits[0]])
+        joined = model(input_ids=ids, use_cache=False).logits[0]
+    assert torch.allclose(packed, apart, atol=1e-5)
+    assert not torch.allclose(packed[cut:], joined[cut:], atol=1e-3)  # λ ≈ 0.999: the boundary matters
+
+
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
 def test_json_and_parquet_files_give_the_same_blocks_as_text(small_corpus, tmp_path, fmt):
     corpus, works = small_corpus
