@@ -1,0 +1,256 @@
+"""Whole-model speed (issue 7): our LinearDecayForCausalLM against transformers' LlamaForCausalLM (sdpa) of the same
+width, depth, MLP and vocabulary, in one run on one GPU.
+
+Sections (`--sections`, default all):
+  train     training tokens/s of forward + backward + AdamW step, bf16 weights, at B×T = 8×2048 and 1×16384
+            (`--train-shapes`), and the peak memory; each model built fresh, 2 warm-up steps, the median of 5 timed.
+  generate  generate() tokens/s (new tokens / wall time, greedy, exactly `--new-tokens` new tokens) and peak memory at
+            batch 16 with a 2048-token and a 32768-token random prompt (`--prompts`).
+  cold      time from a cold process (empty Triton cache) to the end of the first training step: runs
+            `benchmarks/bench_kernels.py --only model` for each of our decays (its `model` section measures exactly
+            that); not run with --device cpu.
+
+    PYTHONPATH=. python3 benchmarks/model.py --json model.json            (H200: 410m preset = 24 layers, d 1024)
+    PYTHONPATH=. python3 benchmarks/model.py --device cpu --quick          (a smoke run of every code path)
+
+Prints one table with ours / Llama ratios; `--json` writes every row. A row that fails (e.g. out of memory) records its
+error and the run goes on.
+"""
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_DECAYS = "mamba2:vector,gla:vector,simple:scalar"
+
+
+def build_ours(preset, decay, vocab, overrides):
+    from linear_decay import LinearDecayConfig, LinearDecayForCausalLM
+
+    decay_type, _, granularity = decay.partition(":")
+    config = LinearDecayConfig.from_preset(preset, vocab_size=vocab, decay_type=decay_type, **overrides,
+                                           **({"decay_granularity": granularity} if granularity else {}))
+    return LinearDecayForCausalLM(config)
+
+
+def build_llama(reference_config, max_positions):
+    """transformers' Llama with our width, depth, heads, SwiGLU width and vocabulary; sdpa attention."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = reference_config
+    config = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_heads,
+                         num_key_value_heads=c.num_heads, max_position_embeddings=max_positions,
+                         rms_norm_eps=c.rms_norm_eps, tie_word_embeddings=False, attn_implementation="sdpa")
+    return LlamaForCausalLM(config)
+
+
+def models(args):
+    """(name, builder) for every model of the run; the Llama is shaped like our first decay's model."""
+    overrides = dict(args.overrides)
+    entries = [(f"ours {decay}", lambda decay=decay: build_ours(args.preset, decay, args.vocab, overrides))
+               for decay in args.decays.split(",")]
+    reference = build_ours(args.preset, args.decays.split(",")[0], args.vocab, overrides).config
+    max_positions = max([t for _, t in args.train_shapes] + [p + args.new_tokens for p in args.prompts])
+    entries.append(("llama sdpa", lambda: build_llama(reference, max_positions)))
+    return entries
+
+
+def synchronize(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_memory(device):
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device):
+    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+
+
+def on_device(builder, device, dtype):
+    model = builder()
+    return model.to(device=device, dtype=dtype)
+
+
+def section_train(args, rows):
+    for name, builder in models(args):
+        for batch, length in args.train_shapes:
+            row = dict(section="train", model=name, batch=batch, length=length)
+            model = optimizer = None
+            try:
+                reset_memory(args.device)
+                model = on_device(builder, args.device, args.dtype).train()
+                optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=args.device == "cuda")
+                generator = torch.Generator().manual_seed(0)
+                ids = torch.randint(0, args.vocab, (batch, length), generator=generator).to(args.device)
+                times = []
+                for step in range(args.warmup + args.steps):
+                    synchronize(args.device)
+                    start = time.perf_counter()
+                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                    loss.backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    synchronize(args.device)
+                    if step >= args.warmup:
+                        times.append(time.perf_counter() - start)
+                step_s = statistics.median(times)
+                row.update(step_ms=step_s * 1e3, tokens_per_s=batch * length / step_s, loss=loss.item(),
+                           peak_GiB=peak_gib(args.device),
+                           params_M=sum(p.numel() for p in model.parameters()) / 1e6)
+            except Exception as error:  # noqa: BLE001  (a row that cannot run, e.g. out of memory)
+                row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                traceback.print_exc()
+            del model, optimizer
+            rows.append(row)
+            print(f"[train] {row}", flush=True)
+
+
+def section_generate(args, rows):
+    for name, builder in models(args):
+        for prompt in args.prompts:
+            row = dict(section="generate", model=name, batch=args.generate_batch, prompt=prompt,
+                       new_tokens=args.new_tokens)
+            model = None
+            try:
+                reset_memory(args.device)
+                model = on_device(builder, args.device, args.dtype).eval()
+                generator = torch.Generator().manual_seed(1)
+                ids = torch.randint(0, args.vocab, (args.generate_batch, prompt), generator=generator).to(args.device)
+                options = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                               pad_token_id=0, eos_token_id=None)
+                with torch.no_grad():
+                    model.generate(input_ids=ids[:, : min(prompt, 64)], **dict(options, max_new_tokens=2,
+                                                                                min_new_tokens=2))  # warm-up
+                    reset_memory(args.device)
+                    synchronize(args.device)
+                    start = time.perf_counter()
+                    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **options)
+                    synchronize(args.device)
+                wall = time.perf_counter() - start
+                generated = out.shape[1] - prompt
+                row.update(wall_s=wall, generated=generated, new_tokens_per_s=args.generate_batch * generated / wall,
+                           peak_GiB=peak_gib(args.device))
+            except Exception as error:  # noqa: BLE001
+                row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                traceback.print_exc()
+            del model
+            rows.append(row)
+            print(f"[generate] {row}", flush=True)
+
+
+def section_cold(args, rows):
+    """bench_kernels.py's model section: a child process with an empty Triton cache, model creation to the end of
+    the first forward+backward (with the Triton backend), per decay."""
+    for decay in args.decays.split(","):
+        with tempfile_json() as path:
+            command = [sys.executable, str(HERE / "bench_kernels.py"), "--only", "model", "--model-preset",
+                       args.preset, "--model-decay", decay, "--model-backends", "triton", "--json", path]
+            start = time.perf_counter()
+            proc = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ))
+            row = dict(section="cold", model=f"ours {decay}", process_s=time.perf_counter() - start)
+            try:
+                child = json.load(open(path))["model"][0]
+                row.update({k: child.get(k) for k in ("create_to_first_step_end_s", "first_step_s", "steady_step_s",
+                                                      "error") if child.get(k) is not None})
+            except Exception:  # noqa: BLE001
+                row["error"] = f"rc={proc.returncode}: " + (proc.stderr.strip().splitlines() or ["?"])[-1][:200]
+        rows.append(row)
+        print(f"[cold] {row}", flush=True)
+
+
+class tempfile_json:
+    def __enter__(self):
+        import tempfile
+
+        handle, self.path = tempfile.mkstemp(suffix=".json")
+        os.close(handle)
+        return self.path
+
+    def __exit__(self, *exc):
+        os.unlink(self.path)
+
+
+def print_table(args, rows):
+    def value(row, key, spec):
+        return "error: " + row["error"][:60] if "error" in row else format(row[key], spec)
+
+    def peak(row):
+        return "" if row.get("peak_GiB") is None else f"  peak {row['peak_GiB']:.1f} GiB"
+
+    print(f"\nmodel benchmark: preset {args.preset}, {args.dtype}, device "
+          f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}, torch {torch.__version__}")
+    llama = {(r["section"], r.get("batch"), r.get("length"), r.get("prompt")): r for r in rows
+             if r["model"] == "llama sdpa" and "error" not in r}
+    for row in rows:
+        key = (row["section"], row.get("batch"), row.get("length"), row.get("prompt"))
+        if row["section"] == "train":
+            ref = llama.get(key)
+            ratio = f"  ours/llama {row['tokens_per_s'] / ref['tokens_per_s']:.2f}×" if ref and "error" not in row \
+                and row["model"] != "llama sdpa" else ""
+            print(f"train    {row['model']:22s} B={row['batch']:<3d} T={row['length']:<6d} "
+                  f"{value(row, 'tokens_per_s', ',.0f')} tokens/s{peak(row)}{ratio}")
+        elif row["section"] == "generate":
+            ref = llama.get(key)
+            ratio = f"  ours/llama {row['new_tokens_per_s'] / ref['new_tokens_per_s']:.2f}×" if ref and \
+                "error" not in row and row["model"] != "llama sdpa" else ""
+            print(f"generate {row['model']:22s} B={row['batch']:<3d} prompt={row['prompt']:<6d} "
+                  f"{value(row, 'new_tokens_per_s', ',.1f')} new tokens/s{peak(row)}{ratio}")
+        else:
+            print(f"cold     {row['model']:22s} create → end of first step "
+                  f"{value(row, 'create_to_first_step_end_s', '.1f')} s (process {row['process_s']:.1f} s)")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", default="train,generate,cold")
+    parser.add_argument("--preset", default="410m")
+    parser.add_argument("--decays", default=DEFAULT_DECAYS, help="decay_type[:granularity], comma separated")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes (2 layers, d 64, short sequences): checks that every path runs")
+    parser.add_argument("--json", help="write every row to this path")
+    args = parser.parse_args(argv)
+    args.dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    args.vocab = 50304
+    args.overrides = {}
+    args.train_shapes, args.prompts = [(8, 2048), (1, 16384)], [2048, 32768]
+    args.generate_batch, args.new_tokens, args.warmup, args.steps = 16, 128, 2, 5
+    if args.quick:
+        args.preset, args.vocab = "tiny", 512
+        args.overrides = dict(hidden_size=64, num_hidden_layers=2, num_heads=2)
+        args.train_shapes, args.prompts = [(2, 64), (1, 130)], [16, 40]
+        args.generate_batch, args.new_tokens, args.warmup, args.steps = 2, 4, 1, 2
+    if args.device == "cpu":
+        args.sections = ",".join(s for s in args.sections.split(",") if s != "cold")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rows = []
+    for section in args.sections.split(","):
+        {"train": section_train, "generate": section_generate, "cold": section_cold}[section](args, rows)
+    print_table(args, rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 1 if any("error" in row for row in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""The GPU benchmark scripts' code paths, run small on CPU so that a GPU session does not find their bugs: every
+model, section and ratio of benchmarks/model.py, and every stage check of benchmarks/diagnose_chunk_kernels.py under
+Triton's interpreter. (The numbers themselves mean nothing on CPU.)"""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_model_benchmark_runs_every_row(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    assert load("model").main(["--device", "cpu", "--quick", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    models = {"ours mamba2:vector", "ours gla:vector", "ours simple:scalar", "llama sdpa"}
+    assert {(r["section"], r["model"]) for r in rows} == {(s, m) for s in ("train", "generate") for m in models}
+    for row in rows:
+        assert "error" not in row, row
+        if row["section"] == "generate":
+            assert row["generated"] == row["new_tokens"] == 4  # exactly the asked number of new tokens
+        else:
+            assert row["tokens_per_s"] > 0 and row["params_M"] > 0
+    printed = capsys.readouterr().out
+    assert printed.count("ours/llama") == 12  # 3 decays × (2 train shapes + 2 prompts)
+
+
+def test_chunk_kernel_diagnosis_passes_under_the_interpreter():
+    pytest.importorskip("triton")
+    diagnose = load("diagnose_chunk_kernels")
+    assert diagnose.main(["--cpu", "--length", "70", "--dims", "16", "--warps", "4"]) == 0
