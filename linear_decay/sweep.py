@@ -568,7 +568,8 @@ def run_processes(argv, processes):
         env = dict(os.environ)
         if gpu_ids and gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpu_ids[k % len(gpu_ids)]
-        child = subprocess.Popen([sys.executable, "-m", "linear_decay.sweep", *argv, "--shard", f"{k}/{processes}"],
+        child = subprocess.Popen([sys.executable, "-m", "linear_decay.sweep", *argv, "--processes", "1",  # last wins
+                                  "--shard", f"{k}/{processes}"],
                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         children.append(child)
 
@@ -597,9 +598,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         if args.processes > 1:
-            shard_argv = [a for i, a in enumerate(argv) if not (a == "--processes" or a.startswith("--processes=")
-                                                                  or (i > 0 and argv[i - 1] == "--processes"))]
-            failed = run_processes(shard_argv, args.processes)
+            failed = run_processes(argv, args.processes)
             args.summarize_only, args.processes = True, 1
             run_sweep(args)
             return 1 if failed else 0
