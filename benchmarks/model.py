@@ -5,7 +5,8 @@ Sections (`--sections`, default all):
   train     training tokens/s of forward + backward + AdamW step, bf16 weights, at B×T = 8×2048 and 1×16384
             (`--train-shapes`), and the peak memory; each model built fresh, 2 warm-up steps, the median of 5 timed.
   generate  generate() tokens/s (new tokens / wall time, greedy, exactly `--new-tokens` new tokens) and peak memory at
-            batch 16 with a 2048-token and a 32768-token random prompt (`--prompts`).
+            batch 16 with a 2048-token and a 32768-token random prompt (`--prompts`); both models with transformers'
+            chunked prefill of `--prefill-chunk` tokens (0: one prefill call).
   cold      time from a cold process (empty Triton cache) to the end of the first training step: runs
             `benchmarks/bench_kernels.py --only model` for each of our decays (its `model` section measures exactly
             that); not run with --device cpu.
@@ -125,7 +126,7 @@ def section_generate(args, rows):
     for name, builder in models(args):
         for prompt in args.prompts:
             row = dict(section="generate", model=name, batch=args.generate_batch, prompt=prompt,
-                       new_tokens=args.new_tokens)
+                       new_tokens=args.new_tokens, prefill_chunk=args.prefill_chunk)
             model = None
             try:
                 reset_memory(args.device)
@@ -133,7 +134,7 @@ def section_generate(args, rows):
                 generator = torch.Generator().manual_seed(1)
                 ids = torch.randint(0, args.vocab, (args.generate_batch, prompt), generator=generator).to(args.device)
                 options = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
-                               pad_token_id=0, eos_token_id=None)
+                               pad_token_id=0, eos_token_id=None, prefill_chunk_size=args.prefill_chunk or None)
                 with torch.no_grad():
                     model.generate(input_ids=ids[:, : min(prompt, 64)], **dict(options, max_new_tokens=2,
                                                                                 min_new_tokens=2))  # warm-up
@@ -225,6 +226,7 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes (2 layers, d 64, short sequences): checks that every path runs")
     parser.add_argument("--json", help="write every row to this path")
+    parser.add_argument("--prefill-chunk", type=int, default=2048, help="generate(prefill_chunk_size=...); 0: off")
     args = parser.parse_args(argv)
     args.dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     args.vocab = 50304
@@ -236,6 +238,7 @@ def parse_args(argv):
         args.overrides = dict(hidden_size=64, num_hidden_layers=2, num_heads=2)
         args.train_shapes, args.prompts = [(2, 64), (1, 130)], [16, 40]
         args.generate_batch, args.new_tokens, args.warmup, args.steps = 2, 4, 1, 2
+        args.prefill_chunk = min(args.prefill_chunk, 16)
     if args.device == "cpu":
         args.sections = ",".join(s for s in args.sections.split(",") if s != "cold")
     return args
