@@ -578,8 +578,8 @@ class LinearDecayModel(LinearDecayPreTrainedModel):
     def _packed_documents(position_ids, attention_mask, input_ids, inputs_embeds, cache, use_cache):
         """cu_seqlens of packed documents (position_ids restarting at 0 inside a row, no padding mask), else None.
         With a padding mask, position_ids are positions only (left padding may repeat 0)."""
-        if position_ids is None or position_ids.dim() != 2:
-            return None
+        if position_ids is None or position_ids.dim() != 2 or (input_ids is None and inputs_embeds is None):
+            return None  # (missing inputs are reported by _check_inputs)
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             return None
         batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
