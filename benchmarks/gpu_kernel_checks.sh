@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One call on the lent GPU machine for the kernels issue: localise, test, then time. Each step has its own time limit
+# and writes its log into LOGS (the device tool's $OUT), so a step that runs long costs only its own budget.
+#   benchmarks/gpu_kernel_checks.sh LOGS [SECONDS]       (SECONDS: the call's budget, default 570)
+# Carry the FLA wheels (.whl, see /work/.library/device/README.md) to time FLA in the same run; without them the
+# benchmark prints ours and SDPA only.
+set -u
+LOGS=${1:?usage: gpu_kernel_checks.sh LOGS [SECONDS]}
+BUDGET=${2:-570}
+mkdir -p "$LOGS"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+
+step() {  # step NAME SECONDS COMMAND...: run within its limit and what is left of the budget
+  local name=$1 limit=$2; shift 2
+  local left=$(( BUDGET - SECONDS - 10 ))
+  (( left < limit )) && limit=$left
+  if (( limit < 20 )); then echo "== $name: skipped (budget spent)"; return; fi
+  echo "== $name (limit ${limit}s)"
+  timeout --kill-after=10 "$limit" "$@" > "$LOGS/$name.log" 2>&1
+  echo "== $name: rc=$? after $SECONDS s; last lines:"
+  tail -n 6 "$LOGS/$name.log"
+}
+
+nvidia-smi -L
+python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
+step diagnose 150 python3 benchmarks/diagnose_chunk_kernels.py --length 200 --dims 128
+step gpu_tests 240 python3 -m pytest tests/test_kernels_gpu.py -q -n 14 -p no:cacheprovider
+step bench_decode 60 python3 benchmarks/bench_kernels.py --only decode --no-check --json "$LOGS/decode.json"
+step bench_chunk0 120 python3 benchmarks/bench_kernels.py --only chunk --shape 0 --json "$LOGS/chunk0.json"
