@@ -35,11 +35,11 @@ def time_fwd_bwd(model, input_ids, repeats, warmup=1):
     return statistics.median(times)
 
 
-def time_recurrence(fn, shape_decay, batch, length, heads, dim, repeats):
-    """The recurrence alone, forward+backward, on random inputs (median seconds)."""
+def time_recurrence(fn, shape_decay, batch, length, heads, dim, repeats, strongest=0.5):
+    """The recurrence alone, forward+backward, on random inputs, log λ uniform in (−strongest, 0] (median seconds)."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(batch, length, heads, dim, requires_grad=True) for _ in range(3))
-    log_decay = (-torch.rand(shape_decay) * 0.5).requires_grad_()
+    log_decay = (-torch.rand(shape_decay) * strongest).requires_grad_()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -68,11 +68,14 @@ def main():
           f"{torch.get_num_threads()} threads; B={args.batch} T={args.length} hidden={args.hidden} "
           f"layers={args.layers} heads={heads} vocab={args.vocab}; forward+backward, fp32, median of {args.repeats}")
 
-    print("\nrecurrence alone (q, k, v [B, T, H, 64]):")
-    for name, decay_shape in (("vector", (args.batch, args.length, heads, 64)), ("scalar", (args.batch, args.length, heads))):
-        chunked = time_recurrence(chunked_recurrence, decay_shape, args.batch, args.length, heads, 64, args.repeats)
-        naive = time_recurrence(naive_recurrence, decay_shape, args.batch, args.length, heads, 64, 1)
-        print(f"  {name:<7} chunked {chunked * 1e3:8.1f} ms, naive {naive * 1e3:9.1f} ms -> naive/chunked "
+    print("\nrecurrence alone (q, k, v [B, T, H, 64]; log λ uniform in (-0.5, 0], strong: (-30, 0]):")
+    vector_shape, scalar_shape = (args.batch, args.length, heads, 64), (args.batch, args.length, heads)
+    for name, decay_shape, strongest in (("vector", vector_shape, 0.5), ("scalar", scalar_shape, 0.5),
+                                         ("vector, strong", vector_shape, 30.0)):
+        chunked = time_recurrence(chunked_recurrence, decay_shape, args.batch, args.length, heads, 64, args.repeats,
+                                  strongest)
+        naive = time_recurrence(naive_recurrence, decay_shape, args.batch, args.length, heads, 64, 1, strongest)
+        print(f"  {name:<14} chunked {chunked * 1e3:8.1f} ms, naive {naive * 1e3:9.1f} ms -> naive/chunked "
               f"{naive / chunked:6.1f}x (target >= 20)")
 
     torch.manual_seed(0)

@@ -86,7 +86,7 @@ def chunked_recurrence(q, k, v, log_decay=None, scale=1.0, initial_state=None, o
 
     Intra-chunk scores A[t, s] = Σ_c q_tc k_sc e^{b_tc − b_sc} (s ≤ t). Scalar decay forms e^{b_t − b_s} per pair.
     Vector decay uses the matmul (q ⊙ e^{b})(k ⊙ e^{−b})ᵀ, exact while |b| ≤ FACTORISED_DECAY_LIMIT; chunks whose
-    decay is stronger are recomputed with the explicit pairwise decay, which never forms a positive exponent.
+    decay is stronger are recomputed in sub-chunks (`_subchunk_scores`), which never form a positive exponent.
     Across chunks the state is carried by a short loop over chunks.
     """
     batch, length, heads, key_dim = q.shape
@@ -116,7 +116,7 @@ def chunked_recurrence(q, k, v, log_decay=None, scale=1.0, initial_state=None, o
         strong = b_last[..., 0, :].amin(-1) < -FACTORISED_DECAY_LIMIT  # [B, H, N]
         if bool(strong.any()):
             scores = scores.masked_scatter(strong[..., None, None].expand_as(scores),
-                                           _pairwise_scores(q[strong], k[strong], b[strong], causal))
+                                           _subchunk_scores(q[strong], k[strong], b[strong]))
     else:
         scores = (q @ k.transpose(-1, -2)) * _pairwise_decay(b[..., 0], causal)
     o = scores @ v
@@ -140,10 +140,36 @@ def _pairwise_decay(b, causal):
     return (b.unsqueeze(-1) - b.unsqueeze(-2)).masked_fill(~causal, float("-inf")).exp().float()
 
 
-def _pairwise_scores(q, k, b, causal):
-    """Vector-decay scores with the explicit pairwise decay: q, k [M, C, K] fp32, b [M, C, K] fp64 -> [M, C, C]."""
-    decay = _pairwise_decay(b.transpose(-1, -2), causal).permute(0, 2, 3, 1)  # [M, C, C, K]
-    return (q.unsqueeze(-2) * k.unsqueeze(-3) * decay).sum(-1)
+SUB_CHUNK = 8  # sub-chunk length of `_subchunk_scores`
+
+
+def _subchunk_scores(q, k, b, sub=SUB_CHUNK):
+    """Vector-decay scores A[t, s] = Σ_c q_tc k_sc e^{b_tc − b_sc} (s ≤ t) of chunks whose decay is too strong for the
+    factorised form, exactly and without a positive exponent: q, k [M, C, K] fp32, b [M, C, K] fp64 -> [M, C, C].
+
+    Across sub-chunks (s in an earlier sub-chunk than t) the decay splits at the anchor a = b just before t's
+    sub-chunk: (q_t e^{b_t − a})(k_s e^{a − b_s}), both factors ≤ 1, one matmul per sub-chunk. Inside a sub-chunk the
+    decay is formed pairwise. Cost C·(C/sub + sub)·K per chunk instead of the all-pairs C²·K."""
+    m, length, key_dim = q.shape
+    count = length // sub
+    if count * sub != length:  # a chunk length that sub does not divide: all pairs
+        causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+        decay = _pairwise_decay(b.transpose(-1, -2), causal).permute(0, 2, 3, 1)  # [M, C, C, K]
+        return (q.unsqueeze(-2) * k.unsqueeze(-3) * decay).sum(-1)
+    blocks = b.view(m, count, sub, key_dim)
+    anchor = torch.cat([torch.zeros_like(blocks[:, :1, -1]), blocks[:, :-1, -1]], dim=1)  # [M, n, K]: b before block
+    q_in = q.view(m, count, sub, key_dim) * (blocks - anchor.unsqueeze(2)).exp().float()  # e^{b_t − a_u} ≤ 1
+    earlier = torch.arange(length, device=q.device)[None, :] < (torch.arange(count, device=q.device) * sub)[:, None]
+    exponent = (anchor.unsqueeze(2) - b.unsqueeze(1)).masked_fill(~earlier[None, :, :, None], float("-inf"))
+    k_out = k.unsqueeze(1) * exponent.exp().float()  # [M, n, C, K]: k_s e^{a_u − b_s} for s before block u, else 0
+    across = q_in @ k_out.transpose(-1, -2)  # [M, n, sub, C]
+    causal = torch.ones(sub, sub, dtype=torch.bool, device=q.device).tril()
+    decay = _pairwise_decay(blocks.transpose(-1, -2), causal).permute(0, 1, 3, 4, 2)  # [M, n, sub, sub, K]
+    k_blocks = k.view(m, count, sub, key_dim)
+    within = (q.view(m, count, sub, key_dim).unsqueeze(-2) * k_blocks.unsqueeze(-3) * decay).sum(-1)  # [M, n, s, s]
+    eye = torch.eye(count, device=q.device, dtype=within.dtype)
+    within = within.unsqueeze(3) * eye[None, :, None, :, None]  # [M, n, sub, n, sub], blocks on the diagonal
+    return (across + within.reshape(m, count, sub, length)).reshape(m, length, length)
 
 
 BACKENDS["torch"] = chunked_recurrence

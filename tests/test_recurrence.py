@@ -181,6 +181,16 @@ def test_state_carries_across_calls():
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("length,chunk_size", [(13, None), (150, 24), (150, 16), (150, 36)],
+                         ids=["short-all-pairs", "3-sub-chunks", "2-sub-chunks", "36-all-pairs"])
+def test_strong_vector_chunks_of_any_length(length, chunk_size):
+    """Strong chunks in sub-chunks of rec.SUB_CHUNK tokens, or all pairs when the chunk length is no multiple of it."""
+    q, k, v, log_decay, state = make_inputs("vector", length, seed=13, low=-30.0, high=0.0)
+    expected = run_with_grads(naive_recurrence, q, k, v, log_decay, state)
+    actual = run_with_grads(chunked_recurrence, q, k, v, log_decay, state, chunk_size=chunk_size)
+    assert_close(actual, expected, what=f"T={length} chunk={chunk_size}")
+
+
 @pytest.mark.parametrize("low,high", [(-50.0, 0.0), (-50.0, -49.0), (-5.0, 0.0)], ids=["uniform_0_-50", "all_-50",
                                                                                      "uniform_0_-5"])
 @pytest.mark.parametrize("kind", ["vector", "scalar"])
