@@ -25,6 +25,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -159,7 +160,8 @@ def section_cold(args, rows):
     """bench_kernels.py's model section: a child process with an empty Triton cache, model creation to the end of
     the first forward+backward (with the Triton backend), per decay."""
     for decay in args.decays.split(","):
-        with tempfile_json() as path:
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "cold.json")
             command = [sys.executable, str(HERE / "bench_kernels.py"), "--only", "model", "--model-preset",
                        args.preset, "--model-decay", decay, "--model-backends", "triton", "--json", path]
             start = time.perf_counter()
@@ -173,18 +175,6 @@ def section_cold(args, rows):
                 row["error"] = f"rc={proc.returncode}: " + (proc.stderr.strip().splitlines() or ["?"])[-1][:200]
         rows.append(row)
         print(f"[cold] {row}", flush=True)
-
-
-class tempfile_json:
-    def __enter__(self):
-        import tempfile
-
-        handle, self.path = tempfile.mkstemp(suffix=".json")
-        os.close(handle)
-        return self.path
-
-    def __exit__(self, *exc):
-        os.unlink(self.path)
 
 
 def print_table(args, rows):

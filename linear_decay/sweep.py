@@ -186,12 +186,13 @@ def mqar_data(args, budget_examples, tokenizer=None):
 
     knobs = dict(vocab_size=args.mqar_vocab_size, num_pairs=args.mqar_num_pairs, num_queries=args.mqar_num_queries,
                  seq_len=args.seq_len)
+
+    def examples(count, seed):
+        return ArrayExamples(**dict(zip(("input_ids", "labels"), mqar_examples(count, **knobs, seed=seed))))
+
     try:
-        train = ArrayExamples(**dict(zip(("input_ids", "labels"),
-                                         mqar_examples(budget_examples, **knobs, seed=args.data_seed))))
-        evaluation = ArrayExamples(**dict(zip(("input_ids", "labels"),
-                                              mqar_examples(args.eval_examples, **knobs,
-                                                            seed=args.data_seed + 1_000_003))))
+        train = examples(budget_examples, args.data_seed)
+        evaluation = examples(args.eval_examples, args.data_seed + 1_000_003)
     except ValueError as error:
         raise SweepError(str(error)) from None
     return train, evaluation, evaluation.columns["input_ids"][:8]
