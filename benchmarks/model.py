@@ -7,11 +7,14 @@ Sections (`--sections`, default all):
   generate  generate() tokens/s (new tokens / wall time, greedy, exactly `--new-tokens` new tokens) and peak memory at
             batch 16 with a 2048-token and a 32768-token random prompt (`--prompts`); both models with transformers'
             chunked prefill of `--prefill-chunk` tokens (0: one prefill call).
+  profile   one training step of each model at the first training shape under torch.profiler (after the warm-up
+            steps): the operators / kernels with the most device time, the table that says where a step's time goes.
   cold      time from a cold process (empty Triton cache) to the end of the first training step: runs
             `benchmarks/bench_kernels.py --only model` for each of our decays (its `model` section measures exactly
             that); not run with --device cpu.
 
     PYTHONPATH=. python3 benchmarks/model.py --json model.json            (H200: 410m preset = 24 layers, d 1024)
+    PYTHONPATH=. python3 benchmarks/model.py --sections profile --decays mamba2:vector
     PYTHONPATH=. python3 benchmarks/model.py --device cpu --quick          (a smoke run of every code path)
 
 Prints one table with ours / Llama ratios; `--json` writes every row. A row that fails (e.g. out of memory) records its
@@ -123,6 +126,45 @@ def section_train(args, rows):
             print(f"[train] {row}", flush=True)
 
 
+def section_profile(args, rows):
+    from torch.profiler import ProfilerActivity, profile
+
+    batch, length = args.train_shapes[0]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    sort_by = "self_device_time_total" if args.device == "cuda" else "self_cpu_time_total"
+    for name, builder in models(args):
+        row = dict(section="profile", model=name, batch=batch, length=length)
+        model = optimizer = None
+        try:
+            reset_memory(args.device)
+            model = on_device(builder, args.device, args.dtype).train()
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=args.device == "cuda")
+            ids = torch.randint(0, args.vocab, (batch, length), generator=torch.Generator().manual_seed(0))
+            ids = ids.to(args.device)
+
+            def step():
+                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            for _ in range(args.warmup):
+                step()
+            synchronize(args.device)
+            with profile(activities=activities) as prof:
+                step()
+                synchronize(args.device)
+            table = prof.key_averages().table(sort_by=sort_by, row_limit=args.profile_rows, max_name_column_width=70)
+            print(f"[profile] {name} B={batch} T={length}\n{table}", flush=True)
+            events = sorted(prof.key_averages(), key=lambda e: -getattr(e, sort_by, 0))
+            row["top"] = [dict(name=e.key, self_device_ms=getattr(e, sort_by, 0) / 1e3, calls=e.count)
+                          for e in events[: args.profile_rows]]
+        except Exception as error:  # noqa: BLE001
+            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            traceback.print_exc()
+        del model, optimizer
+        rows.append(row)
+
+
 def section_generate(args, rows):
     for name, builder in models(args):
         for prompt in args.prompts:
@@ -202,7 +244,7 @@ def print_table(args, rows):
                 "error" not in row and row["model"] != "llama sdpa" else ""
             print(f"generate {row['model']:22s} B={row['batch']:<3d} prompt={row['prompt']:<6d} "
                   f"{value(row, 'new_tokens_per_s', ',.1f')} new tokens/s{peak(row)}{ratio}")
-        else:
+        elif row["section"] == "cold":
             print(f"cold     {row['model']:22s} create → end of first step "
                   f"{value(row, 'create_to_first_step_end_s', '.1f')} s (process {row['process_s']:.1f} s)")
 
@@ -223,6 +265,7 @@ def parse_args(argv):
     args.overrides = {}
     args.train_shapes, args.prompts = [(8, 2048), (1, 16384)], [2048, 32768]
     args.generate_batch, args.new_tokens, args.warmup, args.steps = 16, 128, 2, 5
+    args.profile_rows = 30
     if args.quick:
         args.preset, args.vocab = "tiny", 512
         args.overrides = dict(hidden_size=64, num_hidden_layers=2, num_heads=2)
@@ -238,7 +281,8 @@ def main(argv=None):
     args = parse_args(argv)
     rows = []
     for section in args.sections.split(","):
-        {"train": section_train, "generate": section_generate, "cold": section_cold}[section](args, rows)
+        {"train": section_train, "generate": section_generate, "profile": section_profile,
+         "cold": section_cold}[section](args, rows)
     print_table(args, rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -217,12 +217,6 @@ def linear_decay_attention(q, k, v, log_decay=None, scale=1.0, initial_state=Non
     already made padded positions leave the state untouched, DESIGN §1) lets a varlen backend drop the padding;
     outputs at padded positions are then 0."""
     name = resolve_backend(q.device.type, backend)
-    if (name == "triton" and (backend or os.environ.get("LINEAR_DECAY_BACKEND", "auto")) == "auto"
-            and log_decay is not None and log_decay.dim() == 4):
-        # Vector decay stays on the PyTorch path under `auto` until its Triton kernels pass the GPU checks with strong
-        # decays (tests/test_kernels_gpu.py; the pairwise branch has only run under the interpreter so far).
-        # LINEAR_DECAY_BACKEND=triton selects them.
-        name = "torch"
     fn = BACKENDS[name]
     if (mask is not None and cu_seqlens is None and name in VARLEN_BACKENDS
             and 1.0 - mask.float().mean().item() >= PACK_MIN_PADDING):
