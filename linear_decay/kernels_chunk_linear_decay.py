@@ -12,15 +12,17 @@ Algorithm (per head; b = cumulative log λ, fp32 throughout; q is pre-multiplied
 
 - `_chunk_states_kernel`: walks each sequence in chunks of CHUNK tokens and stores the state at every chunk start
   (S ← e^{B} ⊙ S + (k ⊙ e^{B − b})ᵀ v, B the chunk's total log-decay).
-- `_chunk_output_kernel`: one program per (chunk, head, value block). Inside the chunk it walks SUB-token
-  sub-chunks with the state in registers: o = (q ⊙ e^{b}) S + A v, A the decayed causal scores of the sub-chunk.
-  Every exponent is ≤ 0 except inside a sub-chunk's diagonal block: for vector decay that block uses the factorised
-  matmul (q ⊙ e^{b})(k ⊙ e^{−b})ᵀ while the sub-chunk's decay span stays under FACTORISED_DECAY_LIMIT, and the
-  explicit pairwise decay otherwise, so strong decays stay exact. Scalar decay forms e^{b_i − b_j} directly.
+- `_chunk_output_kernel`: one program per (chunk, head, value block): o = (q ⊙ e^{b}) S + A v, A the decayed causal
+  scores. Scalar decay forms e^{b_i − b_j} directly, the whole chunk in one step. Vector decay uses the factorised
+  matmul (q ⊙ e^{b})(k ⊙ e^{−b})ᵀ, whose exponents are bounded by the decay span: when every channel's span over the
+  chunk is under FACTORISED_DECAY_LIMIT the whole chunk takes it in one step; otherwise the chunk is walked in
+  VECTOR_SUB_CHUNK-token sub-chunks with the state carried between them, each sub-chunk factorised while its own span
+  allows and with the explicit pairwise decay (exponents ≤ 0 only) when not, so strong decays stay exact.
 - backward: the state gradient at every chunk end (`_chunk_state_grads_kernel`, reverse walk), then per chunk
-  a forward walk for dq (`_chunk_dq_kernel`) and a reverse walk for dk, dv (`_chunk_dk_dv_kernel`); partial dq, dk per value block are
+  dq (`_chunk_dq_kernel`, forward over sub-chunks) and dk, dv (`_chunk_dk_dv_kernel`, reverse), one step or a
+  sub-chunk walk as in the forward; partial dq, dk per value block are
   summed afterwards (deterministic, no atomics). d log λ is the reverse cumulative sum of q ⊙ dq − k ⊙ dk plus the
-  final-state term Σ_v dS_T ⊙ S_T (`_decay_grads_kernel`).
+  final-state term Σ_v dS_T ⊙ S_T (`_reverse_cumsum_kernel`).
 
 Triton ≥ 3.4 and < 3.7.1 miscompiles `tl.dot(tl.trans(x), y)` on Hopper when x is a down-cast dot result (DESIGN §7):
 transposed operands here are always loaded or elementwise tensors; results wanted transposed are computed as
@@ -36,7 +38,8 @@ except ImportError as error:  # CPU-only torch ships without Triton: recurrence_
     raise ImportError("Triton is not installed") from error
 
 CHUNK = 64
-# sub-chunk length inside a chunk: vector decay needs short diagonal blocks, scalar decay takes the chunk at once
+# sub-chunk length inside a chunk: vector decay walks short sub-chunks in chunks whose decay span is too large for the
+# factorised form (short diagonal blocks keep the pairwise fallback small); scalar decay takes the chunk at once
 VECTOR_SUB_CHUNK, SCALAR_SUB_CHUNK = 16, 64
 FACTORISED_DECAY_LIMIT = 60.0  # as in recurrence_linear_decay: e^{±60} is far from fp32/bf16 over- and underflow
 MAX_HEAD_DIM = 256
@@ -85,17 +88,18 @@ def _tile(ptr, token0, rows, row_mask, head, H: tl.constexpr, D: tl.constexpr, c
 
 
 @triton.jit
-def _decayed_scores(x, y, b, S: tl.constexpr, VECTOR: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                    PRECISION: tl.constexpr):
+def _decayed_scores(x, y, b, S: tl.constexpr, VECTOR: tl.constexpr, PAIRWISE: tl.constexpr,
+                    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """M[i, j] = Σ_c x_ic y_jc e^{b_ic − b_jc} for j ≤ i, else 0 (x, y [S, K] fp32, b sub-chunk-local, ≤ 0).
 
-    Vector decay: the factorised matmul when the sub-chunk's decay span allows it, else column by column with the
-    pairwise decay (exponents ≤ 0 only). Scalar decay: (x yᵀ) ⊙ e^{b_i − b_j}."""
+    Vector decay: the factorised matmul when the sub-chunk's decay span allows it (always, when not PAIRWISE: the
+    caller has checked the span), else column by column with the pairwise decay (exponents ≤ 0 only). Scalar decay:
+    (x yᵀ) ⊙ e^{b_i − b_j}."""
     i = tl.arange(0, S)[:, None]
     j = tl.arange(0, S)[None, :]
     if VECTOR:
         span = -tl.min(tl.sum(tl.where(i == S - 1, b, 0.0), axis=0), axis=0)  # b of the last row is the lowest
-        if span <= 60.0:
+        if not PAIRWISE or span <= 60.0:
             scores = tl.dot((x * tl.exp(b)).to(DOT_DTYPE), tl.trans((y * tl.exp(-b)).to(DOT_DTYPE)),
                             input_precision=PRECISION)
         else:
@@ -113,8 +117,8 @@ def _decayed_scores(x, y, b, S: tl.constexpr, VECTOR: tl.constexpr, DOT_DTYPE: t
 
 
 @triton.jit
-def _decayed_mix(m, y, b, S: tl.constexpr, REVERSE: tl.constexpr, VECTOR: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                 PRECISION: tl.constexpr):
+def _decayed_mix(m, y, b, S: tl.constexpr, REVERSE: tl.constexpr, VECTOR: tl.constexpr, PAIRWISE: tl.constexpr,
+                 DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """R_i = Σ_{j ≤ i} m_ij e^{b_i − b_j} ⊙ y_j (REVERSE: R_j = Σ_{i ≥ j} m_ij e^{b_i − b_j} ⊙ y_i), m [S, S] already
     causally masked, y [S, K] fp32 -> [S, K] fp32. The dq / dk intra-sub-chunk terms."""
     i = tl.arange(0, S)[:, None]
@@ -123,7 +127,7 @@ def _decayed_mix(m, y, b, S: tl.constexpr, REVERSE: tl.constexpr, VECTOR: tl.con
     # lower inside the sub-chunk loop
     if VECTOR:
         span = -tl.min(tl.sum(tl.where(i == S - 1, b, 0.0), axis=0), axis=0)
-        if span <= 60.0:
+        if not PAIRWISE or span <= 60.0:
             if REVERSE:  # e^{−b_j} Σ_i m_ij (y_i e^{b_i}); mᵀ is wanted, so m is passed already transposed
                 result = tl.exp(-b) * tl.dot(m.to(DOT_DTYPE), (y * tl.exp(b)).to(DOT_DTYPE),
                                              input_precision=PRECISION)
@@ -151,15 +155,15 @@ def _decayed_mix(m, y, b, S: tl.constexpr, REVERSE: tl.constexpr, VECTOR: tl.con
 
 
 @triton.jit
-def _decayed_scores_transposed(x, y, b, S: tl.constexpr, VECTOR: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                               PRECISION: tl.constexpr):
+def _decayed_scores_transposed(x, y, b, S: tl.constexpr, VECTOR: tl.constexpr, PAIRWISE: tl.constexpr,
+                               DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """Mᵀ of `_decayed_scores(x, y, b)` computed directly (row j, column i ≥ j), so that it can feed a dot without a
     transpose of a dot result (DESIGN §7)."""
     j = tl.arange(0, S)[:, None]
     i = tl.arange(0, S)[None, :]
     if VECTOR:
         span = -tl.min(tl.sum(tl.where(j == S - 1, b, 0.0), axis=0), axis=0)
-        if span <= 60.0:
+        if not PAIRWISE or span <= 60.0:
             scores = tl.dot((y * tl.exp(-b)).to(DOT_DTYPE), tl.trans((x * tl.exp(b)).to(DOT_DTYPE)),
                             input_precision=PRECISION)
         else:
@@ -192,6 +196,28 @@ def _carried_operand(state, slot_ptrs, slot_mask, DOT_DTYPE: tl.constexpr, RELOA
     else:
         operand = state.to(DOT_DTYPE)
     return operand
+
+
+@triton.jit
+def _advance_state(state, k, v, g, b, VECTOR: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """The state after a block of tokens (k, v, log λ g, its cumulative sum b): e^{B} ⊙ S + (k ⊙ e^{B − b})ᵀ v."""
+    total = tl.sum(g, axis=0)
+    if VECTOR:
+        k_to_end = k * tl.exp(total[None, :] - b)
+        state = state * tl.exp(total)[:, None]
+    else:
+        k_to_end = k * tl.exp(total - b)[:, None]
+        state = state * tl.exp(total)
+    return state + tl.dot(tl.trans(k_to_end.to(DOT_DTYPE)), v.to(DOT_DTYPE), input_precision=PRECISION)
+
+
+@triton.jit
+def _whole_chunk_factorisable(g_ptr, token0, eos, head, H: tl.constexpr, K: tl.constexpr, ck, C: tl.constexpr):
+    """Vector decay: whether every key channel's log-decay over this chunk sums to ≥ −60 (FACTORISED_DECAY_LIMIT),
+    so that the whole chunk can take the factorised form in one step instead of the sub-chunk walk."""
+    rows = tl.arange(0, C)
+    g = _load_log_decay(g_ptr, token0, rows, token0 + rows < eos, head, H, K, ck, 3)
+    return -tl.min(tl.sum(g, axis=0), axis=0) <= 60.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -227,15 +253,7 @@ def _chunk_states_kernel(k_ptr, v_ptr, g_ptr, initial_ptr, states_ptr, final_ptr
         k = _tile(k_ptr, token0, rows, row_mask, head, H, K, ck, ck < K)
         v = _tile(v_ptr, token0, rows, row_mask, head, H, V, cv, cv < V)
         g = _load_log_decay(g_ptr, token0, rows, row_mask, head, H, K, ck, DECAY)
-        b = tl.cumsum(g, axis=0)
-        total = tl.sum(g, axis=0)
-        if VECTOR:
-            k_to_end = k * tl.exp(total[None, :] - b)
-            state = state * tl.exp(total)[:, None]
-        else:
-            k_to_end = k * tl.exp(total - b)[:, None]
-            state = state * tl.exp(total)
-        state += tl.dot(tl.trans(k_to_end.to(DOT_DTYPE)), v.to(DOT_DTYPE), input_precision=PRECISION)
+        state = _advance_state(state, k, v, g, tl.cumsum(g, axis=0), VECTOR, DOT_DTYPE, PRECISION)
     if STORE_FINAL:
         tl.store(final_ptr + seq_head * K * V + state_offsets, state, mask=state_mask)
 
@@ -245,16 +263,35 @@ def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, g_ptr, states_ptr, o_ptr, cu_seqle
                          chunk_token_ptr, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                          BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, S: tl.constexpr, DECAY: tl.constexpr,
                          DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, RELOAD_STATE: tl.constexpr):
-    """o of one (value block, chunk, head): sub-chunks of S tokens in order, the state carried in registers (and,
-    with RELOAD_STATE, fed to the next dot through this program's slot of `states`: see `_carried_operand`)."""
+    """o of one (value block, chunk, head). Vector decay takes the whole chunk in one factorised step when its decay
+    span allows (`_whole_chunk_factorisable`), else walks sub-chunks of S tokens (`_output_walk`)."""
     v_block, chunk, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq, chunk_token = tl.load(chunk_seq_ptr + chunk), tl.load(chunk_token_ptr + chunk)
     eos = tl.load(cu_seqlens_ptr + seq + 1)
-    VECTOR: tl.constexpr = DECAY == 3
     ck = tl.arange(0, BK)
     cv = v_block * BV + tl.arange(0, BV)
     state_mask = (ck < K)[:, None] & (cv < V)[None, :]
     state_ptrs = states_ptr + (chunk * H + head) * K * V + ck[:, None] * V + cv[None, :]
+    if DECAY == 3:
+        if _whole_chunk_factorisable(g_ptr, chunk_token, eos, head, H, K, ck, C):
+            _output_walk(q_ptr, k_ptr, v_ptr, g_ptr, o_ptr, state_ptrs, state_mask, chunk_token, eos, head, scale, ck,
+                         cv, H, K, V, C, C, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
+        else:
+            _output_walk(q_ptr, k_ptr, v_ptr, g_ptr, o_ptr, state_ptrs, state_mask, chunk_token, eos, head, scale, ck,
+                         cv, H, K, V, C, S, DECAY, True, DOT_DTYPE, PRECISION, RELOAD_STATE)
+    else:
+        _output_walk(q_ptr, k_ptr, v_ptr, g_ptr, o_ptr, state_ptrs, state_mask, chunk_token, eos, head, scale, ck, cv,
+                     H, K, V, C, S, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
+
+
+@triton.jit
+def _output_walk(q_ptr, k_ptr, v_ptr, g_ptr, o_ptr, state_ptrs, state_mask, chunk_token, eos, head, scale, ck, cv,
+                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
+                 DECAY: tl.constexpr, PAIRWISE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                 RELOAD_STATE: tl.constexpr):
+    """The chunk's sub-chunks of S tokens in order, the state carried in registers (and, with RELOAD_STATE, fed to
+    the next dot through this program's slot of `states`: see `_carried_operand`)."""
+    VECTOR: tl.constexpr = DECAY == 3
     state = tl.load(state_ptrs, mask=state_mask, other=0.0).to(tl.float32)
     operand = state.to(DOT_DTYPE)
     rows = tl.arange(0, S)
@@ -266,20 +303,13 @@ def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, g_ptr, states_ptr, o_ptr, cu_seqle
         v = _tile(v_ptr, token0, rows, row_mask, head, H, V, cv, cv < V)
         g = _load_log_decay(g_ptr, token0, rows, row_mask, head, H, K, ck, DECAY)
         b = tl.cumsum(g, axis=0)
-        scores = _decayed_scores(q, k, b, S, VECTOR, DOT_DTYPE, PRECISION)
+        scores = _decayed_scores(q, k, b, S, VECTOR, PAIRWISE, DOT_DTYPE, PRECISION)
         o = tl.dot((q * _row_decay(b, VECTOR)).to(DOT_DTYPE), operand, input_precision=PRECISION)
         o += tl.dot(scores.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION)
         tl.store(o_ptr + ((token0 + rows[:, None]) * H + head) * V + cv[None, :], o.to(o_ptr.dtype.element_ty),
                  mask=row_mask[:, None] & (cv < V)[None, :])
         if sub < C // S - 1:
-            total = tl.sum(g, axis=0)
-            if VECTOR:
-                k_to_end = k * tl.exp(total[None, :] - b)
-                state = state * tl.exp(total)[:, None]
-            else:
-                k_to_end = k * tl.exp(total - b)[:, None]
-                state = state * tl.exp(total)
-            state += tl.dot(tl.trans(k_to_end.to(DOT_DTYPE)), v.to(DOT_DTYPE), input_precision=PRECISION)
+            state = _advance_state(state, k, v, g, b, VECTOR, DOT_DTYPE, PRECISION)
             operand = _carried_operand(state, state_ptrs, state_mask, DOT_DTYPE, RELOAD_STATE)
 
 
@@ -337,22 +367,39 @@ def _chunk_dq_kernel(k_ptr, v_ptr, g_ptr, do_ptr, states_ptr, dq_ptr, cu_seqlens
                      total_tokens, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, C: tl.constexpr, S: tl.constexpr, DECAY: tl.constexpr,
                      DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, RELOAD_STATE: tl.constexpr):
-    """dq' = ∂L/∂(scale·q) of one (value block, chunk, head), partial over the value block: a forward walk over the
-    sub-chunks with the state S, dq'_i = S_i do_i (state part e^{b_i} ⊙ S do_i, intra part through dA = do vᵀ)."""
+    """dq' = ∂L/∂(scale·q) of one (value block, chunk, head), partial over the value block (`_dq_walk`); vector
+    decay in one step when the chunk is factorisable, as in `_chunk_output_kernel`."""
     v_block, chunk, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq, chunk_token = tl.load(chunk_seq_ptr + chunk), tl.load(chunk_token_ptr + chunk)
     eos = tl.load(cu_seqlens_ptr + seq + 1)
-    VECTOR: tl.constexpr = DECAY == 3
     ck = tl.arange(0, BK)
     cv = v_block * BV + tl.arange(0, BV)
-    state_offsets = (chunk * H + head) * K * V + ck[:, None] * V + cv[None, :]
+    state_ptrs = states_ptr + (chunk * H + head) * K * V + ck[:, None] * V + cv[None, :]
     state_mask = (ck < K)[:, None] & (cv < V)[None, :]
+    dq_ptr += v_block * total_tokens * H * K  # dq, dk: one fp32 slice per value block
+    if DECAY == 3:
+        if _whole_chunk_factorisable(g_ptr, chunk_token, eos, head, H, K, ck, C):
+            _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_token, eos, head, ck, cv, H,
+                     K, V, C, C, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
+        else:
+            _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_token, eos, head, ck, cv, H,
+                     K, V, C, S, DECAY, True, DOT_DTYPE, PRECISION, RELOAD_STATE)
+    else:
+        _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_token, eos, head, ck, cv, H, K,
+                 V, C, S, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
+
+
+@triton.jit
+def _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_token, eos, head, ck, cv,
+             H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, S: tl.constexpr, DECAY: tl.constexpr,
+             PAIRWISE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, RELOAD_STATE: tl.constexpr):
+    """A forward walk over the sub-chunks with the state S: dq'_i = S_i do_i (state part e^{b_i} ⊙ S do_i, intra
+    part through dA = do vᵀ)."""
+    VECTOR: tl.constexpr = DECAY == 3
     rows = tl.arange(0, S)
     i = rows[:, None]
     j = rows[None, :]
-    partial_offset = v_block * total_tokens * H * K  # dq, dk: one fp32 slice per value block
-
-    state = tl.load(states_ptr + state_offsets, mask=state_mask, other=0.0).to(tl.float32)
+    state = tl.load(state_ptrs, mask=state_mask, other=0.0).to(tl.float32)
     operand = state.to(DOT_DTYPE)
     for sub in range(C // S):
         token0 = chunk_token + sub * S
@@ -364,19 +411,12 @@ def _chunk_dq_kernel(k_ptr, v_ptr, g_ptr, do_ptr, states_ptr, dq_ptr, cu_seqlens
         b = tl.cumsum(g, axis=0)
         dA = tl.where(i >= j, tl.dot(do.to(DOT_DTYPE), tl.trans(v.to(DOT_DTYPE)), input_precision=PRECISION), 0.0)
         dq = tl.trans(tl.dot(operand, tl.trans(do.to(DOT_DTYPE)), input_precision=PRECISION))
-        dq = dq * _row_decay(b, VECTOR) + _decayed_mix(dA, k, b, S, False, VECTOR, DOT_DTYPE, PRECISION)
-        tl.store(dq_ptr + partial_offset + ((token0 + rows[:, None]) * H + head) * K + ck[None, :], dq,
+        dq = dq * _row_decay(b, VECTOR) + _decayed_mix(dA, k, b, S, False, VECTOR, PAIRWISE, DOT_DTYPE, PRECISION)
+        tl.store(dq_ptr + ((token0 + rows[:, None]) * H + head) * K + ck[None, :], dq,
                  mask=row_mask[:, None] & (ck < K)[None, :])
         if sub < C // S - 1:
-            total = tl.sum(g, axis=0)
-            if VECTOR:
-                k_to_end = k * tl.exp(total[None, :] - b)
-                state = state * tl.exp(total)[:, None]
-            else:
-                k_to_end = k * tl.exp(total - b)[:, None]
-                state = state * tl.exp(total)
-            state += tl.dot(tl.trans(k_to_end.to(DOT_DTYPE)), v.to(DOT_DTYPE), input_precision=PRECISION)
-            operand = _carried_operand(state, states_ptr + state_offsets, state_mask, DOT_DTYPE, RELOAD_STATE)
+            state = _advance_state(state, k, v, g, b, VECTOR, DOT_DTYPE, PRECISION)
+            operand = _carried_operand(state, state_ptrs, state_mask, DOT_DTYPE, RELOAD_STATE)
 
 
 @triton.jit
@@ -385,22 +425,40 @@ def _chunk_dk_dv_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, state_grads_ptr, dk_
                         V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
                         DECAY: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                         RELOAD_STATE: tl.constexpr):
-    """dk (partial over the value block) and dv of one (value block, chunk, head): a reverse walk over the sub-chunks
-    with the state gradient dS, dk_j = dS_j v_j, dv_j = dS_jᵀ k_j (intra parts through dAᵀ and the scores Aᵀ)."""
+    """dk (partial over the value block) and dv of one (value block, chunk, head) (`_dk_dv_walk`); vector decay in
+    one step when the chunk is factorisable, as in `_chunk_output_kernel`."""
     v_block, chunk, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq, chunk_token = tl.load(chunk_seq_ptr + chunk), tl.load(chunk_token_ptr + chunk)
     eos = tl.load(cu_seqlens_ptr + seq + 1)
-    VECTOR: tl.constexpr = DECAY == 3
     ck = tl.arange(0, BK)
     cv = v_block * BV + tl.arange(0, BV)
-    state_offsets = (chunk * H + head) * K * V + ck[:, None] * V + cv[None, :]
+    state_ptrs = state_grads_ptr + (chunk * H + head) * K * V + ck[:, None] * V + cv[None, :]
     state_mask = (ck < K)[:, None] & (cv < V)[None, :]
+    dk_ptr += v_block * total_tokens * H * K  # dq, dk: one fp32 slice per value block
+    if DECAY == 3:
+        if _whole_chunk_factorisable(g_ptr, chunk_token, eos, head, H, K, ck, C):
+            _dk_dv_walk(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dk_ptr, dv_ptr, state_ptrs, state_mask, chunk_token, eos,
+                        head, scale, ck, cv, H, K, V, C, C, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
+        else:
+            _dk_dv_walk(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dk_ptr, dv_ptr, state_ptrs, state_mask, chunk_token, eos,
+                        head, scale, ck, cv, H, K, V, C, S, DECAY, True, DOT_DTYPE, PRECISION, RELOAD_STATE)
+    else:
+        _dk_dv_walk(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dk_ptr, dv_ptr, state_ptrs, state_mask, chunk_token, eos, head,
+                    scale, ck, cv, H, K, V, C, S, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
+
+
+@triton.jit
+def _dk_dv_walk(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dk_ptr, dv_ptr, state_ptrs, state_mask, chunk_token, eos, head,
+                scale, ck, cv, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
+                DECAY: tl.constexpr, PAIRWISE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                RELOAD_STATE: tl.constexpr):
+    """A reverse walk over the sub-chunks with the state gradient dS: dk_j = dS_j v_j, dv_j = dS_jᵀ k_j (intra
+    parts through dAᵀ and the scores Aᵀ)."""
+    VECTOR: tl.constexpr = DECAY == 3
     rows = tl.arange(0, S)
     i = rows[:, None]
     j = rows[None, :]
-    partial_offset = v_block * total_tokens * H * K  # dq, dk: one fp32 slice per value block
-
-    dstate = tl.load(state_grads_ptr + state_offsets, mask=state_mask, other=0.0).to(tl.float32)
+    dstate = tl.load(state_ptrs, mask=state_mask, other=0.0).to(tl.float32)
     operand = dstate.to(DOT_DTYPE)
     for r in range(C // S):
         token0 = chunk_token + (C // S - 1 - r) * S
@@ -418,10 +476,10 @@ def _chunk_dk_dv_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, state_grads_ptr, dk_
             to_end = tl.exp(total - b)[:, None]
         dA_t = tl.where(i <= j, tl.dot(v.to(DOT_DTYPE), tl.trans(do.to(DOT_DTYPE)), input_precision=PRECISION), 0.0)
         dk = tl.trans(tl.dot(operand, tl.trans(v.to(DOT_DTYPE)), input_precision=PRECISION)) * to_end
-        dk += _decayed_mix(dA_t, q, b, S, True, VECTOR, DOT_DTYPE, PRECISION)
-        tl.store(dk_ptr + partial_offset + ((token0 + rows[:, None]) * H + head) * K + ck[None, :], dk,
+        dk += _decayed_mix(dA_t, q, b, S, True, VECTOR, PAIRWISE, DOT_DTYPE, PRECISION)
+        tl.store(dk_ptr + ((token0 + rows[:, None]) * H + head) * K + ck[None, :], dk,
                  mask=row_mask[:, None] & (ck < K)[None, :])
-        scores_t = _decayed_scores_transposed(q, k, b, S, VECTOR, DOT_DTYPE, PRECISION)
+        scores_t = _decayed_scores_transposed(q, k, b, S, VECTOR, PAIRWISE, DOT_DTYPE, PRECISION)
         dv = tl.dot((k * to_end).to(DOT_DTYPE), operand, input_precision=PRECISION)
         dv += tl.dot(scores_t.to(DOT_DTYPE), do.to(DOT_DTYPE), input_precision=PRECISION)
         tl.store(dv_ptr + ((token0 + rows[:, None]) * H + head) * V + cv[None, :], dv.to(dv_ptr.dtype.element_ty),
@@ -433,7 +491,7 @@ def _chunk_dk_dv_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, state_grads_ptr, dk_
                 dstate = dstate * tl.exp(total)
             q_from_start = (q * _row_decay(b, VECTOR)).to(DOT_DTYPE)
             dstate += tl.dot(tl.trans(q_from_start), do.to(DOT_DTYPE), input_precision=PRECISION)
-            operand = _carried_operand(dstate, state_grads_ptr + state_offsets, state_mask, DOT_DTYPE, RELOAD_STATE)
+            operand = _carried_operand(dstate, state_ptrs, state_mask, DOT_DTYPE, RELOAD_STATE)
 
 
 @triton.jit

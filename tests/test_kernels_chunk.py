@@ -91,6 +91,21 @@ def test_mixed_strength_sub_chunks():
     assert_close(actual, expected, NAMES[:-1], tolerance=2e-4)
 
 
+def test_whole_chunk_and_sub_chunk_paths_in_one_sequence():
+    """Vector decay takes a chunk in one factorised step when every channel's log-decay over it sums to ≥ −60, else
+    walks sub-chunks: here chunks 0 and 2 are mild and chunk 1 has a strong channel, so one sequence (and its
+    gradients, incl. through the initial state) crosses both paths and their hand-overs of the state."""
+    q, k, v, log_decay, state = make_inputs("vector", 1, 3 * CHUNK - 7, 2, 16, 24, seed=11)
+    with torch.no_grad():
+        log_decay[:, CHUNK:2 * CHUNK, :, 3] *= 40.0
+    per_chunk = [-(chunk.sum(0).amin()) for chunk in log_decay.detach()[0].split(CHUNK)]
+    assert per_chunk[0] <= 60.0 < per_chunk[1] and per_chunk[2] <= 60.0, per_chunk
+    inputs = [q, k, v, log_decay, state]
+    actual = outputs_and_grads(triton_chunked_recurrence, inputs, scale=0.5)
+    expected = outputs_and_grads(naive_recurrence, inputs, scale=0.5)
+    assert_close(actual, expected, NAMES, tolerance=1e-4)
+
+
 def test_non_power_of_two_head_dims():
     inputs = make_inputs("vector", 1, CHUNK + 3, 3, 24, 40, seed=5)
     actual = outputs_and_grads(triton_chunked_recurrence, inputs, scale=0.5)
