@@ -14,6 +14,8 @@ The end-to-end GPU tests (tests/test_kernels_gpu.py) say *that* vector decay is 
 under each launch variant (warps of the sub-chunk-walking kernels; RELOAD_STATE on or off: the carried state fed to
 the next dot through memory or straight from the dot accumulator, see `_carried_operand`), for vector and scalar decay, mild and mixed
 (some channels with log λ down to −20 per step, which takes the pairwise branch) decays, fp32 / fp16 / bf16 inputs.
+For vector decay, mild decays take each chunk in one factorised step, mixed ones walk sub-chunks (the two paths of
+the kernels, see their module docstring).
 Relative errors ‖x − ref‖ / ‖ref‖ are printed with FAIL beyond 5e-4 (fp32), 5e-3 (fp16), 2e-2 (bf16).
 
     PYTHONPATH=. python3 benchmarks/diagnose_chunk_kernels.py [--length 200] [--dims 128]   (GPU)
@@ -119,9 +121,15 @@ def main(argv=None):
     parser.add_argument("--cpu", action="store_true", help="CPU tensors (needs TRITON_INTERPRET=1); no bf16")
     parser.add_argument("--warps", default="4,8", help="num_warps variants of the output / dq / dk_dv kernels")
     parser.add_argument("--reload", default="1,0", help="RELOAD_STATE variants of the same kernels (1 on, 0 off)")
+    parser.add_argument("--dtypes", help="comma list, e.g. bfloat16,float32 (default: float32,float16[,bfloat16 on "
+                                         "the GPU]), checked in this order")
     args = parser.parse_args(argv)
     device = "cpu" if args.cpu else "cuda"
     dtypes = (torch.float32, torch.float16) if args.cpu else (torch.float32, torch.float16, torch.bfloat16)
+    if args.dtypes:
+        dtypes = tuple(getattr(torch, name) for name in args.dtypes.split(","))
+        if args.cpu and torch.bfloat16 in dtypes:
+            parser.error("bf16 dots are wrong under Triton's interpreter (DESIGN §7): use the GPU for bfloat16")
     warps = [int(w) for w in args.warps.split(",")]
     reloads = [bool(int(r)) for r in args.reload.split(",")]
     scale = args.dims ** -0.5
@@ -129,7 +137,7 @@ def main(argv=None):
     print(f"T={args.length}, H={HEADS}, K=V={args.dims}, device={device}, triton {kernels.triton.__version__}")
     print(f"{'decay':7s} {'strength':8s} {'dtype':9s} {'warps':5s} {'reload':6s} {'states':>9s} {'output':>9s}  "
           "end-to-end")
-    for kind, strength, dtype, num_warps, reload in itertools.product(("vector", "scalar"), ("mild", "mixed"), dtypes,
+    for dtype, kind, strength, num_warps, reload in itertools.product(dtypes, ("vector", "scalar"), ("mild", "mixed"),
                                                                       warps, reloads):
         decay = kernels.DECAY_VECTOR if kind == "vector" else kernels.DECAY_SCALAR
         saved = dict(kernels.TUNING_OVERRIDES)

@@ -27,7 +27,10 @@ step() {  # step NAME SECONDS COMMAND...: run within its limit and what is left 
 
 nvidia-smi -L
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
-step diagnose 150 python3 benchmarks/diagnose_chunk_kernels.py --length 200 --dims 128
+step diagnose 150 python3 benchmarks/diagnose_chunk_kernels.py --length 200 --dims 128 --dtypes bfloat16,float32 \
+  --reload 1
 step gpu_tests 240 python3 -m pytest tests/test_kernels_gpu.py -q -n 14 -p no:cacheprovider
+step bench_ours 90 python3 benchmarks/bench_kernels.py --only chunk --no-check --no-fla --json "$LOGS/chunk_ours.json"
 step bench_decode 60 python3 benchmarks/bench_kernels.py --only decode --no-check --json "$LOGS/decode.json"
-step bench_chunk0 120 python3 benchmarks/bench_kernels.py --only chunk --shape 0 --json "$LOGS/chunk0.json"
+# FLA autotunes every op at every shape (minutes each on a cold machine): what the budget allows, shape 0 first
+step bench_fla0 240 python3 benchmarks/bench_kernels.py --only chunk --shape 0 --no-check --json "$LOGS/chunk_fla0.json"

@@ -249,6 +249,15 @@ def print_table(args, rows):
                   f"{value(row, 'create_to_first_step_end_s', '.1f')} s (process {row['process_s']:.1f} s)")
 
 
+def _number(text):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", default="train,generate,cold")
@@ -259,16 +268,19 @@ def parse_args(argv):
                         help="tiny sizes (2 layers, d 64, short sequences): checks that every path runs")
     parser.add_argument("--json", help="write every row to this path")
     parser.add_argument("--prefill-chunk", type=int, default=2048, help="generate(prefill_chunk_size=...); 0: off")
+    parser.add_argument("--ours-overrides", default="",
+                        help="config overrides of our models, e.g. loss_chunk_size=4096 (comma separated key=value)")
     args = parser.parse_args(argv)
     args.dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     args.vocab = 50304
-    args.overrides = {}
+    args.overrides = {key: _number(value) for key, _, value in
+                      (item.partition("=") for item in args.ours_overrides.split(",") if item)}
     args.train_shapes, args.prompts = [(8, 2048), (1, 16384)], [2048, 32768]
     args.generate_batch, args.new_tokens, args.warmup, args.steps = 16, 128, 2, 5
     args.profile_rows = 30
     if args.quick:
         args.preset, args.vocab = "tiny", 512
-        args.overrides = dict(hidden_size=64, num_hidden_layers=2, num_heads=2)
+        args.overrides = dict(hidden_size=64, num_hidden_layers=2, num_heads=2, **args.overrides)
         args.train_shapes, args.prompts = [(2, 64), (1, 130)], [16, 40]
         args.generate_batch, args.new_tokens, args.warmup, args.steps = 2, 4, 1, 2
         args.prefill_chunk = min(args.prefill_chunk, 16)

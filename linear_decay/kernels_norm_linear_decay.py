@@ -1,7 +1,9 @@
-"""Fused output gate + RMSNorm (DESIGN.md §1, "Output"): y = RMSNorm_d(o ⊙ sigmoid(gate_logits)) · weight.
+"""Fused output gate + RMSNorm (DESIGN.md §1, "Output"): y = RMSNorm_d(o ⊙ sigmoid(gate_logits)) · weight, and the
+plain RMSNorm of the blocks (no gate) on the same kernels.
 
     y = gated_rms_norm(o, gate_logits, weight, eps)             Triton forward and backward (torch.autograd.Function)
-    y = gated_rms_norm_reference(o, gate_logits, weight, eps)   the same in PyTorch
+    y = rms_norm(x, weight, eps)                                the same without the gate (`LinearDecayRMSNorm`)
+    y = gated_rms_norm_reference(o, gate_logits, weight, eps)   the same in PyTorch (gate_logits None: no gate)
 
 The numerics follow the model's two-step code (`o * sigmoid(gate)` then `LinearDecayRMSNorm`): the gate and the norm
 are computed in fp32, the normalised value is cast to the input dtype (the promotion of o's and gate_logits' dtypes),
@@ -33,8 +35,11 @@ _TORCH_TO_TRITON = {torch.float32: tl.float32, torch.float16: tl.float16, torch.
 
 def gated_rms_norm_reference(o, gate_logits, weight, eps=1e-5):
     """PyTorch reference of the fused kernel: the gate and the norm in fp32, cast to the input dtype, times weight."""
-    dtype = torch.promote_types(o.dtype, gate_logits.dtype)
-    gated = o.float() * torch.sigmoid(gate_logits.float())
+    if gate_logits is None:
+        dtype, gated = o.dtype, o.float()
+    else:
+        dtype = torch.promote_types(o.dtype, gate_logits.dtype)
+        gated = o.float() * torch.sigmoid(gate_logits.float())
     normalised = gated * torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + eps)
     return weight * normalised.to(dtype)
 
@@ -45,6 +50,7 @@ def _gated_rms_norm_forward_kernel(
     hidden, eps,
     stride_o, stride_gate, stride_y,
     NORMALISED_DTYPE: tl.constexpr,
+    HAS_GATE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -52,8 +58,11 @@ def _gated_rms_norm_forward_kernel(
     mask = cols < hidden
 
     o = tl.load(o_ptr + row * stride_o + cols, mask=mask, other=0.0).to(tl.float32)
-    gate_logits = tl.load(gate_ptr + row * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
-    gated = o * tl.sigmoid(gate_logits)  # masked columns: 0 · sigmoid(0) = 0, so they add nothing to the mean
+    if HAS_GATE:
+        gate_logits = tl.load(gate_ptr + row * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
+        gated = o * tl.sigmoid(gate_logits)  # masked columns: 0 · sigmoid(0) = 0, so they add nothing to the mean
+    else:
+        gated = o
 
     rstd = tl.rsqrt(tl.sum(gated * gated, axis=0) / hidden + eps)
     normalised = (gated * rstd).to(NORMALISED_DTYPE).to(tl.float32)
@@ -70,6 +79,7 @@ def _gated_rms_norm_backward_kernel(
     rows, hidden, rows_per_program,
     stride_o, stride_gate, stride_grad_y, stride_grad_o, stride_grad_gate,
     NORMALISED_DTYPE: tl.constexpr,
+    HAS_GATE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     program = tl.program_id(0)
@@ -86,10 +96,12 @@ def _gated_rms_norm_backward_kernel(
 
         # Recompute the forward from o, gate_logits and the saved 1/rms.
         o = tl.load(o_ptr + row * stride_o + cols, mask=mask, other=0.0).to(tl.float32)
-        gate_logits = tl.load(gate_ptr + row * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(rstd_ptr + row, mask=row < rows, other=0.0)
-        gate = tl.sigmoid(gate_logits)
-        gated = o * gate
+        if HAS_GATE:
+            gate = tl.sigmoid(tl.load(gate_ptr + row * stride_gate + cols, mask=mask, other=0.0).to(tl.float32))
+            gated = o * gate
+        else:
+            gated = o
         normalised = gated * rstd
         grad_y = tl.load(grad_y_ptr + row * stride_grad_y + cols, mask=mask, other=0.0).to(tl.float32)
 
@@ -100,11 +112,13 @@ def _gated_rms_norm_backward_kernel(
         # n = g · rstd, rstd = (mean(g²) + eps)^-1/2:  dg = rstd · (dn − n · mean(dn · n)).
         grad_gated = rstd * (grad_normalised - normalised * (tl.sum(grad_normalised * normalised, axis=0) / hidden))
 
-        # g = o · σ(z):  do = dg · σ(z),  dz = dg · o · σ(z)(1 − σ(z)).
-        tl.store(grad_o_ptr + row * stride_grad_o + cols, (grad_gated * gate).to(grad_o_ptr.dtype.element_ty),
-                 mask=mask)
-        tl.store(grad_gate_ptr + row * stride_grad_gate + cols,
-                 (grad_gated * gated * (1.0 - gate)).to(grad_gate_ptr.dtype.element_ty), mask=mask)
+        if HAS_GATE:  # g = o · σ(z):  do = dg · σ(z),  dz = dg · o · σ(z)(1 − σ(z)).
+            tl.store(grad_o_ptr + row * stride_grad_o + cols, (grad_gated * gate).to(grad_o_ptr.dtype.element_ty),
+                     mask=mask)
+            tl.store(grad_gate_ptr + row * stride_grad_gate + cols,
+                     (grad_gated * gated * (1.0 - gate)).to(grad_gate_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(grad_o_ptr + row * stride_grad_o + cols, grad_gated.to(grad_o_ptr.dtype.element_ty), mask=mask)
 
     tl.store(grad_weight_partial_ptr + program * hidden + cols, grad_weight, mask=col_mask)
 
@@ -127,16 +141,21 @@ def _backward_programs(rows, device):
 
 
 class GatedRMSNormFunction(torch.autograd.Function):
+    """gate_logits None: the plain RMSNorm (the kernels compiled without the gate)."""
+
     @staticmethod
     def forward(ctx, o, gate_logits, weight, eps):
         hidden = o.shape[-1]
-        if gate_logits.shape != o.shape or weight.shape != (hidden,):
-            raise ValueError(f"gated_rms_norm: o {tuple(o.shape)}, gate_logits {tuple(gate_logits.shape)} and weight "
-                             f"{tuple(weight.shape)} must be [..., d], [..., d] and [d]")
+        has_gate = gate_logits is not None
+        if (has_gate and gate_logits.shape != o.shape) or weight.shape != (hidden,):
+            raise ValueError(f"gated_rms_norm: o {tuple(o.shape)}, gate_logits "
+                             f"{tuple(gate_logits.shape) if has_gate else None} and weight {tuple(weight.shape)} must "
+                             "be [..., d], [..., d] (or None) and [d]")
         if hidden > MAX_HIDDEN_SIZE:
             raise ValueError(f"gated_rms_norm supports a last dim up to {MAX_HIDDEN_SIZE}, got {hidden}")
-        normalised_dtype = torch.promote_types(o.dtype, gate_logits.dtype)
-        o_rows, gate_rows = _rows(o, hidden), _rows(gate_logits, hidden)
+        normalised_dtype = torch.promote_types(o.dtype, gate_logits.dtype) if has_gate else o.dtype
+        o_rows = _rows(o, hidden)
+        gate_rows = _rows(gate_logits, hidden) if has_gate else o_rows  # o_rows: a placeholder the kernel never reads
         weight = weight.contiguous()
         rows = o_rows.shape[0]
         y = torch.empty(rows, hidden, device=o.device, dtype=torch.promote_types(normalised_dtype, weight.dtype))
@@ -146,12 +165,12 @@ class GatedRMSNormFunction(torch.autograd.Function):
                 o_rows, gate_rows, weight, y, rstd,
                 hidden, float(eps),
                 o_rows.stride(0), gate_rows.stride(0), y.stride(0),
-                NORMALISED_DTYPE=_TORCH_TO_TRITON[normalised_dtype],
+                NORMALISED_DTYPE=_TORCH_TO_TRITON[normalised_dtype], HAS_GATE=has_gate,
                 **_launch_options(hidden),
             )
-        ctx.save_for_backward(o_rows, gate_rows, weight, rstd)
+        ctx.save_for_backward(o_rows, gate_rows if has_gate else None, weight, rstd)
         ctx.normalised_dtype = normalised_dtype
-        ctx.shapes = (o.shape, o.dtype, gate_logits.dtype)
+        ctx.shapes = (o.shape, o.dtype, gate_logits.dtype if has_gate else None)
         return y.view(o.shape)
 
     @staticmethod
@@ -159,24 +178,27 @@ class GatedRMSNormFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         o_rows, gate_rows, weight, rstd = ctx.saved_tensors
         shape, o_dtype, gate_dtype = ctx.shapes
+        has_gate = gate_rows is not None
         rows, hidden = o_rows.shape
         grad_y = _rows(grad_y, hidden)
         grad_o = torch.empty(rows, hidden, device=o_rows.device, dtype=o_dtype)
-        grad_gate = torch.empty(rows, hidden, device=o_rows.device, dtype=gate_dtype)
+        grad_gate = torch.empty(rows, hidden, device=o_rows.device, dtype=gate_dtype) if has_gate else grad_o
         programs = max(_backward_programs(rows, o_rows.device), 1)
         rows_per_program = triton.cdiv(rows, programs)
         grad_weight_partial = torch.zeros(programs, hidden, device=o_rows.device, dtype=torch.float32)
         if rows:
+            gate_or_placeholder = gate_rows if has_gate else o_rows
             _gated_rms_norm_backward_kernel[(programs,)](
-                o_rows, gate_rows, weight, rstd, grad_y,
+                o_rows, gate_or_placeholder, weight, rstd, grad_y,
                 grad_o, grad_gate, grad_weight_partial,
                 rows, hidden, rows_per_program,
-                o_rows.stride(0), gate_rows.stride(0), grad_y.stride(0), grad_o.stride(0), grad_gate.stride(0),
-                NORMALISED_DTYPE=_TORCH_TO_TRITON[ctx.normalised_dtype],
+                o_rows.stride(0), gate_or_placeholder.stride(0), grad_y.stride(0), grad_o.stride(0),
+                grad_gate.stride(0),
+                NORMALISED_DTYPE=_TORCH_TO_TRITON[ctx.normalised_dtype], HAS_GATE=has_gate,
                 **_launch_options(hidden),
             )
         grad_weight = grad_weight_partial.sum(0).to(weight.dtype)
-        return grad_o.view(shape), grad_gate.view(shape), grad_weight, None
+        return grad_o.view(shape), grad_gate.view(shape) if has_gate else None, grad_weight, None
 
 
 @torch.compiler.disable  # a compiled model calls the kernels eagerly (one graph break), as for the recurrence kernels
@@ -185,4 +207,11 @@ def gated_rms_norm(o, gate_logits, weight, eps=1e-5):
     return GatedRMSNormFunction.apply(o, gate_logits, weight, eps)
 
 
-__all__ = ["gated_rms_norm", "gated_rms_norm_reference"]
+@torch.compiler.disable
+def rms_norm(x, weight, eps=1e-5):
+    """RMSNorm(x) · weight over the last dim on the fused kernels: x normalised in fp32, cast to x's dtype, times
+    weight (the numerics of `LinearDecayRMSNorm`)."""
+    return GatedRMSNormFunction.apply(x, None, weight, eps)
+
+
+__all__ = ["gated_rms_norm", "gated_rms_norm_reference", "rms_norm"]

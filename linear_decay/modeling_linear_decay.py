@@ -23,10 +23,20 @@ from .configuration_linear_decay import LinearDecayConfig
 from .decay_linear_decay import DECAY_REGISTRY, DecayParameterization
 from .recurrence_linear_decay import linear_decay_attention, recurrent_step
 
-try:  # the fused output gate + RMSNorm (Triton); CPU-only torch has no Triton and keeps the two-step torch code
-    from .kernels_norm_linear_decay import gated_rms_norm
+try:  # the fused (gated) RMSNorm (Triton); CPU-only torch has no Triton and keeps the torch code
+    from .kernels_norm_linear_decay import gated_rms_norm, rms_norm
 except ImportError:
-    gated_rms_norm = None
+    gated_rms_norm = rms_norm = None
+
+
+def use_norm_kernels(x):
+    """Whether the fused norm kernels run on `x`: the recurrence's backend rule (`resolve_backend`) — auto: on CUDA
+    tensors, triton: always (CPU tensors run in Triton's interpreter), torch / naive: never. Under torch.compile the
+    torch code is traced instead (Inductor fuses it; the kernels would be graph breaks)."""
+    if gated_rms_norm is None or torch.compiler.is_compiling():
+        return False
+    backend = os.environ.get("LINEAR_DECAY_BACKEND", "auto")
+    return backend == "triton" or (backend == "auto" and x.is_cuda)
 
 # transformers renamed `past_key_values` to `cache` in 5.2x; read both, return the one the installed version uses.
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -205,6 +215,8 @@ class LinearDecayRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
+        if use_norm_kernels(x):
+            return rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -354,10 +366,7 @@ class LinearDecayAttention(nn.Module):
         o = o.reshape(batch, length, hidden)
         if self.gate_proj is not None:
             gate_logits = self.gate_proj(x)
-            # The fused kernel follows the recurrence's backend rule (`resolve_backend`): auto -> on CUDA tensors,
-            # triton -> always (CPU tensors run in Triton's interpreter), torch / naive -> never.
-            backend = os.environ.get("LINEAR_DECAY_BACKEND", "auto")
-            if gated_rms_norm is not None and (backend == "triton" or (backend == "auto" and o.is_cuda)):
+            if use_norm_kernels(o):
                 return self.o_proj(gated_rms_norm(o, gate_logits, self.out_norm.weight, self.out_norm.eps))
             o = o * torch.sigmoid(gate_logits)
         return self.o_proj(self.out_norm(o))

@@ -34,6 +34,25 @@ def test_model_benchmark_runs_every_row(tmp_path, capsys):
     assert printed.count("ours/llama") == 12  # 3 decays × (2 train shapes + 2 prompts)
 
 
+def test_model_benchmark_profile_and_overrides(tmp_path, monkeypatch):
+    """--sections profile: one step per model under the profiler, its top operators recorded; --ours-overrides
+    reaches our models' configs (here the chunked loss, seen by the model's loss function being called)."""
+    import linear_decay.modeling_linear_decay as modeling
+
+    chunked_calls = []
+    original = modeling.chunked_linear_cross_entropy
+    monkeypatch.setattr(modeling, "chunked_linear_cross_entropy",
+                        lambda *args, **kwargs: chunked_calls.append(1) or original(*args, **kwargs))
+    out = tmp_path / "rows.json"
+    assert load("model").main(["--device", "cpu", "--quick", "--sections", "profile,train", "--decays",
+                               "simple:scalar", "--ours-overrides", "loss_chunk_size=16", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    profiles = [r for r in rows if r["section"] == "profile"]
+    assert [r["model"] for r in profiles] == ["ours simple:scalar", "llama sdpa"]
+    assert all(r["top"] and all(t["self_device_ms"] > 0 for t in r["top"][:3]) for r in profiles)
+    assert chunked_calls  # our model trained with the chunked loss; the Llama has no such field
+
+
 def test_chunk_kernel_diagnosis_passes_under_the_interpreter():
     pytest.importorskip("triton")
     diagnose = load("diagnose_chunk_kernels")

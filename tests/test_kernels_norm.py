@@ -1,4 +1,5 @@
-"""The fused output gate + RMSNorm (Triton, DESIGN §1 "Output"): y = RMSNorm_d(o ⊙ sigmoid(z)) · weight.
+"""The fused output gate + RMSNorm (Triton, DESIGN §1 "Output"): y = RMSNorm_d(o ⊙ sigmoid(z)) · weight, and the plain
+RMSNorm of the blocks on the same kernels (no gate).
 
 Forward and the three gradients against the PyTorch reference evaluated in fp64 on upcast inputs; the reference
 against the model's own two-step code; and the whole model with LINEAR_DECAY_BACKEND=triton vs torch. On CPU the
@@ -12,7 +13,7 @@ import torch
 pytest.importorskip("triton")
 
 import linear_decay.modeling_linear_decay as modeling  # noqa: E402
-from linear_decay.kernels_norm_linear_decay import gated_rms_norm, gated_rms_norm_reference  # noqa: E402
+from linear_decay.kernels_norm_linear_decay import gated_rms_norm, gated_rms_norm_reference, rms_norm  # noqa: E402
 from linear_decay.modeling_linear_decay import LinearDecayRMSNorm  # noqa: E402
 from linear_decay.recurrence_linear_decay import BACKENDS, chunked_recurrence  # noqa: E402
 
@@ -102,6 +103,51 @@ def test_reference_is_the_model_two_step_code():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The plain RMSNorm (no gate) against the model's torch norm
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def torch_norm_forward_backward(x, weight, grad_y, dtype=None):
+    """LinearDecayRMSNorm's own torch code (LINEAR_DECAY_BACKEND=torch), optionally in another dtype (fp64)."""
+    norm = LinearDecayRMSNorm(x.shape[-1], eps=EPS).to(DEVICE)
+    with torch.no_grad():
+        norm.weight.data = weight.detach().clone().to(dtype or weight.dtype)
+    leaf = x.detach().clone().to(dtype or x.dtype).requires_grad_()
+    y = norm(leaf)
+    y.backward(grad_y.to(y.dtype))
+    return y.detach(), [leaf.grad, norm.weight.grad]
+
+
+@pytest.mark.parametrize("shape", [(37, 48), (2, 5, 100)], ids=["37x48", "2x5x100"])
+def test_plain_rms_norm_matches_the_model_norm(monkeypatch, shape):
+    """rms_norm(x, weight) against LinearDecayRMSNorm's torch code in fp64: forward and both gradients."""
+    monkeypatch.setenv("LINEAR_DECAY_BACKEND", "torch")
+    x, _, weight, grad_y = make_inputs(shape, seed=8)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight)]
+    y = rms_norm(*leaves, EPS)
+    y.backward(grad_y)
+    y_ref, grads_ref = torch_norm_forward_backward(x, weight, grad_y, dtype=torch.float64)
+    assert y.dtype == torch.float32 and relative_error(y, y_ref) <= 1e-6
+    for name, leaf, grad_ref in zip(("x", "weight"), leaves, grads_ref):
+        assert leaf.grad.dtype == torch.float32 and relative_error(leaf.grad, grad_ref) <= 1e-5, name
+
+
+def test_plain_rms_norm_fp16_with_fp32_weight(monkeypatch):
+    """Autocast-style mix: y = fp32 weight · fp16(normalised), as the model's norm; gradients in each input's dtype."""
+    monkeypatch.setenv("LINEAR_DECAY_BACKEND", "torch")
+    x, _, weight, grad_y = make_inputs((13, 40), seed=9, dtype=torch.float16, weight_dtype=torch.float32)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight)]
+    y = rms_norm(*leaves, EPS)
+    y.backward(grad_y.to(y.dtype))
+    y_model, grads_model = torch_norm_forward_backward(x, weight, grad_y)
+    assert y.dtype == y_model.dtype == torch.float32
+    assert relative_error(y, y_model) <= 1e-6
+    assert [leaf.grad.dtype for leaf in leaves] == [torch.float16, torch.float32]
+    for leaf, grad_ref in zip(leaves, grads_model):
+        assert relative_error(leaf.grad, grad_ref) <= 2e-3
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The whole model
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -114,32 +160,39 @@ def logits_and_grads(model, input_ids):
 
 
 def test_model_triton_backend_matches_torch(monkeypatch):
-    """LINEAR_DECAY_BACKEND=triton routes every mixer's gate + norm through the kernel (counted) and gives the torch
-    backend's logits and gradients. The recurrence under "triton" is pinned to the torch path so that only the norm
-    differs between the two runs."""
+    """LINEAR_DECAY_BACKEND=triton routes every mixer's gate + norm and every block norm through the kernels (counted)
+    and gives the torch backend's logits and gradients. The recurrence under "triton" is pinned to the torch path so
+    that only the norms differ between the two runs."""
     monkeypatch.setitem(BACKENDS, "triton", chunked_recurrence)
-    calls = []
+    calls, plain_calls = [], []
 
     def counted(*args):
         calls.append(1)
         return gated_rms_norm(*args)
 
+    def counted_plain(*args):
+        plain_calls.append(1)
+        return rms_norm(*args)
+
     monkeypatch.setattr(modeling, "gated_rms_norm", counted)
+    monkeypatch.setattr(modeling, "rms_norm", counted_plain)
     config = tiny_config(decay_type="gla")
     model = perturbed_model(config).to(DEVICE)
     input_ids = torch.randint(0, config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(7)).to(DEVICE)
 
     monkeypatch.setenv("LINEAR_DECAY_BACKEND", "torch")
     logits_torch, grads_torch = logits_and_grads(model, input_ids)
-    assert not calls
+    assert not calls and not plain_calls
     monkeypatch.setenv("LINEAR_DECAY_BACKEND", "auto")  # auto: the kernel on CUDA tensors, the torch code on CPU
     logits_and_grads(model, input_ids)
     assert len(calls) == (config.num_hidden_layers if DEVICE == "cuda" else 0)
     calls.clear()
+    plain_calls.clear()
 
     monkeypatch.setenv("LINEAR_DECAY_BACKEND", "triton")
     logits_triton, grads_triton = logits_and_grads(model, input_ids)
     assert len(calls) == config.num_hidden_layers
+    assert len(plain_calls) == 2 * config.num_hidden_layers + 1  # two per block and the final norm
     assert relative_error(logits_triton, logits_torch) <= 1e-5
     assert grads_triton.keys() == grads_torch.keys()
     bad = {name: relative_error(grads_triton[name], grads_torch[name]) for name in grads_torch}
