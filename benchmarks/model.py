@@ -250,6 +250,8 @@ def print_table(args, rows):
 
 
 def _number(text):
+    if text in ("True", "False"):
+        return text == "True"
     for kind in (int, float):
         try:
             return kind(text)
@@ -269,7 +271,8 @@ def parse_args(argv):
     parser.add_argument("--json", help="write every row to this path")
     parser.add_argument("--prefill-chunk", type=int, default=2048, help="generate(prefill_chunk_size=...); 0: off")
     parser.add_argument("--ours-overrides", default="",
-                        help="config overrides of our models, e.g. loss_chunk_size=4096 (comma separated key=value)")
+                        help="config overrides of our models, e.g. loss_chunk_size=4096,decode_cuda_graphs=True "
+                             "(comma separated key=value)")
     args = parser.parse_args(argv)
     args.dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     args.vocab = 50304

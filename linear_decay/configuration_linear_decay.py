@@ -91,6 +91,9 @@ class LinearDecayConfig(PreTrainedConfig):
         loss_chunk_size: 0, or the number of tokens per chunk of a chunked linear cross-entropy: a training-mode
             forward with labels then computes the loss and its gradients chunk by chunk and never holds the
             [B, T, vocab] logits (the output's `logits` is None); evaluation and generation are unaffected.
+        decode_cuda_graphs: replay one-token decoding steps on CUDA as a captured CUDA graph (one capture per
+            generate() call and batch size), so that the per-step launch overhead of the layers disappears; CPU
+            decoding has no launch overhead and runs eagerly either way.
     """
 
     model_type = "linear_decay"
@@ -122,6 +125,7 @@ class LinearDecayConfig(PreTrainedConfig):
         attention_scale=1.0,
         rms_norm_eps=1e-5,
         loss_chunk_size=0,
+        decode_cuda_graphs=False,
         initializer_range=0.02,
         tie_word_embeddings=False,
         use_cache=True,
@@ -156,6 +160,7 @@ class LinearDecayConfig(PreTrainedConfig):
         self.attention_scale = attention_scale
         self.rms_norm_eps = rms_norm_eps
         self.loss_chunk_size = loss_chunk_size
+        self.decode_cuda_graphs = decode_cuda_graphs
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         if not isinstance(tie_word_embeddings, bool):
@@ -232,7 +237,7 @@ class LinearDecayConfig(PreTrainedConfig):
                            f"must satisfy 0 < mamba2_dt_min <= mamba2_dt_max={self.mamba2_dt_max}")
         if not (_is_real(self.mamba2_dt_init_floor) and self.mamba2_dt_init_floor > 0):
             raise _invalid("mamba2_dt_init_floor", self.mamba2_dt_init_floor, "must be a positive number")
-        for field in ("hgrn2_lower_bound", "use_output_gate", "use_cache"):
+        for field in ("hgrn2_lower_bound", "use_output_gate", "use_cache", "decode_cuda_graphs"):
             if not isinstance(getattr(self, field), bool):
                 raise _invalid(field, getattr(self, field), "allowed: True or False")
         if not (_is_real(self.rope_theta) and self.rope_theta > 1):

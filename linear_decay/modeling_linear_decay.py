@@ -51,7 +51,9 @@ RECURRENT_MAX_TOKENS = 8
 
 
 class RecurrentStateLayer:
-    """Batch-first named state tensors of one layer (the recurrent state S, LightNet's normaliser, ...)."""
+    """Batch-first named state tensors of one layer (the recurrent state S, LightNet's normaliser, ...). Once
+    `pinned` (CUDA-graph decoding), updates of the same shape are written into the existing tensors, so every state
+    keeps its address."""
 
     is_compileable = False
     is_sliding = False
@@ -60,15 +62,21 @@ class RecurrentStateLayer:
 
     def __init__(self):
         self.tensors = {}
+        self.pinned = False
 
     def get(self, name):
         return self.tensors.get(name)
 
     def set(self, name, value):
-        self.tensors[name] = value
+        old = self.tensors.get(name)
+        if self.pinned and old is not None and old is not value and old.shape == value.shape:
+            old.copy_(value)
+        else:
+            self.tensors[name] = value
 
     def _map(self, fn):
-        self.tensors = {name: fn(t) for name, t in self.tensors.items()}
+        for name, t in list(self.tensors.items()):
+            self.set(name, fn(t))
 
     def reorder_cache(self, beam_idx):
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -81,6 +89,7 @@ class RecurrentStateLayer:
 
     def reset(self):
         self.tensors = {}
+        self.pinned = False
 
     def crop(self, tokens_to_remove):
         raise NotImplementedError("a recurrent state cannot be rolled back: it keeps no per-token history")
@@ -107,9 +116,19 @@ class LinearDecayCache(Cache):
         super().__init__(layers=[RecurrentStateLayer() for _ in range(num_layers)])
         self.model_state = RecurrentStateLayer()
         self.seen_tokens = 0
+        self.decode_graph = None  # the captured decoding step (`DecodeGraph`), when config.decode_cuda_graphs
 
     def _all_layers(self):
         return [*self.layers, self.model_state]
+
+    def state_tensors(self):
+        """Every tensor the cache holds, in a fixed order."""
+        return [t for layer in self._all_layers() for _, t in sorted(layer.tensors.items())]
+
+    def pin(self):
+        """From now on state updates are written in place (`RecurrentStateLayer.pinned`)."""
+        for layer in self._all_layers():
+            layer.pinned = True
 
     def get_seq_length(self, layer_idx=0):
         return self.seen_tokens
@@ -136,6 +155,7 @@ class LinearDecayCache(Cache):
         for layer in self._all_layers():
             layer.reset()
         self.seen_tokens = 0
+        self.decode_graph = None
 
     def crop(self, tokens_to_remove):
         raise NotImplementedError("LinearDecayCache keeps no per-token history and cannot be cropped")
@@ -520,6 +540,7 @@ class LinearDecayModel(LinearDecayPreTrainedModel):
         else:
             self.lower_bound_logits = None
         self.gradient_checkpointing = False
+        self.tokens_checked = False  # set while a CUDA graph is captured: the caller has range-checked input_ids
         self.post_init()
 
     def get_input_embeddings(self):
@@ -609,7 +630,8 @@ class LinearDecayModel(LinearDecayPreTrainedModel):
                 raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
             if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
                 raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
-            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.vocab_size):
+            if input_ids.numel() and not self.tokens_checked and (
+                    int(input_ids.min()) < 0 or int(input_ids.max()) >= self.vocab_size):
                 bad = input_ids[(input_ids < 0) | (input_ids >= self.vocab_size)][0].item()
                 raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, {self.vocab_size})")
             batch, length = input_ids.shape
@@ -708,6 +730,79 @@ def chunked_linear_cross_entropy(hidden_states, weight, labels, chunk, num_items
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk, divisor if divisor > 0 else float("nan"))
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA-graph decoding (config.decode_cuda_graphs)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class DecodeGraph:
+    """One-token decoding steps of a model on one cache, replayed as a CUDA graph.
+
+    The cache is pinned (states updated in place, so their addresses are fixed), the step runs twice on a side
+    stream to compile and warm up every kernel, the states are restored from a snapshot, and the step is captured
+    with a static input buffer. Each call then copies the new tokens into that buffer and replays: the whole step
+    (embedding, every layer, the head) is one launch. `capture=False` keeps all of this but runs the step eagerly on
+    the static buffer (what CPU tests exercise; the graph itself needs CUDA)."""
+
+    @staticmethod
+    def enabled_on(input_ids):
+        """CUDA tensors only: CPU decoding has no launch overhead to remove."""
+        return input_ids is not None and input_ids.is_cuda
+
+    def __init__(self, model, cache, input_ids, capture=True):
+        self.batch_size, self.capture = input_ids.shape[0], capture
+        cache.pin()
+        names_before = [sorted(layer.tensors) for layer in cache._all_layers()]
+        snapshot = [t.clone() for t in cache.state_tensors()]
+        seen = cache.seen_tokens
+        self.static_ids = input_ids.clone()
+        if capture:
+            side = torch.cuda.Stream(device=input_ids.device)
+            side.wait_stream(torch.cuda.current_stream(input_ids.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._step(model, cache)
+            torch.cuda.current_stream(input_ids.device).wait_stream(side)
+        else:
+            self._step(model, cache)
+        if [sorted(layer.tensors) for layer in cache._all_layers()] != names_before:
+            raise RuntimeError("a decoding step created cache state that the prefill did not: cannot pin it")
+        for tensor, saved in zip(cache.state_tensors(), snapshot):
+            tensor.copy_(saved)
+        self.addresses = self._addresses(cache)
+        if capture:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.static_logits = self._step(model, cache)
+        cache.seen_tokens = seen
+
+    def _step(self, model, cache):
+        model.model.tokens_checked = True
+        try:
+            hidden = model.model(input_ids=self.static_ids, cache=cache, use_cache=True).last_hidden_state
+        finally:
+            model.model.tokens_checked = False
+        return model.lm_head(hidden)
+
+    @staticmethod
+    def _addresses(cache):
+        return [t.data_ptr() for t in cache.state_tensors()]
+
+    def matches(self, cache, input_ids):
+        """Whether this graph still reads this cache's tensors for a batch of this size."""
+        return input_ids.shape[0] == self.batch_size and self._addresses(cache) == self.addresses
+
+    def __call__(self, model, cache, input_ids):
+        self.static_ids.copy_(input_ids)
+        if self.capture:
+            self.graph.replay()
+            logits = self.static_logits.clone()
+            cache.seen_tokens += 1
+        else:
+            logits = self._step(model, cache)
+        return logits
+
+
 class LinearDecayForCausalLM(LinearDecayPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -750,6 +845,15 @@ class LinearDecayForCausalLM(LinearDecayPreTrainedModel, GenerationMixin):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, cache=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None, return_dict=None,
                 logits_to_keep=0, **kwargs):
+        cache = cache if cache is not None else past_key_values
+        if self._graph_decodable(input_ids, attention_mask, position_ids, cache, inputs_embeds, labels, use_cache,
+                                 output_hidden_states):
+            self.model._check_inputs(input_ids, None, attention_mask, cache.get_seq_length())
+            graph = cache.decode_graph
+            if graph is None or not graph.matches(cache, input_ids):
+                graph = cache.decode_graph = DecodeGraph(self, cache, input_ids, capture=input_ids.is_cuda)
+            output = CausalLMOutputWithPast(logits=graph(self, cache, input_ids), **{CACHE_FIELD: cache})
+            return output if return_dict is not False else output.to_tuple()
         if labels is not None:
             expected = tuple((input_ids if input_ids is not None else inputs_embeds).shape[:2])
             if tuple(labels.shape) != expected:
@@ -758,9 +862,9 @@ class LinearDecayForCausalLM(LinearDecayPreTrainedModel, GenerationMixin):
             if bool(bad.any()):
                 raise ValueError(f"labels contain {labels[bad][0].item()}, neither -100 nor in [0, {self.vocab_size})")
         outputs = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            cache=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-            output_hidden_states=output_hidden_states, return_dict=True,
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         hidden_states = outputs.last_hidden_state
         logits = loss = None
@@ -775,6 +879,19 @@ class LinearDecayForCausalLM(LinearDecayPreTrainedModel, GenerationMixin):
         output = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                                         **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)})
         return output if return_dict is not False else output.to_tuple()
+
+    def _graph_decodable(self, input_ids, attention_mask, position_ids, cache, inputs_embeds, labels, use_cache,
+                         output_hidden_states):
+        """A one-token decoding step that `DecodeGraph` can replay: config.decode_cuda_graphs, CUDA, a filled cache,
+        no gradients, nothing but the new tokens (whose mask column, if any, marks them real)."""
+        if not (self.config.decode_cuda_graphs and DecodeGraph.enabled_on(input_ids)):
+            return False
+        if (inputs_embeds is not None or labels is not None or position_ids is not None or output_hidden_states
+                or use_cache is False or self.training or torch.is_grad_enabled()):
+            return False
+        if not isinstance(cache, LinearDecayCache) or cache.seen_tokens == 0 or input_ids.shape[1] != 1:
+            return False
+        return attention_mask is None or bool(attention_mask[:, -1].bool().all())
 
 
 LinearDecayModel.register_for_auto_class("AutoModel")

@@ -34,7 +34,7 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("the Triton kernel tests need a CUDA GPU", allow_module_level=True)
 
-from linear_decay.modeling_linear_decay import CACHE_FIELD, RECURRENT_MAX_TOKENS  # noqa: E402
+from linear_decay.modeling_linear_decay import CACHE_FIELD, RECURRENT_MAX_TOKENS, DecodeGraph  # noqa: E402
 from linear_decay.recurrence_linear_decay import BACKENDS, naive_recurrence, resolve_backend  # noqa: E402
 
 from conftest import perturbed_model, relative_error, tiny_config  # noqa: E402
@@ -551,3 +551,41 @@ def test_torch_compile_matches_eager(dtype, backend):
     err = global_error(comp_grads, eager_grads)
     assert err <= grads_tol, f"compiled grads: relative error {err:.2e}"
     assert all(bool(torch.isfinite(g).all()) for g in comp_grads.values())
+
+
+@pytest.mark.parametrize("combo", [MODEL_COMBOS[0], MODEL_COMBOS[2], MODEL_COMBOS[4]], ids=model_id)
+def test_cuda_graph_decoding_matches_eager(combo, backend):
+    """config.decode_cuda_graphs: the captured and replayed decoding step gives the eager path's tokens and scores
+    (greedy and beam search, a left-padded row, fp32), with one capture per generate() call."""
+    backend("triton")
+    model = perturbed_model(model_config(combo), seed=seed_of("graph-model", combo) % 2 ** 31).to(DEVICE).eval()
+    ids = torch.randint(1, 64, (3, 40), generator=cpu_generator("graph-ids", combo)).to(DEVICE)
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0
+    captures = []
+    original = DecodeGraph.__init__
+
+    def counted(self, *args, **kwargs):
+        captures.append(kwargs.get("capture", args[3] if len(args) > 3 else True))
+        original(self, *args, **kwargs)
+
+    DecodeGraph.__init__ = counted
+    try:
+        for options in (dict(do_sample=False), dict(do_sample=False, num_beams=3)):
+            runs = []
+            for graphs in (False, True):
+                model.config.decode_cuda_graphs = graphs
+                runs.append(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12,
+                                           pad_token_id=0, output_scores=True, return_dict_in_generate=True,
+                                           **options))
+            assert captures == [True], options
+            captures.clear()
+            eager, graphed = runs
+            assert torch.equal(eager.sequences, graphed.sequences), options
+            for e, g in zip(eager.scores, graphed.scores):
+                finite = torch.isfinite(e)
+                assert torch.equal(finite, torch.isfinite(g))
+                assert_close(g[finite], e[finite], 1e-5, "graph-replayed scores")
+    finally:
+        DecodeGraph.__init__ = original
+        model.config.decode_cuda_graphs = False

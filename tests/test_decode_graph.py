@@ -1,0 +1,124 @@
+"""CUDA-graph decoding (config.decode_cuda_graphs, `DecodeGraph`) on the CPU: everything but the capture itself.
+
+`DecodeGraph(capture=False)` pins the cache, warms the step up, restores the states from the snapshot and then runs
+each step on its static input buffer, exactly the bookkeeping the captured graph relies on; the captured replay is
+tested on the GPU (tests/test_kernels_gpu.py). References: generate() with the option off (the plain eager path).
+"""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import linear_decay.modeling_linear_decay as modeling
+from linear_decay import LinearDecayCache
+
+from conftest import combo_id, perturbed_model, relative_error, tiny_config
+
+COMBOS = [
+    ("mamba2", "vector", False, "rope"),
+    ("gla", "vector", True, "lrpe"),
+    ("hgrn2", "scalar", False, "tpe"),
+    ("lightnet", "vector", False, "rope"),
+    ("tnl", "scalar", False, "none"),
+]
+
+
+@pytest.fixture
+def graphs_on_cpu(monkeypatch):
+    """Let the graph path run on CPU tensors (eagerly, capture=False) and count the graphs built."""
+    monkeypatch.setattr(modeling.DecodeGraph, "enabled_on", staticmethod(lambda ids: ids is not None))
+    built = []
+    original = modeling.DecodeGraph.__init__
+
+    def counted(self, *args, **kwargs):
+        built.append(1)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling.DecodeGraph, "__init__", counted)
+    return built
+
+
+def model_for(combo, graphs):
+    decay_type, granularity, share, position = combo
+    model = perturbed_model(tiny_config(decay_type=decay_type, decay_granularity=granularity, share_decay=share,
+                                        position_encoding=position, decode_cuda_graphs=graphs)).eval()
+    return model
+
+
+def prompt(vocab, seed=0):
+    ids = torch.randint(1, vocab, (3, 9), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # a left-padded row
+    ids[0, :3] = 0
+    return ids, mask
+
+
+def generate(model, ids, mask, **options):
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, pad_token_id=0,
+                          output_scores=True, return_dict_in_generate=True, **options)
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=combo_id)
+def test_graph_decoding_matches_eager_greedy_and_beam(graphs_on_cpu, combo):
+    model = model_for(combo, graphs=False)
+    ids, mask = prompt(model.config.vocab_size)
+    for options in (dict(do_sample=False), dict(do_sample=False, num_beams=3)):
+        model.config.decode_cuda_graphs = False
+        expected = generate(model, ids, mask, **options)
+        assert not graphs_on_cpu
+        model.config.decode_cuda_graphs = True
+        actual = generate(model, ids, mask, **options)
+        assert len(graphs_on_cpu) == 1  # one per generate() call; beam reordering keeps the pinned addresses
+        graphs_on_cpu.clear()
+        assert torch.equal(actual.sequences, expected.sequences), options
+        for a, e in zip(actual.scores, expected.scores):
+            finite = torch.isfinite(e)
+            assert torch.equal(finite, torch.isfinite(a))
+            assert relative_error(a[finite], e[finite]) <= 1e-6
+
+
+def test_pinned_states_keep_their_addresses_and_the_step_never_syncs(graphs_on_cpu):
+    """After the prefill every state tensor keeps its storage through the decoding steps (what a replayed graph
+    reads and writes), and the step body has no host synchronisation (a captured graph cannot contain one)."""
+    model = model_for(("lightnet", "vector", False, "rope"), graphs=True)
+    ids, mask = prompt(model.config.vocab_size, seed=1)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        cache = out.past_key_values if hasattr(out, "past_key_values") else out.cache
+        assert isinstance(cache, LinearDecayCache)
+        step_ids = out.logits[:, -1:].argmax(-1)
+        step_mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
+        model(input_ids=step_ids, attention_mask=step_mask, cache=cache)  # builds the graph
+        graph = cache.decode_graph
+        addresses = [t.data_ptr() for t in cache.state_tensors()]
+        seen = cache.seen_tokens
+
+        class NoHostSync(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                assert func not in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default), \
+                    f"host synchronisation inside the decoding step: {func}"
+                return func(*args, **(kwargs or {}))
+
+        with NoHostSync():
+            graph._step(model, cache)
+        assert [t.data_ptr() for t in cache.state_tensors()] == addresses
+        assert cache.seen_tokens == seen + 1 and cache.decode_graph is graph
+
+
+def test_graph_path_is_skipped_where_it_does_not_apply(graphs_on_cpu):
+    """Prefill, gradients, and a new token marked padding in the mask take the eager path."""
+    model = model_for(("mamba2", "scalar", False, "none"), graphs=True)
+    ids, mask = prompt(model.config.vocab_size, seed=2)
+    out = model(input_ids=ids, attention_mask=mask, use_cache=True)  # gradients enabled
+    cache = out.past_key_values if hasattr(out, "past_key_values") else out.cache
+    step = torch.ones(3, 1, dtype=torch.long)
+    model(input_ids=step, attention_mask=torch.cat([mask, torch.ones_like(step)], 1), cache=cache)
+    with torch.no_grad():
+        model(input_ids=step, attention_mask=torch.cat([mask, torch.ones_like(step), torch.zeros_like(step)], 1),
+              cache=cache)
+    assert not graphs_on_cpu
+
+
+def test_invalid_option_is_a_clear_error():
+    with pytest.raises(ValueError, match="decode_cuda_graphs"):
+        tiny_config(decode_cuda_graphs="yes")
