@@ -92,27 +92,38 @@ def on_device(builder, device, dtype):
     return model.to(device=device, dtype=dtype)
 
 
+def training_setup(args, builder, batch, length):
+    """A fresh model in training mode on the device and a function that runs one training step (forward, backward,
+    AdamW) on a fixed random batch and returns the loss."""
+    reset_memory(args.device)
+    model = on_device(builder, args.device, args.dtype).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=args.device == "cuda")
+    ids = torch.randint(0, args.vocab, (batch, length), generator=torch.Generator().manual_seed(0)).to(args.device)
+
+    def step():
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return model, step
+
+
 def section_train(args, rows):
     for name, builder in models(args):
         for batch, length in args.train_shapes:
             row = dict(section="train", model=name, batch=batch, length=length)
-            model = optimizer = None
+            model = step = None
             try:
-                reset_memory(args.device)
-                model = on_device(builder, args.device, args.dtype).train()
-                optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=args.device == "cuda")
-                generator = torch.Generator().manual_seed(0)
-                ids = torch.randint(0, args.vocab, (batch, length), generator=generator).to(args.device)
+                model, step = training_setup(args, builder, batch, length)
                 times = []
-                for step in range(args.warmup + args.steps):
+                for index in range(args.warmup + args.steps):
                     synchronize(args.device)
                     start = time.perf_counter()
-                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-                    loss.backward()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    loss = step()
                     synchronize(args.device)
-                    if step >= args.warmup:
+                    if index >= args.warmup:
                         times.append(time.perf_counter() - start)
                 step_s = statistics.median(times)
                 row.update(step_ms=step_s * 1e3, tokens_per_s=batch * length / step_s, loss=loss.item(),
@@ -121,7 +132,7 @@ def section_train(args, rows):
             except Exception as error:  # noqa: BLE001  (a row that cannot run, e.g. out of memory)
                 row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
                 traceback.print_exc()
-            del model, optimizer
+            del model, step
             rows.append(row)
             print(f"[train] {row}", flush=True)
 
@@ -134,19 +145,9 @@ def section_profile(args, rows):
     sort_by = "self_device_time_total" if args.device == "cuda" else "self_cpu_time_total"
     for name, builder in models(args):
         row = dict(section="profile", model=name, batch=batch, length=length)
-        model = optimizer = None
+        model = step = None
         try:
-            reset_memory(args.device)
-            model = on_device(builder, args.device, args.dtype).train()
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=args.device == "cuda")
-            ids = torch.randint(0, args.vocab, (batch, length), generator=torch.Generator().manual_seed(0))
-            ids = ids.to(args.device)
-
-            def step():
-                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
+            model, step = training_setup(args, builder, batch, length)
             for _ in range(args.warmup):
                 step()
             synchronize(args.device)
@@ -161,7 +162,7 @@ def section_profile(args, rows):
         except Exception as error:  # noqa: BLE001
             row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
             traceback.print_exc()
-        del model, optimizer
+        del model, step
         rows.append(row)
 
 

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# One call on the lent GPU machine for the kernels issue: localise, test, then time. Each step has its own time limit
-# and writes its log into LOGS (the device tool's $OUT), so a step that runs long costs only its own budget.
-#   benchmarks/gpu_kernel_checks.sh LOGS [SECONDS]       (SECONDS: the call's budget, default 570)
-# Carry the FLA wheels (.whl, see /work/.library/device/README.md) to time FLA in the same run; without them the
-# benchmark prints ours and SDPA only.
+# One call on the lent GPU machine: a plan of time-boxed steps, each writing its log into LOGS (the device tool's
+# $OUT), so a step that runs long costs only its own budget.
+#   benchmarks/gpu_checks.sh LOGS [SECONDS] [PLAN]       (SECONDS: the call's budget, default 570)
+#   PLAN kernels (default): localise (diagnose), test (tests/test_kernels_gpu.py), then time the kernels (ours, decode,
+#        FLA at shape 0). Carry the FLA wheels (.whl, see /work/.library/device/README.md) to time FLA in the same
+#        run; without them the benchmark prints ours and SDPA only.
+#   PLAN model: the whole-model benchmark (training, generate() eager and with CUDA-graph decoding, the profile,
+#        the cold start).
 set -u
-LOGS=${1:?usage: gpu_kernel_checks.sh LOGS [SECONDS]}
+LOGS=${1:?usage: gpu_checks.sh LOGS [SECONDS] [kernels|model]}
 BUDGET=${2:-570}
+PLAN=${3:-kernels}
 mkdir -p "$LOGS"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -27,6 +31,17 @@ step() {  # step NAME SECONDS COMMAND...: run within its limit and what is left 
 
 nvidia-smi -L
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
+if [ "$PLAN" = model ]; then
+  step model_train 180 python3 benchmarks/model.py --sections train --json "$LOGS/model_train.json"
+  step model_generate 120 python3 benchmarks/model.py --sections generate --json "$LOGS/model_generate.json"
+  step model_generate_graphs 100 python3 benchmarks/model.py --sections generate --ours-overrides \
+    decode_cuda_graphs=True --decays mamba2:vector,gla:vector,simple:scalar --json "$LOGS/model_generate_graphs.json"
+  step model_profile 80 python3 benchmarks/model.py --sections profile --decays mamba2:vector,simple:scalar \
+    --json "$LOGS/model_profile.json"
+  step model_cold 70 python3 benchmarks/model.py --sections cold --decays mamba2:vector --json "$LOGS/model_cold.json"
+  exit 0
+fi
+[ "$PLAN" = kernels ] || { echo "unknown plan $PLAN (kernels or model)"; exit 2; }
 step diagnose 150 python3 benchmarks/diagnose_chunk_kernels.py --length 200 --dims 128 --dtypes bfloat16,float32 \
   --reload 1
 step gpu_tests 240 python3 -m pytest tests/test_kernels_gpu.py -q -n 14 -p no:cacheprovider
