@@ -69,7 +69,8 @@ class RecurrentStateLayer:
 
     def set(self, name, value):
         old = self.tensors.get(name)
-        if self.pinned and old is not None and old is not value and old.shape == value.shape:
+        if (self.pinned and old is not None and old is not value and old.shape == value.shape
+                and old.device == value.device and old.dtype == value.dtype):
             old.copy_(value)
         else:
             self.tensors[name] = value
