@@ -20,9 +20,9 @@ Algorithm (per head; b = cumulative log λ, fp32 throughout; q is pre-multiplied
   allows and with the explicit pairwise decay (exponents ≤ 0 only) when not, so strong decays stay exact.
 - backward: the state gradient at every chunk end (`_chunk_state_grads_kernel`, reverse walk), then per chunk
   dq (`_chunk_dq_kernel`, forward over sub-chunks) and dk, dv (`_chunk_dk_dv_kernel`, reverse), one step or a
-  sub-chunk walk as in the forward; partial dq, dk per value block are
-  summed afterwards (deterministic, no atomics). d log λ is the reverse cumulative sum of q ⊙ dq − k ⊙ dk plus the
-  final-state term Σ_v dS_T ⊙ S_T (`_reverse_cumsum_kernel`).
+  sub-chunk walk as in the forward; partial dq, dk per value block are summed afterwards (deterministic, no
+  atomics) by `_finish_grads_kernel`, in the same pass as d log λ: the reverse cumulative sum of q ⊙ dq − k ⊙ dk
+  plus the final-state term Σ_v dS_T ⊙ S_T.
 
 Triton ≥ 3.4 and < 3.7.1 miscompiles `tl.dot(tl.trans(x), y)` on Hopper when x is a down-cast dot result (DESIGN §7):
 transposed operands here are always loaded or elementwise tensors; results wanted transposed are computed as
@@ -495,26 +495,55 @@ def _dk_dv_walk(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dk_ptr, dv_ptr, state_ptrs, 
 
 
 @triton.jit
-def _reverse_cumsum_kernel(x_ptr, carry_ptr, out_ptr, cu_seqlens_ptr, H: tl.constexpr, D: tl.constexpr,
-                           BD: tl.constexpr, C: tl.constexpr, HAS_CARRY: tl.constexpr):
-    """out_t = carry + Σ_{s ≥ t} x_s within each sequence of packed [T, H, D] fp32 (d log λ from its local terms)."""
+def _finish_grads_kernel(q_ptr, k_ptr, dq_parts_ptr, dk_parts_ptr, carry_ptr, dq_ptr, dk_ptr, dg_ptr, cu_seqlens_ptr,
+                         scale, total_tokens, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+                         DQ_PARTS: tl.constexpr, DK_PARTS: tl.constexpr, C: tl.constexpr, DECAY_GRAD: tl.constexpr,
+                         VECTOR: tl.constexpr, HAS_CARRY: tl.constexpr):
+    """One pass over each (sequence, head), last chunk first: dq = scale · Σ parts, dk = Σ parts (the per-value-block
+    partial sums of the dq and dk kernels), and with DECAY_GRAD d log λ_t = carry + Σ_{s ≥ t} (q ⊙ dq' − k ⊙ dk)_s
+    (summed over the key dim unless VECTOR; carry = Σ_v dS_T ⊙ S_T)."""
     seq_head = tl.program_id(0)
     seq, head = seq_head // H, seq_head % H
     bos, eos = tl.load(cu_seqlens_ptr + seq), tl.load(cu_seqlens_ptr + seq + 1)
-    cd = tl.arange(0, BD)
-    if HAS_CARRY:
-        carry = tl.load(carry_ptr + seq_head * D + cd, mask=cd < D, other=0.0)
-    else:
-        carry = tl.zeros((BD,), dtype=tl.float32)
+    ck = tl.arange(0, BK)
+    if DECAY_GRAD:
+        if VECTOR:
+            if HAS_CARRY:
+                carry = tl.load(carry_ptr + seq_head * K + ck, mask=ck < K, other=0.0)
+            else:
+                carry = tl.zeros((BK,), dtype=tl.float32)
+        else:
+            carry = tl.zeros((1,), dtype=tl.float32)
+            if HAS_CARRY:
+                carry += tl.load(carry_ptr + seq_head + tl.arange(0, 1))
     backwards = C - 1 - tl.arange(0, C)  # rows read last-to-first, so that a forward cumsum is the reverse one
+    part_stride = total_tokens * H * K
     num_chunks = tl.cdiv(eos - bos, C)
     for r in range(num_chunks):
         token0 = bos + (num_chunks - 1 - r) * C
-        mask = (token0 + backwards < eos)[:, None] & (cd < D)[None, :]
-        ptrs = ((token0 + backwards[:, None]) * H + head) * D + cd[None, :]
-        x = tl.load(x_ptr + ptrs, mask=mask, other=0.0)
-        tl.store(out_ptr + ptrs, tl.cumsum(x, axis=0) + carry[None, :], mask=mask)
-        carry += tl.sum(x, axis=0)
+        row_mask = token0 + backwards < eos
+        mask = row_mask[:, None] & (ck < K)[None, :]
+        offsets = ((token0 + backwards[:, None]) * H + head) * K + ck[None, :]
+        dq = tl.zeros((C, BK), dtype=tl.float32)
+        for part in tl.static_range(DQ_PARTS):
+            dq += tl.load(dq_parts_ptr + part * part_stride + offsets, mask=mask, other=0.0)
+        dk = tl.zeros((C, BK), dtype=tl.float32)
+        for part in tl.static_range(DK_PARTS):
+            dk += tl.load(dk_parts_ptr + part * part_stride + offsets, mask=mask, other=0.0)
+        tl.store(dq_ptr + offsets, (dq * scale).to(dq_ptr.dtype.element_ty), mask=mask)
+        tl.store(dk_ptr + offsets, dk.to(dk_ptr.dtype.element_ty), mask=mask)
+        if DECAY_GRAD:
+            q = tl.load(q_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            k = tl.load(k_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            local = q * scale * dq - k * dk
+            if VECTOR:
+                tl.store(dg_ptr + offsets, tl.cumsum(local, axis=0) + carry[None, :], mask=mask)
+                carry += tl.sum(local, axis=0)
+            else:
+                local = tl.sum(local, axis=1)[:, None]  # [C, 1]: the carry stays a 1-vector like the vector case's
+                tl.store(dg_ptr + (token0 + backwards[:, None]) * H + head, tl.cumsum(local, axis=0) + carry[None, :],
+                         mask=row_mask[:, None])
+                carry += tl.sum(local, axis=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -621,28 +650,29 @@ class _ChunkedRecurrence(torch.autograd.Function):
         _chunk_dk_dv_kernel[(value_blocks, layout[2].numel(), heads)](
             q, k, v, g, do, state_grads, dk, dv, layout[0], layout[2], layout[3], scale, total_tokens, heads, key_dim,
             value_dim, block_k, block_v, CHUNK, sub_chunk, decay, dot_dtype, precision, **launch)
-        dq, dk = dq.sum(0), dk.sum(0)  # dq here is ∂L/∂(scale·q)
-
+        # dq, dk from their per-value-block parts (dq here is ∂L/∂(scale·q)), and d log λ, in one pass
+        vector = decay == DECAY_VECTOR
+        carry = None
+        if needs_decay_grad and final_grad is not None:
+            carry = (final_grad * final).sum(-1)  # Σ_v dS_T ⊙ S_T: [N, H, K]
+            carry = carry.contiguous() if vector else carry.sum(-1).contiguous()
         d_log_decay = None
         if needs_decay_grad:
-            local = q.float() * scale * dq - k.float() * dk  # [B, T, H, K]
-            carry = (final_grad * final).sum(-1) if final_grad is not None else None  # Σ_v dS_T ⊙ S_T
-            if decay != DECAY_VECTOR:
-                local = local.sum(-1, keepdim=True)
-                carry = carry.sum(-1, keepdim=True) if carry is not None else None
-            d_log_decay = torch.empty_like(local)
-            depth = local.shape[-1]
-            _reverse_cumsum_kernel[(num_sequences * heads,)](
-                local, carry, d_log_decay, layout[0], heads, depth, triton.next_power_of_2(depth), CHUNK,
-                carry is not None, num_warps=4)
-            if decay == DECAY_SCALAR:
-                d_log_decay = d_log_decay.squeeze(-1)
-            elif decay == DECAY_STATIC:
-                d_log_decay = d_log_decay.sum((0, 1, 3))
+            d_log_decay = torch.empty(batch, length, heads, *((key_dim,) if vector else ()), device=q.device,
+                                      dtype=torch.float32)
+        dq_parts, dk_parts = dq, dk
+        dq, dk = torch.empty_like(q), torch.empty_like(k)
+        _finish_grads_kernel[(num_sequences * heads,)](
+            q, k, dq_parts, dk_parts, carry, dq, dk, d_log_decay, layout[0], scale, total_tokens, heads, key_dim,
+            block_k, dq_parts.shape[0], dk_parts.shape[0], CHUNK, needs_decay_grad, vector, carry is not None,
+            num_warps=8)
+        if d_log_decay is not None:
+            if decay == DECAY_STATIC:
+                d_log_decay = d_log_decay.sum((0, 1))
             d_log_decay = d_log_decay.view(ctx.log_decay_shape).to(ctx.log_decay_dtype)
         if initial_grad is not None:
             initial_grad = initial_grad.to(ctx.initial_dtype)
-        return ((dq * scale).to(q.dtype), dk.to(k.dtype), dv, d_log_decay, initial_grad, None, None, None)
+        return dq, dk, dv, d_log_decay, initial_grad, None, None, None
 
 
 def _key_block(key_dim):
