@@ -77,10 +77,11 @@ def test_graph_decoding_matches_eager_greedy_and_beam(graphs_on_cpu, combo):
             assert relative_error(a[finite], e[finite]) <= 1e-6
 
 
-def test_pinned_states_keep_their_addresses_and_the_step_never_syncs(graphs_on_cpu):
+@pytest.mark.parametrize("combo", COMBOS, ids=combo_id)
+def test_pinned_states_keep_their_addresses_and_the_step_never_syncs(graphs_on_cpu, combo):
     """After the prefill every state tensor keeps its storage through the decoding steps (what a replayed graph
     reads and writes), and the step body has no host synchronisation (a captured graph cannot contain one)."""
-    model = model_for(("lightnet", "vector", False, "rope"), graphs=True)
+    model = model_for(combo, graphs=True)
     ids, mask = prompt(model.config.vocab_size, seed=1)
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, use_cache=True)
