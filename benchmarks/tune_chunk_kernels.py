@@ -5,6 +5,11 @@
 For each decay kind and each candidate (value block, warps, stages) it runs forward+backward in bf16 under the
 torch profiler and reads each kernel's own time, checks the result against the fp32 PyTorch chunked path (a wrong
 variant is dropped), and prints the best setting per kernel: the values to write into TUNING / TUNING_OVERRIDES.
+
+`--roofline` instead profiles the current TUNING once per decay kind and prints, per kernel, its time next to the
+least bytes it must move and the matmul FLOPs it must do (`kernel_work`), as fractions of the measured copy bandwidth
+and bf16 matmul rate (`--copy-gbps`, `--matmul-tflops`; bench_kernels.py --only ceilings measures them): where the
+time of a forward+backward goes, and how far each kernel is from its bound.
 """
 
 import argparse
@@ -25,6 +30,48 @@ KERNELS = {"states": "_chunk_states_kernel", "output": "_chunk_output_kernel",
            "state_grads": "_chunk_state_grads_kernel", "dq": "_chunk_dq_kernel",
            "dk_dv": "_chunk_dk_dv_kernel"}
 KIND_CODE = {"vector": kernels.DECAY_VECTOR, "scalar": kernels.DECAY_SCALAR}
+PROFILED = {**KERNELS, "finish": "_finish_grads_kernel"}  # the last one has no launch settings to tune
+
+
+def kernel_work(kind, shape, block_v):
+    """{kernel: (bytes, FLOPs)}: the least each kernel moves (every tensor it must read or write once; bf16 q, k, v,
+    do, o and chunk states, fp32 log λ, dq / dk parts and d log λ) and the matmul FLOPs of the algorithm (intra-chunk
+    scores and mixes over the CHUNK tokens of a chunk, state products over the key and value dims), for one forward +
+    backward at `shape` = (B, T, H, D) with K = V = D; re-reads across value blocks are not counted (they are the
+    kernels' choice, the bound is what any kernel must do)."""
+    batch, length, heads, dim = shape
+    tokens, chunk = batch * length, kernels.CHUNK
+    chunks = tokens // chunk
+    act = tokens * heads * dim * 2  # one bf16 [B, T, H, D] tensor
+    decay = tokens * heads * (dim if kind == "vector" else 1) * 4
+    states = chunks * heads * dim * dim * 2
+    parts = tokens * heads * dim * 4 * max(1, dim // block_v)  # the fp32 dq or dk parts, one per value block
+    state_product = 2 * tokens * heads * dim * dim  # k^T v over all tokens, or q S
+    intra = 2 * tokens * heads * chunk * dim  # scores (or their gradient) for every token against its chunk
+    return {
+        "states": (2 * act + decay + states, state_product),
+        "output": (3 * act + decay + states + act, state_product + 2 * intra),
+        "state_grads": (2 * act + decay + states, state_product),
+        "dq": (3 * act + decay + states + parts, state_product + 2 * intra),
+        "dk_dv": (4 * act + decay + states + parts + act, 2 * state_product + 4 * intra),
+        "finish": (2 * act + 2 * parts + 2 * act + decay, 0),
+    }
+
+
+def roofline(kinds, shape, copy_gbps, matmul_tflops):
+    """Per kernel: measured ms, the byte- and FLOP-bound ms at the machine's ceilings, and the larger one's share."""
+    for kind in kinds:
+        times = profile(kind, shape)
+        print(f"\n{kind} decay, shape {shape}, ceilings {copy_gbps:.0f} GB/s, {matmul_tflops:.0f} TFLOP/s")
+        print(f"  {'kernel':12s} {'ms':>8s} {'MB':>9s} {'GFLOP':>8s} {'bytes ms':>9s} {'FLOP ms':>8s} {'bound':>6s}")
+        total = 0.0
+        for name, (nbytes, flops) in kernel_work(kind, shape, kernels.TUNING["dq"]["block_v"]).items():
+            ms = times.get(name, float("nan"))
+            total += ms
+            byte_ms, flop_ms = nbytes / copy_gbps / 1e6, flops / matmul_tflops / 1e9
+            print(f"  {name:12s} {ms:8.3f} {nbytes / 1e6:9.1f} {flops / 1e9:8.1f} {byte_ms:9.3f} {flop_ms:8.3f} "
+                  f"{max(byte_ms, flop_ms) / ms:6.0%}")
+        print(f"  {'all':12s} {total:8.3f}")
 
 
 def make_inputs(kind, batch, length, heads, dim, seed=0):
@@ -72,7 +119,7 @@ def profile(kind, shape, iterations=5):
     times = {}
     for event in prof.key_averages():
         time_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
-        for name, kernel in KERNELS.items():
+        for name, kernel in PROFILED.items():
             if kernel in event.key:
                 times[name] = times.get(name, 0.0) + time_us / 1000 / iterations
     return times
@@ -86,8 +133,14 @@ def main():
     parser.add_argument("--warps", default="4,8")
     parser.add_argument("--stages", default="1,2")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--roofline", action="store_true", help="time the current settings against the bounds")
+    parser.add_argument("--copy-gbps", type=float, default=4218.0, help="measured device copy bandwidth")
+    parser.add_argument("--matmul-tflops", type=float, default=678.0, help="measured bf16 matmul rate")
     args = parser.parse_args()
     shape = tuple(int(x) for x in args.shape.split(","))
+    if args.roofline:
+        roofline(args.kinds.split(","), shape, args.copy_gbps, args.matmul_tflops)
+        return
     candidates = [dict(block_v=bv, num_warps=w, num_stages=s) for bv, w, s in itertools.product(
         *(map(int, values.split(",")) for values in (args.block_v, args.warps, args.stages)))]
     print(f"torch {torch.__version__}, triton {kernels.triton.__version__}, {torch.cuda.get_device_name()}, "
