@@ -23,16 +23,17 @@ from .configuration_linear_decay import LinearDecayConfig
 from .decay_linear_decay import DECAY_REGISTRY, DecayParameterization
 from .recurrence_linear_decay import linear_decay_attention, recurrent_step
 
-try:  # the fused (gated) RMSNorm (Triton); CPU-only torch has no Triton and keeps the torch code
+try:  # the fused (gated) RMSNorm and SwiGLU (Triton); CPU-only torch has no Triton and keeps the torch code
     from .kernels_norm_linear_decay import gated_rms_norm, rms_norm
+    from .kernels_swiglu_linear_decay import swiglu
 except ImportError:
-    gated_rms_norm = rms_norm = None
+    gated_rms_norm = rms_norm = swiglu = None
 
 
-def use_norm_kernels(x):
-    """Whether the fused norm kernels run on `x`: the recurrence's backend rule (`resolve_backend`) — auto: on CUDA
-    tensors, triton: always (CPU tensors run in Triton's interpreter), torch / naive: never. Under torch.compile the
-    torch code is traced instead (Inductor fuses it; the kernels would be graph breaks)."""
+def use_fused_kernels(x):
+    """Whether the fused norm and SwiGLU kernels run on `x`: the recurrence's backend rule (`resolve_backend`) —
+    auto: on CUDA tensors, triton: always (CPU tensors run in Triton's interpreter), torch / naive: never. Under
+    torch.compile the torch code is traced instead (Inductor fuses it; the kernels would be graph breaks)."""
     if gated_rms_norm is None or torch.compiler.is_compiling():
         return False
     backend = os.environ.get("LINEAR_DECAY_BACKEND", "auto")
@@ -236,7 +237,7 @@ class LinearDecayRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        if use_norm_kernels(x):
+        if use_fused_kernels(x):
             return rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
@@ -387,7 +388,7 @@ class LinearDecayAttention(nn.Module):
         o = o.reshape(batch, length, hidden)
         if self.gate_proj is not None:
             gate_logits = self.gate_proj(x)
-            if use_norm_kernels(o):
+            if use_fused_kernels(o):
                 return self.o_proj(gated_rms_norm(o, gate_logits, self.out_norm.weight, self.out_norm.eps))
             o = o * torch.sigmoid(gate_logits)
         return self.o_proj(self.out_norm(o))
@@ -413,6 +414,8 @@ class LinearDecayMLP(nn.Module):
         self.down_proj = ZeroInitLinear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
+        if use_fused_kernels(x):
+            return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
