@@ -15,9 +15,10 @@ Algorithm (per head; b = cumulative log λ, fp32 throughout; q is pre-multiplied
 - `_chunk_output_kernel`: one program per (chunk, head, value block): o = (q ⊙ e^{b}) S + A v, A the decayed causal
   scores. Scalar decay forms e^{b_i − b_j} directly, the whole chunk in one step. Vector decay uses the factorised
   matmul (q ⊙ e^{b})(k ⊙ e^{−b})ᵀ, whose exponents are bounded by the decay span: when every channel's span over the
-  chunk is under FACTORISED_DECAY_LIMIT the whole chunk takes it in one step; otherwise the chunk is walked in
-  VECTOR_SUB_CHUNK-token sub-chunks with the state carried between them, each sub-chunk factorised while its own span
-  allows and with the explicit pairwise decay (exponents ≤ 0 only) when not, so strong decays stay exact.
+  chunk is under FACTORISED_DECAY_LIMIT the whole chunk takes it in one step; else, when every span over each half
+  is, the two halves are walked in turn with the state carried between them (e.g. Mamba2 at initialisation, up to
+  −1.6 per token); otherwise VECTOR_SUB_CHUNK-token sub-chunks, each factorised while its own span allows and with
+  the explicit pairwise decay (exponents ≤ 0 only) when not, so strong decays stay exact (`_vector_path`).
 - backward: the state gradient at every chunk end (`_chunk_state_grads_kernel`, reverse walk), then per chunk
   dq (`_chunk_dq_kernel`, forward over sub-chunks) and dk, dv (`_chunk_dk_dv_kernel`, reverse), one step or a
   sub-chunk walk as in the forward; partial dq, dk per value block are summed afterwards (deterministic, no
@@ -212,12 +213,18 @@ def _advance_state(state, k, v, g, b, VECTOR: tl.constexpr, DOT_DTYPE: tl.conste
 
 
 @triton.jit
-def _whole_chunk_factorisable(g_ptr, token0, eos, head, H: tl.constexpr, K: tl.constexpr, ck, C: tl.constexpr):
-    """Vector decay: whether every key channel's log-decay over this chunk sums to ≥ −60 (FACTORISED_DECAY_LIMIT),
-    so that the whole chunk can take the factorised form in one step instead of the sub-chunk walk."""
+def _vector_path(g_ptr, token0, eos, head, H: tl.constexpr, K: tl.constexpr, ck, C: tl.constexpr):
+    """How a chunk with vector decay is taken, from every key channel's decay span (−Σ log λ) over its tokens:
+    0 — the whole chunk in one factorised step (every span over the chunk ≤ 60, FACTORISED_DECAY_LIMIT);
+    1 — its two halves in turn, each factorised (every span over a half ≤ 60);
+    2 — VECTOR_SUB_CHUNK-token sub-chunks in turn, each factorised or pairwise by its own span."""
     rows = tl.arange(0, C)
-    g = _load_log_decay(g_ptr, token0, rows, token0 + rows < eos, head, H, K, ck, 3)
-    return -tl.min(tl.sum(g, axis=0), axis=0) <= 60.0
+    b = tl.cumsum(_load_log_decay(g_ptr, token0, rows, token0 + rows < eos, head, H, K, ck, 3), axis=0)
+    end = tl.sum(tl.where(rows[:, None] == C - 1, b, 0.0), axis=0)  # b is 0-padded past eos: flat there
+    middle = tl.sum(tl.where(rows[:, None] == C // 2 - 1, b, 0.0), axis=0)
+    whole = -tl.min(end, axis=0)
+    halves = tl.maximum(-tl.min(middle, axis=0), -tl.min(end - middle, axis=0))
+    return tl.where(whole <= 60.0, 0, tl.where(halves <= 60.0, 1, 2))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -264,7 +271,7 @@ def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, g_ptr, states_ptr, o_ptr, cu_seqle
                          BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, S: tl.constexpr, DECAY: tl.constexpr,
                          DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, RELOAD_STATE: tl.constexpr):
     """o of one (value block, chunk, head). Vector decay takes the whole chunk in one factorised step when its decay
-    span allows (`_whole_chunk_factorisable`), else walks sub-chunks of S tokens (`_output_walk`)."""
+    span allows, else its halves or sub-chunks of S tokens in turn (`_vector_path`, `_output_walk`)."""
     v_block, chunk, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq, chunk_token = tl.load(chunk_seq_ptr + chunk), tl.load(chunk_token_ptr + chunk)
     eos = tl.load(cu_seqlens_ptr + seq + 1)
@@ -273,9 +280,13 @@ def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, g_ptr, states_ptr, o_ptr, cu_seqle
     state_mask = (ck < K)[:, None] & (cv < V)[None, :]
     state_ptrs = states_ptr + (chunk * H + head) * K * V + ck[:, None] * V + cv[None, :]
     if DECAY == 3:
-        if _whole_chunk_factorisable(g_ptr, chunk_token, eos, head, H, K, ck, C):
+        path = _vector_path(g_ptr, chunk_token, eos, head, H, K, ck, C)
+        if path == 0:
             _output_walk(q_ptr, k_ptr, v_ptr, g_ptr, o_ptr, state_ptrs, state_mask, chunk_token, eos, head, scale, ck,
                          cv, H, K, V, C, C, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
+        elif path == 1:
+            _output_walk(q_ptr, k_ptr, v_ptr, g_ptr, o_ptr, state_ptrs, state_mask, chunk_token, eos, head, scale, ck,
+                         cv, H, K, V, C, C // 2, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
         else:
             _output_walk(q_ptr, k_ptr, v_ptr, g_ptr, o_ptr, state_ptrs, state_mask, chunk_token, eos, head, scale, ck,
                          cv, H, K, V, C, S, DECAY, True, DOT_DTYPE, PRECISION, RELOAD_STATE)
@@ -368,7 +379,7 @@ def _chunk_dq_kernel(k_ptr, v_ptr, g_ptr, do_ptr, states_ptr, dq_ptr, cu_seqlens
                      BV: tl.constexpr, C: tl.constexpr, S: tl.constexpr, DECAY: tl.constexpr,
                      DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, RELOAD_STATE: tl.constexpr):
     """dq' = ∂L/∂(scale·q) of one (value block, chunk, head), partial over the value block (`_dq_walk`); vector
-    decay in one step when the chunk is factorisable, as in `_chunk_output_kernel`."""
+    decay in one step, halves or sub-chunks as in `_chunk_output_kernel`."""
     v_block, chunk, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq, chunk_token = tl.load(chunk_seq_ptr + chunk), tl.load(chunk_token_ptr + chunk)
     eos = tl.load(cu_seqlens_ptr + seq + 1)
@@ -378,9 +389,13 @@ def _chunk_dq_kernel(k_ptr, v_ptr, g_ptr, do_ptr, states_ptr, dq_ptr, cu_seqlens
     state_mask = (ck < K)[:, None] & (cv < V)[None, :]
     dq_ptr += v_block * total_tokens * H * K  # dq, dk: one fp32 slice per value block
     if DECAY == 3:
-        if _whole_chunk_factorisable(g_ptr, chunk_token, eos, head, H, K, ck, C):
+        path = _vector_path(g_ptr, chunk_token, eos, head, H, K, ck, C)
+        if path == 0:
             _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_token, eos, head, ck, cv, H,
                      K, V, C, C, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
+        elif path == 1:
+            _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_token, eos, head, ck, cv, H,
+                     K, V, C, C // 2, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
         else:
             _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_token, eos, head, ck, cv, H,
                      K, V, C, S, DECAY, True, DOT_DTYPE, PRECISION, RELOAD_STATE)
@@ -426,7 +441,7 @@ def _chunk_dk_dv_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, state_grads_ptr, dk_
                         DECAY: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                         RELOAD_STATE: tl.constexpr):
     """dk (partial over the value block) and dv of one (value block, chunk, head) (`_dk_dv_walk`); vector decay in
-    one step when the chunk is factorisable, as in `_chunk_output_kernel`."""
+    one step, halves or sub-chunks as in `_chunk_output_kernel`."""
     v_block, chunk, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq, chunk_token = tl.load(chunk_seq_ptr + chunk), tl.load(chunk_token_ptr + chunk)
     eos = tl.load(cu_seqlens_ptr + seq + 1)
@@ -436,9 +451,13 @@ def _chunk_dk_dv_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, state_grads_ptr, dk_
     state_mask = (ck < K)[:, None] & (cv < V)[None, :]
     dk_ptr += v_block * total_tokens * H * K  # dq, dk: one fp32 slice per value block
     if DECAY == 3:
-        if _whole_chunk_factorisable(g_ptr, chunk_token, eos, head, H, K, ck, C):
+        path = _vector_path(g_ptr, chunk_token, eos, head, H, K, ck, C)
+        if path == 0:
             _dk_dv_walk(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dk_ptr, dv_ptr, state_ptrs, state_mask, chunk_token, eos,
                         head, scale, ck, cv, H, K, V, C, C, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
+        elif path == 1:
+            _dk_dv_walk(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dk_ptr, dv_ptr, state_ptrs, state_mask, chunk_token, eos,
+                        head, scale, ck, cv, H, K, V, C, C // 2, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
         else:
             _dk_dv_walk(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dk_ptr, dv_ptr, state_ptrs, state_mask, chunk_token, eos,
                         head, scale, ck, cv, H, K, V, C, S, DECAY, True, DOT_DTYPE, PRECISION, RELOAD_STATE)

@@ -91,15 +91,25 @@ def test_mixed_strength_sub_chunks():
     assert_close(actual, expected, NAMES[:-1], tolerance=2e-4)
 
 
-def test_whole_chunk_and_sub_chunk_paths_in_one_sequence():
-    """Vector decay takes a chunk in one factorised step when every channel's log-decay over it sums to ≥ −60, else
-    walks sub-chunks: here chunks 0 and 2 are mild and chunk 1 has a strong channel, so one sequence (and its
-    gradients, incl. through the initial state) crosses both paths and their hand-overs of the state."""
-    q, k, v, log_decay, state = make_inputs("vector", 1, 3 * CHUNK - 7, 2, 16, 24, seed=11)
+def test_every_vector_path_in_one_sequence():
+    """Vector decay takes a chunk in one factorised step when every channel's decay span over it is ≤ 60, its two
+    halves in turn when each half's spans are, else 16-token sub-chunks (`_vector_path`): here chunk 0 is mild, chunk 1
+    has a channel at about −5 per step (sub-chunks), chunk 2 one at −1.5 per step (halves: 96 over the chunk, 48 per
+    half), chunk 3 mild and partial; one sequence and its gradients (incl. through the initial state) cross every path
+    and their hand-overs of the state."""
+    q, k, v, log_decay, state = make_inputs("vector", 1, 4 * CHUNK - 7, 2, 16, 24, seed=11)
     with torch.no_grad():
         log_decay[:, CHUNK:2 * CHUNK, :, 3] *= 40.0
-    per_chunk = [-(chunk.sum(0).amin()) for chunk in log_decay.detach()[0].split(CHUNK)]
-    assert per_chunk[0] <= 60.0 < per_chunk[1] and per_chunk[2] <= 60.0, per_chunk
+        log_decay[:, 2 * CHUNK:3 * CHUNK, :, 5] = -1.5
+
+    def spans(part):  # the largest decay span over any channel of any head
+        return float(-part.sum(0).amin())
+
+    chunks = log_decay.detach()[0].split(CHUNK)
+    halves = [max(spans(c[: CHUNK // 2]), spans(c[CHUNK // 2:])) for c in chunks[:3]]
+    assert spans(chunks[0]) <= 60 and spans(chunks[3]) <= 60
+    assert spans(chunks[1]) > 60 and halves[1] > 60
+    assert spans(chunks[2]) > 60 >= halves[2]
     inputs = [q, k, v, log_decay, state]
     actual = outputs_and_grads(triton_chunked_recurrence, inputs, scale=0.5)
     expected = outputs_and_grads(naive_recurrence, inputs, scale=0.5)
