@@ -2,8 +2,8 @@
 # One call on the lent GPU machine: a plan of time-boxed steps, each writing its log into LOGS (the device tool's
 # $OUT), so a step that runs long costs only its own budget.
 #   benchmarks/gpu_checks.sh LOGS [SECONDS] [PLAN]       (SECONDS: the call's budget, default 570)
-#   PLAN kernels (default): localise (diagnose), test (tests/test_kernels_gpu.py), then time the kernels (ours, decode,
-#        FLA at shape 0). Carry the FLA wheels (.whl, see /work/.library/device/README.md) to time FLA in the same
+#   PLAN kernels (default): localise (diagnose), test (tests/test_kernels_gpu.py), then time the kernels (ours, each
+#        kernel against its bound, decode, FLA at shape 0). Carry the FLA wheels (.whl, see /work/.library/device/README.md) to time FLA in the same
 #        run; without them the benchmark prints ours and SDPA only.
 #   PLAN model: the whole-model benchmark (training, generate() eager and with CUDA-graph decoding, the profile,
 #        the cold start).
@@ -46,6 +46,7 @@ step diagnose 150 python3 benchmarks/diagnose_chunk_kernels.py --length 200 --di
   --reload 1
 step gpu_tests 240 python3 -m pytest tests/test_kernels_gpu.py -q -n 14 -p no:cacheprovider
 step bench_ours 90 python3 benchmarks/bench_kernels.py --only chunk --no-check --no-fla --json "$LOGS/chunk_ours.json"
+step roofline 60 python3 benchmarks/tune_chunk_kernels.py --roofline --kinds vector,scalar
 step bench_decode 60 python3 benchmarks/bench_kernels.py --only decode --no-check --json "$LOGS/decode.json"
 # FLA autotunes every op at every shape (minutes each on a cold machine): what the budget allows, shape 0 first
 step bench_fla0 240 python3 benchmarks/bench_kernels.py --only chunk --shape 0 --no-check --json "$LOGS/chunk_fla0.json"
