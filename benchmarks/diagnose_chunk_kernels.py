@@ -14,8 +14,8 @@ The end-to-end GPU tests (tests/test_kernels_gpu.py) say *that* vector decay is 
 under each launch variant (warps of the sub-chunk-walking kernels; RELOAD_STATE on or off: the carried state fed to
 the next dot through memory or straight from the dot accumulator, see `_carried_operand`), for vector and scalar decay, mild and mixed
 (some channels with log λ down to −20 per step, which takes the pairwise branch) decays, fp32 / fp16 / bf16 inputs.
-For vector decay, mild decays take each chunk in one factorised step, mixed ones walk sub-chunks (the two paths of
-the kernels, see their module docstring).
+For vector decay with WHOLE_CHUNKS on, mild decays take each chunk in one factorised step, "halves" (−1.5 per step on
+some channels) its two halves, mixed ones walk 16-token sub-chunks (the three paths, see the kernels' docstring).
 Relative errors ‖x − ref‖ / ‖ref‖ are printed with FAIL beyond 5e-4 (fp32), 5e-3 (fp16), 2e-2 (bf16).
 
     PYTHONPATH=. python3 benchmarks/diagnose_chunk_kernels.py [--length 200] [--dims 128]   (GPU)
@@ -55,6 +55,11 @@ def make_inputs(kind, strength, length, dim, dtype, device, seed=0):
             log_decay[..., : dim // 4] *= 60.0
         else:
             log_decay[:, ::3] *= 60.0
+    elif strength == "halves":  # −1.5 per step on a quarter of the channels: 96 over a chunk, 48 over each half
+        if kind == "vector":
+            log_decay[..., : dim // 4] = -1.5
+        else:
+            log_decay[:] = -1.5
     initial = torch.randn(1, HEADS, dim, dim, generator=generator)
     cast = [x.to(dtype).to(device) for x in (q, k, v)]
     return (*cast, log_decay.to(device), initial.to(device))
@@ -121,6 +126,9 @@ def main(argv=None):
     parser.add_argument("--cpu", action="store_true", help="CPU tensors (needs TRITON_INTERPRET=1); no bf16")
     parser.add_argument("--warps", default="4,8", help="num_warps variants of the output / dq / dk_dv kernels")
     parser.add_argument("--reload", default="1,0", help="RELOAD_STATE variants of the same kernels (1 on, 0 off)")
+    parser.add_argument("--whole-chunks", default="0,1",
+                        help="WHOLE_CHUNKS variants of the same kernels (vector decay: whole chunks / halves where the "
+                             "decay span allows, or always the 16-token walk)")
     parser.add_argument("--dtypes", help="comma list, e.g. bfloat16,float32 (default: float32,float16[,bfloat16 on "
                                          "the GPU]), checked in this order")
     args = parser.parse_args(argv)
@@ -132,18 +140,22 @@ def main(argv=None):
             parser.error("bf16 dots are wrong under Triton's interpreter (DESIGN §7): use the GPU for bfloat16")
     warps = [int(w) for w in args.warps.split(",")]
     reloads = [bool(int(r)) for r in args.reload.split(",")]
+    wholes = [bool(int(w)) for w in args.whole_chunks.split(",")]
     scale = args.dims ** -0.5
     failed = 0
     print(f"T={args.length}, H={HEADS}, K=V={args.dims}, device={device}, triton {kernels.triton.__version__}")
-    print(f"{'decay':7s} {'strength':8s} {'dtype':9s} {'warps':5s} {'reload':6s} {'states':>9s} {'output':>9s}  "
-          "end-to-end")
-    for dtype, kind, strength, num_warps, reload in itertools.product(dtypes, ("vector", "scalar"), ("mild", "mixed"),
-                                                                      warps, reloads):
+    print(f"{'decay':7s} {'strength':8s} {'dtype':9s} {'warps':5s} {'reload':6s} {'whole':6s} {'states':>9s} "
+          f"{'output':>9s}  end-to-end")
+    for dtype, kind, strength, num_warps, reload, whole in itertools.product(
+            dtypes, ("vector", "scalar"), ("mild", "halves", "mixed"), warps, reloads, wholes):
+        if kind == "scalar" and whole != wholes[0]:
+            continue  # WHOLE_CHUNKS changes vector decay only
         decay = kernels.DECAY_VECTOR if kind == "vector" else kernels.DECAY_SCALAR
         saved = dict(kernels.TUNING_OVERRIDES)
         for kernel in ("output", "dq", "dk_dv"):
             kernels.TUNING_OVERRIDES[kernel, decay] = {**kernels.TUNING_OVERRIDES.get((kernel, decay), {}),
-                                                       "num_warps": num_warps, "RELOAD_STATE": reload}
+                                                       "num_warps": num_warps, "RELOAD_STATE": reload,
+                                                       "WHOLE_CHUNKS": whole}
         try:
             q, k, v, log_decay, initial = make_inputs(kind, strength, args.length, args.dims, dtype, device)
             tolerance = TOLERANCES[dtype]
@@ -159,7 +171,8 @@ def main(argv=None):
         bad = any(not e <= tolerance for e in judged)
         failed += bad
         detail = " ".join(f"{n} {e:.1e}" for n, e in end_to_end.items())
-        print(f"{kind:7s} {strength:8s} {str(dtype)[6:]:9s} {num_warps:<5d} {str(reload):6s} {states_error:9.1e} "
+        print(f"{kind:7s} {strength:8s} {str(dtype)[6:]:9s} {num_warps:<5d} {str(reload):6s} {str(whole):6s} "
+              f"{states_error:9.1e} "
               f"{output_error:9.1e}  "
               f"{detail}{'  FAIL' if bad else ''}", flush=True)
     print(f"{failed} failing case(s)")

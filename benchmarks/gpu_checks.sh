@@ -43,8 +43,11 @@ if [ "$PLAN" = model ]; then
 fi
 [ "$PLAN" = kernels ] || { echo "unknown plan $PLAN (kernels or model)"; exit 2; }
 step diagnose 150 python3 benchmarks/diagnose_chunk_kernels.py --length 200 --dims 128 --dtypes bfloat16,float32 \
-  --reload 1
+  --warps 8 --reload 1 --whole-chunks 1,0
 step gpu_tests 240 python3 -m pytest tests/test_kernels_gpu.py -q -n 14 -p no:cacheprovider
+# the vector kernels' whole-chunk / halves paths (TUNING WHOLE_CHUNKS, off by default until this passes)
+LINEAR_DECAY_WHOLE_CHUNKS=1 step gpu_tests_whole_chunks 150 python3 -m pytest tests/test_kernels_gpu.py -q -n 14 \
+  -p no:cacheprovider -k "vector or model or compile"
 step bench_ours 90 python3 benchmarks/bench_kernels.py --only chunk --no-check --no-fla --json "$LOGS/chunk_ours.json"
 step roofline 60 python3 benchmarks/tune_chunk_kernels.py --roofline --kinds vector,scalar
 step bench_decode 60 python3 benchmarks/bench_kernels.py --only decode --no-check --json "$LOGS/decode.json"

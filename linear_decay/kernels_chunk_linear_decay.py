@@ -30,6 +30,8 @@ transposed operands here are always loaded or elementwise tensors; results wante
 `dot(state, trans(loaded))` and transposed in registers.
 """
 
+import os
+
 import torch
 
 try:
@@ -269,7 +271,8 @@ def _chunk_states_kernel(k_ptr, v_ptr, g_ptr, initial_ptr, states_ptr, final_ptr
 def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, g_ptr, states_ptr, o_ptr, cu_seqlens_ptr, chunk_seq_ptr,
                          chunk_token_ptr, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                          BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, S: tl.constexpr, DECAY: tl.constexpr,
-                         DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, RELOAD_STATE: tl.constexpr):
+                         DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, RELOAD_STATE: tl.constexpr,
+                         WHOLE_CHUNKS: tl.constexpr):
     """o of one (value block, chunk, head). Vector decay takes the whole chunk in one factorised step when its decay
     span allows, else its halves or sub-chunks of S tokens in turn (`_vector_path`, `_output_walk`)."""
     v_block, chunk, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -280,7 +283,9 @@ def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, g_ptr, states_ptr, o_ptr, cu_seqle
     state_mask = (ck < K)[:, None] & (cv < V)[None, :]
     state_ptrs = states_ptr + (chunk * H + head) * K * V + ck[:, None] * V + cv[None, :]
     if DECAY == 3:
-        path = _vector_path(g_ptr, chunk_token, eos, head, H, K, ck, C)
+        path = 2  # without WHOLE_CHUNKS: always the sub-chunk walk
+        if WHOLE_CHUNKS:
+            path = _vector_path(g_ptr, chunk_token, eos, head, H, K, ck, C)
         if path == 0:
             _output_walk(q_ptr, k_ptr, v_ptr, g_ptr, o_ptr, state_ptrs, state_mask, chunk_token, eos, head, scale, ck,
                          cv, H, K, V, C, C, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
@@ -377,7 +382,8 @@ def _chunk_state_grads_kernel(q_ptr, do_ptr, g_ptr, final_grad_ptr, state_grads_
 def _chunk_dq_kernel(k_ptr, v_ptr, g_ptr, do_ptr, states_ptr, dq_ptr, cu_seqlens_ptr, chunk_seq_ptr, chunk_token_ptr,
                      total_tokens, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, C: tl.constexpr, S: tl.constexpr, DECAY: tl.constexpr,
-                     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, RELOAD_STATE: tl.constexpr):
+                     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, RELOAD_STATE: tl.constexpr,
+                     WHOLE_CHUNKS: tl.constexpr):
     """dq' = ∂L/∂(scale·q) of one (value block, chunk, head), partial over the value block (`_dq_walk`); vector
     decay in one step, halves or sub-chunks as in `_chunk_output_kernel`."""
     v_block, chunk, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -389,7 +395,9 @@ def _chunk_dq_kernel(k_ptr, v_ptr, g_ptr, do_ptr, states_ptr, dq_ptr, cu_seqlens
     state_mask = (ck < K)[:, None] & (cv < V)[None, :]
     dq_ptr += v_block * total_tokens * H * K  # dq, dk: one fp32 slice per value block
     if DECAY == 3:
-        path = _vector_path(g_ptr, chunk_token, eos, head, H, K, ck, C)
+        path = 2  # without WHOLE_CHUNKS: always the sub-chunk walk
+        if WHOLE_CHUNKS:
+            path = _vector_path(g_ptr, chunk_token, eos, head, H, K, ck, C)
         if path == 0:
             _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_token, eos, head, ck, cv, H,
                      K, V, C, C, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
@@ -439,7 +447,7 @@ def _chunk_dk_dv_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, state_grads_ptr, dk_
                         chunk_seq_ptr, chunk_token_ptr, scale, total_tokens, H: tl.constexpr, K: tl.constexpr,
                         V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
                         DECAY: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                        RELOAD_STATE: tl.constexpr):
+                        RELOAD_STATE: tl.constexpr, WHOLE_CHUNKS: tl.constexpr):
     """dk (partial over the value block) and dv of one (value block, chunk, head) (`_dk_dv_walk`); vector decay in
     one step, halves or sub-chunks as in `_chunk_output_kernel`."""
     v_block, chunk, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -451,7 +459,9 @@ def _chunk_dk_dv_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, state_grads_ptr, dk_
     state_mask = (ck < K)[:, None] & (cv < V)[None, :]
     dk_ptr += v_block * total_tokens * H * K  # dq, dk: one fp32 slice per value block
     if DECAY == 3:
-        path = _vector_path(g_ptr, chunk_token, eos, head, H, K, ck, C)
+        path = 2  # without WHOLE_CHUNKS: always the sub-chunk walk
+        if WHOLE_CHUNKS:
+            path = _vector_path(g_ptr, chunk_token, eos, head, H, K, ck, C)
         if path == 0:
             _dk_dv_walk(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dk_ptr, dv_ptr, state_ptrs, state_mask, chunk_token, eos,
                         head, scale, ck, cv, H, K, V, C, C, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
@@ -699,14 +709,19 @@ def _key_block(key_dim):
 
 
 # Launch settings per kernel and decay kind: value block (capped by the head dim), warps, pipeline stages, and for
-# the sub-chunk walks RELOAD_STATE (`_carried_operand`).
+# the sub-chunk walks RELOAD_STATE (`_carried_operand`) and WHOLE_CHUNKS (vector decay: whole chunks / halves where
+# the decay span allows, `_vector_path`; off = always the 16-token walk).
 # benchmarks/tune_chunk_kernels.py sweeps them on the GPU; the values here are what it found best on the H200.
+# WHOLE_CHUNKS stays off until the GPU checks have run with it (it passes every test under the interpreter; the walk
+# is what tests/test_kernels_gpu.py passed on the H200 in bf16); LINEAR_DECAY_WHOLE_CHUNKS=1 turns it on for a run
+# (benchmarks/gpu_checks.sh tests it that way; diagnose_chunk_kernels.py --whole-chunks 1,0 compares both).
+_WHOLE_CHUNKS = os.environ.get("LINEAR_DECAY_WHOLE_CHUNKS", "0") == "1"
 TUNING = {
     "states": dict(block_v=64, num_warps=8, num_stages=2),
-    "output": dict(block_v=64, num_warps=8, num_stages=2, RELOAD_STATE=True),
+    "output": dict(block_v=64, num_warps=8, num_stages=2, RELOAD_STATE=True, WHOLE_CHUNKS=_WHOLE_CHUNKS),
     "state_grads": dict(block_v=64, num_warps=8, num_stages=2),
-    "dq": dict(block_v=32, num_warps=8, num_stages=2, RELOAD_STATE=True),
-    "dk_dv": dict(block_v=32, num_warps=8, num_stages=2, RELOAD_STATE=True),
+    "dq": dict(block_v=32, num_warps=8, num_stages=2, RELOAD_STATE=True, WHOLE_CHUNKS=_WHOLE_CHUNKS),
+    "dk_dv": dict(block_v=32, num_warps=8, num_stages=2, RELOAD_STATE=True, WHOLE_CHUNKS=_WHOLE_CHUNKS),
 }
 TUNING_OVERRIDES = {}  # {(kernel, decay kind): settings}, for what differs between vector and scalar decay
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 from linear_decay import recurrence_linear_decay as recurrence  # noqa: E402
+from linear_decay import kernels_chunk_linear_decay as kernels  # noqa: E402
 from linear_decay.kernels_chunk_linear_decay import CHUNK, triton_chunked_recurrence  # noqa: E402
 from linear_decay.recurrence_linear_decay import naive_recurrence  # noqa: E402
 
@@ -59,9 +60,26 @@ def assert_close(actual, expected, names, tolerance=TOLERANCE):
 NAMES = ["o", "final_state", "dq", "dk", "dv", "d_log_decay", "d_initial_state"]
 
 
-@pytest.mark.parametrize("kind", ["vector", "scalar", "static", "none"])
+# (kind, WHOLE_CHUNKS): the vector kernels under both settings (TUNING) — the 16-token walk only, or whole chunks /
+# halves where the decay span allows; the others have one code path
+KINDS_AND_PATHS = [("vector", False), ("vector", True), ("scalar", False), ("static", False), ("none", False)]
+
+
+def kinds_id(case):
+    kind, whole = case
+    return f"{kind}-whole-chunks" if whole else kind
+
+
+def set_whole_chunks(monkeypatch, whole):
+    for kernel in ("output", "dq", "dk_dv"):
+        monkeypatch.setitem(kernels.TUNING_OVERRIDES, (kernel, kernels.DECAY_VECTOR), {"WHOLE_CHUNKS": whole})
+
+
+@pytest.mark.parametrize("case", KINDS_AND_PATHS, ids=kinds_id)
 @pytest.mark.parametrize("length", [1, CHUNK - 1, CHUNK + 37])
-def test_kernels_match_naive_recurrence(kind, length):
+def test_kernels_match_naive_recurrence(case, length, monkeypatch):
+    kind, whole = case
+    set_whole_chunks(monkeypatch, whole)
     inputs = make_inputs(kind, 2, length, 2, 32, 48, seed=length)
     actual = outputs_and_grads(triton_chunked_recurrence, inputs, scale=0.7)
     expected = outputs_and_grads(naive_recurrence, inputs, scale=0.7)
@@ -79,8 +97,10 @@ def test_strong_decays_stay_exact(kind):
     assert_close(actual, expected, NAMES, tolerance=2e-4)
 
 
-def test_mixed_strength_sub_chunks():
+@pytest.mark.parametrize("whole", [False, True], ids=["walk", "whole-chunks"])
+def test_mixed_strength_sub_chunks(whole, monkeypatch):
     """Channels with weak and strong decay in one head, over several chunks, no initial state."""
+    set_whole_chunks(monkeypatch, whole)
     q, k, v, log_decay, _ = make_inputs("vector", 2, 2 * CHUNK + 5, 2, 16, 32, seed=4, initial=False)
     with torch.no_grad():
         log_decay[..., :4] *= 60.0
@@ -91,12 +111,13 @@ def test_mixed_strength_sub_chunks():
     assert_close(actual, expected, NAMES[:-1], tolerance=2e-4)
 
 
-def test_every_vector_path_in_one_sequence():
+def test_every_vector_path_in_one_sequence(monkeypatch):
     """Vector decay takes a chunk in one factorised step when every channel's decay span over it is ≤ 60, its two
     halves in turn when each half's spans are, else 16-token sub-chunks (`_vector_path`): here chunk 0 is mild, chunk 1
     has a channel at about −5 per step (sub-chunks), chunk 2 one at −1.5 per step (halves: 96 over the chunk, 48 per
     half), chunk 3 mild and partial; one sequence and its gradients (incl. through the initial state) cross every path
     and their hand-overs of the state."""
+    set_whole_chunks(monkeypatch, True)
     q, k, v, log_decay, state = make_inputs("vector", 1, 4 * CHUNK - 7, 2, 16, 24, seed=11)
     with torch.no_grad():
         log_decay[:, CHUNK:2 * CHUNK, :, 3] *= 40.0
@@ -123,8 +144,10 @@ def test_non_power_of_two_head_dims():
     assert_close(actual, expected, NAMES)
 
 
-@pytest.mark.parametrize("kind", ["vector", "scalar", "static"])
-def test_packed_sequences_equal_separate_runs(kind):
+@pytest.mark.parametrize("case", KINDS_AND_PATHS[:4], ids=kinds_id)
+def test_packed_sequences_equal_separate_runs(case, monkeypatch):
+    kind, whole = case
+    set_whole_chunks(monkeypatch, whole)
     lengths = [1, CHUNK + 6, CHUNK, 5]
     cu_seqlens = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
     q, k, v, log_decay, _ = make_inputs(kind, 1, sum(lengths), 2, 16, 16, seed=6, initial=False)
