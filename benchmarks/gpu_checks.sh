@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# One call on the lent GPU machine: a plan of time-boxed steps, each writing its log into LOGS (the device tool's
-# $OUT), so a step that runs long costs only its own budget.
+# One call on the lent GPU machine: a plan of time-boxed steps, so a step that runs long costs only its own budget;
+# their logs and JSON come back packed in LOGS/logs.tgz (LOGS: the device tool's $OUT).
 #   benchmarks/gpu_checks.sh LOGS [SECONDS] [PLAN]       (SECONDS: the call's budget, default 570)
-#   PLAN kernels (default): localise (diagnose), test (tests/test_kernels_gpu.py), then time the kernels (ours, each
-#        kernel against its bound, decode, FLA at shape 0). Carry the FLA wheels (.whl, see /work/.library/device/README.md) to time FLA in the same
-#        run; without them the benchmark prints ours and SDPA only.
+#   PLAN kernels (default): test (tests/test_kernels_gpu.py), then time the kernels (ours, each kernel against its
+#        bound, decode, FLA at shape 0). Carry the FLA wheels (.whl, see /work/.library/device/README.md) to time
+#        FLA in the same run; without them the benchmark prints ours and SDPA only.
+#   PLAN diagnose: localise a wrong result stage by stage, both vector paths.
 #   PLAN model: the whole-model benchmark (training, generate() eager and with CUDA-graph decoding, the profile,
 #        the cold start).
 set -u
-LOGS=${1:?usage: gpu_checks.sh LOGS [SECONDS] [kernels|model]}
+LOGS=${1:?usage: gpu_checks.sh LOGS [SECONDS] [kernels|diagnose|model]}
 BUDGET=${2:-570}
 PLAN=${3:-kernels}
 mkdir -p "$LOGS"
+WORK=$(mktemp -d)  # every log and JSON, packed into LOGS/logs.tgz after each step (few files come back from a call)
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -24,32 +26,33 @@ step() {  # step NAME SECONDS COMMAND...: run within its limit and what is left 
   (( left < limit )) && limit=$left
   if (( limit < 20 )); then echo "== $name: skipped (budget spent)"; return; fi
   echo "== $name (limit ${limit}s)"
-  timeout --kill-after=10 "$limit" "$@" > "$LOGS/$name.log" 2>&1
+  timeout --kill-after=10 "$limit" "$@" > "$WORK/$name.log" 2>&1
   echo "== $name: rc=$? after $SECONDS s; last lines:"
-  tail -n 6 "$LOGS/$name.log"
+  tail -n 6 "$WORK/$name.log"
+  tar czf "$LOGS/logs.tgz" -C "$WORK" .
 }
 
 nvidia-smi -L
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
 if [ "$PLAN" = model ]; then
-  step model_train 180 python3 benchmarks/model.py --sections train --json "$LOGS/model_train.json"
-  step model_generate 120 python3 benchmarks/model.py --sections generate --json "$LOGS/model_generate.json"
+  step model_train 180 python3 benchmarks/model.py --sections train --json "$WORK/model_train.json"
+  step model_generate 120 python3 benchmarks/model.py --sections generate --json "$WORK/model_generate.json"
   step model_generate_graphs 100 python3 benchmarks/model.py --sections generate --ours-overrides \
-    decode_cuda_graphs=True --decays mamba2:vector,gla:vector,simple:scalar --json "$LOGS/model_generate_graphs.json"
+    decode_cuda_graphs=True --decays mamba2:vector,gla:vector,simple:scalar --json "$WORK/model_generate_graphs.json"
   step model_profile 80 python3 benchmarks/model.py --sections profile --decays mamba2:vector,simple:scalar \
-    --json "$LOGS/model_profile.json"
-  step model_cold 70 python3 benchmarks/model.py --sections cold --decays mamba2:vector --json "$LOGS/model_cold.json"
+    --json "$WORK/model_profile.json"
+  step model_cold 70 python3 benchmarks/model.py --sections cold --decays mamba2:vector --json "$WORK/model_cold.json"
   exit 0
 fi
-[ "$PLAN" = kernels ] || { echo "unknown plan $PLAN (kernels or model)"; exit 2; }
-step diagnose 150 python3 benchmarks/diagnose_chunk_kernels.py --length 200 --dims 128 --dtypes bfloat16,float32 \
-  --warps 8 --reload 1 --whole-chunks 1,0
+case $PLAN in kernels|diagnose) ;; *) echo "unknown plan $PLAN (kernels, diagnose or model)"; exit 2;; esac
+if [ "$PLAN" = diagnose ]; then
+  step diagnose 150 python3 benchmarks/diagnose_chunk_kernels.py --length 200 --dims 128 --dtypes bfloat16,float32 \
+    --warps 8 --reload 1 --whole-chunks 1,0
+  exit 0
+fi
 step gpu_tests 240 python3 -m pytest tests/test_kernels_gpu.py -q -n 14 -p no:cacheprovider
-# the vector kernels' whole-chunk / halves paths (TUNING WHOLE_CHUNKS, off by default until this passes)
-LINEAR_DECAY_WHOLE_CHUNKS=1 step gpu_tests_whole_chunks 150 python3 -m pytest tests/test_kernels_gpu.py -q -n 14 \
-  -p no:cacheprovider -k "vector or model or compile"
-step bench_ours 90 python3 benchmarks/bench_kernels.py --only chunk --no-check --no-fla --json "$LOGS/chunk_ours.json"
+step bench_ours 90 python3 benchmarks/bench_kernels.py --only chunk --no-check --no-fla --json "$WORK/chunk_ours.json"
 step roofline 60 python3 benchmarks/tune_chunk_kernels.py --roofline --kinds vector,scalar
-step bench_decode 60 python3 benchmarks/bench_kernels.py --only decode --no-check --json "$LOGS/decode.json"
+step bench_decode 60 python3 benchmarks/bench_kernels.py --only decode --no-check --json "$WORK/decode.json"
 # FLA autotunes every op at every shape (minutes each on a cold machine): what the budget allows, shape 0 first
-step bench_fla0 240 python3 benchmarks/bench_kernels.py --only chunk --shape 0 --no-check --json "$LOGS/chunk_fla0.json"
+step bench_fla0 240 python3 benchmarks/bench_kernels.py --only chunk --shape 0 --no-check --json "$WORK/chunk_fla0.json"

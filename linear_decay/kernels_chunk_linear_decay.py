@@ -569,9 +569,11 @@ def _finish_grads_kernel(q_ptr, k_ptr, dq_parts_ptr, dk_parts_ptr, carry_ptr, dq
                 tl.store(dg_ptr + offsets, tl.cumsum(local, axis=0) + carry[None, :], mask=mask)
                 carry += tl.sum(local, axis=0)
             else:
-                local = tl.sum(local, axis=1)[:, None]  # [C, 1]: the carry stays a 1-vector like the vector case's
-                tl.store(dg_ptr + (token0 + backwards[:, None]) * H + head, tl.cumsum(local, axis=0) + carry[None, :],
-                         mask=row_mask[:, None])
+                # a [C] prefix sum as a masked row sum: Triton 3.6 fails to lower tl.cumsum over [C, 1] at 8 warps
+                local = tl.sum(local, axis=1)
+                earlier = tl.arange(0, C)[None, :] <= tl.arange(0, C)[:, None]
+                prefix = tl.sum(tl.where(earlier, local[None, :], 0.0), axis=1)
+                tl.store(dg_ptr + (token0 + backwards) * H + head, prefix + carry, mask=row_mask)
                 carry += tl.sum(local, axis=0)
 
 
@@ -712,10 +714,9 @@ def _key_block(key_dim):
 # the sub-chunk walks RELOAD_STATE (`_carried_operand`) and WHOLE_CHUNKS (vector decay: whole chunks / halves where
 # the decay span allows, `_vector_path`; off = always the 16-token walk).
 # benchmarks/tune_chunk_kernels.py sweeps them on the GPU; the values here are what it found best on the H200.
-# WHOLE_CHUNKS stays off until the GPU checks have run with it (it passes every test under the interpreter; the walk
-# is what tests/test_kernels_gpu.py passed on the H200 in bf16); LINEAR_DECAY_WHOLE_CHUNKS=1 turns it on for a run
-# (benchmarks/gpu_checks.sh tests it that way; diagnose_chunk_kernels.py --whole-chunks 1,0 compares both).
-_WHOLE_CHUNKS = os.environ.get("LINEAR_DECAY_WHOLE_CHUNKS", "0") == "1"
+# WHOLE_CHUNKS passed the bf16 GPU checks on the H200 (BENCHMARKS.md, 2026-11-29) and is on;
+# LINEAR_DECAY_WHOLE_CHUNKS=0 turns it off for a run (diagnose_chunk_kernels.py --whole-chunks 1,0 compares both).
+_WHOLE_CHUNKS = os.environ.get("LINEAR_DECAY_WHOLE_CHUNKS", "1") == "1"
 TUNING = {
     "states": dict(block_v=64, num_warps=8, num_stages=2),
     "output": dict(block_v=64, num_warps=8, num_stages=2, RELOAD_STATE=True, WHOLE_CHUNKS=_WHOLE_CHUNKS),
