@@ -886,9 +886,14 @@ class LinearDecayForCausalLM(LinearDecayPreTrainedModel, GenerationMixin):
 
     def _graph_decodable(self, input_ids, attention_mask, position_ids, cache, inputs_embeds, labels, use_cache,
                          output_hidden_states):
-        """A one-token decoding step that `DecodeGraph` can replay: config.decode_cuda_graphs, CUDA, a filled cache,
-        no gradients, nothing but the new tokens (whose mask column, if any, marks them real)."""
+        """A one-token decoding step that `DecodeGraph` can replay: config.decode_cuda_graphs, CUDA, the model on one
+        device (not split by a device map), not inside torch.compile or another capture, a filled cache, no
+        gradients, nothing but the new tokens (whose mask column, if any, marks them real)."""
         if not (self.config.decode_cuda_graphs and DecodeGraph.enabled_on(input_ids)):
+            return False
+        if len(set((getattr(self, "hf_device_map", None) or {}).values())) > 1 or torch.compiler.is_compiling():
+            return False
+        if input_ids.is_cuda and torch.cuda.is_current_stream_capturing():
             return False
         if (inputs_embeds is not None or labels is not None or position_ids is not None or output_hidden_states
                 or use_cache is False or self.training or torch.is_grad_enabled()):

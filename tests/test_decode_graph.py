@@ -107,7 +107,8 @@ def test_pinned_states_keep_their_addresses_and_the_step_never_syncs(graphs_on_c
 
 
 def test_graph_path_is_skipped_where_it_does_not_apply(graphs_on_cpu):
-    """Prefill, gradients, and a new token marked padding in the mask take the eager path."""
+    """Prefill, gradients, a new token marked padding in the mask, and a model split over devices by a device map
+    take the eager path."""
     model = model_for(("mamba2", "scalar", False, "none"), graphs=True)
     ids, mask = prompt(model.config.vocab_size, seed=2)
     out = model(input_ids=ids, attention_mask=mask, use_cache=True)  # gradients enabled
@@ -117,7 +118,17 @@ def test_graph_path_is_skipped_where_it_does_not_apply(graphs_on_cpu):
     with torch.no_grad():
         model(input_ids=step, attention_mask=torch.cat([mask, torch.ones_like(step), torch.zeros_like(step)], 1),
               cache=cache)
+        model.hf_device_map = {"model.embed_tokens": 0, "model.layers": 1, "lm_head": 1}
+        model(input_ids=step, cache=cache)
     assert not graphs_on_cpu
+    del model.hf_device_map
+    with torch.no_grad():
+        model(input_ids=step, cache=cache)
+    assert len(graphs_on_cpu) == 1  # the same step on one device does take the graph path
+
+
+def test_graph_decoding_is_the_default():
+    assert tiny_config().decode_cuda_graphs is True
 
 
 def test_invalid_option_is_a_clear_error():
