@@ -20,6 +20,13 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 
+# FLA autotunes each op for minutes on a fresh machine. With TRITON_CACHE_AUTOTUNING=1 Triton keeps the results on
+# disk; they come back in LOGS/autotune.tgz, and unpacked into .triton-autotune/ (ignored by git; name it in the call's
+# carry) they spare the next call the tuning: `mkdir -p .triton-autotune && tar xzf .../autotune.tgz -C .triton-autotune`.
+export TRITON_CACHE_AUTOTUNING=1 TRITON_CACHE_DIR=/tmp/triton-cache
+mkdir -p "$TRITON_CACHE_DIR"
+[ -d .triton-autotune ] && cp -r .triton-autotune/. "$TRITON_CACHE_DIR/"
+
 step() {  # step NAME SECONDS COMMAND...: run within its limit and what is left of the budget
   local name=$1 limit=$2; shift 2
   local left=$(( BUDGET - SECONDS - 10 ))
@@ -30,6 +37,7 @@ step() {  # step NAME SECONDS COMMAND...: run within its limit and what is left 
   echo "== $name: rc=$? after $SECONDS s; last lines:"
   tail -n 6 "$WORK/$name.log"
   tar czf "$LOGS/logs.tgz" -C "$WORK" .
+  (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' -print0 | tar czf "$LOGS/autotune.tgz" --null -T -)
 }
 
 nvidia-smi -L
@@ -50,7 +58,7 @@ if [ "$PLAN" = diagnose ]; then
     --warps 8 --reload 1 --whole-chunks 1,0
   exit 0
 fi
-step gpu_tests 240 python3 -m pytest tests/test_kernels_gpu.py -q -n 14 -p no:cacheprovider
+step gpu_tests 300 python3 -m pytest tests/test_kernels_gpu.py -q -rP -n 14 -p no:cacheprovider
 step bench_ours 90 python3 benchmarks/bench_kernels.py --only chunk --no-check --no-fla --json "$WORK/chunk_ours.json"
 step roofline 60 python3 benchmarks/tune_chunk_kernels.py --roofline --kinds vector,scalar
 step bench_decode 60 python3 benchmarks/bench_kernels.py --only decode --no-check --json "$WORK/decode.json"
