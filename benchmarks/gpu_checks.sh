@@ -6,10 +6,10 @@
 #        bound, decode, FLA at shape 0). Carry the FLA wheels (.whl, see /work/.library/device/README.md) to time
 #        FLA in the same run; without them the benchmark prints ours and SDPA only.
 #   PLAN diagnose: localise a wrong result stage by stage, both vector paths.
-#   PLAN model: the whole-model benchmark (training, generate() eager and with CUDA-graph decoding, the profile,
-#        the cold start).
+#   PLAN model: the whole-model benchmark (training eager and under torch.compile, generate(), the cold start);
+#   PLAN model-profile: the training profile and generate() with eager decoding (no CUDA graph).
 set -u
-LOGS=${1:?usage: gpu_checks.sh LOGS [SECONDS] [kernels|diagnose|model]}
+LOGS=${1:?usage: gpu_checks.sh LOGS [SECONDS] [kernels|diagnose|model|model-profile]}
 BUDGET=${2:-570}
 PLAN=${3:-kernels}
 mkdir -p "$LOGS"
@@ -44,15 +44,20 @@ nvidia-smi -L
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
 if [ "$PLAN" = model ]; then
   step model_train 180 python3 benchmarks/model.py --sections train --json "$WORK/model_train.json"
-  step model_generate 120 python3 benchmarks/model.py --sections generate --json "$WORK/model_generate.json"
-  step model_generate_graphs 100 python3 benchmarks/model.py --sections generate --ours-overrides \
-    decode_cuda_graphs=True --decays mamba2:vector,gla:vector,simple:scalar --json "$WORK/model_generate_graphs.json"
-  step model_profile 80 python3 benchmarks/model.py --sections profile --decays mamba2:vector,simple:scalar \
-    --json "$WORK/model_profile.json"
+  step model_train_compiled 240 python3 benchmarks/model.py --sections train --compile --json \
+    "$WORK/model_train_compiled.json"
+  step model_generate 100 python3 benchmarks/model.py --sections generate --json "$WORK/model_generate.json"
   step model_cold 70 python3 benchmarks/model.py --sections cold --decays mamba2:vector --json "$WORK/model_cold.json"
   exit 0
 fi
-case $PLAN in kernels|diagnose) ;; *) echo "unknown plan $PLAN (kernels, diagnose or model)"; exit 2;; esac
+if [ "$PLAN" = model-profile ]; then
+  step model_profile 80 python3 benchmarks/model.py --sections profile --decays mamba2:vector,simple:scalar \
+    --json "$WORK/model_profile.json"
+  step model_generate_eager 150 python3 benchmarks/model.py --sections generate --ours-overrides \
+    decode_cuda_graphs=False --json "$WORK/model_generate_eager.json"
+  exit 0
+fi
+case $PLAN in kernels|diagnose) ;; *) echo "unknown plan $PLAN (kernels, diagnose, model or model-profile)"; exit 2;; esac
 if [ "$PLAN" = diagnose ]; then
   step diagnose 150 python3 benchmarks/diagnose_chunk_kernels.py --length 200 --dims 128 --dtypes bfloat16,float32 \
     --warps 8 --reload 1 --whole-chunks 1,0

@@ -4,6 +4,8 @@ width, depth, MLP and vocabulary, in one run on one GPU.
 Sections (`--sections`, default all):
   train     training tokens/s of forward + backward + AdamW step, bf16 weights, at B×T = 8×2048 and 1×16384
             (`--train-shapes`), and the peak memory; each model built fresh, 2 warm-up steps, the median of 5 timed.
+            `--compile` runs every model (ours and the Llama alike) under torch.compile, as the HF Trainer's
+            `torch_compile=True` does: fewer launches and Python per step for both.
   generate  generate() tokens/s (new tokens / wall time, greedy, exactly `--new-tokens` new tokens) and peak memory at
             batch 16 with a 2048-token and a 32768-token random prompt (`--prompts`); both models with transformers'
             chunked prefill of `--prefill-chunk` tokens (0: one prefill call).
@@ -99,9 +101,10 @@ def training_setup(args, builder, batch, length):
     model = on_device(builder, args.device, args.dtype).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=args.device == "cuda")
     ids = torch.randint(0, args.vocab, (batch, length), generator=torch.Generator().manual_seed(0)).to(args.device)
+    forward = torch.compile(model) if args.compile else model
 
     def step():
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss = forward(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -113,7 +116,7 @@ def training_setup(args, builder, batch, length):
 def section_train(args, rows):
     for name, builder in models(args):
         for batch, length in args.train_shapes:
-            row = dict(section="train", model=name, batch=batch, length=length)
+            row = dict(section="train", model=name, batch=batch, length=length, compiled=args.compile)
             model = step = None
             try:
                 model, step = training_setup(args, builder, batch, length)
@@ -237,8 +240,9 @@ def print_table(args, rows):
             ref = llama.get(key)
             ratio = f"  ours/llama {row['tokens_per_s'] / ref['tokens_per_s']:.2f}×" if ref and "error" not in row \
                 and row["model"] != "llama sdpa" else ""
+            compiled = " (compiled)" if row.get("compiled") else ""
             print(f"train    {row['model']:22s} B={row['batch']:<3d} T={row['length']:<6d} "
-                  f"{value(row, 'tokens_per_s', ',.0f')} tokens/s{peak(row)}{ratio}")
+                  f"{value(row, 'tokens_per_s', ',.0f')} tokens/s{peak(row)}{ratio}{compiled}")
         elif row["section"] == "generate":
             ref = llama.get(key)
             ratio = f"  ours/llama {row['new_tokens_per_s'] / ref['new_tokens_per_s']:.2f}×" if ref and \
@@ -271,6 +275,7 @@ def parse_args(argv):
                         help="tiny sizes (2 layers, d 64, short sequences): checks that every path runs")
     parser.add_argument("--json", help="write every row to this path")
     parser.add_argument("--prefill-chunk", type=int, default=2048, help="generate(prefill_chunk_size=...); 0: off")
+    parser.add_argument("--compile", action="store_true", help="train section: torch.compile every model")
     parser.add_argument("--ours-overrides", default="",
                         help="config overrides of our models, e.g. loss_chunk_size=4096,decode_cuda_graphs=True "
                              "(comma separated key=value)")
