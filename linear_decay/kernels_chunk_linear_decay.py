@@ -10,6 +10,9 @@ sequences. The oracle is `recurrence_linear_decay.naive_recurrence`; `chunked_re
 
 Algorithm (per head; b = cumulative log λ, fp32 throughout; q is pre-multiplied by `scale`):
 
+- `_cumulative_decay_kernel`: b within every chunk, once per forward and once per backward, for the two state walks
+  (sequential over chunks: no scan on their critical path) and the vector path choice. The per-chunk kernels scan
+  log λ of their own sub-chunks in registers (reading b there instead costs registers: more spills on sm_90).
 - `_chunk_states_kernel`: walks each sequence in chunks of CHUNK tokens and stores the state at every chunk start
   (S ← e^{B} ⊙ S + (k ⊙ e^{B − b})ᵀ v, B the chunk's total log-decay).
 - `_chunk_output_kernel`: one program per (chunk, head, value block): o = (q ⊙ e^{b}) S + A v, A the decayed causal
@@ -71,6 +74,36 @@ def _load_log_decay(g_ptr, token0, rows, row_mask, head, H: tl.constexpr, K: tl.
         return tl.where(row_mask, gamma, 0.0)
     else:
         return tl.zeros(rows.shape, dtype=tl.float32)
+
+
+@triton.jit
+def _chunk_decay(b_ptr, chunk, head, H: tl.constexpr, K: tl.constexpr, cols, C: tl.constexpr, DECAY: tl.constexpr):
+    """(b, total) of a whole chunk, read from its cumulative log λ (`_cumulative_decay_kernel`): b [C, len(cols)]
+    for vector decay, [C] otherwise, and its last row ([len(cols)] or a scalar). Loaded, not scanned: the state walks
+    go through the chunks one after another, so a scan per chunk would sit on their critical path."""
+    rows = tl.arange(0, C)
+    if DECAY == 3:
+        base = b_ptr + (chunk * C * H + head) * K  # row r at base + r·H·K
+        b = tl.load(base + rows[:, None] * H * K + cols[None, :], mask=(cols < K)[None, :], other=0.0)
+        return b, tl.load(base + (C - 1) * H * K + cols, mask=cols < K, other=0.0)
+    elif DECAY == 0:
+        b = tl.zeros((C,), dtype=tl.float32)
+        return b, tl.sum(b, axis=0)
+    else:
+        base = b_ptr + chunk * C * H + head  # row r at base + r·H
+        return tl.load(base + rows * H), tl.load(base + (C - 1) * H)
+
+
+@triton.jit
+def _last_row(b, R: tl.constexpr, VECTOR: tl.constexpr):
+    """The last of R rows of a cumulative log λ: the block's total log-decay exactly as every kernel's cumulative sum
+    has it (e^{total − b} is 1 at the last row), so that all kernels agree on it to the bit."""
+    last = tl.arange(0, R) == R - 1
+    if VECTOR:
+        total = tl.sum(tl.where(last[:, None], b, 0.0), axis=0)
+    else:
+        total = tl.sum(tl.where(last, b, 0.0), axis=0)
+    return total
 
 
 @triton.jit
@@ -202,9 +235,8 @@ def _carried_operand(state, slot_ptrs, slot_mask, DOT_DTYPE: tl.constexpr, RELOA
 
 
 @triton.jit
-def _advance_state(state, k, v, g, b, VECTOR: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """The state after a block of tokens (k, v, log λ g, its cumulative sum b): e^{B} ⊙ S + (k ⊙ e^{B − b})ᵀ v."""
-    total = tl.sum(g, axis=0)
+def _advance_state(state, k, v, b, total, VECTOR: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """The state after a block of tokens (k, v, cumulative log λ b, its sum B): e^{B} ⊙ S + (k ⊙ e^{B − b})ᵀ v."""
     if VECTOR:
         k_to_end = k * tl.exp(total[None, :] - b)
         state = state * tl.exp(total)[:, None]
@@ -215,15 +247,14 @@ def _advance_state(state, k, v, g, b, VECTOR: tl.constexpr, DOT_DTYPE: tl.conste
 
 
 @triton.jit
-def _vector_path(g_ptr, token0, eos, head, H: tl.constexpr, K: tl.constexpr, ck, C: tl.constexpr):
+def _vector_path(b_ptr, chunk, head, H: tl.constexpr, K: tl.constexpr, ck, C: tl.constexpr):
     """How a chunk with vector decay is taken, from every key channel's decay span (−Σ log λ) over its tokens:
     0 — the whole chunk in one factorised step (every span over the chunk ≤ 60, FACTORISED_DECAY_LIMIT);
     1 — its two halves in turn, each factorised (every span over a half ≤ 60);
     2 — VECTOR_SUB_CHUNK-token sub-chunks in turn, each factorised or pairwise by its own span."""
-    rows = tl.arange(0, C)
-    b = tl.cumsum(_load_log_decay(g_ptr, token0, rows, token0 + rows < eos, head, H, K, ck, 3), axis=0)
-    end = tl.sum(tl.where(rows[:, None] == C - 1, b, 0.0), axis=0)  # b is 0-padded past eos: flat there
-    middle = tl.sum(tl.where(rows[:, None] == C // 2 - 1, b, 0.0), axis=0)
+    rows = b_ptr + (chunk * C * H + head) * K + ck  # row r of the chunk's cumulative log λ at rows + r·H·K
+    end = tl.load(rows + (C - 1) * H * K, mask=ck < K, other=0.0)  # flat past eos
+    middle = tl.load(rows + (C // 2 - 1) * H * K, mask=ck < K, other=0.0)
     whole = -tl.min(end, axis=0)
     halves = tl.maximum(-tl.min(middle, axis=0), -tl.min(end - middle, axis=0))
     return tl.where(whole <= 60.0, 0, tl.where(halves <= 60.0, 1, 2))
@@ -235,7 +266,26 @@ def _vector_path(g_ptr, token0, eos, head, H: tl.constexpr, K: tl.constexpr, ck,
 
 
 @triton.jit
-def _chunk_states_kernel(k_ptr, v_ptr, g_ptr, initial_ptr, states_ptr, final_ptr, cu_seqlens_ptr, chunk_offsets_ptr,
+def _cumulative_decay_kernel(g_ptr, b_ptr, cu_seqlens_ptr, chunk_seq_ptr, chunk_token_ptr, H: tl.constexpr,
+                             K: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr):
+    """log λ cumulated within each chunk (inclusive), chunk-major: b [chunks, C, H, K] for vector decay, [chunks, C, H]
+    for scalar and static decay; rows past a sequence's end repeat its last value. The state walks (`_chunk_decay`)
+    and the vector path choice (`_vector_path`) read it instead of scanning log λ themselves."""
+    chunk, head = tl.program_id(0), tl.program_id(1)
+    seq, token0 = tl.load(chunk_seq_ptr + chunk), tl.load(chunk_token_ptr + chunk)
+    eos = tl.load(cu_seqlens_ptr + seq + 1)
+    rows = tl.arange(0, C)
+    ck = tl.arange(0, BK)
+    # the same scan as the per-chunk kernels' (their b and this one round alike), at the same 8 warps
+    b = tl.cumsum(_load_log_decay(g_ptr, token0, rows, token0 + rows < eos, head, H, K, ck, DECAY), axis=0)
+    if DECAY == 3:
+        tl.store(b_ptr + ((chunk * C + rows[:, None]) * H + head) * K + ck[None, :], b, mask=(ck < K)[None, :])
+    else:
+        tl.store(b_ptr + (chunk * C + rows) * H + head, b)
+
+
+@triton.jit
+def _chunk_states_kernel(k_ptr, v_ptr, b_ptr, initial_ptr, states_ptr, final_ptr, cu_seqlens_ptr, chunk_offsets_ptr,
                          H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                          C: tl.constexpr, DECAY: tl.constexpr, HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr,
                          DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
@@ -261,14 +311,14 @@ def _chunk_states_kernel(k_ptr, v_ptr, g_ptr, initial_ptr, states_ptr, final_ptr
         row_mask = token0 + rows < eos
         k = _tile(k_ptr, token0, rows, row_mask, head, H, K, ck, ck < K)
         v = _tile(v_ptr, token0, rows, row_mask, head, H, V, cv, cv < V)
-        g = _load_log_decay(g_ptr, token0, rows, row_mask, head, H, K, ck, DECAY)
-        state = _advance_state(state, k, v, g, tl.cumsum(g, axis=0), VECTOR, DOT_DTYPE, PRECISION)
+        b, total = _chunk_decay(b_ptr, first_chunk + n, head, H, K, ck, C, DECAY)
+        state = _advance_state(state, k, v, b, total, VECTOR, DOT_DTYPE, PRECISION)
     if STORE_FINAL:
         tl.store(final_ptr + seq_head * K * V + state_offsets, state, mask=state_mask)
 
 
 @triton.jit
-def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, g_ptr, states_ptr, o_ptr, cu_seqlens_ptr, chunk_seq_ptr,
+def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, states_ptr, o_ptr, cu_seqlens_ptr, chunk_seq_ptr,
                          chunk_token_ptr, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                          BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, S: tl.constexpr, DECAY: tl.constexpr,
                          DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, RELOAD_STATE: tl.constexpr,
@@ -285,7 +335,7 @@ def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, g_ptr, states_ptr, o_ptr, cu_seqle
     if DECAY == 3:
         path = 2  # without WHOLE_CHUNKS: always the sub-chunk walk
         if WHOLE_CHUNKS:
-            path = _vector_path(g_ptr, chunk_token, eos, head, H, K, ck, C)
+            path = _vector_path(b_ptr, chunk, head, H, K, ck, C)
         if path == 0:
             _output_walk(q_ptr, k_ptr, v_ptr, g_ptr, o_ptr, state_ptrs, state_mask, chunk_token, eos, head, scale, ck,
                          cv, H, K, V, C, C, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
@@ -319,13 +369,14 @@ def _output_walk(q_ptr, k_ptr, v_ptr, g_ptr, o_ptr, state_ptrs, state_mask, chun
         v = _tile(v_ptr, token0, rows, row_mask, head, H, V, cv, cv < V)
         g = _load_log_decay(g_ptr, token0, rows, row_mask, head, H, K, ck, DECAY)
         b = tl.cumsum(g, axis=0)
+        total = _last_row(b, S, VECTOR)
         scores = _decayed_scores(q, k, b, S, VECTOR, PAIRWISE, DOT_DTYPE, PRECISION)
         o = tl.dot((q * _row_decay(b, VECTOR)).to(DOT_DTYPE), operand, input_precision=PRECISION)
         o += tl.dot(scores.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION)
         tl.store(o_ptr + ((token0 + rows[:, None]) * H + head) * V + cv[None, :], o.to(o_ptr.dtype.element_ty),
                  mask=row_mask[:, None] & (cv < V)[None, :])
         if sub < C // S - 1:
-            state = _advance_state(state, k, v, g, b, VECTOR, DOT_DTYPE, PRECISION)
+            state = _advance_state(state, k, v, b, total, VECTOR, DOT_DTYPE, PRECISION)
             operand = _carried_operand(state, state_ptrs, state_mask, DOT_DTYPE, RELOAD_STATE)
 
 
@@ -335,7 +386,7 @@ def _output_walk(q_ptr, k_ptr, v_ptr, g_ptr, o_ptr, state_ptrs, state_mask, chun
 
 
 @triton.jit
-def _chunk_state_grads_kernel(q_ptr, do_ptr, g_ptr, final_grad_ptr, state_grads_ptr, initial_grad_ptr,
+def _chunk_state_grads_kernel(q_ptr, do_ptr, b_ptr, final_grad_ptr, state_grads_ptr, initial_grad_ptr,
                               cu_seqlens_ptr, chunk_offsets_ptr, scale, H: tl.constexpr, K: tl.constexpr,
                               V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                               DECAY: tl.constexpr, HAS_FINAL_GRAD: tl.constexpr, STORE_INITIAL_GRAD: tl.constexpr,
@@ -365,9 +416,7 @@ def _chunk_state_grads_kernel(q_ptr, do_ptr, g_ptr, final_grad_ptr, state_grads_
         row_mask = token0 + rows < eos
         q = _tile(q_ptr, token0, rows, row_mask, head, H, K, ck, ck < K) * scale
         do = _tile(do_ptr, token0, rows, row_mask, head, H, V, cv, cv < V)
-        g = _load_log_decay(g_ptr, token0, rows, row_mask, head, H, K, ck, DECAY)
-        b = tl.cumsum(g, axis=0)
-        total = tl.sum(g, axis=0)
+        b, total = _chunk_decay(b_ptr, first_chunk + n, head, H, K, ck, C, DECAY)
         if VECTOR:
             dstate = dstate * tl.exp(total)[:, None]
         else:
@@ -379,8 +428,8 @@ def _chunk_state_grads_kernel(q_ptr, do_ptr, g_ptr, final_grad_ptr, state_grads_
 
 
 @triton.jit
-def _chunk_dq_kernel(k_ptr, v_ptr, g_ptr, do_ptr, states_ptr, dq_ptr, cu_seqlens_ptr, chunk_seq_ptr, chunk_token_ptr,
-                     total_tokens, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+def _chunk_dq_kernel(k_ptr, v_ptr, g_ptr, b_ptr, do_ptr, states_ptr, dq_ptr, cu_seqlens_ptr, chunk_seq_ptr,
+                     chunk_token_ptr, total_tokens, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, C: tl.constexpr, S: tl.constexpr, DECAY: tl.constexpr,
                      DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, RELOAD_STATE: tl.constexpr,
                      WHOLE_CHUNKS: tl.constexpr):
@@ -397,7 +446,7 @@ def _chunk_dq_kernel(k_ptr, v_ptr, g_ptr, do_ptr, states_ptr, dq_ptr, cu_seqlens
     if DECAY == 3:
         path = 2  # without WHOLE_CHUNKS: always the sub-chunk walk
         if WHOLE_CHUNKS:
-            path = _vector_path(g_ptr, chunk_token, eos, head, H, K, ck, C)
+            path = _vector_path(b_ptr, chunk, head, H, K, ck, C)
         if path == 0:
             _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_token, eos, head, ck, cv, H,
                      K, V, C, C, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
@@ -432,18 +481,19 @@ def _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_
         do = _tile(do_ptr, token0, rows, row_mask, head, H, V, cv, cv < V)
         g = _load_log_decay(g_ptr, token0, rows, row_mask, head, H, K, ck, DECAY)
         b = tl.cumsum(g, axis=0)
+        total = _last_row(b, S, VECTOR)
         dA = tl.where(i >= j, tl.dot(do.to(DOT_DTYPE), tl.trans(v.to(DOT_DTYPE)), input_precision=PRECISION), 0.0)
         dq = tl.trans(tl.dot(operand, tl.trans(do.to(DOT_DTYPE)), input_precision=PRECISION))
         dq = dq * _row_decay(b, VECTOR) + _decayed_mix(dA, k, b, S, False, VECTOR, PAIRWISE, DOT_DTYPE, PRECISION)
         tl.store(dq_ptr + ((token0 + rows[:, None]) * H + head) * K + ck[None, :], dq,
                  mask=row_mask[:, None] & (ck < K)[None, :])
         if sub < C // S - 1:
-            state = _advance_state(state, k, v, g, b, VECTOR, DOT_DTYPE, PRECISION)
+            state = _advance_state(state, k, v, b, total, VECTOR, DOT_DTYPE, PRECISION)
             operand = _carried_operand(state, state_ptrs, state_mask, DOT_DTYPE, RELOAD_STATE)
 
 
 @triton.jit
-def _chunk_dk_dv_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, state_grads_ptr, dk_ptr, dv_ptr, cu_seqlens_ptr,
+def _chunk_dk_dv_kernel(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, do_ptr, state_grads_ptr, dk_ptr, dv_ptr, cu_seqlens_ptr,
                         chunk_seq_ptr, chunk_token_ptr, scale, total_tokens, H: tl.constexpr, K: tl.constexpr,
                         V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
                         DECAY: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
@@ -461,7 +511,7 @@ def _chunk_dk_dv_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, state_grads_ptr, dk_
     if DECAY == 3:
         path = 2  # without WHOLE_CHUNKS: always the sub-chunk walk
         if WHOLE_CHUNKS:
-            path = _vector_path(g_ptr, chunk_token, eos, head, H, K, ck, C)
+            path = _vector_path(b_ptr, chunk, head, H, K, ck, C)
         if path == 0:
             _dk_dv_walk(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dk_ptr, dv_ptr, state_ptrs, state_mask, chunk_token, eos,
                         head, scale, ck, cv, H, K, V, C, C, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
@@ -477,10 +527,10 @@ def _chunk_dk_dv_kernel(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, state_grads_ptr, dk_
 
 
 @triton.jit
-def _dk_dv_walk(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dk_ptr, dv_ptr, state_ptrs, state_mask, chunk_token, eos, head,
-                scale, ck, cv, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
-                DECAY: tl.constexpr, PAIRWISE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                RELOAD_STATE: tl.constexpr):
+def _dk_dv_walk(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dk_ptr, dv_ptr, state_ptrs, state_mask, chunk_token, eos,
+                head, scale, ck, cv, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                S: tl.constexpr, DECAY: tl.constexpr, PAIRWISE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                PRECISION: tl.constexpr, RELOAD_STATE: tl.constexpr):
     """A reverse walk over the sub-chunks with the state gradient dS: dk_j = dS_j v_j, dv_j = dS_jᵀ k_j (intra
     parts through dAᵀ and the scores Aᵀ)."""
     VECTOR: tl.constexpr = DECAY == 3
@@ -498,7 +548,7 @@ def _dk_dv_walk(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dk_ptr, dv_ptr, state_ptrs, 
         do = _tile(do_ptr, token0, rows, row_mask, head, H, V, cv, cv < V)
         g = _load_log_decay(g_ptr, token0, rows, row_mask, head, H, K, ck, DECAY)
         b = tl.cumsum(g, axis=0)
-        total = tl.sum(g, axis=0)
+        total = _last_row(b, S, VECTOR)
         if VECTOR:
             to_end = tl.exp(total[None, :] - b)
         else:
@@ -629,15 +679,16 @@ class _ChunkedRecurrence(torch.autograd.Function):
         g = log_decay.float().contiguous() if log_decay is not None else q.new_zeros(1, dtype=torch.float32)
         initial = initial_state.float().contiguous() if initial_state is not None else None
         o = torch.empty_like(v)
-        states, final = _forward_states(k, v, g, initial, layout, decay, heads, key_dim, value_dim,
+        b = _cumulative_decay(g, layout, decay, heads, key_dim)
+        states, final = _forward_states(k, v, b, initial, layout, decay, heads, key_dim, value_dim,
                                         num_sequences, output_final_state)
         dot_dtype, precision = _dot_settings(q.dtype)
         block_v, launch = _launch("output", value_dim, decay)
         grid = (triton.cdiv(value_dim, block_v), layout[2].numel(), heads)
-        _chunk_output_kernel[grid](q, k, v, g, states, o, layout[0], layout[2], layout[3], scale, heads, key_dim,
+        _chunk_output_kernel[grid](q, k, v, g, b, states, o, layout[0], layout[2], layout[3], scale, heads, key_dim,
                                    value_dim, _key_block(key_dim), block_v, CHUNK, _sub_chunk(decay), decay,
                                    dot_dtype, precision, **launch)
-        ctx.save_for_backward(q, k, v, g, initial, *layout)
+        ctx.save_for_backward(q, k, v, g, initial, *layout)  # g, not b: the backward recomputes b (no extra memory)
         ctx.decay, ctx.scale, ctx.shape = decay, scale, (batch, length, heads, key_dim, value_dim, num_sequences)
         ctx.log_decay_shape = None if log_decay is None else log_decay.shape
         ctx.log_decay_dtype = None if log_decay is None else log_decay.dtype
@@ -650,7 +701,8 @@ class _ChunkedRecurrence(torch.autograd.Function):
         batch, length, heads, key_dim, value_dim, num_sequences = ctx.shape
         decay, scale = ctx.decay, ctx.scale
         needs_decay_grad = ctx.needs_input_grad[3] and decay != DECAY_NONE
-        states, final = _forward_states(k, v, g, initial, layout, decay, heads, key_dim, value_dim, num_sequences,
+        b = _cumulative_decay(g, layout, decay, heads, key_dim)
+        states, final = _forward_states(k, v, b, initial, layout, decay, heads, key_dim, value_dim, num_sequences,
                                         output_final_state=needs_decay_grad and final_grad is not None)
         do = do.contiguous()
         dot_dtype, precision = _dot_settings(q.dtype)
@@ -663,7 +715,7 @@ class _ChunkedRecurrence(torch.autograd.Function):
         block_k_split = min(block_k, STATE_KEY_BLOCK)
         _chunk_state_grads_kernel[(triton.cdiv(key_dim, block_k_split), triton.cdiv(value_dim, block_v),
                                    num_sequences * heads)](
-            q, do, g, final_grad, state_grads, initial_grad, layout[0], layout[1], scale, heads, key_dim, value_dim,
+            q, do, b, final_grad, state_grads, initial_grad, layout[0], layout[1], scale, heads, key_dim, value_dim,
             block_k_split, block_v, CHUNK, decay, final_grad is not None, initial is not None, dot_dtype, precision,
             **launch)
         total_tokens = batch * length
@@ -672,15 +724,15 @@ class _ChunkedRecurrence(torch.autograd.Function):
         value_blocks = triton.cdiv(value_dim, block_v)
         dq = q.new_empty(value_blocks, batch, length, heads, key_dim, dtype=torch.float32)
         _chunk_dq_kernel[(value_blocks, layout[2].numel(), heads)](
-            k, v, g, do, states, dq, layout[0], layout[2], layout[3], total_tokens, heads, key_dim, value_dim, block_k,
-            block_v, CHUNK, sub_chunk, decay, dot_dtype, precision, **launch)
+            k, v, g, b, do, states, dq, layout[0], layout[2], layout[3], total_tokens, heads, key_dim, value_dim,
+            block_k, block_v, CHUNK, sub_chunk, decay, dot_dtype, precision, **launch)
         block_v, launch = _launch("dk_dv", value_dim, decay)
         value_blocks = triton.cdiv(value_dim, block_v)
         dk = q.new_empty(value_blocks, batch, length, heads, key_dim, dtype=torch.float32)
         dv = torch.empty_like(v)
         _chunk_dk_dv_kernel[(value_blocks, layout[2].numel(), heads)](
-            q, k, v, g, do, state_grads, dk, dv, layout[0], layout[2], layout[3], scale, total_tokens, heads, key_dim,
-            value_dim, block_k, block_v, CHUNK, sub_chunk, decay, dot_dtype, precision, **launch)
+            q, k, v, g, b, do, state_grads, dk, dv, layout[0], layout[2], layout[3], scale, total_tokens, heads,
+            key_dim, value_dim, block_k, block_v, CHUNK, sub_chunk, decay, dot_dtype, precision, **launch)
         # dq, dk from their per-value-block parts (dq here is ∂L/∂(scale·q)), and d log λ, in one pass
         vector = decay == DECAY_VECTOR
         carry = None
@@ -738,7 +790,19 @@ def _sub_chunk(decay):
     return VECTOR_SUB_CHUNK if decay == DECAY_VECTOR else SCALAR_SUB_CHUNK
 
 
-def _forward_states(k, v, g, initial, layout, decay, heads, key_dim, value_dim, num_sequences, output_final_state):
+def _cumulative_decay(g, layout, decay, heads, key_dim):
+    """log λ cumulated within each chunk, chunk-major (`_cumulative_decay_kernel`); g itself without decay."""
+    if decay == DECAY_NONE:
+        return g
+    cu_seqlens, _, chunk_seq, chunk_token = layout
+    vector = decay == DECAY_VECTOR
+    b = g.new_empty(chunk_seq.numel(), CHUNK, heads, *((key_dim,) if vector else ()))
+    _cumulative_decay_kernel[(chunk_seq.numel(), heads)](g, b, cu_seqlens, chunk_seq, chunk_token, heads, key_dim,
+                                                         _key_block(key_dim), CHUNK, decay, num_warps=8)
+    return b
+
+
+def _forward_states(k, v, b, initial, layout, decay, heads, key_dim, value_dim, num_sequences, output_final_state):
     """States at every chunk start ([chunks, H, K, V], in the dot dtype) and the final states (fp32) or None."""
     cu_seqlens, chunk_offsets, chunk_seq, _ = layout
     dot_dtype, precision = _dot_settings(k.dtype)
@@ -749,7 +813,7 @@ def _forward_states(k, v, g, initial, layout, decay, heads, key_dim, value_dim, 
     block_v, launch = _launch("states", value_dim, decay)
     block_k = min(_key_block(key_dim), STATE_KEY_BLOCK)
     _chunk_states_kernel[(triton.cdiv(key_dim, block_k), triton.cdiv(value_dim, block_v), num_sequences * heads)](
-        k, v, g, initial, states, final, cu_seqlens, chunk_offsets, heads, key_dim, value_dim, block_k,
+        k, v, b, initial, states, final, cu_seqlens, chunk_offsets, heads, key_dim, value_dim, block_k,
         block_v, CHUNK, decay, initial is not None, output_final_state, dot_dtype, precision, **launch)
     return states, final
 
