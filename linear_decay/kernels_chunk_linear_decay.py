@@ -33,6 +33,7 @@ transposed operands here are always loaded or elementwise tensors; results wante
 `dot(state, trans(loaded))` and transposed in registers.
 """
 
+import functools
 import os
 
 import torch
@@ -642,15 +643,11 @@ def _dot_settings(dtype):
 
 def _chunk_layout(cu_seqlens, batch, length, device):
     """Packed-sequence bookkeeping: (cu_seqlens, per-sequence first chunk [N + 1], chunk -> sequence, chunk -> first
-    token). A regular batch needs no device-to-host copy."""
+    token). A regular batch needs no device-to-host copy, and its index tensors are made once per shape."""
     if cu_seqlens is None:
-        per_sequence = triton.cdiv(length, CHUNK)
-        cu_seqlens = torch.arange(0, batch + 1, device=device, dtype=torch.int32) * length
-        chunk_offsets = torch.arange(0, batch + 1, device=device, dtype=torch.int32) * per_sequence
-        chunk_seq = torch.arange(batch, device=device, dtype=torch.int32).repeat_interleave(per_sequence)
-        chunk_token = (chunk_seq * length + torch.arange(per_sequence, device=device, dtype=torch.int32).repeat(batch)
-                       * CHUNK).to(torch.int32)
-        return cu_seqlens, chunk_offsets, chunk_seq, chunk_token
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return _make_regular_layout(batch, length, device)  # a graph's private memory is not for keeping
+        return _regular_layout(batch, length, device)
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
     counts = [triton.cdiv(n, CHUNK) for n in lengths]
     starts = cu_seqlens[:-1].tolist()
@@ -659,6 +656,22 @@ def _chunk_layout(cu_seqlens, batch, length, device):
     chunk_token = torch.tensor([start + n * CHUNK for start, count in zip(starts, counts) for n in range(count)],
                                dtype=torch.int32)
     return cu_seqlens.to(torch.int32), chunk_offsets, chunk_seq.to(device), chunk_token.to(device)
+
+
+def _make_regular_layout(batch, length, device):
+    """`_chunk_layout` of B sequences of T tokens."""
+    with torch.inference_mode(False):  # ordinary tensors even when first made under inference mode (they are kept)
+        per_sequence = triton.cdiv(length, CHUNK)
+        cu_seqlens = torch.arange(0, batch + 1, device=device, dtype=torch.int32) * length
+        chunk_offsets = torch.arange(0, batch + 1, device=device, dtype=torch.int32) * per_sequence
+        chunk_seq = torch.arange(batch, device=device, dtype=torch.int32).repeat_interleave(per_sequence)
+        chunk_token = (chunk_seq * length + torch.arange(per_sequence, device=device, dtype=torch.int32)
+                       .repeat(batch) * CHUNK).to(torch.int32)
+    return cu_seqlens, chunk_offsets, chunk_seq, chunk_token
+
+
+# read-only index tensors shared by every call of a shape: six small launches fewer per layer and pass
+_regular_layout = functools.lru_cache(maxsize=64)(_make_regular_layout)
 
 
 def _decay_kind(log_decay, key_dim):

@@ -30,6 +30,13 @@ except ImportError:
     gated_rms_norm = rms_norm = swiglu = None
 
 
+def _outside(ids, low, high):
+    """Whether any id lies outside [low, high): one reduction and one device-to-host copy."""
+    smallest, largest = torch.aminmax(ids)
+    smallest, largest = torch.stack([smallest, largest]).tolist()
+    return smallest < low or largest >= high
+
+
 def use_fused_kernels(x):
     """Whether the fused norm and SwiGLU kernels run on `x`: the recurrence's backend rule (`resolve_backend`) —
     auto: on CUDA tensors, triton: always (CPU tensors run in Triton's interpreter), torch / naive: never. Under
@@ -634,8 +641,7 @@ class LinearDecayModel(LinearDecayPreTrainedModel):
                 raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
             if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
                 raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
-            if input_ids.numel() and not self.tokens_checked and (
-                    int(input_ids.min()) < 0 or int(input_ids.max()) >= self.vocab_size):
+            if input_ids.numel() and not self.tokens_checked and _outside(input_ids, 0, self.vocab_size):
                 bad = input_ids[(input_ids < 0) | (input_ids >= self.vocab_size)][0].item()
                 raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, {self.vocab_size})")
             batch, length = input_ids.shape
