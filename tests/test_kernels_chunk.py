@@ -245,3 +245,16 @@ def test_padded_batch_runs_packed(monkeypatch, decay_type, granularity, position
             alone = model(torch.cat([row, next_token[index]])[None], use_cache=False).logits[0]
             assert relative_error(out.logits[index, width - len(row):], alone[:-1]) <= TOLERANCE
             assert relative_error(step.logits[index, -1], alone[-1]) <= TOLERANCE
+
+
+def test_layout_first_made_under_inference_mode_serves_training():
+    """A regular batch's chunk layout is kept per shape; made first under torch.inference_mode (evaluation), it must
+    still be savable for the backward of a later training call of the same shape, which matches the oracle."""
+    kernels._regular_layout.cache_clear()
+    inputs = make_inputs("scalar", 2, CHUNK + 5, 2, 16, 16, seed=3)
+    with torch.inference_mode():
+        triton_chunked_recurrence(*(x.detach() for x in inputs[:4]), scale=0.5)
+    actual = outputs_and_grads(triton_chunked_recurrence, inputs, scale=0.5)
+    assert kernels._regular_layout.cache_info().hits >= 1
+    expected = outputs_and_grads(naive_recurrence, inputs, scale=0.5)
+    assert_close(actual, expected, NAMES)
