@@ -78,8 +78,9 @@ def reference_chunk_states(q, k, v, log_decay, initial):
 
 def check_states(q, k, v, log_decay, initial, decay):
     layout = kernels._chunk_layout(None, 1, q.shape[1], q.device)
-    states, _ = kernels._forward_states(k, v, log_decay.float().contiguous(), initial.float().contiguous(), layout,
-                                        decay, HEADS, q.shape[-1], v.shape[-1], 1, False)
+    b, _ = kernels._cumulative_decay(log_decay.float().contiguous(), layout, decay, HEADS, q.shape[-1])
+    states, _ = kernels._forward_states(k, v, b, initial.float().contiguous(), layout, decay, HEADS, q.shape[-1],
+                                        v.shape[-1], 1, False)
     return relative_error(states.float(), reference_chunk_states(q, k, v, log_decay, initial))
 
 
@@ -95,9 +96,11 @@ def check_output(q, k, v, log_decay, initial, decay, scale):
     o = torch.empty_like(v)
     block_v, launch = kernels._launch("output", value_dim, decay)
     grid = (triton.cdiv(value_dim, block_v), layout[2].numel(), HEADS)
-    kernels._chunk_output_kernel[grid](q, k, v, log_decay.float().contiguous(), states, o, layout[0], layout[2],
-                                       layout[3], scale, HEADS, dim, value_dim, kernels._key_block(dim), block_v,
-                                       kernels.CHUNK, kernels._sub_chunk(decay), decay, dot_dtype, precision, **launch)
+    g = log_decay.float().contiguous()
+    _, paths = kernels._cumulative_decay(g, layout, decay, HEADS, dim)
+    kernels._chunk_output_kernel[grid](q, k, v, g, paths, states, o, layout[0], layout[2], layout[3], scale, HEADS,
+                                       dim, value_dim, kernels._key_block(dim), block_v, kernels.CHUNK,
+                                       kernels._sub_chunk(decay), decay, dot_dtype, precision, **launch)
     o_ref, _ = naive_recurrence(q.float(), k.float(), v.float(), log_decay, scale=scale, initial_state=initial)
     return relative_error(o, o_ref)
 

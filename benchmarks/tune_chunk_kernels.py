@@ -30,7 +30,8 @@ KERNELS = {"states": "_chunk_states_kernel", "output": "_chunk_output_kernel",
            "state_grads": "_chunk_state_grads_kernel", "dq": "_chunk_dq_kernel",
            "dk_dv": "_chunk_dk_dv_kernel"}
 KIND_CODE = {"vector": kernels.DECAY_VECTOR, "scalar": kernels.DECAY_SCALAR}
-PROFILED = {**KERNELS, "finish": "_finish_grads_kernel"}  # the last one has no launch settings to tune
+PROFILED = {"cumulative": "_cumulative_decay_kernel", **KERNELS,
+            "finish": "_finish_grads_kernel"}  # the first and last have no launch settings to tune
 
 
 def kernel_work(kind, shape, block_v):
@@ -45,16 +46,18 @@ def kernel_work(kind, shape, block_v):
     act = tokens * heads * dim * 2  # one bf16 [B, T, H, D] tensor
     decay = tokens * heads * (dim if kind == "vector" else 1) * 4
     states = chunks * heads * dim * dim * 2
-    parts = tokens * heads * dim * 4 * max(1, dim // block_v)  # the fp32 dq or dk parts, one per value block
+    part = tokens * heads * dim * 4
+    parts = part * max(1, dim // block_v)  # the fp32 dq or dk parts, one per value block
     state_product = 2 * tokens * heads * dim * dim  # k^T v over all tokens, or q S
     intra = 2 * tokens * heads * chunk * dim  # scores (or their gradient) for every token against its chunk
     return {
+        "cumulative": (2 * 2 * decay, 0),  # log λ in, its chunk-local cumulative sum out; forward and backward
         "states": (2 * act + decay + states, state_product),
         "output": (3 * act + decay + states + act, state_product + 2 * intra),
         "state_grads": (2 * act + decay + states, state_product),
         "dq": (3 * act + decay + states + parts, state_product + 2 * intra),
         "dk_dv": (4 * act + decay + states + parts + act, 2 * state_product + 4 * intra),
-        "finish": (2 * act + 2 * parts + 2 * act + decay, 0),
+        "finish": (2 * act + part + parts + 2 * act + decay, 0),  # dq's parts arrive summed (a torch sum before)
     }
 
 

@@ -24,9 +24,9 @@ Algorithm (per head; b = cumulative log λ, fp32 throughout; q is pre-multiplied
   the explicit pairwise decay (exponents ≤ 0 only) when not, so strong decays stay exact (`_vector_path`).
 - backward: the state gradient at every chunk end (`_chunk_state_grads_kernel`, reverse walk), then per chunk
   dq (`_chunk_dq_kernel`, forward over sub-chunks) and dk, dv (`_chunk_dk_dv_kernel`, reverse), one step or a
-  sub-chunk walk as in the forward; partial dq, dk per value block are summed afterwards (deterministic, no
-  atomics) by `_finish_grads_kernel`, in the same pass as d log λ: the reverse cumulative sum of q ⊙ dq − k ⊙ dk
-  plus the final-state term Σ_v dS_T ⊙ S_T.
+  sub-chunk walk as in the forward; the partial dq, dk of the value blocks are summed (deterministic, no atomics):
+  dq's before the dk/dv kernel runs, so that dk's parts reuse their buffer, dk's by `_finish_grads_kernel`, in the
+  same pass as d log λ: the reverse cumulative sum of q ⊙ dq − k ⊙ dk plus the final-state term Σ_v dS_T ⊙ S_T.
 
 Triton ≥ 3.4 and < 3.7.1 miscompiles `tl.dot(tl.trans(x), y)` on Hopper when x is a down-cast dot result (DESIGN §7):
 transposed operands here are always loaded or elementwise tensors; results wanted transposed are computed as
@@ -248,14 +248,15 @@ def _advance_state(state, k, v, b, total, VECTOR: tl.constexpr, DOT_DTYPE: tl.co
 
 
 @triton.jit
-def _vector_path(b_ptr, chunk, head, H: tl.constexpr, K: tl.constexpr, ck, C: tl.constexpr):
-    """How a chunk with vector decay is taken, from every key channel's decay span (−Σ log λ) over its tokens:
+def _vector_path(b, C: tl.constexpr):
+    """How a chunk with vector decay is taken, from every key channel's decay span (−Σ log λ) over its tokens (b: the
+    chunk's cumulative log λ [C, K], flat past the sequence's end):
     0 — the whole chunk in one factorised step (every span over the chunk ≤ 60, FACTORISED_DECAY_LIMIT);
     1 — its two halves in turn, each factorised (every span over a half ≤ 60);
     2 — VECTOR_SUB_CHUNK-token sub-chunks in turn, each factorised or pairwise by its own span."""
-    rows = b_ptr + (chunk * C * H + head) * K + ck  # row r of the chunk's cumulative log λ at rows + r·H·K
-    end = tl.load(rows + (C - 1) * H * K, mask=ck < K, other=0.0)  # flat past eos
-    middle = tl.load(rows + (C // 2 - 1) * H * K, mask=ck < K, other=0.0)
+    rows = tl.arange(0, C)[:, None]
+    end = tl.sum(tl.where(rows == C - 1, b, 0.0), axis=0)
+    middle = tl.sum(tl.where(rows == C // 2 - 1, b, 0.0), axis=0)
     whole = -tl.min(end, axis=0)
     halves = tl.maximum(-tl.min(middle, axis=0), -tl.min(end - middle, axis=0))
     return tl.where(whole <= 60.0, 0, tl.where(halves <= 60.0, 1, 2))
@@ -267,11 +268,12 @@ def _vector_path(b_ptr, chunk, head, H: tl.constexpr, K: tl.constexpr, ck, C: tl
 
 
 @triton.jit
-def _cumulative_decay_kernel(g_ptr, b_ptr, cu_seqlens_ptr, chunk_seq_ptr, chunk_token_ptr, H: tl.constexpr,
+def _cumulative_decay_kernel(g_ptr, b_ptr, path_ptr, cu_seqlens_ptr, chunk_seq_ptr, chunk_token_ptr, H: tl.constexpr,
                              K: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr):
     """log λ cumulated within each chunk (inclusive), chunk-major: b [chunks, C, H, K] for vector decay, [chunks, C, H]
-    for scalar and static decay; rows past a sequence's end repeat its last value. The state walks (`_chunk_decay`)
-    and the vector path choice (`_vector_path`) read it instead of scanning log λ themselves."""
+    for scalar and static decay; rows past a sequence's end repeat its last value. The state walks read it
+    (`_chunk_decay`) instead of scanning log λ themselves. For vector decay also each (chunk, head)'s path
+    (`_vector_path`, int32 [chunks, H]), which the per-chunk kernels read, so that b is freed before they run."""
     chunk, head = tl.program_id(0), tl.program_id(1)
     seq, token0 = tl.load(chunk_seq_ptr + chunk), tl.load(chunk_token_ptr + chunk)
     eos = tl.load(cu_seqlens_ptr + seq + 1)
@@ -281,6 +283,7 @@ def _cumulative_decay_kernel(g_ptr, b_ptr, cu_seqlens_ptr, chunk_seq_ptr, chunk_
     b = tl.cumsum(_load_log_decay(g_ptr, token0, rows, token0 + rows < eos, head, H, K, ck, DECAY), axis=0)
     if DECAY == 3:
         tl.store(b_ptr + ((chunk * C + rows[:, None]) * H + head) * K + ck[None, :], b, mask=(ck < K)[None, :])
+        tl.store(path_ptr + chunk * H + head, _vector_path(b, C).to(tl.int32))
     else:
         tl.store(b_ptr + (chunk * C + rows) * H + head, b)
 
@@ -319,7 +322,7 @@ def _chunk_states_kernel(k_ptr, v_ptr, b_ptr, initial_ptr, states_ptr, final_ptr
 
 
 @triton.jit
-def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, states_ptr, o_ptr, cu_seqlens_ptr, chunk_seq_ptr,
+def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, g_ptr, path_ptr, states_ptr, o_ptr, cu_seqlens_ptr, chunk_seq_ptr,
                          chunk_token_ptr, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                          BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, S: tl.constexpr, DECAY: tl.constexpr,
                          DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, RELOAD_STATE: tl.constexpr,
@@ -336,7 +339,7 @@ def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, states_ptr, o_ptr, c
     if DECAY == 3:
         path = 2  # without WHOLE_CHUNKS: always the sub-chunk walk
         if WHOLE_CHUNKS:
-            path = _vector_path(b_ptr, chunk, head, H, K, ck, C)
+            path = tl.load(path_ptr + chunk * H + head)
         if path == 0:
             _output_walk(q_ptr, k_ptr, v_ptr, g_ptr, o_ptr, state_ptrs, state_mask, chunk_token, eos, head, scale, ck,
                          cv, H, K, V, C, C, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
@@ -429,7 +432,7 @@ def _chunk_state_grads_kernel(q_ptr, do_ptr, b_ptr, final_grad_ptr, state_grads_
 
 
 @triton.jit
-def _chunk_dq_kernel(k_ptr, v_ptr, g_ptr, b_ptr, do_ptr, states_ptr, dq_ptr, cu_seqlens_ptr, chunk_seq_ptr,
+def _chunk_dq_kernel(k_ptr, v_ptr, g_ptr, path_ptr, do_ptr, states_ptr, dq_ptr, cu_seqlens_ptr, chunk_seq_ptr,
                      chunk_token_ptr, total_tokens, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, C: tl.constexpr, S: tl.constexpr, DECAY: tl.constexpr,
                      DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, RELOAD_STATE: tl.constexpr,
@@ -447,7 +450,7 @@ def _chunk_dq_kernel(k_ptr, v_ptr, g_ptr, b_ptr, do_ptr, states_ptr, dq_ptr, cu_
     if DECAY == 3:
         path = 2  # without WHOLE_CHUNKS: always the sub-chunk walk
         if WHOLE_CHUNKS:
-            path = _vector_path(b_ptr, chunk, head, H, K, ck, C)
+            path = tl.load(path_ptr + chunk * H + head)
         if path == 0:
             _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_token, eos, head, ck, cv, H,
                      K, V, C, C, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
@@ -494,7 +497,7 @@ def _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_
 
 
 @triton.jit
-def _chunk_dk_dv_kernel(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, do_ptr, state_grads_ptr, dk_ptr, dv_ptr, cu_seqlens_ptr,
+def _chunk_dk_dv_kernel(q_ptr, k_ptr, v_ptr, g_ptr, path_ptr, do_ptr, state_grads_ptr, dk_ptr, dv_ptr, cu_seqlens_ptr,
                         chunk_seq_ptr, chunk_token_ptr, scale, total_tokens, H: tl.constexpr, K: tl.constexpr,
                         V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
                         DECAY: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
@@ -512,7 +515,7 @@ def _chunk_dk_dv_kernel(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, do_ptr, state_grads_p
     if DECAY == 3:
         path = 2  # without WHOLE_CHUNKS: always the sub-chunk walk
         if WHOLE_CHUNKS:
-            path = _vector_path(b_ptr, chunk, head, H, K, ck, C)
+            path = tl.load(path_ptr + chunk * H + head)
         if path == 0:
             _dk_dv_walk(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dk_ptr, dv_ptr, state_ptrs, state_mask, chunk_token, eos,
                         head, scale, ck, cv, H, K, V, C, C, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
@@ -692,13 +695,14 @@ class _ChunkedRecurrence(torch.autograd.Function):
         g = log_decay.float().contiguous() if log_decay is not None else q.new_zeros(1, dtype=torch.float32)
         initial = initial_state.float().contiguous() if initial_state is not None else None
         o = torch.empty_like(v)
-        b = _cumulative_decay(g, layout, decay, heads, key_dim)
+        b, paths = _cumulative_decay(g, layout, decay, heads, key_dim)
         states, final = _forward_states(k, v, b, initial, layout, decay, heads, key_dim, value_dim,
                                         num_sequences, output_final_state)
+        del b  # the per-chunk kernels read the paths only
         dot_dtype, precision = _dot_settings(q.dtype)
         block_v, launch = _launch("output", value_dim, decay)
         grid = (triton.cdiv(value_dim, block_v), layout[2].numel(), heads)
-        _chunk_output_kernel[grid](q, k, v, g, b, states, o, layout[0], layout[2], layout[3], scale, heads, key_dim,
+        _chunk_output_kernel[grid](q, k, v, g, paths, states, o, layout[0], layout[2], layout[3], scale, heads, key_dim,
                                    value_dim, _key_block(key_dim), block_v, CHUNK, _sub_chunk(decay), decay,
                                    dot_dtype, precision, **launch)
         ctx.save_for_backward(q, k, v, g, initial, *layout)  # g, not b: the backward recomputes b (no extra memory)
@@ -714,7 +718,7 @@ class _ChunkedRecurrence(torch.autograd.Function):
         batch, length, heads, key_dim, value_dim, num_sequences = ctx.shape
         decay, scale = ctx.decay, ctx.scale
         needs_decay_grad = ctx.needs_input_grad[3] and decay != DECAY_NONE
-        b = _cumulative_decay(g, layout, decay, heads, key_dim)
+        b, paths = _cumulative_decay(g, layout, decay, heads, key_dim)
         states, final = _forward_states(k, v, b, initial, layout, decay, heads, key_dim, value_dim, num_sequences,
                                         output_final_state=needs_decay_grad and final_grad is not None)
         do = do.contiguous()
@@ -731,21 +735,30 @@ class _ChunkedRecurrence(torch.autograd.Function):
             q, do, b, final_grad, state_grads, initial_grad, layout[0], layout[1], scale, heads, key_dim, value_dim,
             block_k_split, block_v, CHUNK, decay, final_grad is not None, initial is not None, dot_dtype, precision,
             **launch)
+        del b  # freed before the dq / dk parts are allocated (the backward's peak)
         total_tokens = batch * length
         sub_chunk = _sub_chunk(decay)
         block_v, launch = _launch("dq", value_dim, decay)
         value_blocks = triton.cdiv(value_dim, block_v)
-        dq = q.new_empty(value_blocks, batch, length, heads, key_dim, dtype=torch.float32)
+        parts = q.new_empty(value_blocks, batch, length, heads, key_dim, dtype=torch.float32)
         _chunk_dq_kernel[(value_blocks, layout[2].numel(), heads)](
-            k, v, g, b, do, states, dq, layout[0], layout[2], layout[3], total_tokens, heads, key_dim, value_dim,
-            block_k, block_v, CHUNK, sub_chunk, decay, dot_dtype, precision, **launch)
+            k, v, g, paths, do, states, parts, layout[0], layout[2], layout[3], total_tokens, heads, key_dim,
+            value_dim, block_k, block_v, CHUNK, sub_chunk, decay, dot_dtype, precision, **launch)
+        del states
+        # dq's parts summed now (fp32), so that dk's parts reuse their buffer: the backward's peak holds one set
+        dq_parts, spare = (parts.sum(0, keepdim=True), parts) if value_blocks > 1 else (parts, None)
         block_v, launch = _launch("dk_dv", value_dim, decay)
         value_blocks = triton.cdiv(value_dim, block_v)
-        dk = q.new_empty(value_blocks, batch, length, heads, key_dim, dtype=torch.float32)
+        if spare is not None and spare.shape[0] >= value_blocks:
+            dk_parts = spare[:value_blocks]
+        else:
+            dk_parts = q.new_empty(value_blocks, batch, length, heads, key_dim, dtype=torch.float32)
+        del parts, spare
         dv = torch.empty_like(v)
         _chunk_dk_dv_kernel[(value_blocks, layout[2].numel(), heads)](
-            q, k, v, g, b, do, state_grads, dk, dv, layout[0], layout[2], layout[3], scale, total_tokens, heads,
-            key_dim, value_dim, block_k, block_v, CHUNK, sub_chunk, decay, dot_dtype, precision, **launch)
+            q, k, v, g, paths, do, state_grads, dk_parts, dv, layout[0], layout[2], layout[3], scale, total_tokens,
+            heads, key_dim, value_dim, block_k, block_v, CHUNK, sub_chunk, decay, dot_dtype, precision, **launch)
+        del state_grads
         # dq, dk from their per-value-block parts (dq here is ∂L/∂(scale·q)), and d log λ, in one pass
         vector = decay == DECAY_VECTOR
         carry = None
@@ -756,7 +769,6 @@ class _ChunkedRecurrence(torch.autograd.Function):
         if needs_decay_grad:
             d_log_decay = torch.empty(batch, length, heads, *((key_dim,) if vector else ()), device=q.device,
                                       dtype=torch.float32)
-        dq_parts, dk_parts = dq, dk
         dq, dk = torch.empty_like(q), torch.empty_like(k)
         _finish_grads_kernel[(num_sequences * heads,)](
             q, k, dq_parts, dk_parts, carry, dq, dk, d_log_decay, layout[0], scale, total_tokens, heads, key_dim,
@@ -804,15 +816,17 @@ def _sub_chunk(decay):
 
 
 def _cumulative_decay(g, layout, decay, heads, key_dim):
-    """log λ cumulated within each chunk, chunk-major (`_cumulative_decay_kernel`); g itself without decay."""
+    """(b, paths): log λ cumulated within each chunk, chunk-major, and for vector decay each (chunk, head)'s path
+    (`_cumulative_decay_kernel`); without decay g itself for both (no kernel reads them)."""
     if decay == DECAY_NONE:
-        return g
+        return g, g
     cu_seqlens, _, chunk_seq, chunk_token = layout
     vector = decay == DECAY_VECTOR
     b = g.new_empty(chunk_seq.numel(), CHUNK, heads, *((key_dim,) if vector else ()))
-    _cumulative_decay_kernel[(chunk_seq.numel(), heads)](g, b, cu_seqlens, chunk_seq, chunk_token, heads, key_dim,
-                                                         _key_block(key_dim), CHUNK, decay, num_warps=8)
-    return b
+    paths = torch.empty(chunk_seq.numel(), heads, device=g.device, dtype=torch.int32) if vector else b
+    _cumulative_decay_kernel[(chunk_seq.numel(), heads)](g, b, paths, cu_seqlens, chunk_seq, chunk_token, heads,
+                                                         key_dim, _key_block(key_dim), CHUNK, decay, num_warps=8)
+    return b, paths
 
 
 def _forward_states(k, v, b, initial, layout, decay, heads, key_dim, value_dim, num_sequences, output_final_state):
