@@ -262,6 +262,16 @@ def _vector_path(b, C: tl.constexpr):
     return tl.where(whole <= 60.0, 0, tl.where(halves <= 60.0, 1, 2))
 
 
+@triton.jit
+def _chunk_path(path_ptr, chunk, head, H: tl.constexpr, WHOLE_CHUNKS: tl.constexpr):
+    """The vector path of a (chunk, head) as `_cumulative_decay_kernel` chose it; without WHOLE_CHUNKS the constant 2
+    (the sub-chunk walk), so that the other paths are not compiled in."""
+    if WHOLE_CHUNKS:
+        return tl.load(path_ptr + chunk * H + head)
+    else:
+        return 2
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Forward kernels
 # ----------------------------------------------------------------------------------------------------------------
@@ -337,9 +347,7 @@ def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, g_ptr, path_ptr, states_ptr, o_ptr
     state_mask = (ck < K)[:, None] & (cv < V)[None, :]
     state_ptrs = states_ptr + (chunk * H + head) * K * V + ck[:, None] * V + cv[None, :]
     if DECAY == 3:
-        path = 2  # without WHOLE_CHUNKS: always the sub-chunk walk
-        if WHOLE_CHUNKS:
-            path = tl.load(path_ptr + chunk * H + head)
+        path = _chunk_path(path_ptr, chunk, head, H, WHOLE_CHUNKS)
         if path == 0:
             _output_walk(q_ptr, k_ptr, v_ptr, g_ptr, o_ptr, state_ptrs, state_mask, chunk_token, eos, head, scale, ck,
                          cv, H, K, V, C, C, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
@@ -448,9 +456,7 @@ def _chunk_dq_kernel(k_ptr, v_ptr, g_ptr, path_ptr, do_ptr, states_ptr, dq_ptr, 
     state_mask = (ck < K)[:, None] & (cv < V)[None, :]
     dq_ptr += v_block * total_tokens * H * K  # dq, dk: one fp32 slice per value block
     if DECAY == 3:
-        path = 2  # without WHOLE_CHUNKS: always the sub-chunk walk
-        if WHOLE_CHUNKS:
-            path = tl.load(path_ptr + chunk * H + head)
+        path = _chunk_path(path_ptr, chunk, head, H, WHOLE_CHUNKS)
         if path == 0:
             _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_token, eos, head, ck, cv, H,
                      K, V, C, C, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
@@ -513,9 +519,7 @@ def _chunk_dk_dv_kernel(q_ptr, k_ptr, v_ptr, g_ptr, path_ptr, do_ptr, state_grad
     state_mask = (ck < K)[:, None] & (cv < V)[None, :]
     dk_ptr += v_block * total_tokens * H * K  # dq, dk: one fp32 slice per value block
     if DECAY == 3:
-        path = 2  # without WHOLE_CHUNKS: always the sub-chunk walk
-        if WHOLE_CHUNKS:
-            path = tl.load(path_ptr + chunk * H + head)
+        path = _chunk_path(path_ptr, chunk, head, H, WHOLE_CHUNKS)
         if path == 0:
             _dk_dv_walk(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dk_ptr, dv_ptr, state_ptrs, state_mask, chunk_token, eos,
                         head, scale, ck, cv, H, K, V, C, C, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
