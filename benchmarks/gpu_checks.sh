@@ -8,8 +8,10 @@
 #   PLAN diagnose: localise a wrong result stage by stage, both vector paths.
 #   PLAN model: the whole-model benchmark (training eager and under torch.compile, generate(), the cold start);
 #   PLAN model-profile: the training profile and generate() with eager decoding (no CUDA graph).
+#   PLAN compare: the training profile at B=1, T=16384, then ours against FLA and SDPA shape by shape (carry .whl and
+#        .triton-autotune: FLA's tuning of the three shapes does not fit one call from scratch).
 set -u
-LOGS=${1:?usage: gpu_checks.sh LOGS [SECONDS] [kernels|diagnose|model|model-profile]}
+LOGS=${1:?usage: gpu_checks.sh LOGS [SECONDS] [kernels|diagnose|model|model-profile|compare]}
 BUDGET=${2:-570}
 PLAN=${3:-kernels}
 mkdir -p "$LOGS"
@@ -57,7 +59,16 @@ if [ "$PLAN" = model-profile ]; then
     decode_cuda_graphs=False --json "$WORK/model_generate_eager.json"
   exit 0
 fi
-case $PLAN in kernels|diagnose) ;; *) echo "unknown plan $PLAN (kernels, diagnose, model or model-profile)"; exit 2;; esac
+if [ "$PLAN" = compare ]; then
+  step model_profile_16k 110 python3 benchmarks/model.py --sections profile --train-shapes 1x16384 \
+    --decays mamba2:vector,simple:scalar --json "$WORK/model_profile_16k.json"
+  for shape in 0 1 2; do
+    step "bench_fla$shape" 200 python3 benchmarks/bench_kernels.py --only chunk --shape "$shape" --no-check \
+      --json "$WORK/chunk_fla$shape.json"
+  done
+  exit 0
+fi
+case $PLAN in kernels|diagnose) ;; *) echo "unknown plan $PLAN (kernels, diagnose, model, model-profile or compare)"; exit 2;; esac
 if [ "$PLAN" = diagnose ]; then
   step diagnose 150 python3 benchmarks/diagnose_chunk_kernels.py --length 200 --dims 128 --dtypes bfloat16,float32 \
     --warps 8 --reload 1 --whole-chunks 1,0

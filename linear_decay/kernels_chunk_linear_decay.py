@@ -582,32 +582,38 @@ def _dk_dv_walk(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dk_ptr, dv_ptr, state_ptrs, 
 
 
 @triton.jit
-def _finish_grads_kernel(q_ptr, k_ptr, dq_parts_ptr, dk_parts_ptr, carry_ptr, dq_ptr, dk_ptr, dg_ptr, cu_seqlens_ptr,
-                         scale, total_tokens, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-                         DQ_PARTS: tl.constexpr, DK_PARTS: tl.constexpr, C: tl.constexpr, DECAY_GRAD: tl.constexpr,
-                         VECTOR: tl.constexpr, HAS_CARRY: tl.constexpr):
-    """One pass over each (sequence, head), last chunk first: dq = scale · Σ parts, dk = Σ parts (the per-value-block
-    partial sums of the dq and dk kernels), and with DECAY_GRAD d log λ_t = carry + Σ_{s ≥ t} (q ⊙ dq' − k ⊙ dk)_s
-    (summed over the key dim unless VECTOR; carry = Σ_v dS_T ⊙ S_T)."""
-    seq_head = tl.program_id(0)
+def _finish_grads_kernel(q_ptr, k_ptr, dq_parts_ptr, dk_parts_ptr, carry_ptr, dq_ptr, dk_ptr, dg_ptr, totals_ptr,
+                         cu_seqlens_ptr, scale, total_tokens, segment_chunks, H: tl.constexpr, K: tl.constexpr,
+                         BK: tl.constexpr, DQ_PARTS: tl.constexpr, DK_PARTS: tl.constexpr, C: tl.constexpr,
+                         DECAY_GRAD: tl.constexpr, VECTOR: tl.constexpr, HAS_CARRY: tl.constexpr,
+                         SEGMENTED: tl.constexpr):
+    """One pass over a segment of `segment_chunks` chunks of a (sequence, head), last chunk first: dq = scale · Σ
+    parts, dk = Σ parts (the per-value-block partial sums of the dq and dk kernels), and with DECAY_GRAD d log λ_t =
+    carry + Σ_{s ≥ t} (q ⊙ dq' − k ⊙ dk)_s (summed over the key dim unless VECTOR; carry = Σ_v dS_T ⊙ S_T, taken by
+    the sequence's last segment). SEGMENTED: the sums stop at the segment's end and its total is stored for
+    `_add_segment_carry_kernel`, which adds the later segments' totals (a whole sequence per program leaves too few
+    programs to fill the GPU when sequences × heads is small, e.g. one 16k-token sequence)."""
+    seq_head, segment = tl.program_id(0), tl.program_id(1)
     seq, head = seq_head // H, seq_head % H
     bos, eos = tl.load(cu_seqlens_ptr + seq), tl.load(cu_seqlens_ptr + seq + 1)
+    num_chunks = tl.cdiv(eos - bos, C)
+    first = segment * segment_chunks
+    if first >= num_chunks:
+        return
+    last = tl.minimum(first + segment_chunks, num_chunks)
     ck = tl.arange(0, BK)
     if DECAY_GRAD:
-        if VECTOR:
-            if HAS_CARRY:
-                carry = tl.load(carry_ptr + seq_head * K + ck, mask=ck < K, other=0.0)
-            else:
-                carry = tl.zeros((BK,), dtype=tl.float32)
-        else:
-            carry = tl.zeros((1,), dtype=tl.float32)
-            if HAS_CARRY:
-                carry += tl.load(carry_ptr + seq_head + tl.arange(0, 1))
+        carry = tl.zeros((BK,) if VECTOR else (1,), dtype=tl.float32)
+        if HAS_CARRY:
+            if last == num_chunks:  # the sequence's last segment
+                if VECTOR:
+                    carry += tl.load(carry_ptr + seq_head * K + ck, mask=ck < K, other=0.0)
+                else:
+                    carry += tl.load(carry_ptr + seq_head + tl.arange(0, 1))
     backwards = C - 1 - tl.arange(0, C)  # rows read last-to-first, so that a forward cumsum is the reverse one
     part_stride = total_tokens * H * K
-    num_chunks = tl.cdiv(eos - bos, C)
-    for r in range(num_chunks):
-        token0 = bos + (num_chunks - 1 - r) * C
+    for r in range(last - first):
+        token0 = bos + (last - 1 - r) * C
         row_mask = token0 + backwards < eos
         mask = row_mask[:, None] & (ck < K)[None, :]
         offsets = ((token0 + backwards[:, None]) * H + head) * K + ck[None, :]
@@ -633,6 +639,44 @@ def _finish_grads_kernel(q_ptr, k_ptr, dq_parts_ptr, dk_parts_ptr, carry_ptr, dq
                 prefix = tl.sum(tl.where(earlier, local[None, :], 0.0), axis=1)
                 tl.store(dg_ptr + (token0 + backwards) * H + head, prefix + carry, mask=row_mask)
                 carry += tl.sum(local, axis=0)
+    if DECAY_GRAD and SEGMENTED:
+        segments = tl.num_programs(1)
+        if VECTOR:
+            tl.store(totals_ptr + (seq_head * segments + segment) * K + ck, carry, mask=ck < K)
+        else:
+            tl.store(totals_ptr + seq_head * segments + segment + tl.arange(0, 1), carry)
+
+
+@triton.jit
+def _add_segment_carry_kernel(dg_ptr, totals_ptr, cu_seqlens_ptr, segment_chunks, segments, H: tl.constexpr,
+                              K: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, VECTOR: tl.constexpr):
+    """d log λ of one chunk of a segment += the totals of the later segments of its sequence (`_finish_grads_kernel`
+    with SEGMENTED; the last segment's total includes the final-state carry)."""
+    seq_head, segment, index = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq, head = seq_head // H, seq_head % H
+    bos, eos = tl.load(cu_seqlens_ptr + seq), tl.load(cu_seqlens_ptr + seq + 1)
+    num_chunks = tl.cdiv(eos - bos, C)
+    chunk = segment * segment_chunks + index
+    if chunk >= num_chunks:
+        return
+    own_segments = tl.cdiv(num_chunks, segment_chunks)  # a shorter packed sequence leaves later totals unwritten
+    ck = tl.arange(0, BK)
+    rows = tl.arange(0, C)
+    token0 = bos + chunk * C
+    row_mask = token0 + rows < eos
+    if VECTOR:
+        carry = tl.zeros((BK,), dtype=tl.float32)
+        for later in range(segment + 1, own_segments):
+            carry += tl.load(totals_ptr + (seq_head * segments + later) * K + ck, mask=ck < K, other=0.0)
+        offsets = ((token0 + rows[:, None]) * H + head) * K + ck[None, :]
+        mask = row_mask[:, None] & (ck < K)[None, :]
+        tl.store(dg_ptr + offsets, tl.load(dg_ptr + offsets, mask=mask, other=0.0) + carry[None, :], mask=mask)
+    else:
+        carry = tl.zeros((1,), dtype=tl.float32)
+        for later in range(segment + 1, own_segments):
+            carry += tl.load(totals_ptr + seq_head * segments + later + tl.arange(0, 1))
+        offsets = (token0 + rows) * H + head
+        tl.store(dg_ptr + offsets, tl.load(dg_ptr + offsets, mask=row_mask, other=0.0) + carry, mask=row_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -732,8 +776,8 @@ class _ChunkedRecurrence(torch.autograd.Function):
         initial_grad = (torch.empty(num_sequences, heads, key_dim, value_dim, device=q.device, dtype=torch.float32)
                         if initial is not None else None)
         final_grad = final_grad.float().contiguous() if final_grad is not None else None
-        block_v, launch = _launch("state_grads", value_dim, decay)
-        block_k_split = min(block_k, STATE_KEY_BLOCK)
+        block_k_split, block_v, launch = _state_walk_launch("state_grads", key_dim, value_dim, decay,
+                                                            num_sequences * heads, q.device)
         _chunk_state_grads_kernel[(triton.cdiv(key_dim, block_k_split), triton.cdiv(value_dim, block_v),
                                    num_sequences * heads)](
             q, do, b, final_grad, state_grads, initial_grad, layout[0], layout[1], scale, heads, key_dim, value_dim,
@@ -774,10 +818,21 @@ class _ChunkedRecurrence(torch.autograd.Function):
             d_log_decay = torch.empty(batch, length, heads, *((key_dim,) if vector else ()), device=q.device,
                                       dtype=torch.float32)
         dq, dk = torch.empty_like(q), torch.empty_like(k)
-        _finish_grads_kernel[(num_sequences * heads,)](
-            q, k, dq_parts, dk_parts, carry, dq, dk, d_log_decay, layout[0], scale, total_tokens, heads, key_dim,
-            block_k, dq_parts.shape[0], dk_parts.shape[0], CHUNK, needs_decay_grad, vector, carry is not None,
-            num_warps=8)
+        # the longest sequence's chunks; for packed sequences their total, a bound that needs no device sync
+        max_chunks = triton.cdiv(length, CHUNK) if num_sequences == batch else layout[2].numel()
+        segment_chunks = _finish_segment_chunks(num_sequences * heads, max_chunks, q.device)
+        segments = triton.cdiv(max_chunks, segment_chunks)
+        segmented = needs_decay_grad and segments > 1
+        totals = (torch.empty(num_sequences * heads, segments, *((key_dim,) if vector else ()), device=q.device,
+                              dtype=torch.float32) if segmented else None)
+        _finish_grads_kernel[(num_sequences * heads, segments)](
+            q, k, dq_parts, dk_parts, carry, dq, dk, d_log_decay, totals, layout[0], scale, total_tokens,
+            segment_chunks, heads, key_dim, block_k, dq_parts.shape[0], dk_parts.shape[0], CHUNK, needs_decay_grad,
+            vector, carry is not None, segmented, num_warps=8)
+        if segmented:  # the segments before a sequence's last take the sums of those after them
+            _add_segment_carry_kernel[(num_sequences * heads, segments - 1, segment_chunks)](
+                d_log_decay, totals, layout[0], segment_chunks, segments, heads, key_dim, block_k, CHUNK, vector,
+                num_warps=4)
         if d_log_decay is not None:
             if decay == DECAY_STATIC:
                 d_log_decay = d_log_decay.sum((0, 1))
@@ -785,6 +840,42 @@ class _ChunkedRecurrence(torch.autograd.Function):
         if initial_grad is not None:
             initial_grad = initial_grad.to(ctx.initial_dtype)
         return dq, dk, dv, d_log_decay, initial_grad, None, None, None
+
+
+def _multiprocessors(device):
+    """The GPU's SM count; under TRITON_INTERPRET (CPU tensors) 8, so that the CPU tests with one or two sequences
+    and heads take the paths meant for few programs (`_state_walk_launch`, `_finish_segment_chunks`)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+
+def _state_walk_launch(kernel, key_dim, value_dim, decay, sequences_heads, device):
+    """(key block, value block, launch kwargs) of a state walk (`_chunk_states_kernel`, `_chunk_state_grads_kernel`):
+    each program walks a whole sequence for its (key block, value block), so with few sequences × heads (e.g. one
+    16k-token sequence of 16 heads: 16 programs at 64 × 64 blocks) the blocks shrink, value block first, down to
+    32 × 16, until the programs reach the SM count; small tiles take 4 warps."""
+    block_v, launch = _launch(kernel, value_dim, decay)
+    block_k = min(_key_block(key_dim), STATE_KEY_BLOCK)
+    sms = _multiprocessors(device)
+    while sequences_heads * triton.cdiv(key_dim, block_k) * triton.cdiv(value_dim, block_v) < sms:
+        if block_v > 16:
+            block_v //= 2
+        elif block_k > 32:
+            block_k //= 2
+        else:
+            break
+    if block_k * block_v <= 32 * 32:
+        launch = {**launch, "num_warps": min(launch.get("num_warps", 4), 4)}
+    return block_k, block_v, launch
+
+
+def _finish_segment_chunks(programs, max_chunks, device):
+    """Chunks per program of `_finish_grads_kernel`: a whole sequence when sequences × heads give at least half as
+    many programs as the GPU has SMs (measured at memory speed so, BENCHMARKS.md), else segments for about two
+    programs per SM."""
+    sms = _multiprocessors(device)
+    if 2 * programs >= sms:
+        return max_chunks
+    return triton.cdiv(max_chunks, min(max_chunks, triton.cdiv(2 * sms, programs)))
 
 
 def _key_block(key_dim):
@@ -841,8 +932,8 @@ def _forward_states(k, v, b, initial, layout, decay, heads, key_dim, value_dim, 
                          dtype=torch.bfloat16 if dot_dtype == tl.bfloat16 else torch.float32)
     final = (k.new_empty(num_sequences, heads, key_dim, value_dim, dtype=torch.float32) if output_final_state
              else None)
-    block_v, launch = _launch("states", value_dim, decay)
-    block_k = min(_key_block(key_dim), STATE_KEY_BLOCK)
+    block_k, block_v, launch = _state_walk_launch("states", key_dim, value_dim, decay, num_sequences * heads,
+                                                  k.device)
     _chunk_states_kernel[(triton.cdiv(key_dim, block_k), triton.cdiv(value_dim, block_v), num_sequences * heads)](
         k, v, b, initial, states, final, cu_seqlens, chunk_offsets, heads, key_dim, value_dim, block_k,
         block_v, CHUNK, decay, initial is not None, output_final_state, dot_dtype, precision, **launch)

@@ -258,3 +258,30 @@ def test_layout_first_made_under_inference_mode_serves_training():
     assert kernels._regular_layout.cache_info().hits >= 1
     expected = outputs_and_grads(naive_recurrence, inputs, scale=0.5)
     assert_close(actual, expected, NAMES)
+
+
+@pytest.mark.parametrize("kind", ["vector", "scalar", "static"])
+@pytest.mark.parametrize("packed", [False, True], ids=["one-sequence", "packed"])
+def test_decay_grad_in_segments(kind, packed):
+    """With few sequences × heads the last backward pass splits each sequence into segments (more programs) and adds
+    the later segments' sums afterwards (`_add_segment_carry_kernel`); d log λ still matches the naive recurrence,
+    through the final state's gradient too, and packed sequences shorter than a segment take no part of another's."""
+    lengths = [5 * CHUNK + 3] if not packed else [3 * CHUNK + 1, CHUNK - 3, 2 * CHUNK]
+    heads = 1
+    max_chunks = sum(-(-n // CHUNK) for n in lengths) if packed else -(-lengths[0] // CHUNK)
+    assert kernels._finish_segment_chunks(len(lengths) * heads, max_chunks, torch.device("cpu")) < max_chunks
+    q, k, v, log_decay, _ = make_inputs(kind, 1, sum(lengths), heads, 16, 24, seed=12, initial=False)
+    state = torch.randn(len(lengths), heads, 16, 24).requires_grad_()
+    inputs = [q, k, v, log_decay, state]
+    if packed:
+        cu_seqlens = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+        actual = outputs_and_grads(triton_chunked_recurrence, inputs, scale=0.5, cu_seqlens=cu_seqlens)
+
+        def reference(q, k, v, log_decay, scale, initial_state, output_final_state):
+            return recurrence._per_sequence(naive_recurrence, q, k, v, log_decay, scale, initial_state,
+                                            output_final_state, cu_seqlens)
+    else:
+        actual = outputs_and_grads(triton_chunked_recurrence, inputs, scale=0.5)
+        reference = naive_recurrence
+    expected = outputs_and_grads(reference, inputs, scale=0.5)
+    assert_close(actual, expected, NAMES, tolerance=5e-5)
