@@ -598,8 +598,8 @@ def _finish_grads_kernel(q_ptr, k_ptr, dq_parts_ptr, dk_parts_ptr, carry_ptr, dq
     bos, eos = tl.load(cu_seqlens_ptr + seq), tl.load(cu_seqlens_ptr + seq + 1)
     num_chunks = tl.cdiv(eos - bos, C)
     first = segment * segment_chunks
-    if first >= num_chunks:
-        return
+    # a segment past a shorter packed sequence's end walks nothing (its total is never read); no early return: the
+    # kernels keep structured control flow for Triton 3.6 on Hopper
     last = tl.minimum(first + segment_chunks, num_chunks)
     ck = tl.arange(0, BK)
     if DECAY_GRAD:
@@ -657,13 +657,11 @@ def _add_segment_carry_kernel(dg_ptr, totals_ptr, cu_seqlens_ptr, segment_chunks
     bos, eos = tl.load(cu_seqlens_ptr + seq), tl.load(cu_seqlens_ptr + seq + 1)
     num_chunks = tl.cdiv(eos - bos, C)
     chunk = segment * segment_chunks + index
-    if chunk >= num_chunks:
-        return
     own_segments = tl.cdiv(num_chunks, segment_chunks)  # a shorter packed sequence leaves later totals unwritten
     ck = tl.arange(0, BK)
     rows = tl.arange(0, C)
     token0 = bos + chunk * C
-    row_mask = token0 + rows < eos
+    row_mask = token0 + rows < eos  # all false for chunks past the sequence's end (token0 ≥ eos): nothing to add
     if VECTOR:
         carry = tl.zeros((BK,), dtype=tl.float32)
         for later in range(segment + 1, own_segments):
