@@ -80,7 +80,7 @@ def check_states(q, k, v, log_decay, initial, decay):
     layout = kernels._chunk_layout(None, 1, q.shape[1], q.device)
     b, _ = kernels._cumulative_decay(log_decay.float().contiguous(), layout, decay, HEADS, q.shape[-1])
     states, _ = kernels._forward_states(k, v, b, initial.float().contiguous(), layout, decay, HEADS, q.shape[-1],
-                                        v.shape[-1], 1, False)
+                                        v.shape[-1], 1, kernels._longest_chunks(layout, 1, q.shape[1]), False)
     return relative_error(states.float(), reference_chunk_states(q, k, v, log_decay, initial))
 
 

@@ -24,7 +24,8 @@ fi
 
 # FLA autotunes each op for minutes on a fresh machine. With TRITON_CACHE_AUTOTUNING=1 Triton keeps the results on
 # disk; they come back in LOGS/autotune.tgz, and unpacked into .triton-autotune/ (ignored by git; name it in the call's
-# carry) they spare the next call the tuning: `mkdir -p .triton-autotune && tar xzf .../autotune.tgz -C .triton-autotune`.
+# carry) they spare the next call the tuning:
+#   mkdir -p .triton-autotune && tar xzf .../autotune.tgz -C .triton-autotune
 export TRITON_CACHE_AUTOTUNING=1 TRITON_CACHE_DIR=/tmp/triton-cache
 mkdir -p "$TRITON_CACHE_DIR"
 [ -d .triton-autotune ] && cp -r .triton-autotune/. "$TRITON_CACHE_DIR/"
@@ -68,7 +69,10 @@ if [ "$PLAN" = compare ]; then
   done
   exit 0
 fi
-case $PLAN in kernels|diagnose) ;; *) echo "unknown plan $PLAN (kernels, diagnose, model, model-profile or compare)"; exit 2;; esac
+case $PLAN in
+  kernels|diagnose) ;;
+  *) echo "unknown plan $PLAN (kernels, diagnose, model, model-profile or compare)"; exit 2;;
+esac
 if [ "$PLAN" = diagnose ]; then
   step diagnose 150 python3 benchmarks/diagnose_chunk_kernels.py --length 200 --dims 128 --dtypes bfloat16,float32 \
     --warps 8 --reload 1 --whole-chunks 1,0

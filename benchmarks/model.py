@@ -276,8 +276,9 @@ def parse_args(argv):
     parser.add_argument("--json", help="write every row to this path")
     parser.add_argument("--prefill-chunk", type=int, default=2048, help="generate(prefill_chunk_size=...); 0: off")
     parser.add_argument("--compile", action="store_true", help="train section: torch.compile every model")
-    parser.add_argument("--train-shapes", dest="train_shapes_text", help="BxT of the train section, comma separated (default 8x2048,1x16384; "
-                        "--quick: 2x64,1x130); the profile section takes the first")
+    parser.add_argument("--train-shapes", dest="train_shapes_text",
+                        help="BxT of the train section, comma separated (default 8x2048,1x16384; --quick: 2x64,1x130); "
+                             "the profile section takes the first")
     parser.add_argument("--ours-overrides", default="",
                         help="config overrides of our models, e.g. loss_chunk_size=4096,decode_cuda_graphs=True "
                              "(comma separated key=value)")

@@ -14,7 +14,10 @@ Algorithm (per head; b = cumulative log λ, fp32 throughout; q is pre-multiplied
   (sequential over chunks: no scan on their critical path) and the vector path choice. The per-chunk kernels scan
   log λ of their own sub-chunks in registers (reading b there instead costs registers: more spills on sm_90).
 - `_chunk_states_kernel`: walks each sequence in chunks of CHUNK tokens and stores the state at every chunk start
-  (S ← e^{B} ⊙ S + (k ⊙ e^{B − b})ᵀ v, B the chunk's total log-decay).
+  (S ← e^{B} ⊙ S + (k ⊙ e^{B − b})ᵀ v, B the chunk's total log-decay). With few sequences × heads the walks (this
+  one, the state gradients' and the finishing pass) go through segments of a sequence in parallel (`_segment_plan`):
+  each segment from zero, `_combine_segments_kernel` joins their ends in order, and each segment again from its
+  true start.
 - `_chunk_output_kernel`: one program per (chunk, head, value block): o = (q ⊙ e^{b}) S + A v, A the decayed causal
   scores. Scalar decay forms e^{b_i − b_j} directly, the whole chunk in one step. Vector decay uses the factorised
   matmul (q ⊙ e^{b})(k ⊙ e^{−b})ᵀ, whose exponents are bounded by the decay span: when every channel's span over the
@@ -299,12 +302,19 @@ def _cumulative_decay_kernel(g_ptr, b_ptr, path_ptr, cu_seqlens_ptr, chunk_seq_p
 
 
 @triton.jit
-def _chunk_states_kernel(k_ptr, v_ptr, b_ptr, initial_ptr, states_ptr, final_ptr, cu_seqlens_ptr, chunk_offsets_ptr,
+def _chunk_states_kernel(k_ptr, v_ptr, b_ptr, initial_ptr, states_ptr, final_ptr, segment_state_ptr,
+                         segment_decay_ptr, cu_seqlens_ptr, chunk_offsets_ptr, segments, segment_chunks,
                          H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                          C: tl.constexpr, DECAY: tl.constexpr, HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr,
-                         DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """The state at the start of every chunk of one (sequence, head, value block), and the final state."""
-    k_block, v_block, seq_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                         WALK: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """The state at the start of every chunk of one (sequence, head, value block), and the final state.
+
+    WALK (`_segment_plan`): 0 — a whole sequence per program; with segments of `segment_chunks` chunks, 1 — each
+    segment from zero (the first from the initial state), storing only its end state and total log-decay for
+    `_combine_segments_kernel`, then 2 — each segment again from the state the combination gave it, storing the
+    chunk states."""
+    k_block, v_block, program = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq_head, segment = program // segments, program % segments
     seq, head = seq_head // H, seq_head % H
     bos, eos = tl.load(cu_seqlens_ptr + seq), tl.load(cu_seqlens_ptr + seq + 1)
     first_chunk = tl.load(chunk_offsets_ptr + seq)
@@ -313,22 +323,94 @@ def _chunk_states_kernel(k_ptr, v_ptr, b_ptr, initial_ptr, states_ptr, final_ptr
     cv = v_block * BV + tl.arange(0, BV)
     state_offsets = ck[:, None] * V + cv[None, :]
     state_mask = (ck < K)[:, None] & (cv < V)[None, :]
-    if HAS_INITIAL:
-        state = tl.load(initial_ptr + seq_head * K * V + state_offsets, mask=state_mask, other=0.0).to(tl.float32)
+    num_chunks = tl.cdiv(eos - bos, C)
+    if WALK == 0:  # (kept apart: the whole-sequence walk compiles as it did before segments, 154 registers on sm_90)
+        first, last = 0, num_chunks
+        if HAS_INITIAL:
+            state = tl.load(initial_ptr + seq_head * K * V + state_offsets, mask=state_mask, other=0.0)
+            state = state.to(tl.float32)
+        else:
+            state = tl.zeros((BK, BV), dtype=tl.float32)
     else:
+        first = segment * segment_chunks
+        last = tl.minimum(first + segment_chunks, num_chunks)
         state = tl.zeros((BK, BV), dtype=tl.float32)
+        if WALK == 2:
+            state += tl.load(segment_state_ptr + program * K * V + state_offsets, mask=state_mask, other=0.0)
+        elif HAS_INITIAL:
+            if segment == 0:
+                state += tl.load(initial_ptr + seq_head * K * V + state_offsets, mask=state_mask,
+                                 other=0.0).to(tl.float32)
+    if WALK == 1:
+        decay_sum = tl.zeros((BK,) if VECTOR else (1,), dtype=tl.float32)
     rows = tl.arange(0, C)
-    for n in range(tl.cdiv(eos - bos, C)):
-        tl.store(states_ptr + ((first_chunk + n) * H + head) * K * V + state_offsets,
-                 state.to(states_ptr.dtype.element_ty), mask=state_mask)
+    for n in range(first, last):
+        if WALK != 1:
+            tl.store(states_ptr + ((first_chunk + n) * H + head) * K * V + state_offsets,
+                     state.to(states_ptr.dtype.element_ty), mask=state_mask)
         token0 = bos + n * C
         row_mask = token0 + rows < eos
         k = _tile(k_ptr, token0, rows, row_mask, head, H, K, ck, ck < K)
         v = _tile(v_ptr, token0, rows, row_mask, head, H, V, cv, cv < V)
         b, total = _chunk_decay(b_ptr, first_chunk + n, head, H, K, ck, C, DECAY)
         state = _advance_state(state, k, v, b, total, VECTOR, DOT_DTYPE, PRECISION)
-    if STORE_FINAL:
+        if WALK == 1:
+            decay_sum += total
+    if WALK == 0 and STORE_FINAL:
         tl.store(final_ptr + seq_head * K * V + state_offsets, state, mask=state_mask)
+    if WALK == 1:
+        _store_segment(segment_state_ptr, segment_decay_ptr, program, state, state_offsets, state_mask, decay_sum,
+                       ck, K, V, VECTOR)
+
+
+@triton.jit
+def _store_segment(segment_state_ptr, segment_decay_ptr, program, state, state_offsets, state_mask, decay_sum, ck,
+                   K: tl.constexpr, V: tl.constexpr, VECTOR: tl.constexpr):
+    """A segment walk's end value and its total log-decay, for `_combine_segments_kernel` (every value block of a key
+    block stores the same decay)."""
+    tl.store(segment_state_ptr + program * K * V + state_offsets, state, mask=state_mask)
+    if VECTOR:
+        tl.store(segment_decay_ptr + program * K + ck, decay_sum, mask=ck < K)
+    else:
+        tl.store(segment_decay_ptr + program + tl.arange(0, 1), decay_sum)
+
+
+@triton.jit
+def _combine_segments_kernel(segment_state_ptr, segment_decay_ptr, start_ptr, end_ptr, cu_seqlens_ptr, segments,
+                             segment_chunks, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                             BV: tl.constexpr, C: tl.constexpr, VECTOR: tl.constexpr, HAS_START: tl.constexpr,
+                             STORE_END: tl.constexpr, REVERSE: tl.constexpr):
+    """Between the two segment walks of a state walk (forward: the states; REVERSE: their gradients): the walk's
+    value X where each segment starts, X ← e^{D_p} ⊙ X + E_p segment by segment (E_p: segment p's end value from
+    zero, the first segment's from the start value; D_p: its total log-decay), written over E_p for the second walk;
+    the first segment gets the start value (initial state / final-state gradient), and the last X is the end value
+    (final state / initial-state gradient)."""
+    k_block, v_block, seq_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq = seq_head // H
+    bos, eos = tl.load(cu_seqlens_ptr + seq), tl.load(cu_seqlens_ptr + seq + 1)
+    own = tl.maximum(tl.cdiv(tl.cdiv(eos - bos, C), segment_chunks), 1)  # a packed sequence's own segments
+    ck = k_block * BK + tl.arange(0, BK)
+    cv = v_block * BV + tl.arange(0, BV)
+    state_offsets = ck[:, None] * V + cv[None, :]
+    state_mask = (ck < K)[:, None] & (cv < V)[None, :]
+    base = seq_head * segments
+    walked_first = own - 1 if REVERSE else 0
+    value = tl.load(segment_state_ptr + (base + walked_first) * K * V + state_offsets, mask=state_mask, other=0.0)
+    start = tl.zeros((BK, BV), dtype=tl.float32)
+    if HAS_START:
+        start += tl.load(start_ptr + seq_head * K * V + state_offsets, mask=state_mask, other=0.0).to(tl.float32)
+    tl.store(segment_state_ptr + (base + walked_first) * K * V + state_offsets, start, mask=state_mask)
+    for t in range(1, own):
+        segment = base + (own - 1 - t if REVERSE else t)
+        end_value = tl.load(segment_state_ptr + segment * K * V + state_offsets, mask=state_mask, other=0.0)
+        tl.store(segment_state_ptr + segment * K * V + state_offsets, value, mask=state_mask)
+        if VECTOR:
+            decay = tl.exp(tl.load(segment_decay_ptr + segment * K + ck, mask=ck < K, other=0.0))[:, None]
+        else:
+            decay = tl.exp(tl.sum(tl.load(segment_decay_ptr + segment + tl.arange(0, 1)), axis=0))
+        value = value * decay + end_value
+    if STORE_END:
+        tl.store(end_ptr + seq_head * K * V + state_offsets, value, mask=state_mask)
 
 
 @triton.jit
@@ -399,12 +481,15 @@ def _output_walk(q_ptr, k_ptr, v_ptr, g_ptr, o_ptr, state_ptrs, state_mask, chun
 
 @triton.jit
 def _chunk_state_grads_kernel(q_ptr, do_ptr, b_ptr, final_grad_ptr, state_grads_ptr, initial_grad_ptr,
-                              cu_seqlens_ptr, chunk_offsets_ptr, scale, H: tl.constexpr, K: tl.constexpr,
-                              V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-                              DECAY: tl.constexpr, HAS_FINAL_GRAD: tl.constexpr, STORE_INITIAL_GRAD: tl.constexpr,
-                              DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """∂L/∂S at the end of every chunk (reverse walk): dS ← e^{B} ⊙ dS + (q ⊙ e^{b})ᵀ do; ∂L/∂S_0 last."""
-    k_block, v_block, seq_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                              segment_state_ptr, segment_decay_ptr, cu_seqlens_ptr, chunk_offsets_ptr, scale, segments,
+                              segment_chunks, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                              BV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr, HAS_FINAL_GRAD: tl.constexpr,
+                              STORE_INITIAL_GRAD: tl.constexpr, WALK: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                              PRECISION: tl.constexpr):
+    """∂L/∂S at the end of every chunk (reverse walk): dS ← e^{B} ⊙ dS + (q ⊙ e^{b})ᵀ do; ∂L/∂S_0 last. WALK as in
+    `_chunk_states_kernel`, segments walked last to first (the sequence's last segment from ∂L/∂S_T)."""
+    k_block, v_block, program = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq_head, segment = program // segments, program % segments
     seq, head = seq_head // H, seq_head % H
     bos, eos = tl.load(cu_seqlens_ptr + seq), tl.load(cu_seqlens_ptr + seq + 1)
     first_chunk = tl.load(chunk_offsets_ptr + seq)
@@ -413,17 +498,32 @@ def _chunk_state_grads_kernel(q_ptr, do_ptr, b_ptr, final_grad_ptr, state_grads_
     cv = v_block * BV + tl.arange(0, BV)
     state_offsets = ck[:, None] * V + cv[None, :]
     state_mask = (ck < K)[:, None] & (cv < V)[None, :]
-    if HAS_FINAL_GRAD:
-        dstate = tl.load(final_grad_ptr + seq_head * K * V + state_offsets, mask=state_mask, other=0.0)
-        dstate = dstate.to(tl.float32)
-    else:
-        dstate = tl.zeros((BK, BV), dtype=tl.float32)
-    rows = tl.arange(0, C)
     num_chunks = tl.cdiv(eos - bos, C)
-    for r in range(num_chunks):
-        n = num_chunks - 1 - r
-        tl.store(state_grads_ptr + ((first_chunk + n) * H + head) * K * V + state_offsets,
-                 dstate.to(state_grads_ptr.dtype.element_ty), mask=state_mask)
+    if WALK == 0:  # kept apart, as in `_chunk_states_kernel`
+        first, last = 0, num_chunks
+        if HAS_FINAL_GRAD:
+            dstate = tl.load(final_grad_ptr + seq_head * K * V + state_offsets, mask=state_mask, other=0.0)
+            dstate = dstate.to(tl.float32)
+        else:
+            dstate = tl.zeros((BK, BV), dtype=tl.float32)
+    else:
+        first = segment * segment_chunks
+        last = tl.minimum(first + segment_chunks, num_chunks)
+        dstate = tl.zeros((BK, BV), dtype=tl.float32)
+        if WALK == 2:
+            dstate += tl.load(segment_state_ptr + program * K * V + state_offsets, mask=state_mask, other=0.0)
+        elif HAS_FINAL_GRAD:
+            if last == num_chunks:  # the sequence's last segment (or an empty sequence's only one)
+                dstate += tl.load(final_grad_ptr + seq_head * K * V + state_offsets, mask=state_mask,
+                                  other=0.0).to(tl.float32)
+    if WALK == 1:
+        decay_sum = tl.zeros((BK,) if VECTOR else (1,), dtype=tl.float32)
+    rows = tl.arange(0, C)
+    for r in range(last - first):
+        n = last - 1 - r
+        if WALK != 1:
+            tl.store(state_grads_ptr + ((first_chunk + n) * H + head) * K * V + state_offsets,
+                     dstate.to(state_grads_ptr.dtype.element_ty), mask=state_mask)
         token0 = bos + n * C
         row_mask = token0 + rows < eos
         q = _tile(q_ptr, token0, rows, row_mask, head, H, K, ck, ck < K) * scale
@@ -435,8 +535,13 @@ def _chunk_state_grads_kernel(q_ptr, do_ptr, b_ptr, final_grad_ptr, state_grads_
             dstate = dstate * tl.exp(total)
         q_from_start = (q * _row_decay(b, VECTOR)).to(DOT_DTYPE)
         dstate += tl.dot(tl.trans(q_from_start), do.to(DOT_DTYPE), input_precision=PRECISION)
-    if STORE_INITIAL_GRAD:
+        if WALK == 1:
+            decay_sum += total
+    if WALK == 0 and STORE_INITIAL_GRAD:
         tl.store(initial_grad_ptr + seq_head * K * V + state_offsets, dstate, mask=state_mask)
+    if WALK == 1:
+        _store_segment(segment_state_ptr, segment_decay_ptr, program, dstate, state_offsets, state_mask, decay_sum,
+                       ck, K, V, VECTOR)
 
 
 @triton.jit
@@ -597,18 +702,24 @@ def _finish_grads_kernel(q_ptr, k_ptr, dq_parts_ptr, dk_parts_ptr, carry_ptr, dq
     seq, head = seq_head // H, seq_head % H
     bos, eos = tl.load(cu_seqlens_ptr + seq), tl.load(cu_seqlens_ptr + seq + 1)
     num_chunks = tl.cdiv(eos - bos, C)
-    first = segment * segment_chunks
-    # a segment past a shorter packed sequence's end walks nothing (its total is never read); no early return: the
-    # kernels keep structured control flow for Triton 3.6 on Hopper
-    last = tl.minimum(first + segment_chunks, num_chunks)
     ck = tl.arange(0, BK)
+    if SEGMENTED:
+        first = segment * segment_chunks
+        # a segment past a shorter packed sequence's end walks nothing (its total is never read); no early return:
+        # the kernels keep structured control flow for Triton 3.6 on Hopper
+        last = tl.minimum(first + segment_chunks, num_chunks)
+    else:  # whole sequences (as compiled before segments)
+        first, last = 0, num_chunks
     if DECAY_GRAD:
-        carry = tl.zeros((BK,) if VECTOR else (1,), dtype=tl.float32)
-        if HAS_CARRY:
-            if last == num_chunks:  # the sequence's last segment
-                if VECTOR:
+        if VECTOR:
+            carry = tl.zeros((BK,), dtype=tl.float32)
+            if HAS_CARRY:
+                if last == num_chunks:  # the sequence's last segment
                     carry += tl.load(carry_ptr + seq_head * K + ck, mask=ck < K, other=0.0)
-                else:
+        else:
+            carry = tl.zeros((1,), dtype=tl.float32)
+            if HAS_CARRY:
+                if last == num_chunks:
                     carry += tl.load(carry_ptr + seq_head + tl.arange(0, 1))
     backwards = C - 1 - tl.arange(0, C)  # rows read last-to-first, so that a forward cumsum is the reverse one
     part_stride = total_tokens * H * K
@@ -742,8 +853,8 @@ class _ChunkedRecurrence(torch.autograd.Function):
         initial = initial_state.float().contiguous() if initial_state is not None else None
         o = torch.empty_like(v)
         b, paths = _cumulative_decay(g, layout, decay, heads, key_dim)
-        states, final = _forward_states(k, v, b, initial, layout, decay, heads, key_dim, value_dim,
-                                        num_sequences, output_final_state)
+        states, final = _forward_states(k, v, b, initial, layout, decay, heads, key_dim, value_dim, num_sequences,
+                                        _longest_chunks(layout, batch, length), output_final_state)
         del b  # the per-chunk kernels read the paths only
         dot_dtype, precision = _dot_settings(q.dtype)
         block_v, launch = _launch("output", value_dim, decay)
@@ -764,9 +875,10 @@ class _ChunkedRecurrence(torch.autograd.Function):
         batch, length, heads, key_dim, value_dim, num_sequences = ctx.shape
         decay, scale = ctx.decay, ctx.scale
         needs_decay_grad = ctx.needs_input_grad[3] and decay != DECAY_NONE
+        max_chunks = _longest_chunks(layout, batch, length)
         b, paths = _cumulative_decay(g, layout, decay, heads, key_dim)
         states, final = _forward_states(k, v, b, initial, layout, decay, heads, key_dim, value_dim, num_sequences,
-                                        output_final_state=needs_decay_grad and final_grad is not None)
+                                        max_chunks, output_final_state=needs_decay_grad and final_grad is not None)
         do = do.contiguous()
         dot_dtype, precision = _dot_settings(q.dtype)
         block_k = _key_block(key_dim)
@@ -774,13 +886,18 @@ class _ChunkedRecurrence(torch.autograd.Function):
         initial_grad = (torch.empty(num_sequences, heads, key_dim, value_dim, device=q.device, dtype=torch.float32)
                         if initial is not None else None)
         final_grad = final_grad.float().contiguous() if final_grad is not None else None
-        block_k_split, block_v, launch = _state_walk_launch("state_grads", key_dim, value_dim, decay,
-                                                            num_sequences * heads, q.device)
-        _chunk_state_grads_kernel[(triton.cdiv(key_dim, block_k_split), triton.cdiv(value_dim, block_v),
-                                   num_sequences * heads)](
-            q, do, b, final_grad, state_grads, initial_grad, layout[0], layout[1], scale, heads, key_dim, value_dim,
-            block_k_split, block_v, CHUNK, decay, final_grad is not None, initial is not None, dot_dtype, precision,
-            **launch)
+        block_v, launch = _launch("state_grads", value_dim, decay)
+        block_k_split = min(block_k, STATE_KEY_BLOCK)
+        blocks = (triton.cdiv(key_dim, block_k_split), triton.cdiv(value_dim, block_v))
+
+        def state_grads_walk(walk, segments, segment_chunks, segment_state, segment_decay):
+            _chunk_state_grads_kernel[(*blocks, num_sequences * heads * segments)](
+                q, do, b, final_grad, state_grads, initial_grad, segment_state, segment_decay, layout[0], layout[1],
+                scale, segments, segment_chunks, heads, key_dim, value_dim, block_k_split, block_v, CHUNK, decay,
+                final_grad is not None, initial is not None, walk, dot_dtype, precision, **launch)
+
+        _state_walk(state_grads_walk, blocks, block_k_split, block_v, num_sequences, heads, max_chunks, key_dim,
+                    value_dim, decay, final_grad, initial_grad, layout[0], q.device, reverse=True)
         del b  # freed before the dq / dk parts are allocated (the backward's peak)
         total_tokens = batch * length
         sub_chunk = _sub_chunk(decay)
@@ -816,18 +933,15 @@ class _ChunkedRecurrence(torch.autograd.Function):
             d_log_decay = torch.empty(batch, length, heads, *((key_dim,) if vector else ()), device=q.device,
                                       dtype=torch.float32)
         dq, dk = torch.empty_like(q), torch.empty_like(k)
-        # the longest sequence's chunks; for packed sequences their total, a bound that needs no device sync
-        max_chunks = triton.cdiv(length, CHUNK) if num_sequences == batch else layout[2].numel()
-        segment_chunks = _finish_segment_chunks(num_sequences * heads, max_chunks, q.device)
-        segments = triton.cdiv(max_chunks, segment_chunks)
-        segmented = needs_decay_grad and segments > 1
+        segments, segment_chunks = _segment_plan(num_sequences * heads, max_chunks, q.device)
+        carried = needs_decay_grad and segments > 1  # d log λ sums that cross segments
         totals = (torch.empty(num_sequences * heads, segments, *((key_dim,) if vector else ()), device=q.device,
-                              dtype=torch.float32) if segmented else None)
+                              dtype=torch.float32) if carried else None)
         _finish_grads_kernel[(num_sequences * heads, segments)](
             q, k, dq_parts, dk_parts, carry, dq, dk, d_log_decay, totals, layout[0], scale, total_tokens,
             segment_chunks, heads, key_dim, block_k, dq_parts.shape[0], dk_parts.shape[0], CHUNK, needs_decay_grad,
-            vector, carry is not None, segmented, num_warps=8)
-        if segmented:  # the segments before a sequence's last take the sums of those after them
+            vector, carry is not None, segments > 1, num_warps=8)
+        if carried:  # the segments before a sequence's last take the sums of those after them
             _add_segment_carry_kernel[(num_sequences * heads, segments - 1, segment_chunks)](
                 d_log_decay, totals, layout[0], segment_chunks, segments, heads, key_dim, block_k, CHUNK, vector,
                 num_warps=4)
@@ -842,38 +956,48 @@ class _ChunkedRecurrence(torch.autograd.Function):
 
 def _multiprocessors(device):
     """The GPU's SM count; under TRITON_INTERPRET (CPU tensors) 8, so that the CPU tests with one or two sequences
-    and heads take the paths meant for few programs (`_state_walk_launch`, `_finish_segment_chunks`)."""
+    and heads take the segmented paths meant for few programs (`_segment_plan`)."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
 
-def _state_walk_launch(kernel, key_dim, value_dim, decay, sequences_heads, device):
-    """(key block, value block, launch kwargs) of a state walk (`_chunk_states_kernel`, `_chunk_state_grads_kernel`):
-    each program walks a whole sequence for its (key block, value block), so with few sequences × heads (e.g. one
-    16k-token sequence of 16 heads: 16 programs at 64 × 64 blocks) the blocks shrink, value block first, down to
-    32 × 16, until the programs reach the SM count; small tiles take 4 warps."""
-    block_v, launch = _launch(kernel, value_dim, decay)
-    block_k = min(_key_block(key_dim), STATE_KEY_BLOCK)
-    sms = _multiprocessors(device)
-    while sequences_heads * triton.cdiv(key_dim, block_k) * triton.cdiv(value_dim, block_v) < sms:
-        if block_v > 16:
-            block_v //= 2
-        elif block_k > 32:
-            block_k //= 2
-        else:
-            break
-    if block_k * block_v <= 32 * 32:
-        launch = {**launch, "num_warps": min(launch.get("num_warps", 4), 4)}
-    return block_k, block_v, launch
+def _longest_chunks(layout, batch, length):
+    """Chunks of the longest sequence; for packed sequences their total, a bound that needs no device sync."""
+    return triton.cdiv(length, CHUNK) if layout[0].numel() - 1 == batch else layout[2].numel()
 
 
-def _finish_segment_chunks(programs, max_chunks, device):
-    """Chunks per program of `_finish_grads_kernel`: a whole sequence when sequences × heads give at least half as
-    many programs as the GPU has SMs (measured at memory speed so, BENCHMARKS.md), else segments for about two
-    programs per SM."""
+def _segment_plan(programs, max_chunks, device):
+    """(segments, chunks per segment) for the kernels that walk a whole sequence per program (the state walks, the
+    finishing pass): whole sequences while they give at least half as many programs as the GPU has SMs (the shapes
+    of BENCHMARKS.md's kernel tables, measured so), else segments for about two programs per SM — one 16k-token
+    sequence of 16 heads: 16 segments of 16 chunks instead of 16 walks of 256 chunks."""
     sms = _multiprocessors(device)
-    if 2 * programs >= sms:
-        return max_chunks
-    return triton.cdiv(max_chunks, min(max_chunks, triton.cdiv(2 * sms, programs)))
+    if 2 * programs >= sms or max_chunks < 2:
+        return 1, max(max_chunks, 1)
+    segment_chunks = triton.cdiv(max_chunks, min(max_chunks, triton.cdiv(2 * sms, programs)))
+    return triton.cdiv(max_chunks, segment_chunks), segment_chunks
+
+
+def _state_walk(launch_walk, blocks, block_k, block_v, num_sequences, heads, max_chunks, key_dim, value_dim, decay,
+                start, end, cu_seqlens, device, reverse):
+    """A state walk (`_chunk_states_kernel`, or `_chunk_state_grads_kernel` with `reverse`) through
+    `launch_walk(walk, segments, segment_chunks, segment_state, segment_decay)`: whole sequences (walk 0) or, per
+    `_segment_plan`, segments from zero (walk 1), `_combine_segments_kernel` (start: initial state / final-state
+    gradient, end: final state / initial-state gradient, either None), and segments from their combined start
+    (walk 2)."""
+    sequences_heads = num_sequences * heads
+    segments, segment_chunks = _segment_plan(sequences_heads * blocks[0] * blocks[1], max_chunks, device)
+    if segments == 1:
+        launch_walk(0, 1, segment_chunks, None, None)
+        return
+    vector = decay == DECAY_VECTOR
+    segment_state = torch.empty(sequences_heads * segments, key_dim, value_dim, device=device, dtype=torch.float32)
+    segment_decay = torch.empty(sequences_heads * segments, *((key_dim,) if vector else ()), device=device,
+                                dtype=torch.float32)
+    launch_walk(1, segments, segment_chunks, segment_state, segment_decay)
+    _combine_segments_kernel[(*blocks, sequences_heads)](
+        segment_state, segment_decay, start, end, cu_seqlens, segments, segment_chunks, heads, key_dim, value_dim,
+        block_k, block_v, CHUNK, vector, start is not None, end is not None, reverse, num_warps=4)
+    launch_walk(2, segments, segment_chunks, segment_state, segment_decay)
 
 
 def _key_block(key_dim):
@@ -922,19 +1046,28 @@ def _cumulative_decay(g, layout, decay, heads, key_dim):
     return b, paths
 
 
-def _forward_states(k, v, b, initial, layout, decay, heads, key_dim, value_dim, num_sequences, output_final_state):
-    """States at every chunk start ([chunks, H, K, V], in the dot dtype) and the final states (fp32) or None."""
+def _forward_states(k, v, b, initial, layout, decay, heads, key_dim, value_dim, num_sequences, max_chunks,
+                    output_final_state):
+    """States at every chunk start ([chunks, H, K, V], in the dot dtype) and the final states (fp32) or None
+    (`_state_walk`; max_chunks: `_longest_chunks`)."""
     cu_seqlens, chunk_offsets, chunk_seq, _ = layout
     dot_dtype, precision = _dot_settings(k.dtype)
     states = k.new_empty(chunk_seq.numel(), heads, key_dim, value_dim,
                          dtype=torch.bfloat16 if dot_dtype == tl.bfloat16 else torch.float32)
     final = (k.new_empty(num_sequences, heads, key_dim, value_dim, dtype=torch.float32) if output_final_state
              else None)
-    block_k, block_v, launch = _state_walk_launch("states", key_dim, value_dim, decay, num_sequences * heads,
-                                                  k.device)
-    _chunk_states_kernel[(triton.cdiv(key_dim, block_k), triton.cdiv(value_dim, block_v), num_sequences * heads)](
-        k, v, b, initial, states, final, cu_seqlens, chunk_offsets, heads, key_dim, value_dim, block_k,
-        block_v, CHUNK, decay, initial is not None, output_final_state, dot_dtype, precision, **launch)
+    block_v, launch = _launch("states", value_dim, decay)
+    block_k = min(_key_block(key_dim), STATE_KEY_BLOCK)
+    blocks = (triton.cdiv(key_dim, block_k), triton.cdiv(value_dim, block_v))
+
+    def states_walk(walk, segments, segment_chunks, segment_state, segment_decay):
+        _chunk_states_kernel[(*blocks, num_sequences * heads * segments)](
+            k, v, b, initial, states, final, segment_state, segment_decay, cu_seqlens, chunk_offsets, segments,
+            segment_chunks, heads, key_dim, value_dim, block_k, block_v, CHUNK, decay, initial is not None,
+            output_final_state, walk, dot_dtype, precision, **launch)
+
+    _state_walk(states_walk, blocks, block_k, block_v, num_sequences, heads, max_chunks, key_dim, value_dim, decay,
+                initial, final, cu_seqlens, k.device, reverse=False)
     return states, final
 
 

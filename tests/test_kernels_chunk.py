@@ -260,17 +260,21 @@ def test_layout_first_made_under_inference_mode_serves_training():
     assert_close(actual, expected, NAMES)
 
 
-@pytest.mark.parametrize("kind", ["vector", "scalar", "static"])
+@pytest.mark.parametrize("kind", ["vector", "scalar", "static", "none", "vector-frozen"])
 @pytest.mark.parametrize("packed", [False, True], ids=["one-sequence", "packed"])
-def test_decay_grad_in_segments(kind, packed):
-    """With few sequences × heads the last backward pass splits each sequence into segments (more programs) and adds
-    the later segments' sums afterwards (`_add_segment_carry_kernel`); d log λ still matches the naive recurrence,
-    through the final state's gradient too, and packed sequences shorter than a segment take no part of another's."""
+def test_walks_in_segments(kind, packed):
+    """With few sequences × heads the kernels that walk whole sequences split them into segments (`_segment_plan`):
+    the state walks go through the segments from zero, combine their ends (`_combine_segments_kernel`) and walk them
+    again from the combined starts; the finishing pass adds the later segments' d log λ sums afterwards
+    (`_add_segment_carry_kernel`). Output, final state and every gradient (initial state included) still match the
+    naive recurrence, and packed sequences of fewer segments than the longest take no part of another's."""
     lengths = [5 * CHUNK + 3] if not packed else [3 * CHUNK + 1, CHUNK - 3, 2 * CHUNK]
     heads = 1
     max_chunks = sum(-(-n // CHUNK) for n in lengths) if packed else -(-lengths[0] // CHUNK)
-    assert kernels._finish_segment_chunks(len(lengths) * heads, max_chunks, torch.device("cpu")) < max_chunks
-    q, k, v, log_decay, _ = make_inputs(kind, 1, sum(lengths), heads, 16, 24, seed=12, initial=False)
+    assert kernels._segment_plan(len(lengths) * heads, max_chunks, torch.device("cpu"))[0] > 1
+    q, k, v, log_decay, _ = make_inputs(kind.split("-")[0], 1, sum(lengths), heads, 16, 24, seed=12, initial=False)
+    if kind.endswith("frozen"):  # no d log λ wanted: the finishing pass sums dq, dk only, still in segments
+        log_decay = log_decay.detach()
     state = torch.randn(len(lengths), heads, 16, 24).requires_grad_()
     inputs = [q, k, v, log_decay, state]
     if packed:
@@ -284,4 +288,5 @@ def test_decay_grad_in_segments(kind, packed):
         actual = outputs_and_grads(triton_chunked_recurrence, inputs, scale=0.5)
         reference = naive_recurrence
     expected = outputs_and_grads(reference, inputs, scale=0.5)
-    assert_close(actual, expected, NAMES, tolerance=5e-5)
+    names = [n for n in NAMES if n != "d_log_decay" or (log_decay is not None and log_decay.requires_grad)]
+    assert_close(actual, expected, names, tolerance=5e-5)

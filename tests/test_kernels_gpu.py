@@ -242,21 +242,31 @@ def test_chunk_matches_oracle(case, kind, dtype):
 # and gradient within 5e-3 of an fp32 reference (d log λ relative to the terms it cancels from, see decay_grad_scale;
 # its plain error is warned about). The reference is the step-by-step oracle up to T = 2048 and the fp32 PyTorch
 # chunked path at T = 16384 (itself checked against the oracle in tests/test_recurrence.py), where the oracle's
-# autograd graph of 16384 steps would take minutes. Errors are printed: run with -rP to see them.
+# autograd graph of 16384 steps would take minutes. Errors are printed: run with -rP to see them. Both ways of the
+# sequence-walking kernels (`_segment_plan`): segments (what two heads of one or two sequences take on the GPU) and
+# whole sequences (what the benchmark shapes take), the latter forced by counting a single SM.
 ACCEPTANCE_TOL = 5e-3
 
 
+@pytest.mark.parametrize("walks", ["segments", "whole"])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("length", [63, 2048, 16384])
 @pytest.mark.parametrize("kind", ["vector", "scalar", "static"])
-def test_acceptance_grid_bf16(kind, length, head_dim):
+def test_acceptance_grid_bf16(kind, length, head_dim, walks, monkeypatch):
+    from linear_decay import kernels_chunk_linear_decay as kernels
+
+    if walks == "whole":
+        if length <= kernels.CHUNK:
+            pytest.skip("one chunk: no segments either way")
+        monkeypatch.setattr(kernels, "_multiprocessors", lambda device: 1)
     batch = 2 if length <= 2048 else 1
     gen = cpu_generator("acceptance", kind, length, head_dim)
     inputs = make_inputs(kind, batch, length, HEADS, head_dim, head_dim, torch.bfloat16, "mixed", gen, True, True,
                          head_dim ** -0.5)
     reference = naive_recurrence if length <= 2048 else BACKENDS["torch"]
     errors = compare_to_oracle(inputs, torch.bfloat16, reference=reference, tol=ACCEPTANCE_TOL)
-    print(f"acceptance {kind} T={length} K=V={head_dim}: " + " ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+    print(f"acceptance {kind} T={length} K=V={head_dim} {walks}: "
+          + " ".join(f"{k} {v:.1e}" for k, v in errors.items()))
 
 
 # Without an initial state and/or without the final state (training runs with neither), bf16 at the model's dims.
