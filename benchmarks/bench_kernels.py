@@ -3,7 +3,8 @@
 One run on one GPU (written for the H200), everything in bf16:
 
   ceilings  device-to-device copy GB/s and an 8192³ bf16 matmul TFLOP/s (what the machine can do at best)
-  chunk     training kernels at B×T×H×D = 8×2048×16×128, 2×16384×16×128, 4×4096×32×64, forward and
+  chunk     training kernels at B×T×H×D = 8×2048×16×128, 2×16384×16×128, 4×4096×32×64 (the kernels issue's
+            shapes) and 1×16384×16×64 (a layer of the 410m model at B=1, T=16384: few sequences × heads), forward and
             forward+backward (median of triton.testing.do_bench, inputs rotated over several sets):
               ours vector decay  vs FLA chunk_gla
               ours scalar decay  vs FLA chunk_simple_gla(g=...)        (data-dependent, per token and head)
@@ -74,7 +75,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # run from a checkout without installing the package
     sys.path.insert(0, REPO)
 
-SHAPES = [(8, 2048, 16, 128), (2, 16384, 16, 128), (4, 4096, 32, 64)]
+SHAPES = [(8, 2048, 16, 128), (2, 16384, 16, 128), (4, 4096, 32, 64), (1, 16384, 16, 64)]
 DECAYS = ("vector", "scalar", "static")
 FLA_NAME = {"vector": "chunk_gla", "scalar": "chunk_simple_gla(g)", "static": "chunk_simple_gla(g_gamma)"}
 FLA_DECODE_NAME = {"vector": "fused_recurrent_gla", "scalar": "fused_recurrent_simple_gla(g)",
@@ -637,7 +638,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="one shape only (8x2048x16x128)")
     parser.add_argument("--shape", type=int, action="append", choices=range(len(SHAPES)),
                         help="chunk section: only SHAPES[i] (repeatable; 0: 8x2048x16x128, 1: 2x16384x16x128, "
-                             "2: 4x4096x32x64)")
+                             "2: 4x4096x32x64, 3: 1x16384x16x64)")
     parser.add_argument("--json", help="write every result to this path")
     parser.add_argument("--no-check", action="store_true", help="skip the correctness lines")
     parser.add_argument("--no-fla", action="store_true",

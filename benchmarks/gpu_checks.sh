@@ -3,8 +3,9 @@
 # their logs and JSON come back packed in LOGS/logs.tgz (LOGS: the device tool's $OUT).
 #   benchmarks/gpu_checks.sh LOGS [SECONDS] [PLAN]       (SECONDS: the call's budget, default 570)
 #   PLAN kernels (default): test (tests/test_kernels_gpu.py), then time the kernels (ours, each kernel against its
-#        bound, decode, FLA at shape 0). Carry the FLA wheels (.whl, see /work/.library/device/README.md) to time
-#        FLA in the same run; without them the benchmark prints ours and SDPA only.
+#        bound at 8x2048x16x128 and at the 410m model's B=1, T=16384 layer, decode, FLA at shape 0). Carry the FLA
+#        wheels (.whl, see /work/.library/device/README.md) to time FLA in the same run; without them the benchmark
+#        prints ours and SDPA only.
 #   PLAN diagnose: localise a wrong result stage by stage, both vector paths.
 #   PLAN model: the whole-model benchmark (training eager and under torch.compile, generate(), the cold start);
 #   PLAN model-profile: the training profile and generate() with eager decoding (no CUDA graph).
@@ -79,8 +80,10 @@ if [ "$PLAN" = diagnose ]; then
   exit 0
 fi
 step gpu_tests 300 python3 -m pytest tests/test_kernels_gpu.py -q -rP -n 14 -p no:cacheprovider
-step bench_ours 90 python3 benchmarks/bench_kernels.py --only chunk --no-check --no-fla --json "$WORK/chunk_ours.json"
+step bench_ours 120 python3 benchmarks/bench_kernels.py --only chunk --no-check --no-fla --json "$WORK/chunk_ours.json"
 step roofline 60 python3 benchmarks/tune_chunk_kernels.py --roofline --kinds vector,scalar
+step roofline_model16k 60 python3 benchmarks/tune_chunk_kernels.py --roofline --kinds vector,scalar \
+  --shape 1,16384,16,64
 step bench_decode 60 python3 benchmarks/bench_kernels.py --only decode --no-check --json "$WORK/decode.json"
 # FLA autotunes every op at every shape (minutes each on a cold machine): what the budget allows, shape 0 first
 step bench_fla0 240 python3 benchmarks/bench_kernels.py --only chunk --shape 0 --no-check --json "$WORK/chunk_fla0.json"

@@ -30,8 +30,10 @@ KERNELS = {"states": "_chunk_states_kernel", "output": "_chunk_output_kernel",
            "state_grads": "_chunk_state_grads_kernel", "dq": "_chunk_dq_kernel",
            "dk_dv": "_chunk_dk_dv_kernel"}
 KIND_CODE = {"vector": kernels.DECAY_VECTOR, "scalar": kernels.DECAY_SCALAR}
-PROFILED = {"cumulative": "_cumulative_decay_kernel", **KERNELS,
-            "finish": "_finish_grads_kernel"}  # the first and last have no launch settings to tune
+PROFILED = {"cumulative": "_cumulative_decay_kernel", **KERNELS, "combine": "_combine_segments_kernel",
+            "finish": "_finish_grads_kernel", "segment_carry": "_add_segment_carry_kernel"}
+# (cumulative, combine, finish and segment_carry have no launch settings to tune; combine and segment_carry run only
+# when few sequences × heads make the sequence walks go in segments, kernels._segment_plan)
 
 
 def kernel_work(kind, shape, block_v):
@@ -50,6 +52,16 @@ def kernel_work(kind, shape, block_v):
     parts = part * max(1, dim // block_v)  # the fp32 dq or dk parts, one per value block
     state_product = 2 * tokens * heads * dim * dim  # k^T v over all tokens, or q S
     intra = 2 * tokens * heads * chunk * dim  # scores (or their gradient) for every token against its chunk
+    # segments (kernels._segment_plan, as the host code plans them on this GPU): the combination reads each segment's
+    # end state and writes its start (fp32), twice per pass (states, state gradients); the finishing pass's carry
+    # reads and writes d log λ of all but each sequence's last segment
+    device = torch.device("cuda")
+    walk_block_v = kernels._launch("states", dim, None)[0]
+    walk_blocks = -(-dim // min(kernels._key_block(dim), kernels.STATE_KEY_BLOCK)) * -(-dim // walk_block_v)
+    walk_segments, _ = kernels._segment_plan(batch * heads * walk_blocks, -(-length // chunk), device)
+    finish_segments, _ = kernels._segment_plan(batch * heads, -(-length // chunk), device)
+    combine = 2 * 2 * 2 * batch * heads * walk_segments * dim * dim * 4 if walk_segments > 1 else 0
+    carry = 2 * decay * (finish_segments - 1) // finish_segments
     return {
         "cumulative": (2 * 2 * decay, 0),  # log λ in, its chunk-local cumulative sum out; forward and backward
         "states": (2 * act + decay + states, state_product),
@@ -57,7 +69,9 @@ def kernel_work(kind, shape, block_v):
         "state_grads": (2 * act + decay + states, state_product),
         "dq": (3 * act + decay + states + parts, state_product + 2 * intra),
         "dk_dv": (4 * act + decay + states + parts + act, 2 * state_product + 4 * intra),
+        "combine": (combine, 0),
         "finish": (2 * act + part + parts + 2 * act + decay, 0),  # dq's parts arrive summed (a torch sum before)
+        "segment_carry": (carry, 0),
     }
 
 
@@ -69,6 +83,8 @@ def roofline(kinds, shape, copy_gbps, matmul_tflops):
         print(f"  {'kernel':12s} {'ms':>8s} {'MB':>9s} {'GFLOP':>8s} {'bytes ms':>9s} {'FLOP ms':>8s} {'bound':>6s}")
         total = 0.0
         for name, (nbytes, flops) in kernel_work(kind, shape, kernels.TUNING["dq"]["block_v"]).items():
+            if name not in times and nbytes == 0:
+                continue  # a segment kernel that this shape does not run
             ms = times.get(name, float("nan"))
             total += ms
             byte_ms, flop_ms = nbytes / copy_gbps / 1e6, flops / matmul_tflops / 1e9
