@@ -9,10 +9,12 @@
 #   PLAN diagnose: localise a wrong result stage by stage, both vector paths.
 #   PLAN model: the whole-model benchmark (training eager and under torch.compile, generate(), the cold start);
 #   PLAN model-profile: the training profile and generate() with eager decoding (no CUDA graph).
+#   PLAN tune: the GPU tests, then the dq and dk/dv kernels with and without VALUE_LOOP (value blocks of 16 and 32) at
+#        8x2048x16x128 and 1x16384x16x64, against the fp32 reference and timed per kernel.
 #   PLAN compare: the training profile at B=1, T=16384, then ours against FLA and SDPA shape by shape (carry .whl and
 #        .triton-autotune: FLA's tuning of the three shapes does not fit one call from scratch).
 set -u
-LOGS=${1:?usage: gpu_checks.sh LOGS [SECONDS] [kernels|diagnose|model|model-profile|compare]}
+LOGS=${1:?usage: gpu_checks.sh LOGS [SECONDS] [kernels|diagnose|model|model-profile|tune|compare]}
 BUDGET=${2:-570}
 PLAN=${3:-kernels}
 mkdir -p "$LOGS"
@@ -61,6 +63,14 @@ if [ "$PLAN" = model-profile ]; then
     decode_cuda_graphs=False --json "$WORK/model_generate_eager.json"
   exit 0
 fi
+if [ "$PLAN" = tune ]; then
+  step gpu_tests 300 python3 -m pytest tests/test_kernels_gpu.py -q -rP -n 14 -p no:cacheprovider
+  for shape in 8,2048,16,128 1,16384,16,64; do
+    step "tune_$shape" 120 python3 benchmarks/tune_chunk_kernels.py --shape "$shape" --kinds vector,scalar \
+      --block_v 16,32 --warps 8 --stages 2 --value-loop 0,1 --json "$WORK/tune_$shape.json"
+  done
+  exit 0
+fi
 if [ "$PLAN" = compare ]; then
   step model_profile_16k 110 python3 benchmarks/model.py --sections profile --train-shapes 1x16384 \
     --decays mamba2:vector,simple:scalar --json "$WORK/model_profile_16k.json"
@@ -72,7 +82,7 @@ if [ "$PLAN" = compare ]; then
 fi
 case $PLAN in
   kernels|diagnose) ;;
-  *) echo "unknown plan $PLAN (kernels, diagnose, model, model-profile or compare)"; exit 2;;
+  *) echo "unknown plan $PLAN (kernels, diagnose, model, model-profile, tune or compare)"; exit 2;;
 esac
 if [ "$PLAN" = diagnose ]; then
   step diagnose 150 python3 benchmarks/diagnose_chunk_kernels.py --length 200 --dims 128 --dtypes bfloat16,float32 \

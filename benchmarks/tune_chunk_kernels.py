@@ -1,6 +1,7 @@
 """Sweep the launch settings of the chunked Triton kernels on the GPU (kernels_chunk_linear_decay.TUNING).
 
-    python benchmarks/tune_chunk_kernels.py [--shape 8,2048,16,128] [--kinds vector,scalar] [--json PATH]
+    python benchmarks/tune_chunk_kernels.py [--shape 8,2048,16,128] [--kinds vector,scalar] [--value-loop 0,1]
+                                            [--json PATH]
 
 For each decay kind and each candidate (value block, warps, stages) it runs forward+backward in bf16 under the
 torch profiler and reads each kernel's own time, checks the result against the fp32 PyTorch chunked path (a wrong
@@ -93,6 +94,12 @@ def roofline(kinds, shape, copy_gbps, matmul_tflops):
         print(f"  {'all':12s} {total:8.3f}")
 
 
+def settings_of(name, candidate):
+    """The launch settings of kernel `name` in a candidate (VALUE_LOOP is the dq and dk/dv kernels' only)."""
+    keys = ("block_v", "num_warps", "num_stages") + (("VALUE_LOOP",) if "VALUE_LOOP" in kernels.TUNING[name] else ())
+    return {key: candidate[key] for key in keys}
+
+
 def make_inputs(kind, batch, length, heads, dim, seed=0):
     torch.manual_seed(seed)
     q = F.silu(torch.randn(batch, length, heads, dim, device="cuda")).bfloat16().requires_grad_()
@@ -151,6 +158,7 @@ def main():
     parser.add_argument("--block_v", default="32,64,128")
     parser.add_argument("--warps", default="4,8")
     parser.add_argument("--stages", default="1,2")
+    parser.add_argument("--value-loop", default="0", help="VALUE_LOOP of the dq and dk/dv kernels to try: 0, 1 or 0,1")
     parser.add_argument("--json", default=None)
     parser.add_argument("--roofline", action="store_true", help="time the current settings against the bounds")
     parser.add_argument("--copy-gbps", type=float, default=4218.0, help="measured device copy bandwidth")
@@ -160,15 +168,16 @@ def main():
     if args.roofline:
         roofline(args.kinds.split(","), shape, args.copy_gbps, args.matmul_tflops)
         return
-    candidates = [dict(block_v=bv, num_warps=w, num_stages=s) for bv, w, s in itertools.product(
-        *(map(int, values.split(",")) for values in (args.block_v, args.warps, args.stages)))]
+    candidates = [dict(block_v=bv, num_warps=w, num_stages=s, VALUE_LOOP=bool(loop))
+                  for bv, w, s, loop in itertools.product(*(map(int, values.split(",")) for values in (
+                      args.block_v, args.warps, args.stages, args.value_loop)))]
     print(f"torch {torch.__version__}, triton {kernels.triton.__version__}, {torch.cuda.get_device_name()}, "
           f"shape {shape}", flush=True)
     results = []
     for kind in args.kinds.split(","):
         for candidate in candidates:
             for name in KERNELS:
-                kernels.TUNING_OVERRIDES[(name, KIND_CODE[kind])] = dict(candidate)
+                kernels.TUNING_OVERRIDES[(name, KIND_CODE[kind])] = settings_of(name, candidate)
             try:
                 error = check(kind, shape[-1])
                 times = profile(kind, shape)
@@ -178,17 +187,18 @@ def main():
             row = dict(kind=kind, **candidate, error=error, **times)
             results.append(row)
             print(f"{kind:6s} bv={candidate['block_v']:3d} w={candidate['num_warps']} s={candidate['num_stages']} "
-                  f"err={error:.1e} " + " ".join(f"{n}={t:.3f}" for n, t in times.items()), flush=True)
+                  f"loop={int(candidate['VALUE_LOOP'])} err={error:.1e} "
+                  + " ".join(f"{n}={t:.3f}" for n, t in times.items()), flush=True)
     print("\nbest per kernel (ms):")
     for kind in args.kinds.split(","):
         for name in KERNELS:
             rows = [r for r in results if r["kind"] == kind and name in r and r["error"] < 2e-2]
             if rows:
                 best = min(rows, key=lambda r: r[name])
-                default = [r for r in rows if all(r[key] == kernels.TUNING[name][key]
-                                                  for key in ("block_v", "num_warps", "num_stages"))]
-                print(f"  {kind:6s} {name:12s} block_v={best['block_v']} num_warps={best['num_warps']} "
-                      f"num_stages={best['num_stages']}: {best[name]:.3f} ms"
+                default = [r for r in rows if all(r[key] == value for key, value in kernels.TUNING[name].items()
+                                                  if key in r)]
+                print(f"  {kind:6s} {name:12s} " + " ".join(f"{key}={value}" for key, value in settings_of(
+                    name, best).items()) + f": {best[name]:.3f} ms"
                       + (f" (default {default[0][name]:.3f})" if default else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

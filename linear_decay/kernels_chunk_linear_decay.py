@@ -549,35 +549,81 @@ def _chunk_dq_kernel(k_ptr, v_ptr, g_ptr, path_ptr, do_ptr, states_ptr, dq_ptr, 
                      chunk_token_ptr, total_tokens, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, C: tl.constexpr, S: tl.constexpr, DECAY: tl.constexpr,
                      DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, RELOAD_STATE: tl.constexpr,
-                     WHOLE_CHUNKS: tl.constexpr):
+                     WHOLE_CHUNKS: tl.constexpr, VALUE_LOOP: tl.constexpr):
     """dq' = ∂L/∂(scale·q) of one (value block, chunk, head), partial over the value block (`_dq_walk`); vector
-    decay in one step, halves or sub-chunks as in `_chunk_output_kernel`."""
+    decay in one step, halves or sub-chunks as in `_chunk_output_kernel`. VALUE_LOOP: one program per (chunk, head)
+    takes every value block in turn and writes dq' whole (one part): a chunk taken in one step sums dA and the state
+    part over the value blocks and mixes once (`_dq_all_values`); halves and sub-chunk walks add block by block."""
     v_block, chunk, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq, chunk_token = tl.load(chunk_seq_ptr + chunk), tl.load(chunk_token_ptr + chunk)
     eos = tl.load(cu_seqlens_ptr + seq + 1)
     ck = tl.arange(0, BK)
-    cv = v_block * BV + tl.arange(0, BV)
-    state_ptrs = states_ptr + (chunk * H + head) * K * V + ck[:, None] * V + cv[None, :]
-    state_mask = (ck < K)[:, None] & (cv < V)[None, :]
-    dq_ptr += v_block * total_tokens * H * K  # dq, dk: one fp32 slice per value block
+    chunk_states_ptr = states_ptr + (chunk * H + head) * K * V
     if DECAY == 3:
         path = _chunk_path(path_ptr, chunk, head, H, WHOLE_CHUNKS)
-        if path == 0:
-            _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_token, eos, head, ck, cv, H,
-                     K, V, C, C, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
-        elif path == 1:
-            _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_token, eos, head, ck, cv, H,
-                     K, V, C, C // 2, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
-        else:
-            _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_token, eos, head, ck, cv, H,
-                     K, V, C, S, DECAY, True, DOT_DTYPE, PRECISION, RELOAD_STATE)
     else:
-        _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_token, eos, head, ck, cv, H, K,
-                 V, C, S, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
+        path = 0  # scalar and static decay take a chunk in one step (SCALAR_SUB_CHUNK == CHUNK)
+    if VALUE_LOOP:
+        if path == 0:
+            _dq_all_values(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, chunk_states_ptr, chunk_token, eos, head, ck, H, K, V,
+                           C, BK, BV, DECAY, DOT_DTYPE, PRECISION)
+        else:
+            for block in range(tl.cdiv(V, BV)):
+                tl.debug_barrier()  # the previous block's dq' rows are stored before any thread adds to them
+                cv = block * BV + tl.arange(0, BV)
+                state_ptrs = chunk_states_ptr + ck[:, None] * V + cv[None, :]
+                state_mask = (ck < K)[:, None] & (cv < V)[None, :]
+                if path == 1:
+                    _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_token, eos, head, ck,
+                             cv, block > 0, H, K, V, C, C // 2, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
+                else:
+                    _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_token, eos, head, ck,
+                             cv, block > 0, H, K, V, C, S, DECAY, True, DOT_DTYPE, PRECISION, RELOAD_STATE)
+    else:
+        cv = v_block * BV + tl.arange(0, BV)
+        state_ptrs = chunk_states_ptr + ck[:, None] * V + cv[None, :]
+        state_mask = (ck < K)[:, None] & (cv < V)[None, :]
+        dq_ptr += v_block * total_tokens * H * K  # dq, dk: one fp32 slice per value block
+        if path == 0:
+            _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_token, eos, head, ck, cv,
+                     False, H, K, V, C, C, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
+        elif path == 1:
+            _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_token, eos, head, ck, cv,
+                     False, H, K, V, C, C // 2, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
+        else:
+            _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_token, eos, head, ck, cv,
+                     False, H, K, V, C, S, DECAY, True, DOT_DTYPE, PRECISION, RELOAD_STATE)
 
 
 @triton.jit
-def _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_token, eos, head, ck, cv,
+def _dq_all_values(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, chunk_states_ptr, chunk_token, eos, head, ck, H: tl.constexpr,
+                   K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                   DECAY: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """dq' of a chunk taken in one step, every value block in turn (VALUE_LOOP): dA = Σ do vᵀ and Σ S do summed over
+    the value blocks, then e^{b} ⊙ (S do) plus the decayed mix of dA with k, once, as `_dq_walk` does per block."""
+    VECTOR: tl.constexpr = DECAY == 3
+    rows = tl.arange(0, C)
+    row_mask = chunk_token + rows < eos
+    k = _tile(k_ptr, chunk_token, rows, row_mask, head, H, K, ck, ck < K)
+    b = tl.cumsum(_load_log_decay(g_ptr, chunk_token, rows, row_mask, head, H, K, ck, DECAY), axis=0)
+    dA = tl.zeros((C, C), dtype=tl.float32)
+    dq = tl.zeros((C, BK), dtype=tl.float32)
+    for block in range(tl.cdiv(V, BV)):
+        cv = block * BV + tl.arange(0, BV)
+        v = _tile(v_ptr, chunk_token, rows, row_mask, head, H, V, cv, cv < V)
+        do = _tile(do_ptr, chunk_token, rows, row_mask, head, H, V, cv, cv < V)
+        state = tl.load(chunk_states_ptr + ck[:, None] * V + cv[None, :], mask=(ck < K)[:, None] & (cv < V)[None, :],
+                        other=0.0).to(DOT_DTYPE)
+        dA += tl.dot(do.to(DOT_DTYPE), tl.trans(v.to(DOT_DTYPE)), input_precision=PRECISION)
+        dq += tl.trans(tl.dot(state, tl.trans(do.to(DOT_DTYPE)), input_precision=PRECISION))
+    dA = tl.where(rows[:, None] >= rows[None, :], dA, 0.0)
+    dq = dq * _row_decay(b, VECTOR) + _decayed_mix(dA, k, b, C, False, VECTOR, False, DOT_DTYPE, PRECISION)
+    tl.store(dq_ptr + ((chunk_token + rows[:, None]) * H + head) * K + ck[None, :], dq,
+             mask=row_mask[:, None] & (ck < K)[None, :])
+
+
+@triton.jit
+def _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_token, eos, head, ck, cv, accumulate,
              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, S: tl.constexpr, DECAY: tl.constexpr,
              PAIRWISE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, RELOAD_STATE: tl.constexpr):
     """A forward walk over the sub-chunks with the state S: dq'_i = S_i do_i (state part e^{b_i} ⊙ S do_i, intra
@@ -600,8 +646,10 @@ def _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_
         dA = tl.where(i >= j, tl.dot(do.to(DOT_DTYPE), tl.trans(v.to(DOT_DTYPE)), input_precision=PRECISION), 0.0)
         dq = tl.trans(tl.dot(operand, tl.trans(do.to(DOT_DTYPE)), input_precision=PRECISION))
         dq = dq * _row_decay(b, VECTOR) + _decayed_mix(dA, k, b, S, False, VECTOR, PAIRWISE, DOT_DTYPE, PRECISION)
-        tl.store(dq_ptr + ((token0 + rows[:, None]) * H + head) * K + ck[None, :], dq,
-                 mask=row_mask[:, None] & (ck < K)[None, :])
+        dq_ptrs = dq_ptr + ((token0 + rows[:, None]) * H + head) * K + ck[None, :]
+        if accumulate:  # VALUE_LOOP: the earlier value blocks' part is there already
+            dq += tl.load(dq_ptrs, mask=row_mask[:, None] & (ck < K)[None, :], other=0.0)
+        tl.store(dq_ptrs, dq, mask=row_mask[:, None] & (ck < K)[None, :])
         if sub < C // S - 1:
             state = _advance_state(state, k, v, b, total, VECTOR, DOT_DTYPE, PRECISION)
             operand = _carried_operand(state, state_ptrs, state_mask, DOT_DTYPE, RELOAD_STATE)
@@ -612,36 +660,96 @@ def _chunk_dk_dv_kernel(q_ptr, k_ptr, v_ptr, g_ptr, path_ptr, do_ptr, state_grad
                         chunk_seq_ptr, chunk_token_ptr, scale, total_tokens, H: tl.constexpr, K: tl.constexpr,
                         V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
                         DECAY: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                        RELOAD_STATE: tl.constexpr, WHOLE_CHUNKS: tl.constexpr):
+                        RELOAD_STATE: tl.constexpr, WHOLE_CHUNKS: tl.constexpr, VALUE_LOOP: tl.constexpr):
     """dk (partial over the value block) and dv of one (value block, chunk, head) (`_dk_dv_walk`); vector decay in
-    one step, halves or sub-chunks as in `_chunk_output_kernel`."""
+    one step, halves or sub-chunks as in `_chunk_output_kernel`. VALUE_LOOP as in `_chunk_dq_kernel`: every value
+    block in one program, dk whole (`_dk_dv_all_values` for a chunk in one step: the scores once)."""
     v_block, chunk, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq, chunk_token = tl.load(chunk_seq_ptr + chunk), tl.load(chunk_token_ptr + chunk)
     eos = tl.load(cu_seqlens_ptr + seq + 1)
     ck = tl.arange(0, BK)
-    cv = v_block * BV + tl.arange(0, BV)
-    state_ptrs = state_grads_ptr + (chunk * H + head) * K * V + ck[:, None] * V + cv[None, :]
-    state_mask = (ck < K)[:, None] & (cv < V)[None, :]
-    dk_ptr += v_block * total_tokens * H * K  # dq, dk: one fp32 slice per value block
+    chunk_grads_ptr = state_grads_ptr + (chunk * H + head) * K * V
     if DECAY == 3:
         path = _chunk_path(path_ptr, chunk, head, H, WHOLE_CHUNKS)
+    else:
+        path = 0  # scalar and static decay take a chunk in one step (SCALAR_SUB_CHUNK == CHUNK)
+    if VALUE_LOOP:
+        if path == 0:
+            _dk_dv_all_values(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dk_ptr, dv_ptr, chunk_grads_ptr, chunk_token, eos,
+                              head, scale, ck, H, K, V, C, BK, BV, DECAY, DOT_DTYPE, PRECISION)
+        else:
+            for block in range(tl.cdiv(V, BV)):
+                tl.debug_barrier()  # the previous block's dk rows are stored before any thread adds to them
+                cv = block * BV + tl.arange(0, BV)
+                state_ptrs = chunk_grads_ptr + ck[:, None] * V + cv[None, :]
+                state_mask = (ck < K)[:, None] & (cv < V)[None, :]
+                if path == 1:
+                    _dk_dv_walk(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dk_ptr, dv_ptr, state_ptrs, state_mask,
+                                chunk_token, eos, head, scale, ck, cv, block > 0, H, K, V, C, C // 2, DECAY, False,
+                                DOT_DTYPE, PRECISION, RELOAD_STATE)
+                else:
+                    _dk_dv_walk(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dk_ptr, dv_ptr, state_ptrs, state_mask,
+                                chunk_token, eos, head, scale, ck, cv, block > 0, H, K, V, C, S, DECAY, True,
+                                DOT_DTYPE, PRECISION, RELOAD_STATE)
+    else:
+        cv = v_block * BV + tl.arange(0, BV)
+        state_ptrs = chunk_grads_ptr + ck[:, None] * V + cv[None, :]
+        state_mask = (ck < K)[:, None] & (cv < V)[None, :]
+        dk_ptr += v_block * total_tokens * H * K  # dq, dk: one fp32 slice per value block
         if path == 0:
             _dk_dv_walk(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dk_ptr, dv_ptr, state_ptrs, state_mask, chunk_token, eos,
-                        head, scale, ck, cv, H, K, V, C, C, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
+                        head, scale, ck, cv, False, H, K, V, C, C, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
         elif path == 1:
             _dk_dv_walk(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dk_ptr, dv_ptr, state_ptrs, state_mask, chunk_token, eos,
-                        head, scale, ck, cv, H, K, V, C, C // 2, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
+                        head, scale, ck, cv, False, H, K, V, C, C // 2, DECAY, False, DOT_DTYPE, PRECISION,
+                        RELOAD_STATE)
         else:
             _dk_dv_walk(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dk_ptr, dv_ptr, state_ptrs, state_mask, chunk_token, eos,
-                        head, scale, ck, cv, H, K, V, C, S, DECAY, True, DOT_DTYPE, PRECISION, RELOAD_STATE)
+                        head, scale, ck, cv, False, H, K, V, C, S, DECAY, True, DOT_DTYPE, PRECISION, RELOAD_STATE)
+
+
+@triton.jit
+def _dk_dv_all_values(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dk_ptr, dv_ptr, chunk_grads_ptr, chunk_token, eos, head,
+                      scale, ck, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                      BV: tl.constexpr, DECAY: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """dk and dv of a chunk taken in one step, every value block in turn (VALUE_LOOP): the scores Aᵀ once, dv of each
+    block, dAᵀ = Σ v doᵀ and dS v summed over the blocks, then dk as `_dk_dv_walk` has it per block."""
+    VECTOR: tl.constexpr = DECAY == 3
+    rows = tl.arange(0, C)
+    row_mask = chunk_token + rows < eos
+    q = _tile(q_ptr, chunk_token, rows, row_mask, head, H, K, ck, ck < K) * scale
+    k = _tile(k_ptr, chunk_token, rows, row_mask, head, H, K, ck, ck < K)
+    b = tl.cumsum(_load_log_decay(g_ptr, chunk_token, rows, row_mask, head, H, K, ck, DECAY), axis=0)
+    total = _last_row(b, C, VECTOR)
+    if VECTOR:
+        to_end = tl.exp(total[None, :] - b)
     else:
-        _dk_dv_walk(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dk_ptr, dv_ptr, state_ptrs, state_mask, chunk_token, eos, head,
-                    scale, ck, cv, H, K, V, C, S, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
+        to_end = tl.exp(total - b)[:, None]
+    scores_t = _decayed_scores_transposed(q, k, b, C, VECTOR, False, DOT_DTYPE, PRECISION).to(DOT_DTYPE)
+    k_to_end = (k * to_end).to(DOT_DTYPE)
+    dA_t = tl.zeros((C, C), dtype=tl.float32)
+    dk = tl.zeros((C, BK), dtype=tl.float32)
+    for block in range(tl.cdiv(V, BV)):
+        cv = block * BV + tl.arange(0, BV)
+        v = _tile(v_ptr, chunk_token, rows, row_mask, head, H, V, cv, cv < V).to(DOT_DTYPE)
+        do = _tile(do_ptr, chunk_token, rows, row_mask, head, H, V, cv, cv < V).to(DOT_DTYPE)
+        dstate = tl.load(chunk_grads_ptr + ck[:, None] * V + cv[None, :], mask=(ck < K)[:, None] & (cv < V)[None, :],
+                         other=0.0).to(DOT_DTYPE)
+        dA_t += tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dk += tl.trans(tl.dot(dstate, tl.trans(v), input_precision=PRECISION))
+        dv = tl.dot(k_to_end, dstate, input_precision=PRECISION)
+        dv += tl.dot(scores_t, do, input_precision=PRECISION)
+        tl.store(dv_ptr + ((chunk_token + rows[:, None]) * H + head) * V + cv[None, :], dv.to(dv_ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & (cv < V)[None, :])
+    dA_t = tl.where(rows[:, None] <= rows[None, :], dA_t, 0.0)
+    dk = dk * to_end + _decayed_mix(dA_t, q, b, C, True, VECTOR, False, DOT_DTYPE, PRECISION)
+    tl.store(dk_ptr + ((chunk_token + rows[:, None]) * H + head) * K + ck[None, :], dk,
+             mask=row_mask[:, None] & (ck < K)[None, :])
 
 
 @triton.jit
 def _dk_dv_walk(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dk_ptr, dv_ptr, state_ptrs, state_mask, chunk_token, eos,
-                head, scale, ck, cv, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                head, scale, ck, cv, accumulate, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                 S: tl.constexpr, DECAY: tl.constexpr, PAIRWISE: tl.constexpr, DOT_DTYPE: tl.constexpr,
                 PRECISION: tl.constexpr, RELOAD_STATE: tl.constexpr):
     """A reverse walk over the sub-chunks with the state gradient dS: dk_j = dS_j v_j, dv_j = dS_jᵀ k_j (intra
@@ -669,8 +777,10 @@ def _dk_dv_walk(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dk_ptr, dv_ptr, state_ptrs, 
         dA_t = tl.where(i <= j, tl.dot(v.to(DOT_DTYPE), tl.trans(do.to(DOT_DTYPE)), input_precision=PRECISION), 0.0)
         dk = tl.trans(tl.dot(operand, tl.trans(v.to(DOT_DTYPE)), input_precision=PRECISION)) * to_end
         dk += _decayed_mix(dA_t, q, b, S, True, VECTOR, PAIRWISE, DOT_DTYPE, PRECISION)
-        tl.store(dk_ptr + ((token0 + rows[:, None]) * H + head) * K + ck[None, :], dk,
-                 mask=row_mask[:, None] & (ck < K)[None, :])
+        dk_ptrs = dk_ptr + ((token0 + rows[:, None]) * H + head) * K + ck[None, :]
+        if accumulate:  # VALUE_LOOP: the earlier value blocks' part is there already
+            dk += tl.load(dk_ptrs, mask=row_mask[:, None] & (ck < K)[None, :], other=0.0)
+        tl.store(dk_ptrs, dk, mask=row_mask[:, None] & (ck < K)[None, :])
         scores_t = _decayed_scores_transposed(q, k, b, S, VECTOR, PAIRWISE, DOT_DTYPE, PRECISION)
         dv = tl.dot((k * to_end).to(DOT_DTYPE), operand, input_precision=PRECISION)
         dv += tl.dot(scores_t.to(DOT_DTYPE), do.to(DOT_DTYPE), input_precision=PRECISION)
@@ -902,7 +1012,7 @@ class _ChunkedRecurrence(torch.autograd.Function):
         total_tokens = batch * length
         sub_chunk = _sub_chunk(decay)
         block_v, launch = _launch("dq", value_dim, decay)
-        value_blocks = triton.cdiv(value_dim, block_v)
+        value_blocks = 1 if launch["VALUE_LOOP"] else triton.cdiv(value_dim, block_v)
         parts = q.new_empty(value_blocks, batch, length, heads, key_dim, dtype=torch.float32)
         _chunk_dq_kernel[(value_blocks, layout[2].numel(), heads)](
             k, v, g, paths, do, states, parts, layout[0], layout[2], layout[3], total_tokens, heads, key_dim,
@@ -911,7 +1021,7 @@ class _ChunkedRecurrence(torch.autograd.Function):
         # dq's parts summed now (fp32), so that dk's parts reuse their buffer: the backward's peak holds one set
         dq_parts, spare = (parts.sum(0, keepdim=True), parts) if value_blocks > 1 else (parts, None)
         block_v, launch = _launch("dk_dv", value_dim, decay)
-        value_blocks = triton.cdiv(value_dim, block_v)
+        value_blocks = 1 if launch["VALUE_LOOP"] else triton.cdiv(value_dim, block_v)
         if spare is not None and spare.shape[0] >= value_blocks:
             dk_parts = spare[:value_blocks]
         else:
@@ -1010,13 +1120,18 @@ def _key_block(key_dim):
 # benchmarks/tune_chunk_kernels.py sweeps them on the GPU; the values here are what it found best on the H200.
 # WHOLE_CHUNKS passed the bf16 GPU checks on the H200 (BENCHMARKS.md, 2026-11-29) and is on;
 # LINEAR_DECAY_WHOLE_CHUNKS=0 turns it off for a run (diagnose_chunk_kernels.py --whole-chunks 1,0 compares both).
+# VALUE_LOOP (dq, dk/dv): one program per (chunk, head) through every value block, dq / dk in one part (no per-block
+# parts: less backward memory; a chunk in one step computes its scores and decayed mix once instead of per block);
+# off until timed on the GPU (`tune_chunk_kernels.py --value-loop 0,1`, BENCHMARKS.md).
 _WHOLE_CHUNKS = os.environ.get("LINEAR_DECAY_WHOLE_CHUNKS", "1") == "1"
 TUNING = {
     "states": dict(block_v=64, num_warps=8, num_stages=2),
     "output": dict(block_v=64, num_warps=8, num_stages=2, RELOAD_STATE=True, WHOLE_CHUNKS=_WHOLE_CHUNKS),
     "state_grads": dict(block_v=64, num_warps=8, num_stages=2),
-    "dq": dict(block_v=32, num_warps=8, num_stages=2, RELOAD_STATE=True, WHOLE_CHUNKS=_WHOLE_CHUNKS),
-    "dk_dv": dict(block_v=32, num_warps=8, num_stages=2, RELOAD_STATE=True, WHOLE_CHUNKS=_WHOLE_CHUNKS),
+    "dq": dict(block_v=32, num_warps=8, num_stages=2, RELOAD_STATE=True, WHOLE_CHUNKS=_WHOLE_CHUNKS,
+               VALUE_LOOP=False),
+    "dk_dv": dict(block_v=32, num_warps=8, num_stages=2, RELOAD_STATE=True, WHOLE_CHUNKS=_WHOLE_CHUNKS,
+                  VALUE_LOOP=False),
 }
 TUNING_OVERRIDES = {}  # {(kernel, decay kind): settings}, for what differs between vector and scalar decay
 
