@@ -26,12 +26,15 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 
 # FLA autotunes each op for minutes on a fresh machine. With TRITON_CACHE_AUTOTUNING=1 Triton keeps the results on
-# disk; they come back in LOGS/autotune.tgz, and unpacked into .triton-autotune/ (ignored by git; name it in the call's
-# carry) they spare the next call the tuning:
-#   mkdir -p .triton-autotune && tar xzf .../autotune.tgz -C .triton-autotune
+# disk; they come back in LOGS/autotune.tgz. Those of earlier calls are kept in benchmarks/triton-autotune-h200/ (see
+# its README); unpacked into .triton-autotune/ (ignored by git; name it in the call's carry) a call's results serve
+# the next call too: `mkdir -p .triton-autotune && tar xzf .../autotune.tgz -C .triton-autotune`.
 export TRITON_CACHE_AUTOTUNING=1 TRITON_CACHE_DIR=/tmp/triton-cache
 mkdir -p "$TRITON_CACHE_DIR"
-[ -d .triton-autotune ] && cp -r .triton-autotune/. "$TRITON_CACHE_DIR/"
+for kept in benchmarks/triton-autotune-h200 .triton-autotune; do
+  [ -d "$kept" ] && cp -r "$kept"/. "$TRITON_CACHE_DIR/"
+done
+rm -f "$TRITON_CACHE_DIR/README.md"
 
 step() {  # step NAME SECONDS COMMAND...: run within its limit and what is left of the budget
   local name=$1 limit=$2; shift 2
