@@ -324,7 +324,7 @@ def _chunk_states_kernel(k_ptr, v_ptr, b_ptr, initial_ptr, states_ptr, final_ptr
     state_offsets = ck[:, None] * V + cv[None, :]
     state_mask = (ck < K)[:, None] & (cv < V)[None, :]
     num_chunks = tl.cdiv(eos - bos, C)
-    if WALK == 0:  # (kept apart: the whole-sequence walk compiles as it did before segments, 154 registers on sm_90)
+    if WALK == 0:  # kept apart: the whole-sequence walk keeps the code it had before segments
         first, last = 0, num_chunks
         if HAS_INITIAL:
             state = tl.load(initial_ptr + seq_head * K * V + state_offsets, mask=state_mask, other=0.0)
@@ -563,36 +563,39 @@ def _chunk_dq_kernel(k_ptr, v_ptr, g_ptr, path_ptr, do_ptr, states_ptr, dq_ptr, 
         path = _chunk_path(path_ptr, chunk, head, H, WHOLE_CHUNKS)
     else:
         path = 0  # scalar and static decay take a chunk in one step (SCALAR_SUB_CHUNK == CHUNK)
-    if VALUE_LOOP:
+    if VALUE_LOOP:  # every value block in this program, dq' in one part
         if path == 0:
             _dq_all_values(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, chunk_states_ptr, chunk_token, eos, head, ck, H, K, V,
                            C, BK, BV, DECAY, DOT_DTYPE, PRECISION)
         else:
             for block in range(tl.cdiv(V, BV)):
                 tl.debug_barrier()  # the previous block's dq' rows are stored before any thread adds to them
-                cv = block * BV + tl.arange(0, BV)
-                state_ptrs = chunk_states_ptr + ck[:, None] * V + cv[None, :]
-                state_mask = (ck < K)[:, None] & (cv < V)[None, :]
-                if path == 1:
-                    _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_token, eos, head, ck,
-                             cv, block > 0, H, K, V, C, C // 2, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
-                else:
-                    _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_token, eos, head, ck,
-                             cv, block > 0, H, K, V, C, S, DECAY, True, DOT_DTYPE, PRECISION, RELOAD_STATE)
+                _dq_block(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, chunk_states_ptr, chunk_token, eos, head, ck, path,
+                          block, block > 0, H, K, V, C, S, BV, DECAY, DOT_DTYPE, PRECISION, RELOAD_STATE)
+    else:  # this program's value block, into its own fp32 part
+        _dq_block(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr + v_block * total_tokens * H * K, chunk_states_ptr, chunk_token,
+                  eos, head, ck, path, v_block, False, H, K, V, C, S, BV, DECAY, DOT_DTYPE, PRECISION, RELOAD_STATE)
+
+
+@triton.jit
+def _dq_block(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, chunk_states_ptr, chunk_token, eos, head, ck, path, block,
+              accumulate, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
+              BV: tl.constexpr, DECAY: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+              RELOAD_STATE: tl.constexpr):
+    """`_dq_walk` of one value block by the chunk's path (0: one step, 1: halves, 2: sub-chunks); `accumulate`
+    (VALUE_LOOP): add to the dq' rows the earlier blocks stored."""
+    cv = block * BV + tl.arange(0, BV)
+    state_ptrs = chunk_states_ptr + ck[:, None] * V + cv[None, :]
+    state_mask = (ck < K)[:, None] & (cv < V)[None, :]
+    if path == 0:
+        _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_token, eos, head, ck, cv,
+                 accumulate, H, K, V, C, C, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
+    elif path == 1:
+        _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_token, eos, head, ck, cv,
+                 accumulate, H, K, V, C, C // 2, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
     else:
-        cv = v_block * BV + tl.arange(0, BV)
-        state_ptrs = chunk_states_ptr + ck[:, None] * V + cv[None, :]
-        state_mask = (ck < K)[:, None] & (cv < V)[None, :]
-        dq_ptr += v_block * total_tokens * H * K  # dq, dk: one fp32 slice per value block
-        if path == 0:
-            _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_token, eos, head, ck, cv,
-                     False, H, K, V, C, C, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
-        elif path == 1:
-            _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_token, eos, head, ck, cv,
-                     False, H, K, V, C, C // 2, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
-        else:
-            _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_token, eos, head, ck, cv,
-                     False, H, K, V, C, S, DECAY, True, DOT_DTYPE, PRECISION, RELOAD_STATE)
+        _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_token, eos, head, ck, cv,
+                 accumulate, H, K, V, C, S, DECAY, True, DOT_DTYPE, PRECISION, RELOAD_STATE)
 
 
 @triton.jit
@@ -673,39 +676,42 @@ def _chunk_dk_dv_kernel(q_ptr, k_ptr, v_ptr, g_ptr, path_ptr, do_ptr, state_grad
         path = _chunk_path(path_ptr, chunk, head, H, WHOLE_CHUNKS)
     else:
         path = 0  # scalar and static decay take a chunk in one step (SCALAR_SUB_CHUNK == CHUNK)
-    if VALUE_LOOP:
+    if VALUE_LOOP:  # every value block in this program, dk in one part
         if path == 0:
             _dk_dv_all_values(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dk_ptr, dv_ptr, chunk_grads_ptr, chunk_token, eos,
                               head, scale, ck, H, K, V, C, BK, BV, DECAY, DOT_DTYPE, PRECISION)
         else:
             for block in range(tl.cdiv(V, BV)):
                 tl.debug_barrier()  # the previous block's dk rows are stored before any thread adds to them
-                cv = block * BV + tl.arange(0, BV)
-                state_ptrs = chunk_grads_ptr + ck[:, None] * V + cv[None, :]
-                state_mask = (ck < K)[:, None] & (cv < V)[None, :]
-                if path == 1:
-                    _dk_dv_walk(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dk_ptr, dv_ptr, state_ptrs, state_mask,
-                                chunk_token, eos, head, scale, ck, cv, block > 0, H, K, V, C, C // 2, DECAY, False,
-                                DOT_DTYPE, PRECISION, RELOAD_STATE)
-                else:
-                    _dk_dv_walk(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dk_ptr, dv_ptr, state_ptrs, state_mask,
-                                chunk_token, eos, head, scale, ck, cv, block > 0, H, K, V, C, S, DECAY, True,
-                                DOT_DTYPE, PRECISION, RELOAD_STATE)
+                _dk_dv_block(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dk_ptr, dv_ptr, chunk_grads_ptr, chunk_token, eos,
+                             head, scale, ck, path, block, block > 0, H, K, V, C, S, BV, DECAY, DOT_DTYPE, PRECISION,
+                             RELOAD_STATE)
+    else:  # this program's value block, dk into its own fp32 part
+        _dk_dv_block(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dk_ptr + v_block * total_tokens * H * K, dv_ptr,
+                     chunk_grads_ptr, chunk_token, eos, head, scale, ck, path, v_block, False, H, K, V, C, S, BV, DECAY,
+                     DOT_DTYPE, PRECISION, RELOAD_STATE)
+
+
+@triton.jit
+def _dk_dv_block(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dk_ptr, dv_ptr, chunk_grads_ptr, chunk_token, eos, head, scale,
+                 ck, path, block, accumulate, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                 S: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                 PRECISION: tl.constexpr, RELOAD_STATE: tl.constexpr):
+    """`_dk_dv_walk` of one value block by the chunk's path, as `_dq_block` (`accumulate`: dk adds to the earlier
+    blocks'; dv is each block's own)."""
+    cv = block * BV + tl.arange(0, BV)
+    state_ptrs = chunk_grads_ptr + ck[:, None] * V + cv[None, :]
+    state_mask = (ck < K)[:, None] & (cv < V)[None, :]
+    if path == 0:
+        _dk_dv_walk(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dk_ptr, dv_ptr, state_ptrs, state_mask, chunk_token, eos,
+                    head, scale, ck, cv, accumulate, H, K, V, C, C, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
+    elif path == 1:
+        _dk_dv_walk(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dk_ptr, dv_ptr, state_ptrs, state_mask, chunk_token, eos,
+                    head, scale, ck, cv, accumulate, H, K, V, C, C // 2, DECAY, False, DOT_DTYPE, PRECISION,
+                    RELOAD_STATE)
     else:
-        cv = v_block * BV + tl.arange(0, BV)
-        state_ptrs = chunk_grads_ptr + ck[:, None] * V + cv[None, :]
-        state_mask = (ck < K)[:, None] & (cv < V)[None, :]
-        dk_ptr += v_block * total_tokens * H * K  # dq, dk: one fp32 slice per value block
-        if path == 0:
-            _dk_dv_walk(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dk_ptr, dv_ptr, state_ptrs, state_mask, chunk_token, eos,
-                        head, scale, ck, cv, False, H, K, V, C, C, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
-        elif path == 1:
-            _dk_dv_walk(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dk_ptr, dv_ptr, state_ptrs, state_mask, chunk_token, eos,
-                        head, scale, ck, cv, False, H, K, V, C, C // 2, DECAY, False, DOT_DTYPE, PRECISION,
-                        RELOAD_STATE)
-        else:
-            _dk_dv_walk(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dk_ptr, dv_ptr, state_ptrs, state_mask, chunk_token, eos,
-                        head, scale, ck, cv, False, H, K, V, C, S, DECAY, True, DOT_DTYPE, PRECISION, RELOAD_STATE)
+        _dk_dv_walk(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dk_ptr, dv_ptr, state_ptrs, state_mask, chunk_token, eos,
+                    head, scale, ck, cv, accumulate, H, K, V, C, S, DECAY, True, DOT_DTYPE, PRECISION, RELOAD_STATE)
 
 
 @triton.jit
