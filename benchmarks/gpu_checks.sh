@@ -13,8 +13,9 @@
 #        1x16384x16x64, each setting checked against the fp32 reference and timed per kernel.
 #   PLAN compare: the training profile at B=1, T=16384, then ours against FLA and SDPA shape by shape (carry .whl and
 #        .triton-autotune: FLA's tuning of the three shapes does not fit one call from scratch).
+#   PLAN may also be a comma list of step names (see run_step), e.g. gpu_tests,model_train,bench_fla1.
 set -u
-LOGS=${1:?usage: gpu_checks.sh LOGS [SECONDS] [kernels|diagnose|model|model-profile|tune|compare]}
+LOGS=${1:?usage: gpu_checks.sh LOGS [SECONDS] [kernels|diagnose|model|model-profile|tune|compare|STEP,STEP...]}
 BUDGET=${2:-570}
 PLAN=${3:-kernels}
 mkdir -p "$LOGS"
@@ -49,53 +50,50 @@ step() {  # step NAME SECONDS COMMAND...: run within its limit and what is left 
   (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' -print0 | tar czf "$LOGS/autotune.tgz" --null -T -)
 }
 
+run_step() {  # the steps a plan is made of, by name
+  case $1 in
+    gpu_tests) step gpu_tests 300 python3 -m pytest tests/test_kernels_gpu.py -q -rP -n 14 -p no:cacheprovider;;
+    bench_ours) step bench_ours 120 python3 benchmarks/bench_kernels.py --only chunk --no-check --no-fla \
+      --json "$WORK/chunk_ours.json";;
+    roofline) step roofline 60 python3 benchmarks/tune_chunk_kernels.py --roofline --kinds vector,scalar;;
+    roofline_model16k) step roofline_model16k 60 python3 benchmarks/tune_chunk_kernels.py --roofline \
+      --kinds vector,scalar --shape 1,16384,16,64;;
+    bench_decode) step bench_decode 60 python3 benchmarks/bench_kernels.py --only decode --no-check \
+      --json "$WORK/decode.json";;
+    # FLA autotunes every op at every shape (minutes each without the kept results): ours, FLA and SDPA per shape
+    bench_fla[0-3]) step "$1" 200 python3 benchmarks/bench_kernels.py --only chunk --shape "${1#bench_fla}" \
+      --no-check --json "$WORK/chunk_fla${1#bench_fla}.json";;
+    diagnose) step diagnose 150 python3 benchmarks/diagnose_chunk_kernels.py --length 200 --dims 128 \
+      --dtypes bfloat16,float32 --warps 8 --reload 1 --whole-chunks 1,0;;
+    tune_*) local shape=${1#tune_}; step "$1" 240 python3 benchmarks/tune_chunk_kernels.py --shape "${shape//x/,}" \
+      --kinds vector,scalar \
+      --block_v 16,32 --warps 8 --stages 2 --value-loop 0,1 --json "$WORK/$1.json";;
+    model_train) step model_train 180 python3 benchmarks/model.py --sections train --json "$WORK/model_train.json";;
+    model_train_compiled) step model_train_compiled 240 python3 benchmarks/model.py --sections train --compile \
+      --json "$WORK/model_train_compiled.json";;
+    model_generate) step model_generate 100 python3 benchmarks/model.py --sections generate \
+      --json "$WORK/model_generate.json";;
+    model_generate_eager) step model_generate_eager 150 python3 benchmarks/model.py --sections generate \
+      --ours-overrides decode_cuda_graphs=False --json "$WORK/model_generate_eager.json";;
+    model_cold) step model_cold 70 python3 benchmarks/model.py --sections cold --decays mamba2:vector \
+      --json "$WORK/model_cold.json";;
+    model_profile) step model_profile 80 python3 benchmarks/model.py --sections profile \
+      --decays mamba2:vector,simple:scalar --json "$WORK/model_profile.json";;
+    model_profile_16k) step model_profile_16k 110 python3 benchmarks/model.py --sections profile \
+      --train-shapes 1x16384 --decays mamba2:vector,simple:scalar --json "$WORK/model_profile_16k.json";;
+    *) echo "unknown step $1"; exit 2;;
+  esac
+}
+
+case $PLAN in
+  kernels) STEPS="gpu_tests bench_ours roofline roofline_model16k bench_decode bench_fla0";;
+  diagnose) STEPS="diagnose";;
+  model) STEPS="model_train model_train_compiled model_generate model_cold";;
+  model-profile) STEPS="model_profile model_generate_eager";;
+  tune) STEPS="tune_8x2048x16x128 tune_1x16384x16x64";;
+  compare) STEPS="model_profile_16k bench_fla0 bench_fla1 bench_fla2";;
+  *) STEPS=${PLAN//,/ };;  # a comma list of step names
+esac
 nvidia-smi -L
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
-if [ "$PLAN" = model ]; then
-  step model_train 180 python3 benchmarks/model.py --sections train --json "$WORK/model_train.json"
-  step model_train_compiled 240 python3 benchmarks/model.py --sections train --compile --json \
-    "$WORK/model_train_compiled.json"
-  step model_generate 100 python3 benchmarks/model.py --sections generate --json "$WORK/model_generate.json"
-  step model_cold 70 python3 benchmarks/model.py --sections cold --decays mamba2:vector --json "$WORK/model_cold.json"
-  exit 0
-fi
-if [ "$PLAN" = model-profile ]; then
-  step model_profile 80 python3 benchmarks/model.py --sections profile --decays mamba2:vector,simple:scalar \
-    --json "$WORK/model_profile.json"
-  step model_generate_eager 150 python3 benchmarks/model.py --sections generate --ours-overrides \
-    decode_cuda_graphs=False --json "$WORK/model_generate_eager.json"
-  exit 0
-fi
-if [ "$PLAN" = tune ]; then
-  for shape in 8,2048,16,128 1,16384,16,64; do
-    step "tune_$shape" 240 python3 benchmarks/tune_chunk_kernels.py --shape "$shape" --kinds vector,scalar \
-      --block_v 16,32 --warps 8 --stages 2 --value-loop 0,1 --json "$WORK/tune_$shape.json"
-  done
-  exit 0
-fi
-if [ "$PLAN" = compare ]; then
-  step model_profile_16k 110 python3 benchmarks/model.py --sections profile --train-shapes 1x16384 \
-    --decays mamba2:vector,simple:scalar --json "$WORK/model_profile_16k.json"
-  for shape in 0 1 2; do
-    step "bench_fla$shape" 200 python3 benchmarks/bench_kernels.py --only chunk --shape "$shape" --no-check \
-      --json "$WORK/chunk_fla$shape.json"
-  done
-  exit 0
-fi
-case $PLAN in
-  kernels|diagnose) ;;
-  *) echo "unknown plan $PLAN (kernels, diagnose, model, model-profile, tune or compare)"; exit 2;;
-esac
-if [ "$PLAN" = diagnose ]; then
-  step diagnose 150 python3 benchmarks/diagnose_chunk_kernels.py --length 200 --dims 128 --dtypes bfloat16,float32 \
-    --warps 8 --reload 1 --whole-chunks 1,0
-  exit 0
-fi
-step gpu_tests 300 python3 -m pytest tests/test_kernels_gpu.py -q -rP -n 14 -p no:cacheprovider
-step bench_ours 120 python3 benchmarks/bench_kernels.py --only chunk --no-check --no-fla --json "$WORK/chunk_ours.json"
-step roofline 60 python3 benchmarks/tune_chunk_kernels.py --roofline --kinds vector,scalar
-step roofline_model16k 60 python3 benchmarks/tune_chunk_kernels.py --roofline --kinds vector,scalar \
-  --shape 1,16384,16,64
-step bench_decode 60 python3 benchmarks/bench_kernels.py --only decode --no-check --json "$WORK/decode.json"
-# FLA autotunes every op at every shape (minutes each on a cold machine): what the budget allows, shape 0 first
-step bench_fla0 240 python3 benchmarks/bench_kernels.py --only chunk --shape 0 --no-check --json "$WORK/chunk_fla0.json"
+for name in $STEPS; do run_step "$name"; done

@@ -292,22 +292,24 @@ def test_walks_in_segments(kind, packed):
     assert_close(actual, expected, names, tolerance=5e-5)
 
 
+@pytest.mark.parametrize("value_loop", [True, False], ids=["value-loop", "value-parts"])
 @pytest.mark.parametrize("kind", ["vector", "scalar", "static", "none"])
-def test_value_loop_matches_naive_recurrence(kind, monkeypatch):
-    """VALUE_LOOP: the dq and dk/dv kernels take every value block in one program and write dq, dk in one part; V = 48
-    makes two value blocks of 32 (the second ragged). Vector decay also crosses the halves and sub-chunk walks, which
-    add block by block (`test_every_vector_path_in_one_sequence`'s decays), with the initial state's gradient."""
+def test_value_loop_matches_naive_recurrence(kind, value_loop, monkeypatch):
+    """Both VALUE_LOOP settings: the dq and dk/dv kernels take every value block in one program and write dq, dk in
+    one part (on, the default), or one program and one fp32 part per value block (off); V = 48 makes two value blocks
+    of 32 (the second ragged). Vector decay also crosses the halves and sub-chunk walks, which add block by block
+    (`test_every_vector_path_in_one_sequence`'s decays), with the initial state's gradient."""
     code = {"vector": kernels.DECAY_VECTOR, "scalar": kernels.DECAY_SCALAR, "static": kernels.DECAY_STATIC,
             "none": kernels.DECAY_NONE}[kind]
     for kernel in ("dq", "dk_dv"):
-        monkeypatch.setitem(kernels.TUNING_OVERRIDES, (kernel, code), {"VALUE_LOOP": True})
+        monkeypatch.setitem(kernels.TUNING_OVERRIDES, (kernel, code), {"VALUE_LOOP": value_loop})
     q, k, v, log_decay, state = make_inputs(kind, 2, 4 * CHUNK - 7, 2, 16, 48, seed=13)
     if kind == "vector":
         with torch.no_grad():
             log_decay[:, CHUNK:2 * CHUNK, :, 3] *= 40.0
             log_decay[:, 2 * CHUNK:3 * CHUNK, :, 5] = -1.5
     inputs = [q, k, v, log_decay, state]
-    assert kernels._launch("dq", 48, code)[1]["VALUE_LOOP"] and kernels._launch("dq", 48, code)[0] == 32
+    assert kernels._launch("dq", 48, code)[1]["VALUE_LOOP"] == value_loop and kernels._launch("dq", 48, code)[0] == 32
     actual = outputs_and_grads(triton_chunked_recurrence, inputs, scale=0.5)
     expected = outputs_and_grads(naive_recurrence, inputs, scale=0.5)
     names = [n for n in NAMES if n != "d_log_decay" or log_decay is not None]

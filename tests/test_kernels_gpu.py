@@ -283,18 +283,20 @@ def test_chunk_state_flags(flags, kind):
     compare_to_oracle(inputs, torch.bfloat16)
 
 
-# VALUE_LOOP (the dq and dk/dv kernels through every value block in one program, dq and dk in one part; off by
-# default until timed): every kind and dtype at several chunks with mixed decays (every vector path), and value
-# blocks of 16 and 32 (V = 128: eight or four blocks).
+# Both VALUE_LOOP settings (on, the default: the dq and dk/dv kernels through every value block in one program, dq and
+# dk in one part; off: one program and one fp32 part per value block): every kind and dtype at several chunks with
+# mixed decays (every vector path), and value blocks of 16 and 32 (V = 128: eight or four blocks).
+@pytest.mark.parametrize("value_loop", [True, False], ids=["value-loop", "value-parts"])
 @pytest.mark.parametrize("block_v", [16, 32])
 @pytest.mark.parametrize("dtype", list(DIMS_FOR_DTYPE), ids=DTYPE_NAME.get)
 @pytest.mark.parametrize("kind", KINDS)
-def test_chunk_value_loop_matches_oracle(kind, dtype, block_v, monkeypatch):
+def test_chunk_value_loop_matches_oracle(kind, dtype, block_v, value_loop, monkeypatch):
     from linear_decay import kernels_chunk_linear_decay as kernels
 
     for kernel in ("dq", "dk_dv"):
         for code in (kernels.DECAY_NONE, kernels.DECAY_STATIC, kernels.DECAY_SCALAR, kernels.DECAY_VECTOR):
-            monkeypatch.setitem(kernels.TUNING_OVERRIDES, (kernel, code), {"VALUE_LOOP": True, "block_v": block_v})
+            settings = {"VALUE_LOOP": value_loop, "block_v": block_v}
+            monkeypatch.setitem(kernels.TUNING_OVERRIDES, (kernel, code), settings)
     key_dim, value_dim = DIMS_FOR_DTYPE[dtype]
     gen = cpu_generator("value-loop", kind, str(dtype), block_v)
     inputs = make_inputs(kind, 2, 300, HEADS, key_dim, value_dim, dtype, "mixed", gen, True, True, key_dim ** -0.5)
