@@ -14,8 +14,9 @@ The end-to-end GPU tests (tests/test_kernels_gpu.py) say *that* vector decay is 
 under each launch variant (warps of the sub-chunk-walking kernels; RELOAD_STATE on or off: the carried state fed to
 the next dot through memory or straight from the dot accumulator, see `_carried_operand`), for vector and scalar decay, mild and mixed
 (some channels with log λ down to −20 per step, which takes the pairwise branch) decays, fp32 / fp16 / bf16 inputs.
-For vector decay with WHOLE_CHUNKS on, mild decays take each chunk in one factorised step, "halves" (−1.5 per step on
-some channels) its two halves, mixed ones walk 16-token sub-chunks (the three paths, see the kernels' docstring).
+For vector decay with WHOLE_CHUNKS on, mild decays take each chunk in one factorised step, "centred" (−1.5 per step on
+some channels) too with the factors centred on half the span, "halves" (−3) its two halves, mixed ones walk 16-token
+sub-chunks (the three paths, see the kernels' docstring).
 Relative errors ‖x − ref‖ / ‖ref‖ are printed with FAIL beyond 5e-4 (fp32), 5e-3 (fp16), 2e-2 (bf16).
 
     PYTHONPATH=. python3 benchmarks/diagnose_chunk_kernels.py [--length 200] [--dims 128]   (GPU)
@@ -55,11 +56,13 @@ def make_inputs(kind, strength, length, dim, dtype, device, seed=0):
             log_decay[..., : dim // 4] *= 60.0
         else:
             log_decay[:, ::3] *= 60.0
-    elif strength == "halves":  # −1.5 per step on a quarter of the channels: 96 over a chunk, 48 over each half
+    elif strength in ("centred", "halves"):  # on a quarter of the channels −1.5 per step: 96 over a chunk (one step,
+        # factors centred on half the span), or −3: 192 over a chunk, 96 over each half (the halves in turn)
+        rate = -1.5 if strength == "centred" else -3.0
         if kind == "vector":
-            log_decay[..., : dim // 4] = -1.5
+            log_decay[..., : dim // 4] = rate
         else:
-            log_decay[:] = -1.5
+            log_decay[:] = rate
     initial = torch.randn(1, HEADS, dim, dim, generator=generator)
     cast = [x.to(dtype).to(device) for x in (q, k, v)]
     return (*cast, log_decay.to(device), initial.to(device))
@@ -150,7 +153,7 @@ def main(argv=None):
     print(f"{'decay':7s} {'strength':8s} {'dtype':9s} {'warps':5s} {'reload':6s} {'whole':6s} {'states':>9s} "
           f"{'output':>9s}  end-to-end")
     for dtype, kind, strength, num_warps, reload, whole in itertools.product(
-            dtypes, ("vector", "scalar"), ("mild", "halves", "mixed"), warps, reloads, wholes):
+            dtypes, ("vector", "scalar"), ("mild", "centred", "halves", "mixed"), warps, reloads, wholes):
         if kind == "scalar" and whole != wholes[0]:
             continue  # WHOLE_CHUNKS changes vector decay only
         decay = kernels.DECAY_VECTOR if kind == "vector" else kernels.DECAY_SCALAR

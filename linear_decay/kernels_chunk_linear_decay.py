@@ -20,10 +20,11 @@ Algorithm (per head; b = cumulative log λ, fp32 throughout; q is pre-multiplied
   true start.
 - `_chunk_output_kernel`: one program per (chunk, head, value block): o = (q ⊙ e^{b}) S + A v, A the decayed causal
   scores. Scalar decay forms e^{b_i − b_j} directly, the whole chunk in one step. Vector decay uses the factorised
-  matmul (q ⊙ e^{b})(k ⊙ e^{−b})ᵀ, whose exponents are bounded by the decay span: when every channel's span over the
-  chunk is under FACTORISED_DECAY_LIMIT the whole chunk takes it in one step; else, when every span over each half
-  is, the two halves are walked in turn with the state carried between them (e.g. Mamba2 at initialisation, up to
-  −1.6 per token); otherwise VECTOR_SUB_CHUNK-token sub-chunks, each factorised while its own span allows and with
+  matmul (q ⊙ e^{b − c})(k ⊙ e^{c − b})ᵀ, c = half of each channel's span, so that each factor's exponent is bounded
+  by half the span: when every channel's span over the chunk is under 2 · FACTORISED_DECAY_LIMIT the whole chunk
+  takes it in one step (the masked entries above the diagonal may overflow; they are discarded); else, when every
+  span over each half is, the two halves are walked in turn with the state carried between them (e.g. Mamba2 at
+  initialisation, up to −1.6 per token); otherwise VECTOR_SUB_CHUNK-token sub-chunks, each factorised while its own span allows and with
   the explicit pairwise decay (exponents ≤ 0 only) when not, so strong decays stay exact (`_vector_path`).
 - backward: the state gradient at every chunk end (`_chunk_state_grads_kernel`, reverse walk), then per chunk
   dq (`_chunk_dq_kernel`, forward over sub-chunks) and dk, dv (`_chunk_dk_dv_kernel`, reverse), one step or a
@@ -51,7 +52,8 @@ CHUNK = 64
 # sub-chunk length inside a chunk: vector decay walks short sub-chunks in chunks whose decay span is too large for the
 # factorised form (short diagonal blocks keep the pairwise fallback small); scalar decay takes the chunk at once
 VECTOR_SUB_CHUNK, SCALAR_SUB_CHUNK = 16, 64
-FACTORISED_DECAY_LIMIT = 60.0  # as in recurrence_linear_decay: e^{±60} is far from fp32/bf16 over- and underflow
+FACTORISED_DECAY_LIMIT = 60.0  # as in recurrence_linear_decay: e^{±60} is far from fp32/bf16 over- and underflow;
+# the kernels centre the factors (`_decayed_scores`), so a span of twice this takes one factorised step
 MAX_HEAD_DIM = 256
 STATE_KEY_BLOCK = 64  # the state walks split the key dim over programs; the chunk kernels hold all of it
 
@@ -132,16 +134,17 @@ def _decayed_scores(x, y, b, S: tl.constexpr, VECTOR: tl.constexpr, PAIRWISE: tl
                     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """M[i, j] = Σ_c x_ic y_jc e^{b_ic − b_jc} for j ≤ i, else 0 (x, y [S, K] fp32, b sub-chunk-local, ≤ 0).
 
-    Vector decay: the factorised matmul when the sub-chunk's decay span allows it (always, when not PAIRWISE: the
-    caller has checked the span), else column by column with the pairwise decay (exponents ≤ 0 only). Scalar decay:
-    (x yᵀ) ⊙ e^{b_i − b_j}."""
+    Vector decay: the factorised matmul (x ⊙ e^{b − c})(y ⊙ e^{c − b})ᵀ, c = half the last row of b (half of each
+    channel's span), when the span is ≤ 120 so that every factor is within e^{±60} (always, when not PAIRWISE: the
+    caller has checked the span; entries above the diagonal may overflow and are discarded), else column by column
+    with the pairwise decay (exponents ≤ 0 only). Scalar decay: (x yᵀ) ⊙ e^{b_i − b_j}."""
     i = tl.arange(0, S)[:, None]
     j = tl.arange(0, S)[None, :]
     if VECTOR:
-        span = -tl.min(tl.sum(tl.where(i == S - 1, b, 0.0), axis=0), axis=0)  # b of the last row is the lowest
-        if not PAIRWISE or span <= 60.0:
-            scores = tl.dot((x * tl.exp(b)).to(DOT_DTYPE), tl.trans((y * tl.exp(-b)).to(DOT_DTYPE)),
-                            input_precision=PRECISION)
+        centre = _last_row(b, S, VECTOR) * 0.5  # b of the last row is the lowest
+        if not PAIRWISE or -tl.min(centre, axis=0) <= 60.0:
+            scores = tl.dot((x * tl.exp(b - centre[None, :])).to(DOT_DTYPE),
+                            tl.trans((y * tl.exp(centre[None, :] - b)).to(DOT_DTYPE)), input_precision=PRECISION)
         else:
             scores = tl.zeros((S, S), dtype=tl.float32)
             for col in tl.static_range(S):
@@ -160,20 +163,21 @@ def _decayed_scores(x, y, b, S: tl.constexpr, VECTOR: tl.constexpr, PAIRWISE: tl
 def _decayed_mix(m, y, b, S: tl.constexpr, REVERSE: tl.constexpr, VECTOR: tl.constexpr, PAIRWISE: tl.constexpr,
                  DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """R_i = Σ_{j ≤ i} m_ij e^{b_i − b_j} ⊙ y_j (REVERSE: R_j = Σ_{i ≥ j} m_ij e^{b_i − b_j} ⊙ y_i), m [S, S] already
-    causally masked, y [S, K] fp32 -> [S, K] fp32. The dq / dk intra-sub-chunk terms."""
+    causally masked, y [S, K] fp32 -> [S, K] fp32. The dq / dk intra-sub-chunk terms; vector decay factorised about
+    c as in `_decayed_scores` (m is masked first: nothing overflows)."""
     i = tl.arange(0, S)[:, None]
     j = tl.arange(0, S)[None, :]
     # one exit at the end: a `return` inside a branch becomes unstructured control flow, which Triton 3.6 cannot
     # lower inside the sub-chunk loop
     if VECTOR:
-        span = -tl.min(tl.sum(tl.where(i == S - 1, b, 0.0), axis=0), axis=0)
-        if not PAIRWISE or span <= 60.0:
-            if REVERSE:  # e^{−b_j} Σ_i m_ij (y_i e^{b_i}); mᵀ is wanted, so m is passed already transposed
-                result = tl.exp(-b) * tl.dot(m.to(DOT_DTYPE), (y * tl.exp(b)).to(DOT_DTYPE),
-                                             input_precision=PRECISION)
+        centre = _last_row(b, S, VECTOR) * 0.5
+        if not PAIRWISE or -tl.min(centre, axis=0) <= 60.0:
+            if REVERSE:  # e^{c−b_j} Σ_i m_ij (y_i e^{b_i−c}); mᵀ is wanted, so m is passed already transposed
+                result = tl.exp(centre[None, :] - b) * tl.dot(
+                    m.to(DOT_DTYPE), (y * tl.exp(b - centre[None, :])).to(DOT_DTYPE), input_precision=PRECISION)
             else:
-                result = tl.exp(b) * tl.dot(m.to(DOT_DTYPE), (y * tl.exp(-b)).to(DOT_DTYPE),
-                                            input_precision=PRECISION)
+                result = tl.exp(b - centre[None, :]) * tl.dot(
+                    m.to(DOT_DTYPE), (y * tl.exp(centre[None, :] - b)).to(DOT_DTYPE), input_precision=PRECISION)
         else:
             result = tl.zeros(y.shape, dtype=tl.float32)
             for src in tl.static_range(S):
@@ -202,10 +206,10 @@ def _decayed_scores_transposed(x, y, b, S: tl.constexpr, VECTOR: tl.constexpr, P
     j = tl.arange(0, S)[:, None]
     i = tl.arange(0, S)[None, :]
     if VECTOR:
-        span = -tl.min(tl.sum(tl.where(j == S - 1, b, 0.0), axis=0), axis=0)
-        if not PAIRWISE or span <= 60.0:
-            scores = tl.dot((y * tl.exp(-b)).to(DOT_DTYPE), tl.trans((x * tl.exp(b)).to(DOT_DTYPE)),
-                            input_precision=PRECISION)
+        centre = _last_row(b, S, VECTOR) * 0.5
+        if not PAIRWISE or -tl.min(centre, axis=0) <= 60.0:
+            scores = tl.dot((y * tl.exp(centre[None, :] - b)).to(DOT_DTYPE),
+                            tl.trans((x * tl.exp(b - centre[None, :])).to(DOT_DTYPE)), input_precision=PRECISION)
         else:
             scores = tl.zeros((S, S), dtype=tl.float32)
             for col in tl.static_range(S):
@@ -254,15 +258,16 @@ def _advance_state(state, k, v, b, total, VECTOR: tl.constexpr, DOT_DTYPE: tl.co
 def _vector_path(b, C: tl.constexpr):
     """How a chunk with vector decay is taken, from every key channel's decay span (−Σ log λ) over its tokens (b: the
     chunk's cumulative log λ [C, K], flat past the sequence's end):
-    0 — the whole chunk in one factorised step (every span over the chunk ≤ 60, FACTORISED_DECAY_LIMIT);
-    1 — its two halves in turn, each factorised (every span over a half ≤ 60);
+    0 — the whole chunk in one factorised step (every span over the chunk ≤ 120: 2 · FACTORISED_DECAY_LIMIT, the
+        factors centred on half the span, `_decayed_scores`);
+    1 — its two halves in turn, each factorised (every span over a half ≤ 120);
     2 — VECTOR_SUB_CHUNK-token sub-chunks in turn, each factorised or pairwise by its own span."""
     rows = tl.arange(0, C)[:, None]
     end = tl.sum(tl.where(rows == C - 1, b, 0.0), axis=0)
     middle = tl.sum(tl.where(rows == C // 2 - 1, b, 0.0), axis=0)
     whole = -tl.min(end, axis=0)
     halves = tl.maximum(-tl.min(middle, axis=0), -tl.min(end - middle, axis=0))
-    return tl.where(whole <= 60.0, 0, tl.where(halves <= 60.0, 1, 2))
+    return tl.where(whole <= 120.0, 0, tl.where(halves <= 120.0, 1, 2))
 
 
 @triton.jit

@@ -57,6 +57,10 @@ def assert_close(actual, expected, names, tolerance=TOLERANCE):
         assert relative_error(a, e) <= tolerance, (name, relative_error(a, e))
 
 
+# Vector decay's factorised scores (`_decayed_scores`) compute the entries above the diagonal too and discard them;
+# with a chunk's span up to 120 those can overflow, which numpy's matmul under the interpreter reports.
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in matmul:RuntimeWarning")
+
 NAMES = ["o", "final_state", "dq", "dk", "dv", "d_log_decay", "d_initial_state"]
 
 
@@ -111,26 +115,36 @@ def test_mixed_strength_sub_chunks(whole, monkeypatch):
     assert_close(actual, expected, NAMES[:-1], tolerance=2e-4)
 
 
-def test_every_vector_path_in_one_sequence(monkeypatch):
-    """Vector decay takes a chunk in one factorised step when every channel's decay span over it is ≤ 60, its two
-    halves in turn when each half's spans are, else 16-token sub-chunks (`_vector_path`): here chunk 0 is mild, chunk 1
-    has a channel at about −5 per step (sub-chunks), chunk 2 one at −1.5 per step (halves: 96 over the chunk, 48 per
-    half), chunk 3 mild and partial; one sequence and its gradients (incl. through the initial state) cross every path
-    and their hand-overs of the state."""
-    set_whole_chunks(monkeypatch, True)
-    q, k, v, log_decay, state = make_inputs("vector", 1, 4 * CHUNK - 7, 2, 16, 24, seed=11)
+def spans(log_decay):
+    """The largest decay span (−Σ log λ) over the tokens of `log_decay` [T, H, K], over every channel of every head."""
+    return float(-log_decay.sum(0).amin())
+
+
+def give_every_vector_path(log_decay):
+    """Decays [B, 5·CHUNK − 7, H, K ≥ 6] edited in place so that the five chunks take every path of `_vector_path`:
+    chunk 0 mild (one step); chunk 1 a channel at about −5 per step (16-token sub-chunks: each half spans > 120);
+    chunk 2 one at −3 (halves: 192 over the chunk, 96 per half); chunk 3 one at −1.5 (one step with the centred
+    factors: 96, beyond one factor's e^{60}); chunk 4 mild and partial."""
     with torch.no_grad():
         log_decay[:, CHUNK:2 * CHUNK, :, 3] *= 40.0
-        log_decay[:, 2 * CHUNK:3 * CHUNK, :, 5] = -1.5
-
-    def spans(part):  # the largest decay span over any channel of any head
-        return float(-part.sum(0).amin())
-
+        log_decay[:, 2 * CHUNK:3 * CHUNK, :, 5] = -3.0
+        log_decay[:, 3 * CHUNK:4 * CHUNK, :, 4] = -1.5
     chunks = log_decay.detach()[0].split(CHUNK)
-    halves = [max(spans(c[: CHUNK // 2]), spans(c[CHUNK // 2:])) for c in chunks[:3]]
-    assert spans(chunks[0]) <= 60 and spans(chunks[3]) <= 60
-    assert spans(chunks[1]) > 60 and halves[1] > 60
-    assert spans(chunks[2]) > 60 >= halves[2]
+    halves = [max(spans(c[: CHUNK // 2]), spans(c[CHUNK // 2:])) for c in chunks]
+    assert spans(chunks[0]) <= 60 and spans(chunks[4]) <= 60
+    assert spans(chunks[1]) > 120 and halves[1] > 120
+    assert spans(chunks[2]) > 120 >= halves[2]
+    assert 60 < spans(chunks[3]) <= 120
+
+
+def test_every_vector_path_in_one_sequence(monkeypatch):
+    """Vector decay takes a chunk in one factorised step when every channel's decay span over it is ≤ 120 (factors
+    centred on half the span, each ≤ e^{60}), its two halves in turn when each half's spans are, else 16-token
+    sub-chunks (`_vector_path`); one sequence and its gradients (incl. through the initial state) cross every path
+    and their hand-overs of the state (`give_every_vector_path`)."""
+    set_whole_chunks(monkeypatch, True)
+    q, k, v, log_decay, state = make_inputs("vector", 1, 5 * CHUNK - 7, 2, 16, 24, seed=11)
+    give_every_vector_path(log_decay)
     inputs = [q, k, v, log_decay, state]
     actual = outputs_and_grads(triton_chunked_recurrence, inputs, scale=0.5)
     expected = outputs_and_grads(naive_recurrence, inputs, scale=0.5)
@@ -298,16 +312,14 @@ def test_value_loop_matches_naive_recurrence(kind, value_loop, monkeypatch):
     """Both VALUE_LOOP settings: the dq and dk/dv kernels take every value block in one program and write dq, dk in
     one part (on, the default), or one program and one fp32 part per value block (off); V = 48 makes two value blocks
     of 32 (the second ragged). Vector decay also crosses the halves and sub-chunk walks, which add block by block
-    (`test_every_vector_path_in_one_sequence`'s decays), with the initial state's gradient."""
+    (`give_every_vector_path`), with the initial state's gradient."""
     code = {"vector": kernels.DECAY_VECTOR, "scalar": kernels.DECAY_SCALAR, "static": kernels.DECAY_STATIC,
             "none": kernels.DECAY_NONE}[kind]
     for kernel in ("dq", "dk_dv"):
         monkeypatch.setitem(kernels.TUNING_OVERRIDES, (kernel, code), {"VALUE_LOOP": value_loop})
-    q, k, v, log_decay, state = make_inputs(kind, 2, 4 * CHUNK - 7, 2, 16, 48, seed=13)
+    q, k, v, log_decay, state = make_inputs(kind, 2, 5 * CHUNK - 7, 2, 16, 48, seed=13)
     if kind == "vector":
-        with torch.no_grad():
-            log_decay[:, CHUNK:2 * CHUNK, :, 3] *= 40.0
-            log_decay[:, 2 * CHUNK:3 * CHUNK, :, 5] = -1.5
+        give_every_vector_path(log_decay)
     inputs = [q, k, v, log_decay, state]
     assert kernels._launch("dq", 48, code)[1]["VALUE_LOOP"] == value_loop and kernels._launch("dq", 48, code)[0] == 32
     actual = outputs_and_grads(triton_chunked_recurrence, inputs, scale=0.5)

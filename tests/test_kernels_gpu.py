@@ -82,12 +82,20 @@ def make_log_decay(kind, batch, length, heads, key_dim, strength, gen):
     token log λ = −r·u with u ~ U[0.5, 1.5] (static: −r).
       mixed:  r log-uniform in [1e-4, 13.3], one channel at the maximum (log λ down to −20 per step), one with r = 0
               (no decay) and about one in eight more with r = 0;
-      strong: r log-uniform in [2, 13.3];   weak: r = 1e-3."""
+      strong: r log-uniform in [2, 13.3];   weak: r = 1e-3;
+      spans:  r log-uniform in [0.3, 1.8] on even heads, [1, 3.5] on odd ones: a head's largest span over a chunk
+              about 110–125 on even heads (mostly one factorised step with the factors centred, beyond a span of 60)
+              and 220–240 on odd ones (mostly the halves in turn, some 16-token walks): Mamba2-like (`_vector_path`)."""
     if kind == "none":
         return None
     rate_shape = (heads, key_dim) if kind == "vector" else (heads,)
     if strength == "weak":
         rate = torch.full(rate_shape, 1e-3)
+    elif strength == "spans":
+        ranges = torch.tensor([[0.3, 1.8], [1.0, 3.5]]).log()[torch.arange(heads) % 2]  # [heads, 2]
+        u = torch.rand(rate_shape, generator=gen)
+        u = u if kind == "vector" else u[:, None]
+        rate = (ranges[:, :1] + u * (ranges[:, 1:] - ranges[:, :1])).exp().view(rate_shape)
     else:
         low, high = (2.0, 13.3) if strength == "strong" else (1e-4, 13.3)
         rate = torch.empty(rate_shape).uniform_(float(torch.tensor(low).log()), float(torch.tensor(high).log()),
@@ -218,7 +226,7 @@ HEADS = 2
 DIMS_FOR_DTYPE = {torch.bfloat16: (128, 128), torch.float16: (64, 64), torch.float32: (64, 64)}
 # (length, decay strength, scale): one token, around the chunk size (64), several chunks.
 LENGTH_CASES = [(1, "mixed", 1.0), (63, "strong", None), (64, "weak", 1.0), (65, "mixed", None),
-                (300, "mixed", 1.0), (1000, "mixed", None)]
+                (300, "mixed", 1.0), (1000, "mixed", None), (300, "spans", None), (1000, "spans", 1.0)]
 
 
 def case_id(case):
