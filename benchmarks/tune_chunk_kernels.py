@@ -37,7 +37,7 @@ PROFILED = {"cumulative": "_cumulative_decay_kernel", **KERNELS, "combine": "_co
 # when few sequences × heads make the sequence walks go in segments, kernels._segment_plan)
 
 
-def kernel_work(kind, shape, block_v):
+def kernel_work(kind, shape, block_v, value_loop):
     """{kernel: (bytes, FLOPs)}: the least each kernel moves (every tensor it must read or write once; bf16 q, k, v,
     do, o and chunk states, fp32 log λ, dq / dk parts and d log λ) and the matmul FLOPs of the algorithm (intra-chunk
     scores and mixes over the CHUNK tokens of a chunk, state products over the key and value dims), for one forward +
@@ -50,7 +50,7 @@ def kernel_work(kind, shape, block_v):
     decay = tokens * heads * (dim if kind == "vector" else 1) * 4
     states = chunks * heads * dim * dim * 2
     part = tokens * heads * dim * 4
-    parts = part * max(1, dim // block_v)  # the fp32 dq or dk parts, one per value block
+    parts = part * (1 if value_loop else max(1, dim // block_v))  # fp32 dq or dk parts: one, or one per value block
     state_product = 2 * tokens * heads * dim * dim  # k^T v over all tokens, or q S
     intra = 2 * tokens * heads * chunk * dim  # scores (or their gradient) for every token against its chunk
     # segments (kernels._segment_plan, as the host code plans them on this GPU): the combination reads each segment's
@@ -83,7 +83,8 @@ def roofline(kinds, shape, copy_gbps, matmul_tflops):
         print(f"\n{kind} decay, shape {shape}, ceilings {copy_gbps:.0f} GB/s, {matmul_tflops:.0f} TFLOP/s")
         print(f"  {'kernel':12s} {'ms':>8s} {'MB':>9s} {'GFLOP':>8s} {'bytes ms':>9s} {'FLOP ms':>8s} {'bound':>6s}")
         total = 0.0
-        for name, (nbytes, flops) in kernel_work(kind, shape, kernels.TUNING["dq"]["block_v"]).items():
+        for name, (nbytes, flops) in kernel_work(kind, shape, kernels.TUNING["dq"]["block_v"],
+                                                    kernels.TUNING["dq"]["VALUE_LOOP"]).items():
             if name not in times and nbytes == 0:
                 continue  # a segment kernel that this shape does not run
             ms = times.get(name, float("nan"))

@@ -23,14 +23,17 @@ Algorithm (per head; b = cumulative log λ, fp32 throughout; q is pre-multiplied
   matmul (q ⊙ e^{b − c})(k ⊙ e^{c − b})ᵀ, c = half of each channel's span, so that each factor's exponent is bounded
   by half the span: when every channel's span over the chunk is under 2 · FACTORISED_DECAY_LIMIT the whole chunk
   takes it in one step (the masked entries above the diagonal may overflow; they are discarded); else, when every
-  span over each half is, the two halves are walked in turn with the state carried between them (e.g. Mamba2 at
-  initialisation, up to −1.6 per token); otherwise VECTOR_SUB_CHUNK-token sub-chunks, each factorised while its own span allows and with
-  the explicit pairwise decay (exponents ≤ 0 only) when not, so strong decays stay exact (`_vector_path`).
+  span over each half is, the two halves are walked in turn with the state carried between them; otherwise
+  VECTOR_SUB_CHUNK-token sub-chunks, each factorised while its own span allows and with the explicit pairwise decay
+  (exponents ≤ 0 only) when not, so strong decays stay exact (`_vector_path`).
 - backward: the state gradient at every chunk end (`_chunk_state_grads_kernel`, reverse walk), then per chunk
   dq (`_chunk_dq_kernel`, forward over sub-chunks) and dk, dv (`_chunk_dk_dv_kernel`, reverse), one step or a
-  sub-chunk walk as in the forward; the partial dq, dk of the value blocks are summed (deterministic, no atomics):
-  dq's before the dk/dv kernel runs, so that dk's parts reuse their buffer, dk's by `_finish_grads_kernel`, in the
-  same pass as d log λ: the reverse cumulative sum of q ⊙ dq − k ⊙ dk plus the final-state term Σ_v dS_T ⊙ S_T.
+  sub-chunk walk as in the forward. With VALUE_LOOP (the default) one program takes every value block and writes dq,
+  dk whole (fp32); else each value block writes a partial dq, dk and the parts are summed (deterministic, no
+  atomics): dq's before the dk/dv kernel runs, so that dk's parts reuse their buffer, dk's by `_finish_grads_kernel`,
+  in the same pass as d log λ: the reverse cumulative sum of q ⊙ dq − k ⊙ dk plus the final-state term
+  Σ_v dS_T ⊙ S_T. Without d log λ, every kind but vector decay (one step per chunk) writes dq and dk straight into
+  the gradients' dtype, and the finishing pass is skipped.
 
 Triton ≥ 3.4 and < 3.7.1 miscompiles `tl.dot(tl.trans(x), y)` on Hopper when x is a down-cast dot result (DESIGN §7):
 transposed operands here are always loaded or elementwise tensors; results wanted transposed are computed as
@@ -551,14 +554,15 @@ def _chunk_state_grads_kernel(q_ptr, do_ptr, b_ptr, final_grad_ptr, state_grads_
 
 @triton.jit
 def _chunk_dq_kernel(k_ptr, v_ptr, g_ptr, path_ptr, do_ptr, states_ptr, dq_ptr, cu_seqlens_ptr, chunk_seq_ptr,
-                     chunk_token_ptr, total_tokens, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                     BV: tl.constexpr, C: tl.constexpr, S: tl.constexpr, DECAY: tl.constexpr,
+                     chunk_token_ptr, scale, total_tokens, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                     BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, S: tl.constexpr, DECAY: tl.constexpr,
                      DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, RELOAD_STATE: tl.constexpr,
                      WHOLE_CHUNKS: tl.constexpr, VALUE_LOOP: tl.constexpr):
-    """dq' = ∂L/∂(scale·q) of one (value block, chunk, head), partial over the value block (`_dq_walk`); vector
+    """dq = scale · ∂L/∂(scale·q) of one (value block, chunk, head), partial over the value block (`_dq_walk`); vector
     decay in one step, halves or sub-chunks as in `_chunk_output_kernel`. VALUE_LOOP: one program per (chunk, head)
-    takes every value block in turn and writes dq' whole (one part): a chunk taken in one step sums dA and the state
-    part over the value blocks and mixes once (`_dq_all_values`); halves and sub-chunk walks add block by block."""
+    takes every value block in turn and writes dq whole (one part, in dq_ptr's dtype): a chunk taken in one step sums
+    dA and the state part over the value blocks and mixes once (`_dq_all_values`); halves and sub-chunk walks add
+    block by block (fp32 only)."""
     v_block, chunk, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq, chunk_token = tl.load(chunk_seq_ptr + chunk), tl.load(chunk_token_ptr + chunk)
     eos = tl.load(cu_seqlens_ptr + seq + 1)
@@ -570,45 +574,47 @@ def _chunk_dq_kernel(k_ptr, v_ptr, g_ptr, path_ptr, do_ptr, states_ptr, dq_ptr, 
         path = 0  # scalar and static decay take a chunk in one step (SCALAR_SUB_CHUNK == CHUNK)
     if VALUE_LOOP:  # every value block in this program, dq' in one part
         if path == 0:
-            _dq_all_values(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, chunk_states_ptr, chunk_token, eos, head, ck, H, K, V,
-                           C, BK, BV, DECAY, DOT_DTYPE, PRECISION)
+            _dq_all_values(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, chunk_states_ptr, chunk_token, eos, head, scale, ck, H,
+                           K, V, C, BK, BV, DECAY, DOT_DTYPE, PRECISION)
         else:
             for block in range(tl.cdiv(V, BV)):
-                tl.debug_barrier()  # the previous block's dq' rows are stored before any thread adds to them
-                _dq_block(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, chunk_states_ptr, chunk_token, eos, head, ck, path,
-                          block, block > 0, H, K, V, C, S, BV, DECAY, DOT_DTYPE, PRECISION, RELOAD_STATE)
+                tl.debug_barrier()  # the previous block's dq rows are stored before any thread adds to them
+                _dq_block(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, chunk_states_ptr, chunk_token, eos, head, scale, ck,
+                          path, block, block > 0, H, K, V, C, S, BV, DECAY, DOT_DTYPE, PRECISION, RELOAD_STATE)
     else:  # this program's value block, into its own fp32 part
         _dq_block(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr + v_block * total_tokens * H * K, chunk_states_ptr, chunk_token,
-                  eos, head, ck, path, v_block, False, H, K, V, C, S, BV, DECAY, DOT_DTYPE, PRECISION, RELOAD_STATE)
+                  eos, head, scale, ck, path, v_block, False, H, K, V, C, S, BV, DECAY, DOT_DTYPE, PRECISION,
+                  RELOAD_STATE)
 
 
 @triton.jit
-def _dq_block(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, chunk_states_ptr, chunk_token, eos, head, ck, path, block,
+def _dq_block(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, chunk_states_ptr, chunk_token, eos, head, scale, ck, path, block,
               accumulate, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
               BV: tl.constexpr, DECAY: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
               RELOAD_STATE: tl.constexpr):
     """`_dq_walk` of one value block by the chunk's path (0: one step, 1: halves, 2: sub-chunks); `accumulate`
-    (VALUE_LOOP): add to the dq' rows the earlier blocks stored."""
+    (VALUE_LOOP): add to the dq rows the earlier blocks stored."""
     cv = block * BV + tl.arange(0, BV)
     state_ptrs = chunk_states_ptr + ck[:, None] * V + cv[None, :]
     state_mask = (ck < K)[:, None] & (cv < V)[None, :]
     if path == 0:
-        _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_token, eos, head, ck, cv,
+        _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_token, eos, head, scale, ck, cv,
                  accumulate, H, K, V, C, C, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
     elif path == 1:
-        _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_token, eos, head, ck, cv,
+        _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_token, eos, head, scale, ck, cv,
                  accumulate, H, K, V, C, C // 2, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
     else:
-        _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_token, eos, head, ck, cv,
+        _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_token, eos, head, scale, ck, cv,
                  accumulate, H, K, V, C, S, DECAY, True, DOT_DTYPE, PRECISION, RELOAD_STATE)
 
 
 @triton.jit
-def _dq_all_values(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, chunk_states_ptr, chunk_token, eos, head, ck, H: tl.constexpr,
-                   K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                   DECAY: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """dq' of a chunk taken in one step, every value block in turn (VALUE_LOOP): dA = Σ do vᵀ and Σ S do summed over
-    the value blocks, then e^{b} ⊙ (S do) plus the decayed mix of dA with k, once, as `_dq_walk` does per block."""
+def _dq_all_values(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, chunk_states_ptr, chunk_token, eos, head, scale, ck,
+                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                   BV: tl.constexpr, DECAY: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """dq of a chunk taken in one step, every value block in turn (VALUE_LOOP): dA = Σ do vᵀ and Σ S do summed over
+    the value blocks, then e^{b} ⊙ (S do) plus the decayed mix of dA with k, once, as `_dq_walk` does per block;
+    stored in dq_ptr's dtype (fp32 parts, or the gradient itself when no finishing pass follows)."""
     VECTOR: tl.constexpr = DECAY == 3
     rows = tl.arange(0, C)
     row_mask = chunk_token + rows < eos
@@ -626,16 +632,17 @@ def _dq_all_values(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, chunk_states_ptr, chunk_
         dq += tl.trans(tl.dot(state, tl.trans(do.to(DOT_DTYPE)), input_precision=PRECISION))
     dA = tl.where(rows[:, None] >= rows[None, :], dA, 0.0)
     dq = dq * _row_decay(b, VECTOR) + _decayed_mix(dA, k, b, C, False, VECTOR, False, DOT_DTYPE, PRECISION)
-    tl.store(dq_ptr + ((chunk_token + rows[:, None]) * H + head) * K + ck[None, :], dq,
-             mask=row_mask[:, None] & (ck < K)[None, :])
+    tl.store(dq_ptr + ((chunk_token + rows[:, None]) * H + head) * K + ck[None, :],
+             (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_mask[:, None] & (ck < K)[None, :])
 
 
 @triton.jit
-def _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_token, eos, head, ck, cv, accumulate,
-             H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, S: tl.constexpr, DECAY: tl.constexpr,
-             PAIRWISE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, RELOAD_STATE: tl.constexpr):
-    """A forward walk over the sub-chunks with the state S: dq'_i = S_i do_i (state part e^{b_i} ⊙ S do_i, intra
-    part through dA = do vᵀ)."""
+def _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_token, eos, head, scale, ck, cv,
+             accumulate, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
+             DECAY: tl.constexpr, PAIRWISE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+             RELOAD_STATE: tl.constexpr):
+    """A forward walk over the sub-chunks with the state S: dq_i = scale · S_i do_i (state part e^{b_i} ⊙ S do_i,
+    intra part through dA = do vᵀ), into fp32 dq_ptr."""
     VECTOR: tl.constexpr = DECAY == 3
     rows = tl.arange(0, S)
     i = rows[:, None]
@@ -654,6 +661,7 @@ def _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_
         dA = tl.where(i >= j, tl.dot(do.to(DOT_DTYPE), tl.trans(v.to(DOT_DTYPE)), input_precision=PRECISION), 0.0)
         dq = tl.trans(tl.dot(operand, tl.trans(do.to(DOT_DTYPE)), input_precision=PRECISION))
         dq = dq * _row_decay(b, VECTOR) + _decayed_mix(dA, k, b, S, False, VECTOR, PAIRWISE, DOT_DTYPE, PRECISION)
+        dq = dq * scale
         dq_ptrs = dq_ptr + ((token0 + rows[:, None]) * H + head) * K + ck[None, :]
         if accumulate:  # VALUE_LOOP: the earlier value blocks' part is there already
             dq += tl.load(dq_ptrs, mask=row_mask[:, None] & (ck < K)[None, :], other=0.0)
@@ -724,7 +732,8 @@ def _dk_dv_all_values(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dk_ptr, dv_ptr, chunk_
                       scale, ck, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, DECAY: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """dk and dv of a chunk taken in one step, every value block in turn (VALUE_LOOP): the scores Aᵀ once, dv of each
-    block, dAᵀ = Σ v doᵀ and dS v summed over the blocks, then dk as `_dk_dv_walk` has it per block."""
+    block, dAᵀ = Σ v doᵀ and dS v summed over the blocks, then dk as `_dk_dv_walk` has it per block, stored in
+    dk_ptr's dtype (fp32 part, or the gradient itself when no finishing pass follows)."""
     VECTOR: tl.constexpr = DECAY == 3
     rows = tl.arange(0, C)
     row_mask = chunk_token + rows < eos
@@ -754,7 +763,7 @@ def _dk_dv_all_values(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dk_ptr, dv_ptr, chunk_
                  mask=row_mask[:, None] & (cv < V)[None, :])
     dA_t = tl.where(rows[:, None] <= rows[None, :], dA_t, 0.0)
     dk = dk * to_end + _decayed_mix(dA_t, q, b, C, True, VECTOR, False, DOT_DTYPE, PRECISION)
-    tl.store(dk_ptr + ((chunk_token + rows[:, None]) * H + head) * K + ck[None, :], dk,
+    tl.store(dk_ptr + ((chunk_token + rows[:, None]) * H + head) * K + ck[None, :], dk.to(dk_ptr.dtype.element_ty),
              mask=row_mask[:, None] & (ck < K)[None, :])
 
 
@@ -809,13 +818,13 @@ def _dk_dv_walk(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dk_ptr, dv_ptr, state_ptrs, 
 
 @triton.jit
 def _finish_grads_kernel(q_ptr, k_ptr, dq_parts_ptr, dk_parts_ptr, carry_ptr, dq_ptr, dk_ptr, dg_ptr, totals_ptr,
-                         cu_seqlens_ptr, scale, total_tokens, segment_chunks, H: tl.constexpr, K: tl.constexpr,
+                         cu_seqlens_ptr, total_tokens, segment_chunks, H: tl.constexpr, K: tl.constexpr,
                          BK: tl.constexpr, DQ_PARTS: tl.constexpr, DK_PARTS: tl.constexpr, C: tl.constexpr,
                          DECAY_GRAD: tl.constexpr, VECTOR: tl.constexpr, HAS_CARRY: tl.constexpr,
                          SEGMENTED: tl.constexpr):
-    """One pass over a segment of `segment_chunks` chunks of a (sequence, head), last chunk first: dq = scale · Σ
-    parts, dk = Σ parts (the per-value-block partial sums of the dq and dk kernels), and with DECAY_GRAD d log λ_t =
-    carry + Σ_{s ≥ t} (q ⊙ dq' − k ⊙ dk)_s (summed over the key dim unless VECTOR; carry = Σ_v dS_T ⊙ S_T, taken by
+    """One pass over a segment of `segment_chunks` chunks of a (sequence, head), last chunk first: dq = Σ parts,
+    dk = Σ parts (the per-value-block partial sums of the dq and dk kernels), and with DECAY_GRAD d log λ_t =
+    carry + Σ_{s ≥ t} (q ⊙ dq − k ⊙ dk)_s (summed over the key dim unless VECTOR; carry = Σ_v dS_T ⊙ S_T, taken by
     the sequence's last segment). SEGMENTED: the sums stop at the segment's end and its total is stored for
     `_add_segment_carry_kernel`, which adds the later segments' totals (a whole sequence per program leaves too few
     programs to fill the GPU when sequences × heads is small, e.g. one 16k-token sequence)."""
@@ -855,12 +864,12 @@ def _finish_grads_kernel(q_ptr, k_ptr, dq_parts_ptr, dk_parts_ptr, carry_ptr, dq
         dk = tl.zeros((C, BK), dtype=tl.float32)
         for part in tl.static_range(DK_PARTS):
             dk += tl.load(dk_parts_ptr + part * part_stride + offsets, mask=mask, other=0.0)
-        tl.store(dq_ptr + offsets, (dq * scale).to(dq_ptr.dtype.element_ty), mask=mask)
+        tl.store(dq_ptr + offsets, dq.to(dq_ptr.dtype.element_ty), mask=mask)
         tl.store(dk_ptr + offsets, dk.to(dk_ptr.dtype.element_ty), mask=mask)
         if DECAY_GRAD:
             q = tl.load(q_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             k = tl.load(k_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-            local = q * scale * dq - k * dk
+            local = q * dq - k * dk
             if VECTOR:
                 tl.store(dg_ptr + offsets, tl.cumsum(local, axis=0) + carry[None, :], mask=mask)
                 carry += tl.sum(local, axis=0)
@@ -1022,18 +1031,26 @@ class _ChunkedRecurrence(torch.autograd.Function):
         del b  # freed before the dq / dk parts are allocated (the backward's peak)
         total_tokens = batch * length
         sub_chunk = _sub_chunk(decay)
-        block_v, launch = _launch("dq", value_dim, decay)
-        value_blocks = 1 if launch["VALUE_LOOP"] else triton.cdiv(value_dim, block_v)
-        parts = q.new_empty(value_blocks, batch, length, heads, key_dim, dtype=torch.float32)
+        dq_block_v, dq_launch = _launch("dq", value_dim, decay)
+        dk_block_v, dk_launch = _launch("dk_dv", value_dim, decay)
+        # Every kind but vector decay takes each chunk in one step; with every value block in one program
+        # (VALUE_LOOP) dq and dk are written whole, so without d log λ straight into the gradients (no fp32 parts,
+        # no finishing pass)
+        direct = (decay != DECAY_VECTOR and not needs_decay_grad and dq_launch["VALUE_LOOP"]
+                  and dk_launch["VALUE_LOOP"])
+        value_blocks = 1 if dq_launch["VALUE_LOOP"] else triton.cdiv(value_dim, dq_block_v)
+        parts = (torch.empty_like(q) if direct else
+                 q.new_empty(value_blocks, batch, length, heads, key_dim, dtype=torch.float32))
         _chunk_dq_kernel[(value_blocks, layout[2].numel(), heads)](
-            k, v, g, paths, do, states, parts, layout[0], layout[2], layout[3], total_tokens, heads, key_dim,
-            value_dim, block_k, block_v, CHUNK, sub_chunk, decay, dot_dtype, precision, **launch)
+            k, v, g, paths, do, states, parts, layout[0], layout[2], layout[3], scale, total_tokens, heads, key_dim,
+            value_dim, block_k, dq_block_v, CHUNK, sub_chunk, decay, dot_dtype, precision, **dq_launch)
         del states
         # dq's parts summed now (fp32), so that dk's parts reuse their buffer: the backward's peak holds one set
         dq_parts, spare = (parts.sum(0, keepdim=True), parts) if value_blocks > 1 else (parts, None)
-        block_v, launch = _launch("dk_dv", value_dim, decay)
-        value_blocks = 1 if launch["VALUE_LOOP"] else triton.cdiv(value_dim, block_v)
-        if spare is not None and spare.shape[0] >= value_blocks:
+        value_blocks = 1 if dk_launch["VALUE_LOOP"] else triton.cdiv(value_dim, dk_block_v)
+        if direct:
+            dk_parts = torch.empty_like(k)
+        elif spare is not None and spare.shape[0] >= value_blocks:
             dk_parts = spare[:value_blocks]
         else:
             dk_parts = q.new_empty(value_blocks, batch, length, heads, key_dim, dtype=torch.float32)
@@ -1041,9 +1058,12 @@ class _ChunkedRecurrence(torch.autograd.Function):
         dv = torch.empty_like(v)
         _chunk_dk_dv_kernel[(value_blocks, layout[2].numel(), heads)](
             q, k, v, g, paths, do, state_grads, dk_parts, dv, layout[0], layout[2], layout[3], scale, total_tokens,
-            heads, key_dim, value_dim, block_k, block_v, CHUNK, sub_chunk, decay, dot_dtype, precision, **launch)
+            heads, key_dim, value_dim, block_k, dk_block_v, CHUNK, sub_chunk, decay, dot_dtype, precision, **dk_launch)
         del state_grads
-        # dq, dk from their per-value-block parts (dq here is ∂L/∂(scale·q)), and d log λ, in one pass
+        initial_grad = initial_grad.to(ctx.initial_dtype) if initial_grad is not None else None
+        if direct:
+            return dq_parts, dk_parts, dv, None, initial_grad, None, None, None
+        # dq, dk from their per-value-block parts, and d log λ, in one pass
         vector = decay == DECAY_VECTOR
         carry = None
         if needs_decay_grad and final_grad is not None:
@@ -1059,7 +1079,7 @@ class _ChunkedRecurrence(torch.autograd.Function):
         totals = (torch.empty(num_sequences * heads, segments, *((key_dim,) if vector else ()), device=q.device,
                               dtype=torch.float32) if carried else None)
         _finish_grads_kernel[(num_sequences * heads, segments)](
-            q, k, dq_parts, dk_parts, carry, dq, dk, d_log_decay, totals, layout[0], scale, total_tokens,
+            q, k, dq_parts, dk_parts, carry, dq, dk, d_log_decay, totals, layout[0], total_tokens,
             segment_chunks, heads, key_dim, block_k, dq_parts.shape[0], dk_parts.shape[0], CHUNK, needs_decay_grad,
             vector, carry is not None, segments > 1, num_warps=8)
         if carried:  # the segments before a sequence's last take the sums of those after them
@@ -1070,8 +1090,6 @@ class _ChunkedRecurrence(torch.autograd.Function):
             if decay == DECAY_STATIC:
                 d_log_decay = d_log_decay.sum((0, 1))
             d_log_decay = d_log_decay.view(ctx.log_decay_shape).to(ctx.log_decay_dtype)
-        if initial_grad is not None:
-            initial_grad = initial_grad.to(ctx.initial_dtype)
         return dq, dk, dv, d_log_decay, initial_grad, None, None, None
 
 

@@ -307,6 +307,33 @@ def test_walks_in_segments(kind, packed):
 
 
 @pytest.mark.parametrize("value_loop", [True, False], ids=["value-loop", "value-parts"])
+@pytest.mark.parametrize("kind", ["scalar", "static", "none", "vector"])
+def test_gradients_without_decay_gradient(kind, value_loop, monkeypatch):
+    """Without d log λ (a fixed or frozen decay, or none) and with VALUE_LOOP, every kind but vector decay has the dq
+    and dk/dv kernels write dq and dk straight into the gradients: no finishing pass runs. The gradients match the
+    naive recurrence either way; vector decay (whose halves and walks add into fp32) and VALUE_LOOP off keep the pass."""
+    code = {"vector": kernels.DECAY_VECTOR, "scalar": kernels.DECAY_SCALAR, "static": kernels.DECAY_STATIC,
+            "none": kernels.DECAY_NONE}[kind]
+    for kernel in ("dq", "dk_dv"):
+        monkeypatch.setitem(kernels.TUNING_OVERRIDES, (kernel, code), {"VALUE_LOOP": value_loop})
+    finishing = []
+    finish_kernel = kernels._finish_grads_kernel
+
+    class RecordedLaunches:
+        def __getitem__(self, grid):
+            finishing.append(grid)
+            return finish_kernel[grid]
+
+    monkeypatch.setattr(kernels, "_finish_grads_kernel", RecordedLaunches())
+    q, k, v, log_decay, state = make_inputs(kind, 2, 2 * CHUNK + 9, 2, 16, 48, seed=21)
+    inputs = [q, k, v, None if log_decay is None else log_decay.detach(), state]
+    actual = outputs_and_grads(triton_chunked_recurrence, inputs, scale=0.5)
+    expected = outputs_and_grads(naive_recurrence, inputs, scale=0.5)
+    assert_close(actual, expected, [n for n in NAMES if n != "d_log_decay"])
+    assert bool(finishing) == (kind == "vector" or not value_loop)
+
+
+@pytest.mark.parametrize("value_loop", [True, False], ids=["value-loop", "value-parts"])
 @pytest.mark.parametrize("kind", ["vector", "scalar", "static", "none"])
 def test_value_loop_matches_naive_recurrence(kind, value_loop, monkeypatch):
     """Both VALUE_LOOP settings: the dq and dk/dv kernels take every value block in one program and write dq, dk in

@@ -135,32 +135,34 @@ def make_inputs(kind, batch, length, heads, key_dim, value_dim, dtype, strength,
 GRAD_NAMES = ("q", "k", "v", "g", "h0")
 
 
-def run_with_grads(fn, inputs, upcast=False, **kwargs):
-    """o, final state and the gradients of <o, do> + <final state, dht> w.r.t. every input tensor (fp32 leaves if
-    `upcast`: the oracle sees exactly the values the kernel sees)."""
+def run_with_grads(fn, inputs, upcast=False, frozen=(), **kwargs):
+    """o, final state and the gradients of <o, do> + <final state, dht> w.r.t. every input tensor but the `frozen`
+    ones (fp32 leaves if `upcast`: the oracle sees exactly the values the kernel sees)."""
     leaves = {}
     for name in GRAD_NAMES:
         t = inputs[name]
         if t is not None:
             t = t.detach().clone()
-            leaves[name] = (t.float() if upcast else t).requires_grad_()
+            t = t.float() if upcast else t
+            leaves[name] = t if name in frozen else t.requires_grad_()
     o, ht = fn(leaves["q"], leaves["k"], leaves["v"], leaves.get("g"), scale=inputs["scale"],
                initial_state=leaves.get("h0"), output_final_state=inputs["final_state"], **kwargs)
     loss = (o.float() * inputs["do"]).sum()
     if inputs["final_state"]:
         assert ht is not None, "output_final_state=True returned no final state"
         loss = loss + (ht.float() * inputs["dht"]).sum()
-    names = list(leaves)
+    names = [name for name in leaves if name not in frozen]
     grads = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
     return dict(o=o.detach(), ht=None if ht is None else ht.detach(), **{"d" + n: g for n, g in zip(names, grads)})
 
 
-def compare_to_oracle(inputs, dtype, reference=naive_recurrence, tol=None, **kwargs):
+def compare_to_oracle(inputs, dtype, reference=naive_recurrence, tol=None, frozen=(), **kwargs):
     """Run the kernel and the fp32 `reference` (the step-by-step oracle unless given); check dtypes, shapes, the
-    inputs untouched and every result within `tol` (TOL by dtype unless given). Returns the relative errors."""
+    inputs untouched and every result within `tol` (TOL by dtype unless given); no gradients of the `frozen` inputs.
+    Returns the relative errors."""
     h0_before = None if inputs["h0"] is None else inputs["h0"].clone()
-    ours = run_with_grads(chunk_kernel(), inputs, **kwargs)
-    ref = run_with_grads(reference, inputs, upcast=True)
+    ours = run_with_grads(chunk_kernel(), inputs, frozen=frozen, **kwargs)
+    ref = run_with_grads(reference, inputs, upcast=True, frozen=frozen)
     tol = TOL[dtype] if tol is None else tol
     assert ours["o"].dtype == dtype, f"o has dtype {ours['o'].dtype}, expected v's dtype {dtype}"
     if inputs["final_state"]:
@@ -309,6 +311,17 @@ def test_chunk_value_loop_matches_oracle(kind, dtype, block_v, value_loop, monke
     gen = cpu_generator("value-loop", kind, str(dtype), block_v)
     inputs = make_inputs(kind, 2, 300, HEADS, key_dim, value_dim, dtype, "mixed", gen, True, True, key_dim ** -0.5)
     compare_to_oracle(inputs, dtype)
+
+
+# A decay without a gradient (tnl's fixed one, or a frozen one): every kind but vector decay then writes dq and dk
+# straight into the gradients' dtype from the dq and dk/dv kernels (VALUE_LOOP on), without the finishing pass.
+@pytest.mark.parametrize("dtype", list(DIMS_FOR_DTYPE), ids=DTYPE_NAME.get)
+@pytest.mark.parametrize("kind", ["scalar", "static", "vector"])
+def test_chunk_frozen_decay(kind, dtype):
+    key_dim, value_dim = DIMS_FOR_DTYPE[dtype]
+    gen = cpu_generator("frozen", kind, str(dtype))
+    inputs = make_inputs(kind, 2, 300, HEADS, key_dim, value_dim, dtype, "spans", gen, True, True, key_dim ** -0.5)
+    compare_to_oracle(inputs, dtype, frozen=("g",))
 
 
 # Head dims that are not a power of two, and K != V (lrpe doubles the key dim), at a length that is not a multiple
