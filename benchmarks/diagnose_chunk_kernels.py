@@ -101,8 +101,9 @@ def check_output(q, k, v, log_decay, initial, decay, scale):
     grid = (triton.cdiv(value_dim, block_v), layout[2].numel(), HEADS)
     g = log_decay.float().contiguous()
     _, paths = kernels._cumulative_decay(g, layout, decay, HEADS, dim)
-    kernels._chunk_output_kernel[grid](q, k, v, g, paths, states, o, layout[0], layout[2], layout[3], scale, HEADS,
-                                       dim, value_dim, kernels._key_block(dim), block_v, kernels.CHUNK,
+    carry = torch.empty_like(states)  # the walks' carried-state slots (the states stay as given)
+    kernels._chunk_output_kernel[grid](q, k, v, g, paths, states, carry, o, layout[0], layout[2], layout[3], scale,
+                                       HEADS, dim, value_dim, kernels._key_block(dim), block_v, kernels.CHUNK,
                                        kernels._sub_chunk(decay), decay, dot_dtype, precision, **launch)
     o_ref, _ = naive_recurrence(q.float(), k.float(), v.float(), log_decay, scale=scale, initial_state=initial)
     return relative_error(o, o_ref)

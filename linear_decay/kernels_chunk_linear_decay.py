@@ -10,12 +10,13 @@ sequences. The oracle is `recurrence_linear_decay.naive_recurrence`; `chunked_re
 
 Algorithm (per head; b = cumulative log λ, fp32 throughout; q is pre-multiplied by `scale`):
 
-- `_cumulative_decay_kernel`: b within every chunk, once per forward and once per backward, for the two state walks
+- `_cumulative_decay_kernel`: b within every chunk, once per forward and once per backward, for the state walks
   (sequential over chunks: no scan on their critical path) and the vector path choice. The per-chunk kernels scan
   log λ of their own sub-chunks in registers (reading b there instead costs registers: more spills on sm_90).
 - `_chunk_states_kernel`: walks each sequence in chunks of CHUNK tokens and stores the state at every chunk start
-  (S ← e^{B} ⊙ S + (k ⊙ e^{B − b})ᵀ v, B the chunk's total log-decay). With few sequences × heads the walks (this
-  one, the state gradients' and the finishing pass) go through segments of a sequence in parallel (`_segment_plan`):
+  (S ← e^{B} ⊙ S + (k ⊙ e^{B − b})ᵀ v, B the chunk's total log-decay), kept for the backward. With few sequences
+  × heads the walks (this one, the state gradients' and the finishing pass) go through segments of a sequence in
+  parallel (`_segment_plan`):
   each segment from zero, `_combine_segments_kernel` joins their ends in order, and each segment again from its
   true start.
 - `_chunk_output_kernel`: one program per (chunk, head, value block): o = (q ⊙ e^{b}) S + A v, A the decayed causal
@@ -27,10 +28,10 @@ Algorithm (per head; b = cumulative log λ, fp32 throughout; q is pre-multiplied
   VECTOR_SUB_CHUNK-token sub-chunks, each factorised while its own span allows and with the explicit pairwise decay
   (exponents ≤ 0 only) when not, so strong decays stay exact (`_vector_path`).
 - backward: the state gradient at every chunk end (`_chunk_state_grads_kernel`, reverse walk), then per chunk
-  dq (`_chunk_dq_kernel`, forward over sub-chunks) and dk, dv (`_chunk_dk_dv_kernel`, reverse), one step or a
+  dk, dv (`_chunk_dk_dv_kernel`, reverse over sub-chunks) and dq (`_chunk_dq_kernel`, forward), one step or a
   sub-chunk walk as in the forward. With VALUE_LOOP (the default) one program takes every value block and writes dq,
   dk whole (fp32); else each value block writes a partial dq, dk and the parts are summed (deterministic, no
-  atomics): dq's before the dk/dv kernel runs, so that dk's parts reuse their buffer, dk's by `_finish_grads_kernel`,
+  atomics): dk's before the dq kernel runs, so that dq's parts reuse their buffer, dq's by `_finish_grads_kernel`,
   in the same pass as d log λ: the reverse cumulative sum of q ⊙ dq − k ⊙ dk plus the final-state term
   Σ_v dS_T ⊙ S_T. Without d log λ, every kind but vector decay (one step per chunk) writes dq and dk straight into
   the gradients' dtype, and the finishing pass is skipped.
@@ -234,7 +235,8 @@ def _carried_operand(state, slot_ptrs, slot_mask, DOT_DTYPE: tl.constexpr, RELOA
     RELOAD_STATE: through memory (store into the program's own slot, barrier, load), so that the operand is a loaded
     tensor, never a down-cast dot accumulator (DESIGN §7: Triton < 3.7.1 on Hopper miscompiles dot results reused as
     dot operands in some layouts; the suspect for the wrong bf16 vector-decay results in BENCHMARKS.md). The slot
-    is free for this: the walk has read it already and nothing reads it afterwards."""
+    is free for this: a scratch copy of the states' shape (output kernel), the state gradients the dk/dv kernel has
+    consumed (dq kernel), or the dk/dv walk's own state-gradient slot, read already and read by nothing after it."""
     if RELOAD_STATE:
         tl.store(slot_ptrs, state.to(slot_ptrs.dtype.element_ty), mask=slot_mask)
         tl.debug_barrier()
@@ -422,45 +424,48 @@ def _combine_segments_kernel(segment_state_ptr, segment_decay_ptr, start_ptr, en
 
 
 @triton.jit
-def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, g_ptr, path_ptr, states_ptr, o_ptr, cu_seqlens_ptr, chunk_seq_ptr,
-                         chunk_token_ptr, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, g_ptr, path_ptr, states_ptr, carry_ptr, o_ptr, cu_seqlens_ptr,
+                         chunk_seq_ptr, chunk_token_ptr, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                          BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, S: tl.constexpr, DECAY: tl.constexpr,
                          DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, RELOAD_STATE: tl.constexpr,
                          WHOLE_CHUNKS: tl.constexpr):
     """o of one (value block, chunk, head). Vector decay takes the whole chunk in one factorised step when its decay
-    span allows, else its halves or sub-chunks of S tokens in turn (`_vector_path`, `_output_walk`)."""
+    span allows, else its halves or sub-chunks of S tokens in turn (`_vector_path`, `_output_walk`), carrying the
+    state through this program's slot of `carry_ptr` (shaped like the states, which the backward reads unchanged)."""
     v_block, chunk, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq, chunk_token = tl.load(chunk_seq_ptr + chunk), tl.load(chunk_token_ptr + chunk)
     eos = tl.load(cu_seqlens_ptr + seq + 1)
     ck = tl.arange(0, BK)
     cv = v_block * BV + tl.arange(0, BV)
     state_mask = (ck < K)[:, None] & (cv < V)[None, :]
-    state_ptrs = states_ptr + (chunk * H + head) * K * V + ck[:, None] * V + cv[None, :]
+    chunk_slot = (chunk * H + head) * K * V  # the walk forms its [K, BV] pointers where it uses them
+    chunk_states_ptr, chunk_carry_ptr = states_ptr + chunk_slot, carry_ptr + chunk_slot
     if DECAY == 3:
         path = _chunk_path(path_ptr, chunk, head, H, WHOLE_CHUNKS)
         if path == 0:
-            _output_walk(q_ptr, k_ptr, v_ptr, g_ptr, o_ptr, state_ptrs, state_mask, chunk_token, eos, head, scale, ck,
-                         cv, H, K, V, C, C, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
+            _output_walk(q_ptr, k_ptr, v_ptr, g_ptr, o_ptr, chunk_states_ptr, chunk_carry_ptr, state_mask, chunk_token,
+                         eos, head, scale, ck, cv, H, K, V, C, C, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
         elif path == 1:
-            _output_walk(q_ptr, k_ptr, v_ptr, g_ptr, o_ptr, state_ptrs, state_mask, chunk_token, eos, head, scale, ck,
-                         cv, H, K, V, C, C // 2, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
+            _output_walk(q_ptr, k_ptr, v_ptr, g_ptr, o_ptr, chunk_states_ptr, chunk_carry_ptr, state_mask, chunk_token,
+                         eos, head, scale, ck, cv, H, K, V, C, C // 2, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
         else:
-            _output_walk(q_ptr, k_ptr, v_ptr, g_ptr, o_ptr, state_ptrs, state_mask, chunk_token, eos, head, scale, ck,
-                         cv, H, K, V, C, S, DECAY, True, DOT_DTYPE, PRECISION, RELOAD_STATE)
+            _output_walk(q_ptr, k_ptr, v_ptr, g_ptr, o_ptr, chunk_states_ptr, chunk_carry_ptr, state_mask, chunk_token,
+                         eos, head, scale, ck, cv, H, K, V, C, S, DECAY, True, DOT_DTYPE, PRECISION, RELOAD_STATE)
     else:
-        _output_walk(q_ptr, k_ptr, v_ptr, g_ptr, o_ptr, state_ptrs, state_mask, chunk_token, eos, head, scale, ck, cv,
-                     H, K, V, C, S, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
+        _output_walk(q_ptr, k_ptr, v_ptr, g_ptr, o_ptr, chunk_states_ptr, chunk_carry_ptr, state_mask, chunk_token,
+                     eos, head, scale, ck, cv, H, K, V, C, S, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
 
 
 @triton.jit
-def _output_walk(q_ptr, k_ptr, v_ptr, g_ptr, o_ptr, state_ptrs, state_mask, chunk_token, eos, head, scale, ck, cv,
-                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
-                 DECAY: tl.constexpr, PAIRWISE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                 RELOAD_STATE: tl.constexpr):
+def _output_walk(q_ptr, k_ptr, v_ptr, g_ptr, o_ptr, chunk_states_ptr, chunk_carry_ptr, state_mask, chunk_token, eos,
+                 head, scale, ck, cv, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                 S: tl.constexpr, DECAY: tl.constexpr, PAIRWISE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                 PRECISION: tl.constexpr, RELOAD_STATE: tl.constexpr):
     """The chunk's sub-chunks of S tokens in order, the state carried in registers (and, with RELOAD_STATE, fed to
-    the next dot through this program's slot of `states`: see `_carried_operand`)."""
+    the next dot through this program's slot of the carry buffer: see `_carried_operand`)."""
     VECTOR: tl.constexpr = DECAY == 3
-    state = tl.load(state_ptrs, mask=state_mask, other=0.0).to(tl.float32)
+    slot = ck[:, None] * V + cv[None, :]
+    state = tl.load(chunk_states_ptr + slot, mask=state_mask, other=0.0).to(tl.float32)
     operand = state.to(DOT_DTYPE)
     rows = tl.arange(0, S)
     for sub in range(C // S):
@@ -479,7 +484,7 @@ def _output_walk(q_ptr, k_ptr, v_ptr, g_ptr, o_ptr, state_ptrs, state_mask, chun
                  mask=row_mask[:, None] & (cv < V)[None, :])
         if sub < C // S - 1:
             state = _advance_state(state, k, v, b, total, VECTOR, DOT_DTYPE, PRECISION)
-            operand = _carried_operand(state, state_ptrs, state_mask, DOT_DTYPE, RELOAD_STATE)
+            operand = _carried_operand(state, chunk_carry_ptr + slot, state_mask, DOT_DTYPE, RELOAD_STATE)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -553,59 +558,61 @@ def _chunk_state_grads_kernel(q_ptr, do_ptr, b_ptr, final_grad_ptr, state_grads_
 
 
 @triton.jit
-def _chunk_dq_kernel(k_ptr, v_ptr, g_ptr, path_ptr, do_ptr, states_ptr, dq_ptr, cu_seqlens_ptr, chunk_seq_ptr,
-                     chunk_token_ptr, scale, total_tokens, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                     BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, S: tl.constexpr, DECAY: tl.constexpr,
-                     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, RELOAD_STATE: tl.constexpr,
-                     WHOLE_CHUNKS: tl.constexpr, VALUE_LOOP: tl.constexpr):
+def _chunk_dq_kernel(k_ptr, v_ptr, g_ptr, path_ptr, do_ptr, states_ptr, carry_ptr, dq_ptr, cu_seqlens_ptr,
+                     chunk_seq_ptr, chunk_token_ptr, scale, total_tokens, H: tl.constexpr, K: tl.constexpr,
+                     V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
+                     DECAY: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                     RELOAD_STATE: tl.constexpr, WHOLE_CHUNKS: tl.constexpr, VALUE_LOOP: tl.constexpr):
     """dq = scale · ∂L/∂(scale·q) of one (value block, chunk, head), partial over the value block (`_dq_walk`); vector
     decay in one step, halves or sub-chunks as in `_chunk_output_kernel`. VALUE_LOOP: one program per (chunk, head)
     takes every value block in turn and writes dq whole (one part, in dq_ptr's dtype): a chunk taken in one step sums
     dA and the state part over the value blocks and mixes once (`_dq_all_values`); halves and sub-chunk walks add
-    block by block (fp32 only)."""
+    block by block (fp32 only), carrying the state through this program's slots of `carry_ptr` (shaped like the
+    states, which stay unchanged)."""
     v_block, chunk, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq, chunk_token = tl.load(chunk_seq_ptr + chunk), tl.load(chunk_token_ptr + chunk)
     eos = tl.load(cu_seqlens_ptr + seq + 1)
     ck = tl.arange(0, BK)
     chunk_states_ptr = states_ptr + (chunk * H + head) * K * V
+    chunk_carry_ptr = carry_ptr + (chunk * H + head) * K * V
     if DECAY == 3:
         path = _chunk_path(path_ptr, chunk, head, H, WHOLE_CHUNKS)
     else:
         path = 0  # scalar and static decay take a chunk in one step (SCALAR_SUB_CHUNK == CHUNK)
-    if VALUE_LOOP:  # every value block in this program, dq' in one part
+    if VALUE_LOOP:  # every value block in this program, dq in one part
         if path == 0:
             _dq_all_values(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, chunk_states_ptr, chunk_token, eos, head, scale, ck, H,
                            K, V, C, BK, BV, DECAY, DOT_DTYPE, PRECISION)
         else:
             for block in range(tl.cdiv(V, BV)):
                 tl.debug_barrier()  # the previous block's dq rows are stored before any thread adds to them
-                _dq_block(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, chunk_states_ptr, chunk_token, eos, head, scale, ck,
-                          path, block, block > 0, H, K, V, C, S, BV, DECAY, DOT_DTYPE, PRECISION, RELOAD_STATE)
+                _dq_block(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, chunk_states_ptr, chunk_carry_ptr, chunk_token, eos,
+                          head, scale, ck, path, block, block > 0, H, K, V, C, S, BV, DECAY, DOT_DTYPE, PRECISION,
+                          RELOAD_STATE)
     else:  # this program's value block, into its own fp32 part
-        _dq_block(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr + v_block * total_tokens * H * K, chunk_states_ptr, chunk_token,
-                  eos, head, scale, ck, path, v_block, False, H, K, V, C, S, BV, DECAY, DOT_DTYPE, PRECISION,
-                  RELOAD_STATE)
+        _dq_block(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr + v_block * total_tokens * H * K, chunk_states_ptr,
+                  chunk_carry_ptr, chunk_token, eos, head, scale, ck, path, v_block, False, H, K, V, C, S, BV, DECAY,
+                  DOT_DTYPE, PRECISION, RELOAD_STATE)
 
 
 @triton.jit
-def _dq_block(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, chunk_states_ptr, chunk_token, eos, head, scale, ck, path, block,
-              accumulate, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
-              BV: tl.constexpr, DECAY: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+def _dq_block(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, chunk_states_ptr, chunk_carry_ptr, chunk_token, eos, head, scale, ck,
+              path, block, accumulate, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+              S: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
               RELOAD_STATE: tl.constexpr):
     """`_dq_walk` of one value block by the chunk's path (0: one step, 1: halves, 2: sub-chunks); `accumulate`
     (VALUE_LOOP): add to the dq rows the earlier blocks stored."""
     cv = block * BV + tl.arange(0, BV)
-    state_ptrs = chunk_states_ptr + ck[:, None] * V + cv[None, :]
     state_mask = (ck < K)[:, None] & (cv < V)[None, :]
     if path == 0:
-        _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_token, eos, head, scale, ck, cv,
-                 accumulate, H, K, V, C, C, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
+        _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, chunk_states_ptr, chunk_carry_ptr, state_mask, chunk_token, eos,
+                 head, scale, ck, cv, accumulate, H, K, V, C, C, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
     elif path == 1:
-        _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_token, eos, head, scale, ck, cv,
-                 accumulate, H, K, V, C, C // 2, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
+        _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, chunk_states_ptr, chunk_carry_ptr, state_mask, chunk_token, eos,
+                 head, scale, ck, cv, accumulate, H, K, V, C, C // 2, DECAY, False, DOT_DTYPE, PRECISION, RELOAD_STATE)
     else:
-        _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_token, eos, head, scale, ck, cv,
-                 accumulate, H, K, V, C, S, DECAY, True, DOT_DTYPE, PRECISION, RELOAD_STATE)
+        _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, chunk_states_ptr, chunk_carry_ptr, state_mask, chunk_token, eos,
+                 head, scale, ck, cv, accumulate, H, K, V, C, S, DECAY, True, DOT_DTYPE, PRECISION, RELOAD_STATE)
 
 
 @triton.jit
@@ -637,17 +644,19 @@ def _dq_all_values(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, chunk_states_ptr, chunk_
 
 
 @triton.jit
-def _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_token, eos, head, scale, ck, cv,
-             accumulate, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
-             DECAY: tl.constexpr, PAIRWISE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-             RELOAD_STATE: tl.constexpr):
+def _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, chunk_states_ptr, chunk_carry_ptr, state_mask, chunk_token, eos, head,
+             scale, ck, cv, accumulate, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+             S: tl.constexpr, DECAY: tl.constexpr, PAIRWISE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+             PRECISION: tl.constexpr, RELOAD_STATE: tl.constexpr):
     """A forward walk over the sub-chunks with the state S: dq_i = scale · S_i do_i (state part e^{b_i} ⊙ S do_i,
-    intra part through dA = do vᵀ), into fp32 dq_ptr."""
+    intra part through dA = do vᵀ), into fp32 dq_ptr; the state read from the chunk's slot of the states, carried
+    through its slot of the carry buffer."""
     VECTOR: tl.constexpr = DECAY == 3
     rows = tl.arange(0, S)
     i = rows[:, None]
     j = rows[None, :]
-    state = tl.load(state_ptrs, mask=state_mask, other=0.0).to(tl.float32)
+    slot = ck[:, None] * V + cv[None, :]
+    state = tl.load(chunk_states_ptr + slot, mask=state_mask, other=0.0).to(tl.float32)
     operand = state.to(DOT_DTYPE)
     for sub in range(C // S):
         token0 = chunk_token + sub * S
@@ -668,7 +677,7 @@ def _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, state_ptrs, state_mask, chunk_
         tl.store(dq_ptrs, dq, mask=row_mask[:, None] & (ck < K)[None, :])
         if sub < C // S - 1:
             state = _advance_state(state, k, v, b, total, VECTOR, DOT_DTYPE, PRECISION)
-            operand = _carried_operand(state, state_ptrs, state_mask, DOT_DTYPE, RELOAD_STATE)
+            operand = _carried_operand(state, chunk_carry_ptr + slot, state_mask, DOT_DTYPE, RELOAD_STATE)
 
 
 @triton.jit
@@ -989,10 +998,19 @@ class _ChunkedRecurrence(torch.autograd.Function):
         dot_dtype, precision = _dot_settings(q.dtype)
         block_v, launch = _launch("output", value_dim, decay)
         grid = (triton.cdiv(value_dim, block_v), layout[2].numel(), heads)
-        _chunk_output_kernel[grid](q, k, v, g, paths, states, o, layout[0], layout[2], layout[3], scale, heads, key_dim,
-                                   value_dim, _key_block(key_dim), block_v, CHUNK, _sub_chunk(decay), decay,
+        # vector decay's halves and sub-chunk walks carry the state through a slot per program; the states are kept
+        # for the backward, so the slots are a scratch copy of their shape (freed after this kernel). One step per
+        # chunk (every other kind) carries nothing.
+        carry = torch.empty_like(states) if decay == DECAY_VECTOR else states
+        _chunk_output_kernel[grid](q, k, v, g, paths, states, carry, o, layout[0], layout[2], layout[3], scale, heads,
+                                   key_dim, value_dim, _key_block(key_dim), block_v, CHUNK, _sub_chunk(decay), decay,
                                    dot_dtype, precision, **launch)
-        ctx.save_for_backward(q, k, v, g, initial, *layout)  # g, not b: the backward recomputes b (no extra memory)
+        del carry
+        # the chunk states are kept for the backward (one [chunks, H, K, V] tensor in the dot dtype instead of a second
+        # walk); b is not (fp32 [T, H, K] for vector decay): the backward recomputes it from g. The final state only
+        # where d log λ may need it, as a copy (a caller may update the returned one in place, e.g. a decoding cache)
+        final_for_decay_grad = final.clone() if final is not None and ctx.needs_input_grad[3] else None
+        ctx.save_for_backward(q, k, v, g, initial, states, final_for_decay_grad, *layout)
         ctx.decay, ctx.scale, ctx.shape = decay, scale, (batch, length, heads, key_dim, value_dim, num_sequences)
         ctx.log_decay_shape = None if log_decay is None else log_decay.shape
         ctx.log_decay_dtype = None if log_decay is None else log_decay.dtype
@@ -1001,14 +1019,12 @@ class _ChunkedRecurrence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, final_grad):
-        q, k, v, g, initial, *layout = ctx.saved_tensors
+        q, k, v, g, initial, states, final, *layout = ctx.saved_tensors
         batch, length, heads, key_dim, value_dim, num_sequences = ctx.shape
         decay, scale = ctx.decay, ctx.scale
         needs_decay_grad = ctx.needs_input_grad[3] and decay != DECAY_NONE
         max_chunks = _longest_chunks(layout, batch, length)
         b, paths = _cumulative_decay(g, layout, decay, heads, key_dim)
-        states, final = _forward_states(k, v, b, initial, layout, decay, heads, key_dim, value_dim, num_sequences,
-                                        max_chunks, output_final_state=needs_decay_grad and final_grad is not None)
         do = do.contiguous()
         dot_dtype, precision = _dot_settings(q.dtype)
         block_k = _key_block(key_dim)
@@ -1038,28 +1054,30 @@ class _ChunkedRecurrence(torch.autograd.Function):
         # no finishing pass)
         direct = (decay != DECAY_VECTOR and not needs_decay_grad and dq_launch["VALUE_LOOP"]
                   and dk_launch["VALUE_LOOP"])
-        value_blocks = 1 if dq_launch["VALUE_LOOP"] else triton.cdiv(value_dim, dq_block_v)
-        parts = (torch.empty_like(q) if direct else
-                 q.new_empty(value_blocks, batch, length, heads, key_dim, dtype=torch.float32))
-        _chunk_dq_kernel[(value_blocks, layout[2].numel(), heads)](
-            k, v, g, paths, do, states, parts, layout[0], layout[2], layout[3], scale, total_tokens, heads, key_dim,
-            value_dim, block_k, dq_block_v, CHUNK, sub_chunk, decay, dot_dtype, precision, **dq_launch)
-        del states
-        # dq's parts summed now (fp32), so that dk's parts reuse their buffer: the backward's peak holds one set
-        dq_parts, spare = (parts.sum(0, keepdim=True), parts) if value_blocks > 1 else (parts, None)
+        # dk and dv first: their walks carry the state gradient through its own slots, which then serve the dq walks'
+        # carried state, so that the kept chunk states are read only (a second backward reads them again)
         value_blocks = 1 if dk_launch["VALUE_LOOP"] else triton.cdiv(value_dim, dk_block_v)
-        if direct:
-            dk_parts = torch.empty_like(k)
-        elif spare is not None and spare.shape[0] >= value_blocks:
-            dk_parts = spare[:value_blocks]
-        else:
-            dk_parts = q.new_empty(value_blocks, batch, length, heads, key_dim, dtype=torch.float32)
-        del parts, spare
+        parts = (torch.empty_like(k) if direct else
+                 k.new_empty(value_blocks, batch, length, heads, key_dim, dtype=torch.float32))
         dv = torch.empty_like(v)
         _chunk_dk_dv_kernel[(value_blocks, layout[2].numel(), heads)](
-            q, k, v, g, paths, do, state_grads, dk_parts, dv, layout[0], layout[2], layout[3], scale, total_tokens,
+            q, k, v, g, paths, do, state_grads, parts, dv, layout[0], layout[2], layout[3], scale, total_tokens,
             heads, key_dim, value_dim, block_k, dk_block_v, CHUNK, sub_chunk, decay, dot_dtype, precision, **dk_launch)
-        del state_grads
+        # dk's parts summed now (fp32), so that dq's parts reuse their buffer: the backward's peak holds one set
+        dk_parts, spare = (parts.sum(0, keepdim=True), parts) if value_blocks > 1 else (parts, None)
+        value_blocks = 1 if dq_launch["VALUE_LOOP"] else triton.cdiv(value_dim, dq_block_v)
+        if direct:
+            dq_parts = torch.empty_like(q)
+        elif spare is not None and spare.shape[0] >= value_blocks:
+            dq_parts = spare[:value_blocks]
+        else:
+            dq_parts = q.new_empty(value_blocks, batch, length, heads, key_dim, dtype=torch.float32)
+        del parts, spare
+        _chunk_dq_kernel[(value_blocks, layout[2].numel(), heads)](
+            k, v, g, paths, do, states, state_grads, dq_parts, layout[0], layout[2], layout[3], scale, total_tokens,
+            heads, key_dim, value_dim, block_k, dq_block_v, CHUNK, sub_chunk, decay, dot_dtype, precision,
+            **dq_launch)
+        del states, state_grads
         initial_grad = initial_grad.to(ctx.initial_dtype) if initial_grad is not None else None
         if direct:
             return dq_parts, dk_parts, dv, None, initial_grad, None, None, None
