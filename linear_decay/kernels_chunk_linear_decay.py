@@ -998,10 +998,10 @@ class _ChunkedRecurrence(torch.autograd.Function):
         dot_dtype, precision = _dot_settings(q.dtype)
         block_v, launch = _launch("output", value_dim, decay)
         grid = (triton.cdiv(value_dim, block_v), layout[2].numel(), heads)
-        # vector decay's halves and sub-chunk walks carry the state through a slot per program; the states are kept
-        # for the backward, so the slots are a scratch copy of their shape (freed after this kernel). One step per
-        # chunk (every other kind) carries nothing.
-        carry = torch.empty_like(states) if decay == DECAY_VECTOR else states
+        # vector decay's halves and sub-chunk walks carry the state through a slot per program: when the states are
+        # kept for a backward, a scratch of their shape (freed after this kernel), else their own slots. One step
+        # per chunk (every other kind) carries nothing.
+        carry = torch.empty_like(states) if decay == DECAY_VECTOR and any(ctx.needs_input_grad) else states
         _chunk_output_kernel[grid](q, k, v, g, paths, states, carry, o, layout[0], layout[2], layout[3], scale, heads,
                                    key_dim, value_dim, _key_block(key_dim), block_v, CHUNK, _sub_chunk(decay), decay,
                                    dot_dtype, precision, **launch)
