@@ -334,23 +334,8 @@ def _chunk_states_kernel(k_ptr, v_ptr, b_ptr, initial_ptr, states_ptr, final_ptr
     state_offsets = ck[:, None] * V + cv[None, :]
     state_mask = (ck < K)[:, None] & (cv < V)[None, :]
     num_chunks = tl.cdiv(eos - bos, C)
-    if WALK == 0:  # kept apart: the whole-sequence walk keeps the code it had before segments
-        first, last = 0, num_chunks
-        if HAS_INITIAL:
-            state = tl.load(initial_ptr + seq_head * K * V + state_offsets, mask=state_mask, other=0.0)
-            state = state.to(tl.float32)
-        else:
-            state = tl.zeros((BK, BV), dtype=tl.float32)
-    else:
-        first = segment * segment_chunks
-        last = tl.minimum(first + segment_chunks, num_chunks)
-        state = tl.zeros((BK, BV), dtype=tl.float32)
-        if WALK == 2:
-            state += tl.load(segment_state_ptr + program * K * V + state_offsets, mask=state_mask, other=0.0)
-        elif HAS_INITIAL:
-            if segment == 0:
-                state += tl.load(initial_ptr + seq_head * K * V + state_offsets, mask=state_mask,
-                                 other=0.0).to(tl.float32)
+    first, last, state = _walk_start(initial_ptr, segment_state_ptr, program, seq_head, segment, segment_chunks,
+                                     num_chunks, state_offsets, state_mask, K, V, BK, BV, HAS_INITIAL, WALK, False)
     if WALK == 1:
         decay_sum = tl.zeros((BK,) if VECTOR else (1,), dtype=tl.float32)
     rows = tl.arange(0, C)
@@ -371,6 +356,34 @@ def _chunk_states_kernel(k_ptr, v_ptr, b_ptr, initial_ptr, states_ptr, final_ptr
     if WALK == 1:
         _store_segment(segment_state_ptr, segment_decay_ptr, program, state, state_offsets, state_mask, decay_sum,
                        ck, K, V, VECTOR)
+
+
+@triton.jit
+def _walk_start(boundary_ptr, segment_state_ptr, program, seq_head, segment, segment_chunks, num_chunks, state_offsets,
+                state_mask, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                HAS_BOUNDARY: tl.constexpr, WALK: tl.constexpr, REVERSE: tl.constexpr):
+    """(first chunk, end chunk, starting value) of a state walk (`_chunk_states_kernel`, `_chunk_state_grads_kernel`):
+    WALK 0 the whole sequence from its boundary value (the initial state, or ∂L/∂S_T when REVERSE) or zero; else one
+    segment, from the combined start (WALK 2) or from zero, the boundary value added on the segment at the walk's
+    starting end (the first segment; REVERSE: the last, or an empty sequence's only one)."""
+    if WALK == 0:  # kept apart: the whole-sequence walk keeps the code it had before segments
+        first, last = 0, num_chunks
+        if HAS_BOUNDARY:
+            state = tl.load(boundary_ptr + seq_head * K * V + state_offsets, mask=state_mask, other=0.0)
+            state = state.to(tl.float32)
+        else:
+            state = tl.zeros((BK, BV), dtype=tl.float32)
+    else:
+        first = segment * segment_chunks
+        last = tl.minimum(first + segment_chunks, num_chunks)
+        state = tl.zeros((BK, BV), dtype=tl.float32)
+        if WALK == 2:
+            state += tl.load(segment_state_ptr + program * K * V + state_offsets, mask=state_mask, other=0.0)
+        elif HAS_BOUNDARY:
+            if (last == num_chunks) if REVERSE else (segment == 0):
+                state += tl.load(boundary_ptr + seq_head * K * V + state_offsets, mask=state_mask,
+                                 other=0.0).to(tl.float32)
+    return first, last, state
 
 
 @triton.jit
@@ -512,23 +525,8 @@ def _chunk_state_grads_kernel(q_ptr, do_ptr, b_ptr, final_grad_ptr, state_grads_
     state_offsets = ck[:, None] * V + cv[None, :]
     state_mask = (ck < K)[:, None] & (cv < V)[None, :]
     num_chunks = tl.cdiv(eos - bos, C)
-    if WALK == 0:  # kept apart, as in `_chunk_states_kernel`
-        first, last = 0, num_chunks
-        if HAS_FINAL_GRAD:
-            dstate = tl.load(final_grad_ptr + seq_head * K * V + state_offsets, mask=state_mask, other=0.0)
-            dstate = dstate.to(tl.float32)
-        else:
-            dstate = tl.zeros((BK, BV), dtype=tl.float32)
-    else:
-        first = segment * segment_chunks
-        last = tl.minimum(first + segment_chunks, num_chunks)
-        dstate = tl.zeros((BK, BV), dtype=tl.float32)
-        if WALK == 2:
-            dstate += tl.load(segment_state_ptr + program * K * V + state_offsets, mask=state_mask, other=0.0)
-        elif HAS_FINAL_GRAD:
-            if last == num_chunks:  # the sequence's last segment (or an empty sequence's only one)
-                dstate += tl.load(final_grad_ptr + seq_head * K * V + state_offsets, mask=state_mask,
-                                  other=0.0).to(tl.float32)
+    first, last, dstate = _walk_start(final_grad_ptr, segment_state_ptr, program, seq_head, segment, segment_chunks,
+                                      num_chunks, state_offsets, state_mask, K, V, BK, BV, HAS_FINAL_GRAD, WALK, True)
     if WALK == 1:
         decay_sum = tl.zeros((BK,) if VECTOR else (1,), dtype=tl.float32)
     rows = tl.arange(0, C)
