@@ -52,7 +52,8 @@ step() {  # step NAME SECONDS COMMAND...: run within its limit and what is left 
 
 run_step() {  # the steps a plan is made of, by name
   case $1 in
-    gpu_tests) step gpu_tests 300 python3 -m pytest tests/test_kernels_gpu.py -q -rP -n 14 -p no:cacheprovider;;
+    gpu_tests) step gpu_tests 300 python3 -m pytest tests/test_kernels_gpu.py tests/test_kernels_decay.py -q -rP -n 14 \
+      -p no:cacheprovider;;
     bench_ours) step bench_ours 120 python3 benchmarks/bench_kernels.py --only chunk --no-check --no-fla \
       --json "$WORK/chunk_ours.json";;
     roofline) step roofline 60 python3 benchmarks/tune_chunk_kernels.py --roofline --kinds vector,scalar;;
@@ -68,6 +69,8 @@ run_step() {  # the steps a plan is made of, by name
     tune_*) local shape=${1#tune_}; step "$1" 240 python3 benchmarks/tune_chunk_kernels.py --shape "${shape//x/,}" \
       --kinds vector,scalar \
       --block_v 16,32 --warps 8 --stages 2 --value-loop 0,1 --json "$WORK/$1.json";;
+    segments_*) local shape=${1#segments_}; step "$1" 150 python3 benchmarks/tune_chunk_kernels.py \
+      --shape "${shape//x/,}" --kinds static,scalar,vector --segment-chunks auto,4,8,16,32,64,1000000;;
     model_train) step model_train 180 python3 benchmarks/model.py --sections train --json "$WORK/model_train.json";;
     model_train_compiled) step model_train_compiled 240 python3 benchmarks/model.py --sections train --compile \
       --json "$WORK/model_train_compiled.json";;
@@ -81,6 +84,14 @@ run_step() {  # the steps a plan is made of, by name
       --decays mamba2:vector,simple:scalar --json "$WORK/model_profile.json";;
     model_profile_16k) step model_profile_16k 110 python3 benchmarks/model.py --sections profile \
       --train-shapes 1x16384 --decays mamba2:vector,simple:scalar --json "$WORK/model_profile_16k.json";;
+    model_profile_host) step model_profile_host 90 python3 benchmarks/model.py --sections profile \
+      --train-shapes 1x16384 --decays mamba2:vector --profile-sort cpu --json "$WORK/model_profile_host.json";;
+    model_tests) step model_tests 150 python3 -m pytest tests/test_kernels_decay.py tests/test_kernels_gpu.py -q -rP \
+      -n 14 -p no:cacheprovider -k "decay or model or compile or graph";;
+    decay_ab) for fused in "" --unfused-decay; do
+        step "decay_ab${fused}" 70 python3 benchmarks/model.py --sections train --train-shapes 8x2048 --no-llama \
+          $fused --decays gla:vector,simple:scalar,mamba2:vector --json "$WORK/decay_ab${fused}.json"
+      done;;
     *) echo "unknown step $1"; exit 2;;
   esac
 }

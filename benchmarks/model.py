@@ -69,7 +69,8 @@ def models(args):
                for decay in args.decays.split(",")]
     reference = build_ours(args.preset, args.decays.split(",")[0], args.vocab, overrides).config
     max_positions = max([t for _, t in args.train_shapes] + [p + args.new_tokens for p in args.prompts])
-    entries.append(("llama sdpa", lambda: build_llama(reference, max_positions)))
+    if not args.no_llama:
+        entries.append(("llama sdpa", lambda: build_llama(reference, max_positions)))
     return entries
 
 
@@ -120,16 +121,19 @@ def section_train(args, rows):
             model = step = None
             try:
                 model, step = training_setup(args, builder, batch, length)
-                times = []
+                times, issued = [], []
                 for index in range(args.warmup + args.steps):
                     synchronize(args.device)
                     start = time.perf_counter()
                     loss = step()
+                    issue = time.perf_counter()  # the host has queued the whole step: host-bound if close to step
                     synchronize(args.device)
                     if index >= args.warmup:
                         times.append(time.perf_counter() - start)
+                        issued.append(issue - start)
                 step_s = statistics.median(times)
-                row.update(step_ms=step_s * 1e3, tokens_per_s=batch * length / step_s, loss=loss.item(),
+                row.update(step_ms=step_s * 1e3, issue_ms=statistics.median(issued) * 1e3,
+                           tokens_per_s=batch * length / step_s, loss=loss.item(),
                            peak_GiB=peak_gib(args.device),
                            params_M=sum(p.numel() for p in model.parameters()) / 1e6)
             except Exception as error:  # noqa: BLE001  (a row that cannot run, e.g. out of memory)
@@ -145,7 +149,8 @@ def section_profile(args, rows):
 
     batch, length = args.train_shapes[0]
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
-    sort_by = "self_device_time_total" if args.device == "cuda" else "self_cpu_time_total"
+    sort_by = ("self_device_time_total" if args.device == "cuda" and args.profile_sort == "device"
+               else "self_cpu_time_total")
     for name, builder in models(args):
         row = dict(section="profile", model=name, batch=batch, length=length)
         model = step = None
@@ -160,7 +165,8 @@ def section_profile(args, rows):
             table = prof.key_averages().table(sort_by=sort_by, row_limit=args.profile_rows, max_name_column_width=70)
             print(f"[profile] {name} B={batch} T={length}\n{table}", flush=True)
             events = sorted(prof.key_averages(), key=lambda e: -getattr(e, sort_by, 0))
-            row["top"] = [dict(name=e.key, self_device_ms=getattr(e, sort_by, 0) / 1e3, calls=e.count)
+            row["top"] = [dict(name=e.key, self_cpu_ms=e.self_cpu_time_total / 1e3, calls=e.count,
+                               **({"self_device_ms": e.self_device_time_total / 1e3} if args.device == "cuda" else {}))
                           for e in events[: args.profile_rows]]
         except Exception as error:  # noqa: BLE001
             row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
@@ -241,8 +247,9 @@ def print_table(args, rows):
             ratio = f"  ours/llama {row['tokens_per_s'] / ref['tokens_per_s']:.2f}×" if ref and "error" not in row \
                 and row["model"] != "llama sdpa" else ""
             compiled = " (compiled)" if row.get("compiled") else ""
+            host = (f"  step {row['step_ms']:.1f} ms, queued in {row['issue_ms']:.1f}" if "step_ms" in row else "")
             print(f"train    {row['model']:22s} B={row['batch']:<3d} T={row['length']:<6d} "
-                  f"{value(row, 'tokens_per_s', ',.0f')} tokens/s{peak(row)}{ratio}{compiled}")
+                  f"{value(row, 'tokens_per_s', ',.0f')} tokens/s{peak(row)}{ratio}{compiled}{host}")
         elif row["section"] == "generate":
             ref = llama.get(key)
             ratio = f"  ours/llama {row['new_tokens_per_s'] / ref['new_tokens_per_s']:.2f}×" if ref and \
@@ -279,6 +286,11 @@ def parse_args(argv):
     parser.add_argument("--train-shapes", dest="train_shapes_text",
                         help="BxT of the train section, comma separated (default 8x2048,1x16384; --quick: 2x64,1x130); "
                              "the profile section takes the first")
+    parser.add_argument("--no-llama", action="store_true", help="our models only (no reference row, no ratios)")
+    parser.add_argument("--unfused-decay", action="store_true",
+                        help="our decay units in PyTorch (log_decay) instead of the fused softplus kernel: an A/B")
+    parser.add_argument("--profile-sort", default="device", choices=("device", "cpu"),
+                        help="profile section: rows by self device time, or by self host (CPU) time")
     parser.add_argument("--ours-overrides", default="",
                         help="config overrides of our models, e.g. loss_chunk_size=4096,decode_cuda_graphs=True "
                              "(comma separated key=value)")
@@ -305,6 +317,10 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.unfused_decay:
+        import linear_decay.modeling_linear_decay as modeling
+
+        modeling.softplus_decay = None
     rows = []
     for section in args.sections.split(","):
         {"train": section_train, "generate": section_generate, "profile": section_profile,

@@ -11,6 +11,9 @@ variant is dropped), and prints the best setting per kernel: the values to write
 least bytes it must move and the matmul FLOPs it must do (`kernel_work`), as fractions of the measured copy bandwidth
 and bf16 matmul rate (`--copy-gbps`, `--matmul-tflops`; bench_kernels.py --only ceilings measures them): where the
 time of a forward+backward goes, and how far each kernel is from its bound.
+
+`--segment-chunks auto,8,16,32` instead times every kernel of one forward+backward per decay kind (vector, scalar,
+static) with the walks in segments of that many chunks (kernels.SEGMENT_CHUNKS; auto: `_segment_plan`'s rule).
 """
 
 import argparse
@@ -30,7 +33,7 @@ from linear_decay.recurrence_linear_decay import chunked_recurrence  # noqa: E40
 KERNELS = {"states": "_chunk_states_kernel", "output": "_chunk_output_kernel",
            "state_grads": "_chunk_state_grads_kernel", "dq": "_chunk_dq_kernel",
            "dk_dv": "_chunk_dk_dv_kernel"}
-KIND_CODE = {"vector": kernels.DECAY_VECTOR, "scalar": kernels.DECAY_SCALAR}
+KIND_CODE = {"vector": kernels.DECAY_VECTOR, "scalar": kernels.DECAY_SCALAR, "static": kernels.DECAY_STATIC}
 PROFILED = {"cumulative": "_cumulative_decay_kernel", **KERNELS, "combine": "_combine_segments_kernel",
             "finish": "_finish_grads_kernel", "segment_carry": "_add_segment_carry_kernel"}
 # (cumulative, combine, finish and segment_carry have no launch settings to tune; combine and segment_carry run only
@@ -47,7 +50,7 @@ def kernel_work(kind, shape, block_v, value_loop):
     tokens, chunk = batch * length, kernels.CHUNK
     chunks = tokens // chunk
     act = tokens * heads * dim * 2  # one bf16 [B, T, H, D] tensor
-    decay = tokens * heads * (dim if kind == "vector" else 1) * 4
+    decay = tokens * heads * (dim if kind == "vector" else 1) * 4 if kind != "static" else 0  # static: [H]
     states = chunks * heads * dim * dim * 2
     part = tokens * heads * dim * 4
     parts = part * (1 if value_loop else max(1, dim // block_v))  # fp32 dq or dk parts: one, or one per value block
@@ -95,6 +98,20 @@ def roofline(kinds, shape, copy_gbps, matmul_tflops):
         print(f"  {'all':12s} {total:8.3f}")
 
 
+def segment_sweep(kinds, shape, settings):
+    """Per decay kind and segment length (kernels.SEGMENT_CHUNKS; "auto": `_segment_plan`'s rule): each kernel's
+    time and their sum in one forward+backward, after a check against the fp32 reference: the walks' segment rule."""
+    walked = ("states", "state_grads", "combine", "finish", "segment_carry")
+    for kind in kinds:
+        for setting in settings:
+            kernels.SEGMENT_CHUNKS = None if setting == "auto" else int(setting)
+            error = check(kind, shape[-1])
+            times = profile(kind, shape)
+            print(f"{kind:6s} segment_chunks={setting:>4s} err={error:.1e} all={sum(times.values()):.3f} "
+                  + " ".join(f"{name}={times.get(name, 0.0):.3f}" for name in walked), flush=True)
+    kernels.SEGMENT_CHUNKS = None
+
+
 def settings_of(name, candidate):
     """The launch settings of kernel `name` in a candidate (VALUE_LOOP is the dq and dk/dv kernels' only)."""
     keys = ("block_v", "num_warps", "num_stages") + (("VALUE_LOOP",) if "VALUE_LOOP" in kernels.TUNING[name] else ())
@@ -106,6 +123,9 @@ def make_inputs(kind, batch, length, heads, dim, seed=0):
     q = F.silu(torch.randn(batch, length, heads, dim, device="cuda")).bfloat16().requires_grad_()
     k = F.silu(torch.randn(batch, length, heads, dim, device="cuda")).bfloat16().requires_grad_()
     v = torch.randn(batch, length, heads, dim, device="cuda").bfloat16().requires_grad_()
+    if kind == "static":  # bench_kernels.py's TNL-like per-head decay, without a gradient (as tnl)
+        exponent = 5.0 + torch.arange(heads, dtype=torch.float64, device="cuda")
+        return q, k, v, torch.log1p(-torch.exp2(-exponent)).float()
     shape = (batch, length, heads, dim) if kind == "vector" else (batch, length, heads)
     g = (F.logsigmoid(torch.randn(shape, device="cuda")) / 16).requires_grad_()
     return q, k, v, g
@@ -121,10 +141,10 @@ def check(kind, dim):
     q, k, v, g = make_inputs(kind, 2, 300, 4, dim, seed=1)
     do = torch.randn_like(v)
     o, _ = kernels.triton_chunked_recurrence(q, k, v, g, scale=dim ** -0.5)
-    grads = torch.autograd.grad((o * do).sum(), (q, k, v, g))
-    ref_inputs = [x.detach().float().requires_grad_() for x in (q, k, v, g)]
+    grads = torch.autograd.grad((o * do).sum(), [x for x in (q, k, v, g) if x.requires_grad])
+    ref_inputs = [x.detach().float().requires_grad_(x.requires_grad) for x in (q, k, v, g)]
     ref_o, _ = chunked_recurrence(*ref_inputs, scale=dim ** -0.5)
-    ref_grads = torch.autograd.grad((ref_o * do.float()).sum(), ref_inputs)
+    ref_grads = torch.autograd.grad((ref_o * do.float()).sum(), [x for x in ref_inputs if x.requires_grad])
     return max([relative_error(o, ref_o)] + [relative_error(a, b) for a, b in zip(grads, ref_grads)])
 
 
@@ -135,7 +155,7 @@ def profile(kind, shape, iterations=5):
 
     def step():
         o, _ = kernels.triton_chunked_recurrence(q, k, v, g, scale=shape[-1] ** -0.5)
-        torch.autograd.grad(o, (q, k, v, g), do)
+        torch.autograd.grad(o, [x for x in (q, k, v, g) if x.requires_grad], do)
 
     step()
     torch.cuda.synchronize()
@@ -161,6 +181,8 @@ def main():
     parser.add_argument("--stages", default="1,2")
     parser.add_argument("--value-loop", default="0", help="VALUE_LOOP of the dq and dk/dv kernels to try: 0, 1 or 0,1")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--segment-chunks", default=None,
+                        help="instead of the launch sweep: time the walks' segment lengths, e.g. auto,8,16,32,64")
     parser.add_argument("--roofline", action="store_true", help="time the current settings against the bounds")
     parser.add_argument("--copy-gbps", type=float, default=4218.0, help="measured device copy bandwidth")
     parser.add_argument("--matmul-tflops", type=float, default=678.0, help="measured bf16 matmul rate")
@@ -168,6 +190,9 @@ def main():
     shape = tuple(int(x) for x in args.shape.split(","))
     if args.roofline:
         roofline(args.kinds.split(","), shape, args.copy_gbps, args.matmul_tflops)
+        return
+    if args.segment_chunks:
+        segment_sweep(args.kinds.split(","), shape, args.segment_chunks.split(","))
         return
     candidates = [dict(block_v=bv, num_warps=w, num_stages=s, VALUE_LOOP=bool(loop))
                   for bv, w, s, loop in itertools.product(*(map(int, values.split(",")) for values in (

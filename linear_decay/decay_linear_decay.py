@@ -41,9 +41,13 @@ def register_decay(name, *, granularities=("vector", "scalar"), shareable=False,
 class DecayParameterization(nn.Module):
     """Base unit. `forward(z, mask)` returns `(log_decay, normaliser)`.
 
+    `z` comes in the projection's dtype; `log_decay` sees it in fp32.
     `mask` ([B, T] bool, True = real token) makes padded positions keep the state untouched: log λ = 0 there (DESIGN §1).
     `normaliser` is only used by LightNet (its running log-sum-exp, carried by the cache); others pass it through.
     Static decays (no logits, `z=None`) return one log λ per head on `device`.
+    `softplus_kernel` (the model passes kernels_decay_linear_decay.softplus_decay on the GPU): units whose log λ has
+    the form −c ⊙ softplus(z + b) (`softplus_form`: mamba2 and its ablations) compute it in that one fused kernel
+    instead of `log_decay`.
     """
 
     decay_type = None
@@ -57,8 +61,19 @@ class DecayParameterization(nn.Module):
     def log_decay(self, z, mask=None, lower_bound=None, normaliser=None, device=None):
         raise NotImplementedError
 
-    def forward(self, z, mask=None, lower_bound=None, normaliser=None, device=None):
-        log_decay, normaliser = self.log_decay(z, mask=mask, lower_bound=lower_bound, normaliser=normaliser, device=device)
+    def softplus_form(self):
+        """(c, b) with log λ = −c ⊙ softplus(z + b) (each [D] fp32, or None for 1 and 0), for units of that form;
+        None otherwise."""
+        return None
+
+    def forward(self, z, mask=None, lower_bound=None, normaliser=None, device=None, softplus_kernel=None):
+        form = self.softplus_form() if softplus_kernel is not None and z is not None else None
+        if form is not None:
+            log_decay = softplus_kernel(z, *form)
+        else:
+            z = z.float() if z is not None else None
+            log_decay, normaliser = self.log_decay(z, mask=mask, lower_bound=lower_bound, normaliser=normaliser,
+                                                   device=device)
         if mask is not None:
             if log_decay.dim() == 1:  # static decay: padding needs per-token values, so expand only then
                 if bool(mask.all()):
@@ -107,6 +122,10 @@ class Mamba2Decay(DecayParameterization):
 
     def shared_key(self, z, log_decay):
         return self.time_step(z)
+
+    def softplus_form(self):
+        return (torch.exp(self.A_log.float()) if self.use_a else None,
+                self.dt_bias.float() if self.use_dt_bias else None)
 
     @torch.no_grad()
     def reset_parameters(self, config):

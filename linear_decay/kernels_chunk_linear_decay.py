@@ -1125,6 +1125,9 @@ def _segment_plan(programs, max_chunks, device):
     finishing pass): whole sequences while they give at least half as many programs as the GPU has SMs (the shapes
     of BENCHMARKS.md's kernel tables, measured so), else segments for about two programs per SM — one 16k-token
     sequence of 16 heads: 16 segments of 16 chunks instead of 16 walks of 256 chunks."""
+    if SEGMENT_CHUNKS is not None:  # forced (benchmarks/tune_chunk_kernels.py --segment-chunks)
+        segment_chunks = max(1, min(SEGMENT_CHUNKS, max_chunks))
+        return triton.cdiv(max(max_chunks, 1), segment_chunks), segment_chunks
     sms = _multiprocessors(device)
     if 2 * programs >= sms or max_chunks < 2:
         return 1, max(max_chunks, 1)
@@ -1179,6 +1182,7 @@ TUNING = {
                   VALUE_LOOP=True),
 }
 TUNING_OVERRIDES = {}  # {(kernel, decay kind): settings}, for what differs between vector and scalar decay
+SEGMENT_CHUNKS = None  # None: `_segment_plan`'s rule; a number: segments of that many chunks for every walk
 
 
 def _launch(kernel, value_dim, decay):

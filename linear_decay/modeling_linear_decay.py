@@ -24,10 +24,11 @@ from .decay_linear_decay import DECAY_REGISTRY, DecayParameterization
 from .recurrence_linear_decay import linear_decay_attention, recurrent_step
 
 try:  # the fused (gated) RMSNorm and SwiGLU (Triton); CPU-only torch has no Triton and keeps the torch code
+    from .kernels_decay_linear_decay import softplus_decay
     from .kernels_norm_linear_decay import gated_rms_norm, rms_norm
     from .kernels_swiglu_linear_decay import swiglu
 except ImportError:
-    gated_rms_norm = rms_norm = swiglu = None
+    gated_rms_norm = rms_norm = softplus_decay = swiglu = None
 
 
 def _outside(ids, low, high):
@@ -38,7 +39,7 @@ def _outside(ids, low, high):
 
 
 def use_fused_kernels(x):
-    """Whether the fused norm and SwiGLU kernels run on `x`: the recurrence's backend rule (`resolve_backend`) —
+    """Whether the fused norm, SwiGLU and decay kernels run on `x`: the recurrence's backend rule (`resolve_backend`) —
     auto: on CUDA tensors, triton: always (CPU tensors run in Triton's interpreter), torch / naive: never. Under
     torch.compile the torch code is traced instead (Inductor fuses it; the kernels would be graph breaks)."""
     if gated_rms_norm is None or torch.compiler.is_compiling():
@@ -372,7 +373,7 @@ class LinearDecayAttention(nn.Module):
             k = self.decay.shared_key(z, log_decay).to(x.dtype)
         else:
             k = F.silu(self.k_proj(x))
-            z = self.decay_proj(x).float() if self.decay_proj is not None else None
+            z = self.decay_proj(x) if self.decay_proj is not None else None
             log_decay, normaliser = self._decay(z, mask, lower_bound, normaliser, x.device, cu_seqlens)
         if mask is not None:
             k = k * mask.unsqueeze(-1).to(k.dtype)
@@ -404,7 +405,9 @@ class LinearDecayAttention(nn.Module):
         """The decay unit's (log λ, normaliser); with packed documents a position-dependent unit (LightNet's running
         normaliser) restarts at every document, so it runs document by document."""
         if cu_seqlens is None or not self.decay.position_dependent:
-            return self.decay(z, mask=mask, lower_bound=lower_bound, normaliser=normaliser, device=device)
+            kernel = softplus_decay if z is not None and use_fused_kernels(z) else None
+            return self.decay(z, mask=mask, lower_bound=lower_bound, normaliser=normaliser, device=device,
+                              softplus_kernel=kernel)
         flat = z.reshape(1, -1, z.shape[-1])
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
         pieces = [self.decay(piece, lower_bound=lower_bound, device=device)[0] for piece in flat.split(lengths, dim=1)]

@@ -39,6 +39,36 @@ def perturbed_model(config, seed=0, scale=0.3):
     return model
 
 
+def assert_fused_kernel_matches_torch(monkeypatch, config, kernel_name, seed=5):
+    """LINEAR_DECAY_BACKEND=triton sends the model's calls of `kernel_name` (a fused kernel the modeling module calls,
+    e.g. "swiglu") through the kernel — counted: once per layer, none under "torch" — and gives the torch backend's
+    logits and gradients. The recurrence under "triton" is pinned to the torch path so that only the fused pieces
+    differ between the two runs."""
+    import linear_decay.modeling_linear_decay as modeling
+    from linear_decay.recurrence_linear_decay import BACKENDS, chunked_recurrence
+
+    monkeypatch.setitem(BACKENDS, "triton", chunked_recurrence)
+    kernel, calls = getattr(modeling, kernel_name), []
+    monkeypatch.setattr(modeling, kernel_name, lambda *args: calls.append(1) or kernel(*args))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = perturbed_model(config).to(device)
+    ids = torch.randint(0, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(seed)).to(device)
+    results = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("LINEAR_DECAY_BACKEND", backend)
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, labels=ids, use_cache=False)
+        out.loss.backward()
+        results[backend] = out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                  if p.grad is not None}
+        assert len(calls) == (config.num_hidden_layers if backend == "triton" else 0)
+    (logits_torch, grads_torch), (logits_triton, grads_triton) = results["torch"], results["triton"]
+    assert relative_error(logits_triton, logits_torch) <= 1e-5
+    assert grads_triton.keys() == grads_torch.keys()
+    bad = {n: relative_error(grads_triton[n], grads_torch[n]) for n in grads_torch}
+    assert all(error <= 1e-4 for error in bad.values()), bad
+
+
 def relative_error(actual, expected):
     actual, expected = actual.detach().double(), expected.detach().double()
     return float((actual - expected).norm() / expected.norm().clamp(min=1e-12))

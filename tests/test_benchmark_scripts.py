@@ -49,8 +49,23 @@ def test_model_benchmark_profile_and_overrides(tmp_path, monkeypatch):
     rows = json.loads(out.read_text())
     profiles = [r for r in rows if r["section"] == "profile"]
     assert [r["model"] for r in profiles] == ["ours simple:scalar", "llama sdpa"]
-    assert all(r["top"] and all(t["self_device_ms"] > 0 for t in r["top"][:3]) for r in profiles)
+    assert all(r["top"] and all(t["self_cpu_ms"] > 0 for t in r["top"][:3]) for r in profiles)  # host-sorted on CPU
     assert chunked_calls  # our model trained with the chunked loss; the Llama has no such field
+    for row in (r for r in rows if r["section"] == "train"):
+        assert 0 < row["issue_ms"] <= row["step_ms"]  # the host's share of the step (all of it on CPU)
+
+
+def test_model_benchmark_decay_ab_switches(tmp_path, monkeypatch):
+    """--unfused-decay takes the fused decay kernel out of our models (the A/B of gpu_checks.sh decay_ab) and
+    --no-llama leaves the reference out."""
+    import linear_decay.modeling_linear_decay as modeling
+
+    monkeypatch.setattr(modeling, "softplus_decay", modeling.softplus_decay)  # restored after the test
+    out = tmp_path / "rows.json"
+    assert load("model").main(["--device", "cpu", "--quick", "--sections", "train", "--decays", "mamba2:vector",
+                               "--no-llama", "--unfused-decay", "--json", str(out)]) == 0
+    assert modeling.softplus_decay is None
+    assert {r["model"] for r in json.loads(out.read_text())} == {"ours mamba2:vector"}
 
 
 # Vector decay's factorised scores compute the entries above the diagonal too and discard them; at spans up to 120

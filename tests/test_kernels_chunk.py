@@ -324,6 +324,21 @@ def test_walks_in_segments(kind, packed):
     assert_close(actual, expected, names, tolerance=5e-5)
 
 
+@pytest.mark.parametrize("segment_chunks", [1, 2, 100])
+def test_forced_segment_lengths(segment_chunks, monkeypatch):
+    """SEGMENT_CHUNKS (what tune_chunk_kernels.py --segment-chunks sweeps) overrides `_segment_plan`'s rule for every
+    walk: segments of one chunk, of two (the last one short) or longer than the sequence (one whole walk) all give
+    the naive recurrence's outputs and gradients."""
+    monkeypatch.setattr(kernels, "SEGMENT_CHUNKS", segment_chunks)
+    length = 3 * CHUNK + 7
+    assert kernels._segment_plan(64, 4, torch.device("cpu")) == (-(-4 // min(segment_chunks, 4)),
+                                                                  min(segment_chunks, 4))
+    inputs = make_inputs("vector", 2, length, 2, 16, 24, seed=21)
+    actual = outputs_and_grads(triton_chunked_recurrence, inputs, scale=0.5)
+    expected = outputs_and_grads(naive_recurrence, inputs, scale=0.5)
+    assert_close(actual, expected, NAMES, tolerance=5e-5)
+
+
 @pytest.mark.parametrize("value_loop", [True, False], ids=["value-loop", "value-parts"])
 @pytest.mark.parametrize("kind", ["scalar", "static", "none", "vector"])
 def test_gradients_without_decay_gradient(kind, value_loop, monkeypatch):

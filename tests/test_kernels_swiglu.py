@@ -7,11 +7,9 @@ import torch
 
 pytest.importorskip("triton")
 
-import linear_decay.modeling_linear_decay as modeling  # noqa: E402
 from linear_decay.kernels_swiglu_linear_decay import BLOCK, swiglu, swiglu_reference  # noqa: E402
-from linear_decay.recurrence_linear_decay import BACKENDS, chunked_recurrence  # noqa: E402
 
-from conftest import perturbed_model, relative_error, tiny_config  # noqa: E402
+from conftest import assert_fused_kernel_matches_torch, relative_error, tiny_config  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -58,23 +56,4 @@ def test_mismatched_shapes_are_an_error():
 def test_model_mlps_run_on_the_kernel(monkeypatch):
     """LINEAR_DECAY_BACKEND=triton sends every block's SwiGLU through the kernel (counted) and gives the torch
     backend's logits and gradients (the recurrence pinned to the torch path so that only the fused pieces differ)."""
-    monkeypatch.setitem(BACKENDS, "triton", chunked_recurrence)
-    calls = []
-    monkeypatch.setattr(modeling, "swiglu", lambda *args: calls.append(1) or swiglu(*args))
-    config = tiny_config(decay_type="hgrn2")
-    model = perturbed_model(config).to(DEVICE)
-    ids = torch.randint(0, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(5)).to(DEVICE)
-    results = {}
-    for backend in ("torch", "triton"):
-        monkeypatch.setenv("LINEAR_DECAY_BACKEND", backend)
-        model.zero_grad(set_to_none=True)
-        out = model(input_ids=ids, labels=ids, use_cache=False)
-        out.loss.backward()
-        results[backend] = out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
-                                                  if p.grad is not None}
-        assert len(calls) == (config.num_hidden_layers if backend == "triton" else 0)
-    (logits_torch, grads_torch), (logits_triton, grads_triton) = results["torch"], results["triton"]
-    assert relative_error(logits_triton, logits_torch) <= 1e-5
-    assert grads_triton.keys() == grads_torch.keys()
-    bad = {n: relative_error(grads_triton[n], grads_torch[n]) for n in grads_torch}
-    assert all(error <= 1e-4 for error in bad.values()), bad
+    assert_fused_kernel_matches_torch(monkeypatch, tiny_config(decay_type="hgrn2"), "swiglu")
