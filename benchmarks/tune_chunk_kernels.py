@@ -26,9 +26,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from linear_decay import kernels_chunk_linear_decay as kernels  # noqa: E402
 from linear_decay.recurrence_linear_decay import chunked_recurrence  # noqa: E402
+from bench_kernels import static_log_decay  # noqa: E402
 
 KERNELS = {"states": "_chunk_states_kernel", "output": "_chunk_output_kernel",
            "state_grads": "_chunk_state_grads_kernel", "dq": "_chunk_dq_kernel",
@@ -123,9 +125,8 @@ def make_inputs(kind, batch, length, heads, dim, seed=0):
     q = F.silu(torch.randn(batch, length, heads, dim, device="cuda")).bfloat16().requires_grad_()
     k = F.silu(torch.randn(batch, length, heads, dim, device="cuda")).bfloat16().requires_grad_()
     v = torch.randn(batch, length, heads, dim, device="cuda").bfloat16().requires_grad_()
-    if kind == "static":  # bench_kernels.py's TNL-like per-head decay, without a gradient (as tnl)
-        exponent = 5.0 + torch.arange(heads, dtype=torch.float64, device="cuda")
-        return q, k, v, torch.log1p(-torch.exp2(-exponent)).float()
+    if kind == "static":  # the benchmark's TNL-like per-head decay, without a gradient (as tnl)
+        return q, k, v, static_log_decay(heads, "cuda")
     shape = (batch, length, heads, dim) if kind == "vector" else (batch, length, heads)
     g = (F.logsigmoid(torch.randn(shape, device="cuda")) / 16).requires_grad_()
     return q, k, v, g
