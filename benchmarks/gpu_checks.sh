@@ -13,6 +13,9 @@
 #        1x16384x16x64, each setting checked against the fp32 reference and timed per kernel.
 #   PLAN compare: the training profile at B=1, T=16384, then ours against FLA and SDPA shape by shape (carry .whl and
 #        .triton-autotune: FLA's tuning of the three shapes does not fit one call from scratch).
+#   Step host: the host (CPU) cost per call of each piece (benchmarks/host_overhead.py) and of a whole training step
+#        at 1x64 tokens, where every model is host-bound (benchmarks/model.py --train-shapes 1x64), with the
+#        backward on autograd's device thread (the default) and on the calling thread (--single-thread-backward).
 #   PLAN may also be a comma list of step names (see run_step), e.g. gpu_tests,model_train,bench_fla1.
 set -u
 LOGS=${1:?usage: gpu_checks.sh LOGS [SECONDS] [kernels|diagnose|model|model-profile|tune|compare|STEP,STEP...]}
@@ -72,6 +75,8 @@ run_step() {  # the steps a plan is made of, by name
     segments_*) local shape=${1#segments_}; step "$1" 150 python3 benchmarks/tune_chunk_kernels.py \
       --shape "${shape//x/,}" --kinds static,scalar,vector --segment-chunks auto,4,8,16,32,64,1000000;;
     model_train) step model_train 180 python3 benchmarks/model.py --sections train --json "$WORK/model_train.json";;
+    model_train_caller_thread) step model_train_caller_thread 180 python3 benchmarks/model.py --sections train \
+      --single-thread-backward --json "$WORK/model_train_caller_thread.json";;
     model_train_compiled) step model_train_compiled 240 python3 benchmarks/model.py --sections train --compile \
       --json "$WORK/model_train_compiled.json";;
     model_generate) step model_generate 100 python3 benchmarks/model.py --sections generate \
@@ -88,9 +93,16 @@ run_step() {  # the steps a plan is made of, by name
       --train-shapes 1x16384 --decays mamba2:vector --profile-sort cpu --json "$WORK/model_profile_host.json";;
     model_tests) step model_tests 150 python3 -m pytest tests/test_kernels_decay.py tests/test_kernels_gpu.py -q -rP \
       -n 14 -p no:cacheprovider -k "decay or model or compile or graph";;
+    host) step host_pieces 90 python3 benchmarks/host_overhead.py --json "$WORK/host_pieces.json"
+      step host_steps 150 python3 benchmarks/model.py --sections train --train-shapes 1x64 \
+        --json "$WORK/host_steps.json"
+      step host_steps_caller_thread 150 python3 benchmarks/model.py --sections train --train-shapes 1x64 \
+        --single-thread-backward --json "$WORK/host_steps_caller_thread.json";;
+    host_pieces) step host_pieces 90 python3 benchmarks/host_overhead.py --json "$WORK/host_pieces.json";;
     decay_ab) for fused in "" --unfused-decay; do
         step "decay_ab${fused}" 70 python3 benchmarks/model.py --sections train --train-shapes 8x2048 --no-llama \
-          $fused --decays gla:vector,simple:scalar,mamba2:vector --json "$WORK/decay_ab${fused}.json"
+          --single-thread-backward $fused --decays gla:vector,simple:scalar,mamba2:vector \
+          --json "$WORK/decay_ab${fused}.json"
       done;;
     *) echo "unknown step $1"; exit 2;;
   esac

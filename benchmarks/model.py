@@ -6,6 +6,9 @@ Sections (`--sections`, default all):
             (`--train-shapes`), and the peak memory; each model built fresh, 2 warm-up steps, the median of 5 timed.
             `--compile` runs every model (ours and the Llama alike) under torch.compile, as the HF Trainer's
             `torch_compile=True` does: fewer launches and Python per step for both.
+            `--single-thread-backward` runs every model's backward on the calling thread instead of autograd's CUDA
+            device thread (`torch.autograd.set_multithreading_enabled(False)`); the hand-off to that thread makes
+            the host's share of an eager step slower (BENCHMARKS.md, seventh session).
   generate  generate() tokens/s (new tokens / wall time, greedy, exactly `--new-tokens` new tokens) and peak memory at
             batch 16 with a 2048-token and a 32768-token random prompt (`--prompts`); both models with transformers'
             chunked prefill of `--prefill-chunk` tokens (0: one prefill call).
@@ -117,7 +120,8 @@ def training_setup(args, builder, batch, length):
 def section_train(args, rows):
     for name, builder in models(args):
         for batch, length in args.train_shapes:
-            row = dict(section="train", model=name, batch=batch, length=length, compiled=args.compile)
+            row = dict(section="train", model=name, batch=batch, length=length, compiled=args.compile,
+                       autograd_multithreading=torch._C._is_multithreading_enabled())
             model = step = None
             try:
                 model, step = training_setup(args, builder, batch, length)
@@ -287,6 +291,9 @@ def parse_args(argv):
                         help="BxT of the train section, comma separated (default 8x2048,1x16384; --quick: 2x64,1x130); "
                              "the profile section takes the first")
     parser.add_argument("--no-llama", action="store_true", help="our models only (no reference row, no ratios)")
+    parser.add_argument("--single-thread-backward", action="store_true",
+                        help="every model's backward on the calling thread (torch.autograd.set_multithreading_enabled"
+                             "(False)) instead of autograd's device thread")
     parser.add_argument("--unfused-decay", action="store_true",
                         help="our decay units in PyTorch (log_decay) instead of the fused softplus kernel: an A/B")
     parser.add_argument("--profile-sort", default="device", choices=("device", "cpu"),
@@ -322,9 +329,11 @@ def main(argv=None):
 
         modeling.softplus_decay = None
     rows = []
-    for section in args.sections.split(","):
-        {"train": section_train, "generate": section_generate, "profile": section_profile,
-         "cold": section_cold}[section](args, rows)
+    # thread-local: this thread's backward calls, for every model alike; the previous setting is restored after
+    with torch.autograd.set_multithreading_enabled(not args.single_thread_backward):
+        for section in args.sections.split(","):
+            {"train": section_train, "generate": section_generate, "profile": section_profile,
+             "cold": section_cold}[section](args, rows)
     print_table(args, rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

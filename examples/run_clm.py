@@ -69,6 +69,10 @@ class ModelArguments:
     tokenizer_name: str | None = field(
         default=None, metadata={"help": "Tokenizer; default: the checkpoint's, or the bundled 8192-token BPE."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Load a checkpoint's own code (auto_map)."})
+    autograd_multithreading: bool = field(
+        default=False, metadata={"help": "Run the backward on autograd's per-device threads (PyTorch's default) "
+                                         "instead of the calling thread, which makes eager GPU steps faster "
+                                         "(BENCHMARKS.md, seventh session)."})
 
 
 @dataclass
@@ -317,7 +321,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Tra
                                  processing_class=tokenizer)
     metrics = {}
     if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=resume)
+        # thread-local, for this (the Trainer's) thread, restored after training
+        with torch.autograd.set_multithreading_enabled(model_args.autograd_multithreading):
+            result = trainer.train(resume_from_checkpoint=resume)
         metrics.update(result.metrics)
         model.config.use_cache = True  # Trainer switches it off for training; decoding wants the recurrent cache
         model.generation_config.use_cache = True

@@ -46,6 +46,8 @@ import os
 
 import torch
 
+from .kernels_host_linear_decay import cdiv, next_power_of_2, sm_count
+
 try:
     import triton
     import triton.language as tl
@@ -946,7 +948,7 @@ def _chunk_layout(cu_seqlens, batch, length, device):
             return _make_regular_layout(batch, length, device)  # a graph's private memory is not for keeping
         return _regular_layout(batch, length, device)
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    counts = [triton.cdiv(n, CHUNK) for n in lengths]
+    counts = [cdiv(n, CHUNK) for n in lengths]
     starts = cu_seqlens[:-1].tolist()
     chunk_offsets = torch.tensor([0] + counts, dtype=torch.int64).cumsum(0).to(device=device, dtype=torch.int32)
     chunk_seq = torch.tensor([s for s, count in enumerate(counts) for _ in range(count)], dtype=torch.int32)
@@ -958,7 +960,7 @@ def _chunk_layout(cu_seqlens, batch, length, device):
 def _make_regular_layout(batch, length, device):
     """`_chunk_layout` of B sequences of T tokens."""
     with torch.inference_mode(False):  # ordinary tensors even when first made under inference mode (they are kept)
-        per_sequence = triton.cdiv(length, CHUNK)
+        per_sequence = cdiv(length, CHUNK)
         cu_seqlens = torch.arange(0, batch + 1, device=device, dtype=torch.int32) * length
         chunk_offsets = torch.arange(0, batch + 1, device=device, dtype=torch.int32) * per_sequence
         chunk_seq = torch.arange(batch, device=device, dtype=torch.int32).repeat_interleave(per_sequence)
@@ -995,7 +997,7 @@ class _ChunkedRecurrence(torch.autograd.Function):
         del b  # the per-chunk kernels read the paths only
         dot_dtype, precision = _dot_settings(q.dtype)
         block_v, launch = _launch("output", value_dim, decay)
-        grid = (triton.cdiv(value_dim, block_v), layout[2].numel(), heads)
+        grid = (cdiv(value_dim, block_v), layout[2].numel(), heads)
         # vector decay's halves and sub-chunk walks carry the state through a slot per program: when the states are
         # kept for a backward, a scratch of their shape (freed after this kernel), else their own slots. One step
         # per chunk (every other kind) carries nothing.
@@ -1032,7 +1034,7 @@ class _ChunkedRecurrence(torch.autograd.Function):
         final_grad = final_grad.float().contiguous() if final_grad is not None else None
         block_v, launch = _launch("state_grads", value_dim, decay)
         block_k_split = min(block_k, STATE_KEY_BLOCK)
-        blocks = (triton.cdiv(key_dim, block_k_split), triton.cdiv(value_dim, block_v))
+        blocks = (cdiv(key_dim, block_k_split), cdiv(value_dim, block_v))
 
         def state_grads_walk(walk, segments, segment_chunks, segment_state, segment_decay):
             _chunk_state_grads_kernel[(*blocks, num_sequences * heads * segments)](
@@ -1054,7 +1056,7 @@ class _ChunkedRecurrence(torch.autograd.Function):
                   and dk_launch["VALUE_LOOP"])
         # dk and dv first: their walks carry the state gradient through its own slots, which then serve the dq walks'
         # carried state, so that the kept chunk states are read only (a second backward reads them again)
-        value_blocks = 1 if dk_launch["VALUE_LOOP"] else triton.cdiv(value_dim, dk_block_v)
+        value_blocks = 1 if dk_launch["VALUE_LOOP"] else cdiv(value_dim, dk_block_v)
         parts = (torch.empty_like(k) if direct else
                  k.new_empty(value_blocks, batch, length, heads, key_dim, dtype=torch.float32))
         dv = torch.empty_like(v)
@@ -1063,7 +1065,7 @@ class _ChunkedRecurrence(torch.autograd.Function):
             heads, key_dim, value_dim, block_k, dk_block_v, CHUNK, sub_chunk, decay, dot_dtype, precision, **dk_launch)
         # dk's parts summed now (fp32), so that dq's parts reuse their buffer: the backward's peak holds one set
         dk_parts, spare = (parts.sum(0, keepdim=True), parts) if value_blocks > 1 else (parts, None)
-        value_blocks = 1 if dq_launch["VALUE_LOOP"] else triton.cdiv(value_dim, dq_block_v)
+        value_blocks = 1 if dq_launch["VALUE_LOOP"] else cdiv(value_dim, dq_block_v)
         if direct:
             dq_parts = torch.empty_like(q)
         elif spare is not None and spare.shape[0] >= value_blocks:
@@ -1112,12 +1114,12 @@ class _ChunkedRecurrence(torch.autograd.Function):
 def _multiprocessors(device):
     """The GPU's SM count; under TRITON_INTERPRET (CPU tensors) 8, so that the CPU tests with one or two sequences
     and heads take the segmented paths meant for few programs (`_segment_plan`)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    return sm_count(device, cpu_value=8)
 
 
 def _longest_chunks(layout, batch, length):
     """Chunks of the longest sequence; for packed sequences their total, a bound that needs no device sync."""
-    return triton.cdiv(length, CHUNK) if layout[0].numel() - 1 == batch else layout[2].numel()
+    return cdiv(length, CHUNK) if layout[0].numel() - 1 == batch else layout[2].numel()
 
 
 def _segment_plan(programs, max_chunks, device):
@@ -1127,12 +1129,12 @@ def _segment_plan(programs, max_chunks, device):
     sequence of 16 heads: 16 segments of 16 chunks instead of 16 walks of 256 chunks."""
     if SEGMENT_CHUNKS is not None:  # forced (benchmarks/tune_chunk_kernels.py --segment-chunks)
         segment_chunks = max(1, min(SEGMENT_CHUNKS, max_chunks))
-        return triton.cdiv(max(max_chunks, 1), segment_chunks), segment_chunks
+        return cdiv(max(max_chunks, 1), segment_chunks), segment_chunks
     sms = _multiprocessors(device)
     if 2 * programs >= sms or max_chunks < 2:
         return 1, max(max_chunks, 1)
-    segment_chunks = triton.cdiv(max_chunks, min(max_chunks, triton.cdiv(2 * sms, programs)))
-    return triton.cdiv(max_chunks, segment_chunks), segment_chunks
+    segment_chunks = cdiv(max_chunks, min(max_chunks, cdiv(2 * sms, programs)))
+    return cdiv(max_chunks, segment_chunks), segment_chunks
 
 
 def _state_walk(launch_walk, blocks, block_k, block_v, num_sequences, heads, max_chunks, key_dim, value_dim, decay,
@@ -1159,7 +1161,7 @@ def _state_walk(launch_walk, blocks, block_k, block_v, num_sequences, heads, max
 
 
 def _key_block(key_dim):
-    return max(16, triton.next_power_of_2(key_dim))
+    return max(16, next_power_of_2(key_dim))
 
 
 # Launch settings per kernel and decay kind: value block (capped by the head dim), warps, pipeline stages, and for
@@ -1188,7 +1190,7 @@ SEGMENT_CHUNKS = None  # None: `_segment_plan`'s rule; a number: segments of tha
 def _launch(kernel, value_dim, decay):
     """(value block, launch kwargs) of one kernel."""
     settings = {**TUNING[kernel], **TUNING_OVERRIDES.get((kernel, decay), {})}
-    block_v = min(settings.pop("block_v"), max(16, triton.next_power_of_2(value_dim)))
+    block_v = min(settings.pop("block_v"), max(16, next_power_of_2(value_dim)))
     return block_v, settings
 
 
@@ -1222,7 +1224,7 @@ def _forward_states(k, v, b, initial, layout, decay, heads, key_dim, value_dim, 
              else None)
     block_v, launch = _launch("states", value_dim, decay)
     block_k = min(_key_block(key_dim), STATE_KEY_BLOCK)
-    blocks = (triton.cdiv(key_dim, block_k), triton.cdiv(value_dim, block_v))
+    blocks = (cdiv(key_dim, block_k), cdiv(value_dim, block_v))
 
     def states_walk(walk, segments, segment_chunks, segment_state, segment_decay):
         _chunk_states_kernel[(*blocks, num_sequences * heads * segments)](

@@ -11,7 +11,9 @@ column sums for c and b) on fp32 [B, T, D] tensors; here the forward reads z onc
 z and ∂L/∂log λ once, writes ∂L/∂z in z's dtype and per-program column sums for c and b. On the H200 the 410m mamba2
 model's training step measured 154 ms without and 126 ms with it at 8×2048 (two calls, BENCHMARKS.md sixth session).
 gla and simple (logsigmoid, two or three elementwise kernels each) stay in PyTorch: fused the same way (−softplus(−x))
-they measured slower in that call, not yet separated from run-to-run variation (benchmarks/gpu_checks.sh decay_ab).
+they measured slower in two sessions' whole-model runs (BENCHMARKS.md sixth and seventh sessions). Their steps are
+host-bound, and an autograd function's Python (about 0.65 ms forward + backward on the H200 machine's host at 1×64
+tokens) costs more host time than the two or three torch ops it would replace; mamba2's twelve do not.
 No `tl.dot`: fp32 / fp16 / bf16 z all run on CPU under TRITON_INTERPRET=1.
 """
 
@@ -23,6 +25,8 @@ except ImportError as error:  # CPU-only torch ships without Triton: the PyTorch
 
 import torch
 from torch.autograd.function import once_differentiable
+
+from .kernels_host_linear_decay import cdiv, next_power_of_2, sm_count
 
 TILE = 2048  # elements of one [rows, channels] tile: 16 per thread at 4 warps (71-116 registers on sm_90, no spills)
 PROGRAMS_PER_SM = 4  # backward: programs that loop over rows, each writing one partial column sum per parameter
@@ -97,12 +101,8 @@ def _softplus_decay_backward_kernel(z_ptr, coefficient_ptr, bias_ptr, grad_ptr, 
 
 
 def _blocks(width):
-    block_w = min(triton.next_power_of_2(width), 128)
+    block_w = min(next_power_of_2(width), 128)
     return max(TILE // block_w, 1), block_w
-
-
-def _multiprocessors(device):
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 class SoftplusDecayFunction(torch.autograd.Function):
@@ -119,7 +119,7 @@ class SoftplusDecayFunction(torch.autograd.Function):
         log_decay = torch.empty(rows, width, device=z.device, dtype=torch.float32)
         block_rows, block_w = _blocks(width)
         if log_decay.numel():
-            _softplus_decay_forward_kernel[(triton.cdiv(rows, block_rows), triton.cdiv(width, block_w))](
+            _softplus_decay_forward_kernel[(cdiv(rows, block_rows), cdiv(width, block_w))](
                 z_rows, coefficient if coefficient is not None else z_rows, bias if bias is not None else z_rows,
                 log_decay, rows, width, coefficient is not None, bias is not None, block_rows, block_w,
                 num_warps=4)
@@ -135,14 +135,15 @@ class SoftplusDecayFunction(torch.autograd.Function):
         grad = grad.reshape(rows, width).float().contiguous()
         grad_z = torch.empty_like(z_rows)
         block_rows, block_w = _blocks(width)
-        column_blocks = triton.cdiv(width, block_w)
-        programs = max(min(triton.cdiv(rows, block_rows),
-                           PROGRAMS_PER_SM * _multiprocessors(z_rows.device) // column_blocks), 1)
-        rows_per_program = triton.cdiv(triton.cdiv(rows, programs), block_rows) * block_rows
-        programs = max(triton.cdiv(rows, rows_per_program), 1)
-        bias_partial = z_rows.new_zeros(programs, width, dtype=torch.float32) if bias is not None else None
-        coefficient_partial = (z_rows.new_zeros(programs, width, dtype=torch.float32) if coefficient is not None
-                               else None)
+        column_blocks = cdiv(width, block_w)
+        programs = max(min(cdiv(rows, block_rows),
+                           PROGRAMS_PER_SM * sm_count(z_rows.device, cpu_value=1) // column_blocks), 1)
+        rows_per_program = max(cdiv(cdiv(rows, programs), block_rows), 1) * block_rows
+        programs = max(cdiv(rows, rows_per_program), 1)
+        # every launched program writes its partial rows (zeros where it has no rows)
+        partial = z_rows.new_empty if grad_z.numel() else z_rows.new_zeros
+        bias_partial = partial(programs, width, dtype=torch.float32) if bias is not None else None
+        coefficient_partial = partial(programs, width, dtype=torch.float32) if coefficient is not None else None
         if grad_z.numel():
             _softplus_decay_backward_kernel[(programs, column_blocks)](
                 z_rows, coefficient if coefficient is not None else z_rows, bias if bias is not None else z_rows,

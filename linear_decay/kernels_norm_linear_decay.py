@@ -26,6 +26,8 @@ except ImportError as error:  # CPU-only torch ships without Triton: the PyTorch
 import torch
 from torch.autograd.function import once_differentiable
 
+from .kernels_host_linear_decay import cdiv, next_power_of_2, sm_count
+
 MAX_HIDDEN_SIZE = 65536  # one row sits in one program's registers / local memory
 # Backward programs on the GPU (a few per SM: enough parallelism, few weight-gradient partials to sum).
 BACKWARD_PROGRAMS_PER_SM = 4
@@ -130,14 +132,14 @@ def _rows(x, hidden):
 
 
 def _launch_options(hidden):
-    block = triton.next_power_of_2(hidden)
+    block = next_power_of_2(hidden)
     return dict(BLOCK=block, num_warps=min(max(block // 256, 1), 16))
 
 
 def _backward_programs(rows, device):
-    if device.type == "cuda":
-        return min(rows, BACKWARD_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count)
-    return min(rows, 4)  # the interpreter (CPU tensors): few programs, each a loop over its rows
+    if device.type != "cuda":
+        return min(rows, 4)  # the interpreter (CPU tensors): few programs, each a loop over its rows
+    return min(rows, BACKWARD_PROGRAMS_PER_SM * sm_count(device, cpu_value=None))
 
 
 class GatedRMSNormFunction(torch.autograd.Function):
@@ -184,8 +186,10 @@ class GatedRMSNormFunction(torch.autograd.Function):
         grad_o = torch.empty(rows, hidden, device=o_rows.device, dtype=o_dtype)
         grad_gate = torch.empty(rows, hidden, device=o_rows.device, dtype=gate_dtype) if has_gate else grad_o
         programs = max(_backward_programs(rows, o_rows.device), 1)
-        rows_per_program = triton.cdiv(rows, programs)
-        grad_weight_partial = torch.zeros(programs, hidden, device=o_rows.device, dtype=torch.float32)
+        rows_per_program = cdiv(rows, programs)
+        # every launched program writes its partial row (zeros where it has no rows)
+        grad_weight_partial = (torch.empty if rows else torch.zeros)(programs, hidden, device=o_rows.device,
+                                                                     dtype=torch.float32)
         if rows:
             gate_or_placeholder = gate_rows if has_gate else o_rows
             _gated_rms_norm_backward_kernel[(programs,)](

@@ -32,6 +32,8 @@ except ImportError as error:  # CPU-only torch ships without Triton: the PyTorch
 
 import torch
 
+from .kernels_host_linear_decay import cdiv, next_power_of_2
+
 MAX_HEAD_DIM = 256
 # fp32 state elements one program keeps in registers, 32 per thread (K=128 -> BV=64 at 8 warps: 64 registers a
 # thread for sm_90, no spills; 64 elements a thread spilled).
@@ -138,8 +140,8 @@ def _decay_kind(log_decay, batch, length, heads, key_dim):
 
 def _value_block(batch_heads, key_block, value_dim):
     """Value channels per program: the state tile fits STATE_TILE_ELEMENTS, and small batches get more programs."""
-    block = min(triton.next_power_of_2(value_dim), max(16, STATE_TILE_ELEMENTS // key_block), 64)
-    while block > 16 and batch_heads * triton.cdiv(value_dim, block) < MIN_PROGRAMS:
+    block = min(next_power_of_2(value_dim), max(16, STATE_TILE_ELEMENTS // key_block), 64)
+    while block > 16 and batch_heads * cdiv(value_dim, block) < MIN_PROGRAMS:
         block //= 2
     return block
 
@@ -177,9 +179,9 @@ def triton_fused_recurrent(q, k, v, log_decay=None, scale=1.0, initial_state=Non
             state.zero_()
         return o, state if output_final_state else None
 
-    block_k = max(16, triton.next_power_of_2(key_dim))
+    block_k = max(16, next_power_of_2(key_dim))
     block_v = _value_block(batch * heads, block_k, value_dim)
-    grid = (batch * heads, triton.cdiv(value_dim, block_v))
+    grid = (batch * heads, cdiv(value_dim, block_v))
     _fused_recurrent_kernel[grid](
         q, k, v, log_decay, state, o,
         length, heads, float(scale),

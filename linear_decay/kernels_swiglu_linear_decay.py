@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .kernels_host_linear_decay import cdiv
+
 BLOCK = 1024  # elements per program
 
 
@@ -59,7 +61,7 @@ class SwiGLUFunction(torch.autograd.Function):
         y = torch.empty(gate.shape, device=gate.device, dtype=torch.promote_types(gate.dtype, up.dtype))
         n = y.numel()
         if n:
-            _swiglu_forward_kernel[(triton.cdiv(n, BLOCK),)](gate, up, y, n, BLOCK=BLOCK, num_warps=4)
+            _swiglu_forward_kernel[(cdiv(n, BLOCK),)](gate, up, y, n, BLOCK=BLOCK, num_warps=4)
         ctx.save_for_backward(gate, up)
         return y
 
@@ -71,7 +73,7 @@ class SwiGLUFunction(torch.autograd.Function):
         grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
         n = gate.numel()
         if n:
-            _swiglu_backward_kernel[(triton.cdiv(n, BLOCK),)](gate, up, grad_y, grad_gate, grad_up, n, BLOCK=BLOCK,
+            _swiglu_backward_kernel[(cdiv(n, BLOCK),)](gate, up, grad_y, grad_gate, grad_up, n, BLOCK=BLOCK,
                                                               num_warps=4)
         return grad_gate, grad_up
 

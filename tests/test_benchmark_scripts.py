@@ -68,6 +68,23 @@ def test_model_benchmark_decay_ab_switches(tmp_path, monkeypatch):
     assert {r["model"] for r in json.loads(out.read_text())} == {"ours mamba2:vector"}
 
 
+def test_model_benchmark_backward_thread_switch(tmp_path):
+    """--single-thread-backward runs every model's backward on the calling thread (recorded per row from autograd's
+    own setting during the run) and leaves the thread's setting as it found it."""
+    import torch
+
+    out = tmp_path / "rows.json"
+    assert torch._C._is_multithreading_enabled()
+    assert load("model").main(["--device", "cpu", "--quick", "--sections", "train", "--decays", "simple:scalar",
+                               "--single-thread-backward", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["autograd_multithreading"] for r in rows] == [False] * 4  # ours and the Llama, two shapes each
+    assert torch._C._is_multithreading_enabled()
+    assert load("model").main(["--device", "cpu", "--quick", "--sections", "train", "--decays", "simple:scalar",
+                               "--no-llama", "--json", str(out)]) == 0
+    assert [r["autograd_multithreading"] for r in json.loads(out.read_text())] == [True] * 2
+
+
 # Vector decay's factorised scores compute the entries above the diagonal too and discard them; at spans up to 120
 # (the "centred" and "halves" decays) those overflow (inf, and inf − inf), which numpy's matmul reports.
 @pytest.mark.filterwarnings("ignore:overflow encountered in matmul:RuntimeWarning",
@@ -76,3 +93,20 @@ def test_chunk_kernel_diagnosis_passes_under_the_interpreter():
     pytest.importorskip("triton")
     diagnose = load("diagnose_chunk_kernels")
     assert diagnose.main(["--cpu", "--length", "70", "--dims", "16", "--warps", "4"]) == 0
+
+
+def test_host_overhead_benchmark_runs_on_cpu(tmp_path):
+    """benchmarks/host_overhead.py's pieces, blocks and profiles (the kernels under the interpreter): every row timed,
+    each block also with the calling-thread backward, and the autograd functions unwrapped after --block-profile."""
+    from linear_decay.kernels_norm_linear_decay import GatedRMSNormFunction
+
+    forward, backward = GatedRMSNormFunction.forward, GatedRMSNormFunction.backward
+    out = tmp_path / "host.json"
+    rows = load("host_overhead").main(["--device", "cpu", "--quick", "--calls", "1", "--block-profile", "--json", str(out)])
+    pieces = [row["piece"] for row in rows]
+    assert pieces == [row["piece"] for row in json.loads(out.read_text())]
+    assert all(row["wall_us"] > 0 and row["issued_us"] > 0 for row in rows)
+    for block in ("block mamba2:vector fwd+bwd", "block simple:scalar fwd+bwd", "Llama decoder layer fwd+bwd"):
+        assert block in pieces and block + ", caller-thread backward" in pieces
+    assert "recurrence vector fwd+bwd" in pieces and "softplus_decay fwd+bwd" in pieces
+    assert (GatedRMSNormFunction.forward, GatedRMSNormFunction.backward) == (forward, backward)

@@ -117,6 +117,27 @@ def test_document_boundaries_restart_positions_after_every_eos(small_corpus, tmp
         assert labels[offset] == (-100 if offset in starts or offset == 0 else ids[offset])
 
 
+def test_training_runs_the_backward_on_the_calling_thread(small_corpus, tmp_path, monkeypatch):
+    """The Trainer's backward runs with autograd's multithreading off (the calling thread) unless
+    --autograd_multithreading; the thread's own setting is back afterwards."""
+    seen = []
+    original = run_clm.Trainer.training_step
+
+    def training_step(self, *args, **kwargs):
+        seen.append(torch._C._is_multithreading_enabled())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(run_clm.Trainer, "training_step", training_step)
+    corpus, _ = small_corpus
+    for flag, expected in (((), False), (("--autograd_multithreading",), True)):
+        seen.clear()
+        run_clm.main(common_args(tmp_path / f"run{expected}", corpus, "--do_train", "--max_steps", "2",
+                                 "--block_size", "64", "--validation_split_percentage", "0", "--save_strategy", "no",
+                                 "--config_overrides", SMALL_MODEL, *flag))
+        assert seen == [expected, expected]
+        assert torch._C._is_multithreading_enabled()
+
+
 def test_training_with_document_boundaries_feeds_the_restarts_to_the_model(small_corpus, tmp_path):
     """Two Trainer steps with --document_boundaries; the batches the Trainer collates carry the position_ids, and
     with them the model's loss on a block that holds a boundary is the loss of the documents run apart."""
