@@ -690,32 +690,31 @@ class LinearDecayModel(LinearDecayPreTrainedModel):
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Σ_t CE(h_t Wᵀ, y_t) / divisor over rows with y_t ≠ -100, `chunk` rows at a time: each chunk's logits (fp32
     softmax) exist only inside the loop, and the gradients to h and W are formed there too (∂CE/∂logits =
-    softmax − onehot), so nothing of size [N, vocab] is kept for the backward pass."""
+    softmax − onehot), so nothing of size [N, vocab] is kept for the backward pass. Ignored rows are computed and
+    zeroed rather than skipped or gathered out, and the divisor stays a tensor: the loss makes no host-device
+    synchronisation, so the host can queue the backward while the GPU still runs the forward."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk, divisor):
-        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None  # every row written below
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
             targets = labels[rows]
-            valid = targets != -100
-            if not bool(valid.any()):
-                continue
-            h = hidden[rows][valid]
+            valid = (targets != -100)[:, None]
+            targets = targets.clamp(min=0)[:, None]  # ignored rows pick class 0, then count nothing
+            h = hidden[rows]
             logits = (h @ weight.t()).float()
-            targets = targets[valid]
-            log_norm = torch.logsumexp(logits, dim=-1)
-            total += (log_norm - logits.gather(1, targets[:, None]).squeeze(1)).sum()
+            log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+            total += torch.where(valid, log_norm - logits.gather(1, targets), 0.0).sum()
             if grad_hidden is None and grad_weight is None:
                 continue
             grad_logits = torch.softmax(logits, dim=-1)
-            grad_logits[torch.arange(len(targets), device=targets.device), targets] -= 1.0
-            grad_logits = (grad_logits / divisor).to(weight.dtype)
+            grad_logits.scatter_add_(1, targets, torch.full_like(log_norm, -1.0))
+            grad_logits = torch.where(valid, grad_logits / divisor, 0.0).to(weight.dtype)
             if grad_hidden is not None:
-                index = torch.arange(start, start + len(valid), device=hidden.device)[valid]
-                grad_hidden.index_copy_(0, index, (grad_logits @ weight).to(hidden.dtype))
+                grad_hidden[rows] = (grad_logits @ weight).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight += (grad_logits.t() @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
@@ -736,11 +735,10 @@ def chunked_linear_cross_entropy(hidden_states, weight, labels, chunk, num_items
     the LM head's weight, without materialising the logits (DESIGN §1's head; `config.loss_chunk_size`)."""
     targets = F.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1).to(hidden_states.device)
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
-    if num_items_in_batch is None:
-        divisor = float((targets != -100).sum())
-    else:
-        divisor = float(num_items_in_batch.item() if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk, divisor if divisor > 0 else float("nan"))
+    divisor = (targets != -100).sum() if num_items_in_batch is None else num_items_in_batch
+    divisor = torch.as_tensor(divisor, device=hidden.device).to(torch.float32)
+    divisor = torch.where(divisor > 0, divisor, float("nan"))  # nothing labelled: nan, as transformers' mean
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk, divisor)
 
 
 # ---------------------------------------------------------------------------------------------------------------

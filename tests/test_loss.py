@@ -122,3 +122,34 @@ def test_trainer_with_gradient_accumulation_takes_the_same_steps(tmp_path):
     assert len(full_losses) == 2 and chunked_losses == pytest.approx(full_losses, rel=1e-5)
     for name, weight in full_weights.items():
         assert relative_error(chunked_weights[name], weight) <= 1e-5, name
+
+
+@pytest.mark.parametrize("num_items", [None, 40])
+def test_chunked_loss_never_reads_the_device(num_items):
+    """No host-device synchronisation in the loss, forward or backward (on a GPU the host then queues the backward
+    while the forward still runs): no op that reads a value to the host, and no boolean-mask indexing."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from linear_decay.modeling_linear_decay import chunked_linear_cross_entropy
+
+    reading = {"aten::_local_scalar_dense", "aten::nonzero", "aten::item", "aten::is_nonzero", "aten::masked_select"}
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name
+            if name in reading or (name == "aten::index" and any(
+                    t is not None and t.dtype == torch.bool for t in args[1])):
+                seen.append(name)
+            return func(*args, **(kwargs or {}))
+
+    generator = torch.Generator().manual_seed(11)
+    hidden = torch.randn(3, 23, 16, generator=generator, requires_grad=True)
+    weight = torch.randn(VOCAB, 16, generator=generator, requires_grad=True)
+    _, labels = batch(seed=12)
+    items = None if num_items is None else torch.tensor(num_items)
+    with Record():
+        loss = chunked_linear_cross_entropy(hidden, weight, labels, 7, items)
+        loss.backward()
+    assert seen == []
+    assert torch.isfinite(loss) and hidden.grad is not None and weight.grad is not None
