@@ -46,7 +46,7 @@ import os
 
 import torch
 
-from .kernels_host_linear_decay import cdiv, next_power_of_2, sm_count
+from .kernels_host_linear_decay import cdiv, next_power_of_2, per_tensor, sm_count
 
 try:
     import triton
@@ -947,6 +947,13 @@ def _chunk_layout(cu_seqlens, batch, length, device):
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return _make_regular_layout(batch, length, device)  # a graph's private memory is not for keeping
         return _regular_layout(batch, length, device)
+    # read to the host once per forward (every layer gets the model's one cu_seqlens), not once per layer
+    return per_tensor(cu_seqlens.to(device), _packed_layout)
+
+
+def _packed_layout(cu_seqlens):
+    """`_chunk_layout` of packed sequences (one device-to-host read)."""
+    device = cu_seqlens.device
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
     counts = [cdiv(n, CHUNK) for n in lengths]
     starts = cu_seqlens[:-1].tolist()

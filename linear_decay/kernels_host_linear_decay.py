@@ -3,10 +3,12 @@
 Eager training steps of the 410m model are host-bound on the H200 machine (BENCHMARKS.md, sixth and seventh
 sessions), and these run tens of times per layer and step: `triton.cdiv` and `triton.next_power_of_2` are constexpr
 functions in Triton 3.5+ (each host call goes through their wrapper), and `torch.cuda.get_device_properties` is
-looked up once per device here instead of per call. Plain torch, no Triton.
+looked up once per device here instead of per call; `per_tensor` keeps what the host derives from a tensor every layer
+receives. Plain torch, no Triton.
 """
 
 import functools
+import weakref
 
 import torch
 
@@ -34,4 +36,26 @@ def sm_count(device, cpu_value):
     return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-__all__ = ["cdiv", "next_power_of_2", "sm_count"]
+_PER_TENSOR = {}  # id(tensor) -> (weak reference, (tensor._version, inference mode), value)
+
+
+def per_tensor(tensor, compute):
+    """`compute(tensor)`, computed once per tensor object while it lives unmodified: the model passes one mask or
+    cu_seqlens tensor to every layer of a forward, and what is derived from it on the host (packing plans, chunk
+    layouts: each a device-to-host read) is then read once per forward instead of once per layer. A freed tensor's
+    entry goes with it (weak reference), an in-place change (`_version`) recomputes, and so does a switch in or out of
+    inference mode (its tensors cannot serve autograd); for inference tensors, inside torch.compile or a CUDA graph
+    capture nothing is kept."""
+    if (torch.compiler.is_compiling() or tensor.is_inference()  # (inference tensors keep no version counter)
+            or (tensor.is_cuda and torch.cuda.is_current_stream_capturing())):
+        return compute(tensor)
+    key, state = id(tensor), (tensor._version, torch.is_inference_mode_enabled())
+    entry = _PER_TENSOR.get(key)
+    if entry is not None and entry[0]() is tensor and entry[1] == state:
+        return entry[2]
+    value = compute(tensor)
+    _PER_TENSOR[key] = (weakref.ref(tensor, lambda _, key=key: _PER_TENSOR.pop(key, None)), state, value)
+    return value
+
+
+__all__ = ["cdiv", "next_power_of_2", "per_tensor", "sm_count"]

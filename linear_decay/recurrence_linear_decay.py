@@ -26,6 +26,8 @@ import os
 
 import torch
 
+from .kernels_host_linear_decay import per_tensor
+
 BACKENDS = {}
 
 
@@ -218,9 +220,10 @@ def linear_decay_attention(q, k, v, log_decay=None, scale=1.0, initial_state=Non
     outputs at padded positions are then 0."""
     name = resolve_backend(q.device.type, backend)
     fn = BACKENDS[name]
-    if (mask is not None and cu_seqlens is None and name in VARLEN_BACKENDS
-            and 1.0 - mask.float().mean().item() >= PACK_MIN_PADDING):
-        return _packed_by_mask(fn, q, k, v, log_decay, scale, initial_state, output_final_state, mask)
+    if mask is not None and cu_seqlens is None and name in VARLEN_BACKENDS:
+        plan = per_tensor(mask, _packing_plan)  # once per forward: every layer gets the model's one mask
+        if plan is not None:
+            return _packed_by_mask(fn, q, k, v, log_decay, scale, initial_state, output_final_state, mask, *plan)
     if cu_seqlens is None or name in VARLEN_BACKENDS:
         kwargs = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
         return fn(q, k, v, log_decay, scale=scale, initial_state=initial_state,
@@ -238,11 +241,18 @@ def recurrent_step(q, k, v, log_decay=None, scale=1.0, initial_state=None, outpu
     return fn(q, k, v, log_decay, scale=scale, initial_state=initial_state, output_final_state=output_final_state)
 
 
-def _packed_by_mask(fn, q, k, v, log_decay, scale, initial_state, output_final_state, mask):
+def _packing_plan(mask):
+    """(flat indices of the real tokens, cu_seqlens of the rows' real tokens) when at least PACK_MIN_PADDING of the
+    batch is padding, else None."""
+    if 1.0 - mask.float().mean().item() < PACK_MIN_PADDING:
+        return None
+    real = mask.reshape(-1).nonzero().squeeze(1)
+    return real, torch.nn.functional.pad(mask.sum(1).cumsum(0), (1, 0)).to(torch.int32)
+
+
+def _packed_by_mask(fn, q, k, v, log_decay, scale, initial_state, output_final_state, mask, real, cu_seqlens):
     """Run the real tokens of each row as one packed sequence (cu_seqlens) and scatter the outputs back."""
     batch, length, heads, _ = q.shape
-    real = mask.reshape(-1).nonzero().squeeze(1)
-    cu_seqlens = torch.nn.functional.pad(mask.sum(1).cumsum(0), (1, 0)).to(torch.int32)
 
     def pack(x):
         return x.reshape(batch * length, *x.shape[2:]).index_select(0, real).unsqueeze(0)

@@ -31,3 +31,31 @@ def test_sm_count_matches_the_device_properties():
     device = torch.device("cuda", torch.cuda.current_device())
     assert sm_count(device, cpu_value=None) == torch.cuda.get_device_properties(device).multi_processor_count
     assert sm_count(torch.device("cuda"), cpu_value=None) == sm_count(device, cpu_value=None)
+
+
+def test_per_tensor_keeps_a_value_while_the_tensor_lives_unchanged():
+    import gc
+
+    from linear_decay.kernels_host_linear_decay import _PER_TENSOR, per_tensor
+
+    calls = []
+
+    def total(t):
+        calls.append(1)
+        return float(t.sum())
+
+    mask = torch.ones(4)
+    assert per_tensor(mask, total) == per_tensor(mask, total) == 4.0 and len(calls) == 1
+    assert per_tensor(mask.clone(), total) == 4.0 and len(calls) == 2  # another tensor, the same values
+    mask[0] = 0.0  # in place: recomputed
+    assert per_tensor(mask, total) == 3.0 and len(calls) == 3
+    with torch.inference_mode():  # values made there are not kept for use outside
+        assert per_tensor(mask, total) == 3.0 and len(calls) == 4
+        made_there = torch.ones(2)
+        assert per_tensor(made_there, total) == per_tensor(made_there, total) == 2.0 and len(calls) == 6  # not kept
+    assert per_tensor(mask, total) == 3.0 and len(calls) == 7
+    key = id(mask)
+    assert key in _PER_TENSOR
+    del mask
+    gc.collect()
+    assert key not in _PER_TENSOR

@@ -114,3 +114,41 @@ def test_packed_documents_refuse_a_cache_and_leave_padded_positions_alone():
         with_positions = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
         without = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     assert torch.allclose(with_positions, without, atol=1e-6)
+
+
+@pytest.mark.parametrize("source", ["padding", "documents"])
+def test_packing_is_read_to_the_host_once_per_forward(monkeypatch, source):
+    """On the varlen (Triton) backend the packing plan of a padded batch and the chunk layout of packed sequences are
+    derived on the host once per forward and backward, not once per layer: the count of ops that read a device value
+    to the host does not grow with the depth, and the layout (read with `tolist`, which CPU tensors do without such an
+    op) is built once."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import linear_decay.kernels_chunk_linear_decay as kernels
+
+    monkeypatch.setenv("LINEAR_DECAY_BACKEND", "triton")
+    layouts = []
+    build = kernels._packed_layout
+    monkeypatch.setattr(kernels, "_packed_layout", lambda cu_seqlens: layouts.append(1) or build(cu_seqlens))
+
+    class CountReads(TorchDispatchMode):
+        reads = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._schema.name in ("aten::_local_scalar_dense", "aten::nonzero", "aten::item"):
+                self.reads += 1
+            return func(*args, **(kwargs or {}))
+
+    ids, position_ids = packed_batch(seed=3)
+    mask = torch.ones_like(ids)
+    mask[1, 20:] = 0  # 9 of 58 tokens: past PACK_MIN_PADDING
+    inputs = dict(attention_mask=mask) if source == "padding" else dict(position_ids=position_ids)
+    reads = []
+    for layers in (1, 3):
+        layouts.clear()
+        model = perturbed_model(tiny_config(decay_type="gla", num_hidden_layers=layers))
+        with CountReads() as counter:
+            model(input_ids=ids, labels=ids, use_cache=False, **inputs).loss.backward()
+        reads.append(counter.reads)
+        assert len(layouts) == 1
+    assert reads[0] == reads[1] > 0
