@@ -75,6 +75,11 @@ run_step() {  # the steps a plan is made of, by name
     segments_*) local shape=${1#segments_}; step "$1" 150 python3 benchmarks/tune_chunk_kernels.py \
       --shape "${shape//x/,}" --kinds static,scalar,vector --segment-chunks auto,4,8,16,32,64,1000000;;
     model_train) step model_train 180 python3 benchmarks/model.py --sections train --json "$WORK/model_train.json";;
+    # the direct launch path (linear_decay/kernels_launch_linear_decay.py, off by default): its GPU tests, then timed
+    gpu_tests_fast_launch) step gpu_tests_fast_launch 300 env LINEAR_DECAY_FAST_LAUNCH=1 python3 -m pytest \
+      tests/test_kernels_gpu.py tests/test_kernels_decay.py -q -rP -n 14 -p no:cacheprovider;;
+    model_train_fast_launch) step model_train_fast_launch 180 env LINEAR_DECAY_FAST_LAUNCH=1 python3 \
+      benchmarks/model.py --sections train --single-thread-backward --json "$WORK/model_train_fast_launch.json";;
     model_train_caller_thread) step model_train_caller_thread 180 python3 benchmarks/model.py --sections train \
       --single-thread-backward --json "$WORK/model_train_caller_thread.json";;
     model_train_compiled) step model_train_compiled 240 python3 benchmarks/model.py --sections train --compile \

@@ -6,12 +6,13 @@ device work is a few µs per kernel and the wall time per call is the host's: me
 after a warm-up, one synchronisation at the end ("wall µs"), and the time until the host had issued them ("issued µs";
 equal to the wall time when the piece is host-bound).
 
-Rows: single torch ops and Triton launches (through `JITFunction[grid]` and through the compiled kernel's own
-launcher), each fused piece forward (+ backward), one 410m block per decay and transformers' Llama decoder layer
-forward + backward — each block also with its backward on the calling thread
-(`torch.autograd.set_multithreading_enabled(False)`) instead of autograd's CUDA worker thread — then cProfile of the
-blocks' forwards. `--block-profile` adds the host time inside each of our autograd functions per block and
-torch.profiler's CPU table. `--device cpu --quick` is a smoke run of the code paths (the kernels under TRITON_INTERPRET=1).
+Rows: single torch ops and Triton launches (through `JITFunction[grid]`, the compiled kernel's own launcher and our
+direct path, LINEAR_DECAY_FAST_LAUNCH=1), each fused piece forward (+ backward), one 410m block per decay and
+transformers' Llama decoder layer forward + backward — each block also with its backward on the calling thread
+(`torch.autograd.set_multithreading_enabled(False)`) instead of autograd's CUDA worker thread, and our blocks so with
+the direct launch path — then cProfile of the blocks' forwards. `--block-profile` adds the host time inside each of
+our autograd functions per block and torch.profiler's CPU table. `--device cpu --quick` is a smoke run of the code
+paths (the kernels under TRITON_INTERPRET=1).
 
     PYTHONPATH=. python3 benchmarks/host_overhead.py [--calls 300] [--block-profile] [--json host.json]
 """
@@ -23,6 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import linear_decay.kernels_launch_linear_decay as launch
 from linear_decay.kernels_chunk_linear_decay import triton_chunked_recurrence
 from linear_decay.kernels_decay_linear_decay import softplus_decay
 from linear_decay.kernels_norm_linear_decay import _gated_rms_norm_forward_kernel, _launch_options, rms_norm
@@ -58,6 +60,17 @@ def with_backward(fn, leaves, grad_out):
         out.backward(grad_out)
         for leaf in leaves:
             leaf.grad = None
+    return run
+
+
+def with_fast_launch(fn):
+    """fn with the kernels' direct launch path on (kernels_launch_linear_decay, LINEAR_DECAY_FAST_LAUNCH=1)."""
+    def run():
+        previous, launch.FAST_LAUNCH = launch.FAST_LAUNCH, True
+        try:
+            return fn()
+        finally:
+            launch.FAST_LAUNCH = previous
     return run
 
 
@@ -113,14 +126,15 @@ def launch_cases(x, norm_weight, hidden):
     norm_args = (rows, rows, norm_weight, y, rstd, hidden, 1e-5, rows.stride(0), rows.stride(0), y.stride(0))
     norm_kwargs = dict(NORMALISED_DTYPE=_TORCH_TO_TRITON[x.dtype], HAS_GATE=False, **_launch_options(hidden))
     grid = (rows.shape[0], 1, 1)
-    runner = _gated_rms_norm_forward_kernel[grid](*norm_args, **norm_kwargs)[grid]
-    names = _gated_rms_norm_forward_kernel.arg_names
-    all_args = [*norm_args, *(norm_kwargs[name] for name in names[len(norm_args):])]
+    jit = _gated_rms_norm_forward_kernel.kernel  # the JITFunction inside the FastLaunch wrapper
+    runner = jit[grid](*norm_args, **norm_kwargs)[grid]
+    all_args = [*norm_args, *(norm_kwargs[name] for name in jit.arg_names[len(norm_args):])]
     yield "get_device_properties().multi_processor_count", (
         lambda: torch.cuda.get_device_properties(x.device).multi_processor_count)
-    yield "Triton norm kernel: JITFunction[grid](...)", lambda: _gated_rms_norm_forward_kernel[grid](
-        *norm_args, **norm_kwargs)
+    yield "Triton norm kernel: JITFunction[grid](...)", lambda: jit[grid](*norm_args, **norm_kwargs)
     yield "Triton norm kernel: CompiledKernel[grid](...)", lambda: runner(*all_args)
+    yield "Triton norm kernel: FastLaunch (LINEAR_DECAY_FAST_LAUNCH=1)", with_fast_launch(
+        lambda: _gated_rms_norm_forward_kernel[grid](*norm_args, **norm_kwargs))
 
 
 def block_cases(device, tokens, hidden, heads, head_dim, mlp):
@@ -234,7 +248,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="a tiny layer (a smoke run of every code path)")
     parser.add_argument("--json")
     parser.add_argument("--block-profile", action="store_true",
-                        help="also the host time inside our autograd functions and torch.profiler's CPU table per block")
+                        help="also the host time inside our autograd functions and torch.profiler's CPU table "
+                             "per block")
     args = parser.parse_args(argv)
     layer = QUICK_LAYER if args.quick else LAYER
     rows = []
@@ -248,10 +263,14 @@ def main(argv=None):
         wall, issued = timed(fn, args.calls)
         rows.append(dict(piece=name, wall_us=round(wall, 1), issued_us=round(issued, 1)))
         print(f"{name:<50} {wall:9.1f} {issued:10.1f}")
+        variants = [(", caller-thread backward", fn)]
+        if name.startswith("block"):
+            variants.append((", caller thread, fast launch", with_fast_launch(fn)))
         with torch.autograd.set_multithreading_enabled(False):  # the backward on this thread
-            wall, issued = timed(fn, args.calls)
-        rows.append(dict(piece=name + ", caller-thread backward", wall_us=round(wall, 1), issued_us=round(issued, 1)))
-        print(f"{name + ', caller-thread backward':<50} {wall:9.1f} {issued:10.1f}")
+            for variant, run in variants:
+                wall, issued = timed(run, args.calls)
+                rows.append(dict(piece=name + variant, wall_us=round(wall, 1), issued_us=round(issued, 1)))
+                print(f"{name + variant:<50} {wall:9.1f} {issued:10.1f}")
         if forward is not None:
             wall, issued = timed(forward, args.calls)  # with grad: the graph is built, then dropped
             rows.append(dict(piece=name.replace("fwd+bwd", "forward"), wall_us=round(wall, 1),

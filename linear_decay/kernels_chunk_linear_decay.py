@@ -47,6 +47,7 @@ import os
 import torch
 
 from .kernels_host_linear_decay import cdiv, next_power_of_2, per_tensor, sm_count
+from .kernels_launch_linear_decay import fast_launch
 
 try:
     import triton
@@ -292,6 +293,7 @@ def _chunk_path(path_ptr, chunk, head, H: tl.constexpr, WHOLE_CHUNKS: tl.constex
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@fast_launch
 @triton.jit
 def _cumulative_decay_kernel(g_ptr, b_ptr, path_ptr, cu_seqlens_ptr, chunk_seq_ptr, chunk_token_ptr, H: tl.constexpr,
                              K: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr):
@@ -313,6 +315,7 @@ def _cumulative_decay_kernel(g_ptr, b_ptr, path_ptr, cu_seqlens_ptr, chunk_seq_p
         tl.store(b_ptr + (chunk * C + rows) * H + head, b)
 
 
+@fast_launch
 @triton.jit
 def _chunk_states_kernel(k_ptr, v_ptr, b_ptr, initial_ptr, states_ptr, final_ptr, segment_state_ptr,
                          segment_decay_ptr, cu_seqlens_ptr, chunk_offsets_ptr, segments, segment_chunks,
@@ -400,6 +403,7 @@ def _store_segment(segment_state_ptr, segment_decay_ptr, program, state, state_o
         tl.store(segment_decay_ptr + program + tl.arange(0, 1), decay_sum)
 
 
+@fast_launch
 @triton.jit
 def _combine_segments_kernel(segment_state_ptr, segment_decay_ptr, start_ptr, end_ptr, cu_seqlens_ptr, segments,
                              segment_chunks, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
@@ -438,6 +442,7 @@ def _combine_segments_kernel(segment_state_ptr, segment_decay_ptr, start_ptr, en
         tl.store(end_ptr + seq_head * K * V + state_offsets, value, mask=state_mask)
 
 
+@fast_launch
 @triton.jit
 def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, g_ptr, path_ptr, states_ptr, carry_ptr, o_ptr, cu_seqlens_ptr,
                          chunk_seq_ptr, chunk_token_ptr, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
@@ -507,6 +512,7 @@ def _output_walk(q_ptr, k_ptr, v_ptr, g_ptr, o_ptr, chunk_states_ptr, chunk_carr
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@fast_launch
 @triton.jit
 def _chunk_state_grads_kernel(q_ptr, do_ptr, b_ptr, final_grad_ptr, state_grads_ptr, initial_grad_ptr,
                               segment_state_ptr, segment_decay_ptr, cu_seqlens_ptr, chunk_offsets_ptr, scale, segments,
@@ -557,6 +563,7 @@ def _chunk_state_grads_kernel(q_ptr, do_ptr, b_ptr, final_grad_ptr, state_grads_
                        ck, K, V, VECTOR)
 
 
+@fast_launch
 @triton.jit
 def _chunk_dq_kernel(k_ptr, v_ptr, g_ptr, path_ptr, do_ptr, states_ptr, carry_ptr, dq_ptr, cu_seqlens_ptr,
                      chunk_seq_ptr, chunk_token_ptr, scale, total_tokens, H: tl.constexpr, K: tl.constexpr,
@@ -680,6 +687,7 @@ def _dq_walk(k_ptr, v_ptr, g_ptr, do_ptr, dq_ptr, chunk_states_ptr, chunk_carry_
             operand = _carried_operand(state, chunk_carry_ptr + slot, state_mask, DOT_DTYPE, RELOAD_STATE)
 
 
+@fast_launch
 @triton.jit
 def _chunk_dk_dv_kernel(q_ptr, k_ptr, v_ptr, g_ptr, path_ptr, do_ptr, state_grads_ptr, dk_ptr, dv_ptr, cu_seqlens_ptr,
                         chunk_seq_ptr, chunk_token_ptr, scale, total_tokens, H: tl.constexpr, K: tl.constexpr,
@@ -825,6 +833,7 @@ def _dk_dv_walk(q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, dk_ptr, dv_ptr, state_ptrs, 
             operand = _carried_operand(dstate, state_ptrs, state_mask, DOT_DTYPE, RELOAD_STATE)
 
 
+@fast_launch
 @triton.jit
 def _finish_grads_kernel(q_ptr, k_ptr, dq_parts_ptr, dk_parts_ptr, carry_ptr, dq_ptr, dk_ptr, dg_ptr, totals_ptr,
                          cu_seqlens_ptr, total_tokens, segment_chunks, H: tl.constexpr, K: tl.constexpr,
@@ -897,6 +906,7 @@ def _finish_grads_kernel(q_ptr, k_ptr, dq_parts_ptr, dk_parts_ptr, carry_ptr, dq
             tl.store(totals_ptr + seq_head * segments + segment + tl.arange(0, 1), carry)
 
 
+@fast_launch
 @triton.jit
 def _add_segment_carry_kernel(dg_ptr, totals_ptr, cu_seqlens_ptr, segment_chunks, segments, H: tl.constexpr,
                               K: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, VECTOR: tl.constexpr):

@@ -1,0 +1,102 @@
+"""A cheaper launch path for the model's Triton kernels (opt-in: LINEAR_DECAY_FAST_LAUNCH=1).
+
+Eager training steps of the 410m models are host-bound on the H200 machine (BENCHMARKS.md, seventh session), and each
+layer launches about 18 Triton kernels per forward + backward. `JITFunction[grid](*args)` re-derives the kernel's
+specialisation on every call (argument binding, the cache-key string, global-value checks, launch metadata): 24.7 µs
+per launch there, against 9.9 µs for the same kernel through its compiled launcher.
+
+`fast_launch(kernel)` wraps a `@triton.jit` kernel so that `kernel[grid](*args, **kwargs)` keeps the compiled kernel
+of each specialisation itself and calls its launcher directly. The key holds everything Triton specialises an argument
+on — a tensor's dtype and 16-byte alignment; an integer's value 1, divisibility by 16 and width (i32 / i64 / u64);
+bool, float, None; constexpr values — plus the launch options and the current device (`specialisation_key`,
+checked against Triton's own `native_specialize_impl` in tests/test_kernels_launch.py). A key's first call goes
+through Triton (compiling or loading, and launching); later calls launch directly on the current stream. Triton's
+path is kept for everything else: the interpreter, a callable grid, launch hooks (profilers), Triton versions other
+than 3.6 (the launcher's calling convention is Triton's private API), and whenever LINEAR_DECAY_FAST_LAUNCH is not 1.
+
+Off by default until measured on the GPU (the next GPU session's `benchmarks/host_overhead.py` and GPU tests).
+"""
+
+import os
+
+try:
+    import triton
+except ImportError as error:  # CPU-only torch ships without Triton: the PyTorch path is used instead
+    raise ImportError("Triton is not installed") from error
+
+import torch
+
+FAST_LAUNCH = os.environ.get("LINEAR_DECAY_FAST_LAUNCH", "0") == "1"
+_VERIFIED_TRITON = triton.__version__.split(".")[:2] == ["3", "6"]
+
+
+def specialisation_key(value, constexpr):
+    """What Triton 3.6 specialises one kernel argument on (a superset: equal keys mean equal specialisations)."""
+    if constexpr:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.dtype, value.data_ptr() % 16 == 0
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return bool
+    if isinstance(value, int):
+        return int, value == 1, value % 16 == 0, -2**31 <= value < 2**31, value >= 2**63
+    if isinstance(value, float):
+        return float
+    return value
+
+
+class FastLaunch:
+    """A `@triton.jit` kernel whose launches skip Triton's per-call specialisation (module docstring); every other
+    attribute is the kernel's."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.compiled = {}  # specialisation key -> (launcher, function handle, packed metadata)
+        # a JITFunction (not the interpreter's InterpretedFunction, TRITON_INTERPRET=1) of a verified Triton
+        self.direct = isinstance(kernel, triton.runtime.jit.JITFunction) and _VERIFIED_TRITON
+        if self.direct:
+            params = kernel.params
+            self.names = [p.name for p in params]
+            self.name_set = set(self.names)
+            self.constexprs = [p.is_constexpr for p in params]
+            self.defaults = {p.name: p.default for p in params if p.has_default}
+
+    def __getattr__(self, name):
+        return getattr(self.kernel, name)
+
+    def __getitem__(self, grid):
+        if not (FAST_LAUNCH and self.direct) or callable(grid):
+            return self.kernel[grid]
+        return lambda *args, **kwargs: self._launch(grid, args, kwargs)
+
+    def _launch(self, grid, args, kwargs):
+        runtime = triton.knobs.runtime
+        if runtime.launch_enter_hook.calls or runtime.launch_exit_hook.calls:
+            return self.kernel[grid](*args, **kwargs)
+        values = list(args)
+        for name in self.names[len(args):]:
+            values.append(kwargs[name] if name in kwargs else self.defaults[name])
+        device = torch.cuda.current_device()
+        key = (device, *[item for item in kwargs.items() if item[0] not in self.name_set],
+               *[value if constexpr else (value.dtype, value.data_ptr() % 16 == 0) if type(value) is torch.Tensor
+                 else specialisation_key(value, False) for value, constexpr in zip(values, self.constexprs)])
+        entry = self.compiled.get(key)
+        if entry is None:
+            compiled = self.kernel[grid](*args, **kwargs)  # Triton compiles or loads, and launches
+            if compiled is not None and not hasattr(compiled, "result"):  # (not an asynchronous compile's future)
+                self.compiled[key] = (compiled.run, compiled.function, compiled.packed_metadata)
+            return compiled
+        launcher, function, metadata = entry
+        grid = (*grid, 1, 1)
+        launcher(grid[0], grid[1], grid[2], torch._C._cuda_getCurrentRawStream(device), function, metadata, None,
+                 None, None, *values)
+
+
+def fast_launch(kernel):
+    """Wrap a `@triton.jit` kernel for `FastLaunch` (a decorator placed above `@triton.jit`)."""
+    return FastLaunch(kernel)
+
+
+__all__ = ["FAST_LAUNCH", "FastLaunch", "fast_launch", "specialisation_key"]
