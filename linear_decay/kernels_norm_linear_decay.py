@@ -140,9 +140,8 @@ def _launch_options(hidden):
 
 
 def _backward_programs(rows, device):
-    if device.type != "cuda":
-        return min(rows, 4)  # the interpreter (CPU tensors): few programs, each a loop over its rows
-    return min(rows, BACKWARD_PROGRAMS_PER_SM * sm_count(device, cpu_value=None))
+    # the interpreter (CPU tensors): as on one SM, 4 programs, each a loop over its rows
+    return min(rows, BACKWARD_PROGRAMS_PER_SM * sm_count(device, cpu_value=1))
 
 
 class GatedRMSNormFunction(torch.autograd.Function):

@@ -77,7 +77,7 @@ class SwiGLUFunction(torch.autograd.Function):
         n = gate.numel()
         if n:
             _swiglu_backward_kernel[(cdiv(n, BLOCK),)](gate, up, grad_y, grad_gate, grad_up, n, BLOCK=BLOCK,
-                                                              num_warps=4)
+                                                       num_warps=4)
         return grad_gate, grad_up
 
 

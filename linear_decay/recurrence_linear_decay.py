@@ -223,7 +223,7 @@ def linear_decay_attention(q, k, v, log_decay=None, scale=1.0, initial_state=Non
     if mask is not None and cu_seqlens is None and name in VARLEN_BACKENDS:
         plan = per_tensor(mask, _packing_plan)  # once per forward: every layer gets the model's one mask
         if plan is not None:
-            return _packed_by_mask(fn, q, k, v, log_decay, scale, initial_state, output_final_state, mask, *plan)
+            return _packed_by_mask(fn, q, k, v, log_decay, scale, initial_state, output_final_state, *plan)
     if cu_seqlens is None or name in VARLEN_BACKENDS:
         kwargs = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
         return fn(q, k, v, log_decay, scale=scale, initial_state=initial_state,
@@ -250,8 +250,9 @@ def _packing_plan(mask):
     return real, torch.nn.functional.pad(mask.sum(1).cumsum(0), (1, 0)).to(torch.int32)
 
 
-def _packed_by_mask(fn, q, k, v, log_decay, scale, initial_state, output_final_state, mask, real, cu_seqlens):
-    """Run the real tokens of each row as one packed sequence (cu_seqlens) and scatter the outputs back."""
+def _packed_by_mask(fn, q, k, v, log_decay, scale, initial_state, output_final_state, real, cu_seqlens):
+    """Run the real tokens of each row (`_packing_plan`: their flat indices and cu_seqlens) as one packed sequence
+    and scatter the outputs back."""
     batch, length, heads, _ = q.shape
 
     def pack(x):
