@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
+from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
@@ -23,12 +24,13 @@ from .configuration_linear_decay import LinearDecayConfig
 from .decay_linear_decay import DECAY_REGISTRY, DecayParameterization
 from .recurrence_linear_decay import linear_decay_attention, recurrent_step
 
-try:  # the fused (gated) RMSNorm and SwiGLU (Triton); CPU-only torch has no Triton and keeps the torch code
+try:  # the fused (gated) RMSNorm, SwiGLU, decay and loss (Triton); CPU-only torch has no Triton and keeps the torch code
     from .kernels_decay_linear_decay import softplus_decay
+    from .kernels_loss_linear_decay import cross_entropy
     from .kernels_norm_linear_decay import gated_rms_norm, rms_norm
     from .kernels_swiglu_linear_decay import swiglu
 except ImportError:
-    gated_rms_norm = rms_norm = softplus_decay = swiglu = None
+    cross_entropy = gated_rms_norm = rms_norm = softplus_decay = swiglu = None
 
 
 def _outside(ids, low, high):
@@ -321,6 +323,22 @@ class LinearDecayTPE(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def fused_projections(x, layers):
+    """[layer(x) for layer in layers], as one matmul on their stacked weights while gradients are recorded (training)
+    and every layer is a plain bias-free `nn.Linear` without hooks: one GEMM, one weight-gradient GEMM and one input
+    gradient instead of one each per projection plus their sum. Layers that are anything else (a LoRA adapter, a
+    quantised or hooked layer) and inference (no weight copy per step) run each layer on its own."""
+    if torch.is_grad_enabled() and all(_plain_linear(layer) for layer in layers):
+        weight = torch.cat([layer.weight for layer in layers])
+        return F.linear(x, weight).split([layer.out_features for layer in layers], dim=-1)
+    return [layer(x) for layer in layers]
+
+
+def _plain_linear(layer):
+    return (type(layer) is nn.Linear and layer.bias is None and not layer._forward_hooks
+            and not layer._forward_pre_hooks and "forward" not in vars(layer))
+
+
 class LinearDecayAttention(nn.Module):
     """Decay linear attention: q = silu(W_q x), k = silu(W_k x) (or derived from the decay when shared), v = W_v x,
     log λ from the registered decay parameterization, o = recurrence, y = W_o RMSNorm(o ⊙ sigmoid(U_2 U_1 x))."""
@@ -365,15 +383,24 @@ class LinearDecayAttention(nn.Module):
         heads, head_dim = self.num_heads, self.head_dim
         normaliser = state_layer.get("normaliser") if state_layer is not None else None
 
-        q = F.silu(self.q_proj(x))
-        v = self.v_proj(x)
+        # every projection of x in one matmul: W_q x, W_k x, W_v x, the decay's (its first layer when low-rank) and
+        # the gate's first layer
+        decay_first, decay_second = (self.decay_proj if isinstance(self.decay_proj, nn.Sequential)  # its two layers
+                                     else (self.decay_proj, None))
+        gate_first = self.gate_proj[0] if self.gate_proj is not None else None
+        outputs = iter(fused_projections(x, [self.q_proj, self.k_proj, self.v_proj]
+                                         + [layer for layer in (decay_first, gate_first) if layer is not None]))
+        q, k, v = next(outputs), next(outputs), next(outputs)
+        z = next(outputs) if decay_first is not None else None
+        z = decay_second(z) if decay_second is not None else z
+        gate_inner = next(outputs) if gate_first is not None else None
+        q = F.silu(q)
         if self.share_decay:  # DESIGN §3: z = W_k x, k derived from the decay
-            z = self.k_proj(x).float()
+            z = k.float()
             log_decay, normaliser = self._decay(z, mask, lower_bound, normaliser, x.device, cu_seqlens)
             k = self.decay.shared_key(z, log_decay).to(x.dtype)
         else:
-            k = F.silu(self.k_proj(x))
-            z = self.decay_proj(x) if self.decay_proj is not None else None
+            k = F.silu(k)
             log_decay, normaliser = self._decay(z, mask, lower_bound, normaliser, x.device, cu_seqlens)
         if mask is not None:
             k = k * mask.unsqueeze(-1).to(k.dtype)
@@ -395,7 +422,7 @@ class LinearDecayAttention(nn.Module):
 
         o = o.reshape(batch, length, hidden)
         if self.gate_proj is not None:
-            gate_logits = self.gate_proj(x)
+            gate_logits = self.gate_proj[1](gate_inner)
             if use_fused_kernels(o):
                 return self.o_proj(gated_rms_norm(o, gate_logits, self.out_norm.weight, self.out_norm.eps))
             o = o * torch.sigmoid(gate_logits)
@@ -733,12 +760,19 @@ def chunked_linear_cross_entropy(hidden_states, weight, labels, chunk, num_items
     """The causal-LM loss of transformers' ForCausalLMLoss (labels shifted left by one, -100 ignored; mean over the
     labelled tokens, or their sum / `num_items_in_batch` under gradient accumulation) from the last hidden states and
     the LM head's weight, without materialising the logits (DESIGN §1's head; `config.loss_chunk_size`)."""
-    targets = F.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1).to(hidden_states.device)
+    targets, divisor = causal_lm_targets(labels, num_items_in_batch, hidden_states.device)
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
-    divisor = (targets != -100).sum() if num_items_in_batch is None else num_items_in_batch
-    divisor = torch.as_tensor(divisor, device=hidden.device).to(torch.float32)
-    divisor = torch.where(divisor > 0, divisor, float("nan"))  # nothing labelled: nan, as transformers' mean
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk, divisor)
+
+
+def causal_lm_targets(labels, num_items_in_batch, device):
+    """ForCausalLMLoss's targets and divisor: labels shifted left by one (the last position of each row -100), flat;
+    the number of labelled targets, or num_items_in_batch, as an fp32 device tensor (nan where nothing is labelled,
+    as transformers' mean) — no host-device synchronisation."""
+    targets = F.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1).to(device)
+    divisor = (targets != -100).sum() if num_items_in_batch is None else num_items_in_batch
+    divisor = torch.as_tensor(divisor, device=device).to(torch.float32)
+    return targets, torch.where(divisor > 0, divisor, float("nan"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -886,10 +920,20 @@ class LinearDecayForCausalLM(LinearDecayPreTrainedModel, GenerationMixin):
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.lm_head(hidden_states[:, keep, :])
             if labels is not None:
-                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.vocab_size, **kwargs)
+                loss = self._loss(logits, labels, kwargs)
         output = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                                         **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)})
         return output if return_dict is not False else output.to_tuple()
+
+    def _loss(self, logits, labels, kwargs):
+        """transformers' causal-LM loss (`self.loss_function`); on the fused cross-entropy kernel (kernels_loss) where
+        the kernels run and the loss is that default one with no option but num_items_in_batch — the same numbers
+        without the fp32 copies of the logits."""
+        if (cross_entropy is None or not use_fused_kernels(logits) or self.loss_function is not ForCausalLMLoss
+                or not set(kwargs) <= {"num_items_in_batch"}):
+            return self.loss_function(logits=logits, labels=labels, vocab_size=self.vocab_size, **kwargs)
+        targets, divisor = causal_lm_targets(labels, kwargs.get("num_items_in_batch"), logits.device)
+        return cross_entropy(logits, targets, divisor)
 
     def _graph_decodable(self, input_ids, attention_mask, position_ids, cache, inputs_embeds, labels, use_cache,
                          output_hidden_states):

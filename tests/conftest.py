@@ -39,11 +39,11 @@ def perturbed_model(config, seed=0, scale=0.3):
     return model
 
 
-def assert_fused_kernel_matches_torch(monkeypatch, config, kernel_name, seed=5):
+def assert_fused_kernel_matches_torch(monkeypatch, config, kernel_name, seed=5, calls_per_forward=None):
     """LINEAR_DECAY_BACKEND=triton sends the model's calls of `kernel_name` (a fused kernel the modeling module calls,
-    e.g. "swiglu") through the kernel — counted: once per layer, none under "torch" — and gives the torch backend's
-    logits and gradients. The recurrence under "triton" is pinned to the torch path so that only the fused pieces
-    differ between the two runs."""
+    e.g. "swiglu") through the kernel — counted: `calls_per_forward` times (default once per layer), none under
+    "torch" — and gives the torch backend's logits and gradients. The recurrence under "triton" is pinned to the torch
+    path so that only the fused pieces differ between the two runs."""
     import linear_decay.modeling_linear_decay as modeling
     from linear_decay.recurrence_linear_decay import BACKENDS, chunked_recurrence
 
@@ -61,7 +61,8 @@ def assert_fused_kernel_matches_torch(monkeypatch, config, kernel_name, seed=5):
         out.loss.backward()
         results[backend] = out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
                                                   if p.grad is not None}
-        assert len(calls) == (config.num_hidden_layers if backend == "triton" else 0)
+        expected_calls = config.num_hidden_layers if calls_per_forward is None else calls_per_forward
+        assert len(calls) == (expected_calls if backend == "triton" else 0)
     (logits_torch, grads_torch), (logits_triton, grads_triton) = results["torch"], results["triton"]
     assert relative_error(logits_triton, logits_torch) <= 1e-5
     assert grads_triton.keys() == grads_torch.keys()

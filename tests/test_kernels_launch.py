@@ -1,4 +1,4 @@
-"""The opt-in direct launch path (`kernels_launch_linear_decay`, LINEAR_DECAY_FAST_LAUNCH=1): its specialisation key
+"""The direct launch path (`kernels_launch_linear_decay`, off with LINEAR_DECAY_FAST_LAUNCH=0): its specialisation key
 against Triton's own argument specialisation, and when a launch goes through Triton or straight to the kept launcher
 (a JITFunction whose Triton side is replaced by a recorder: CPU tests cannot launch on a GPU)."""
 
