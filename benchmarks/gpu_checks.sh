@@ -75,16 +75,14 @@ run_step() {  # the steps a plan is made of, by name
     segments_*) local shape=${1#segments_}; step "$1" 150 python3 benchmarks/tune_chunk_kernels.py \
       --shape "${shape//x/,}" --kinds static,scalar,vector --segment-chunks auto,4,8,16,32,64,1000000;;
     model_train) step model_train 180 python3 benchmarks/model.py --sections train --json "$WORK/model_train.json";;
-    # the direct launch path (linear_decay/kernels_launch_linear_decay.py, off by default): its GPU tests, then timed
-    gpu_tests_fast_launch) step gpu_tests_fast_launch 300 env LINEAR_DECAY_FAST_LAUNCH=1 python3 -m pytest \
-      tests/test_kernels_gpu.py tests/test_kernels_decay.py -q -rP -n 14 -p no:cacheprovider;;
-    model_train_fast_launch) step model_train_fast_launch 180 env LINEAR_DECAY_FAST_LAUNCH=1 python3 \
-      benchmarks/model.py --sections train --single-thread-backward --json "$WORK/model_train_fast_launch.json";;
+    # Triton's own launch path (LINEAR_DECAY_FAST_LAUNCH=0; the default is linear_decay/kernels_launch_linear_decay.py)
+    model_train_triton_launch) step model_train_triton_launch 180 env LINEAR_DECAY_FAST_LAUNCH=0 python3 \
+      benchmarks/model.py --sections train --single-thread-backward --json "$WORK/model_train_triton_launch.json";;
     model_train_caller_thread) step model_train_caller_thread 180 python3 benchmarks/model.py --sections train \
       --single-thread-backward --json "$WORK/model_train_caller_thread.json";;
     model_train_compiled) step model_train_compiled 240 python3 benchmarks/model.py --sections train --compile \
       --json "$WORK/model_train_compiled.json";;
-    model_generate) step model_generate 100 python3 benchmarks/model.py --sections generate \
+    model_generate) step model_generate 170 python3 benchmarks/model.py --sections generate \
       --json "$WORK/model_generate.json";;
     model_generate_eager) step model_generate_eager 150 python3 benchmarks/model.py --sections generate \
       --ours-overrides decode_cuda_graphs=False --json "$WORK/model_generate_eager.json";;
@@ -94,8 +92,11 @@ run_step() {  # the steps a plan is made of, by name
       --decays mamba2:vector,simple:scalar --json "$WORK/model_profile.json";;
     model_profile_16k) step model_profile_16k 110 python3 benchmarks/model.py --sections profile \
       --train-shapes 1x16384 --decays mamba2:vector,simple:scalar --json "$WORK/model_profile_16k.json";;
-    model_profile_host) step model_profile_host 90 python3 benchmarks/model.py --sections profile \
-      --train-shapes 1x16384 --decays mamba2:vector --profile-sort cpu --json "$WORK/model_profile_host.json";;
+    model_profile_host) step model_profile_host 120 python3 benchmarks/model.py --sections profile \
+      --train-shapes 1x16384 --decays mamba2:vector,gla:vector --profile-sort cpu --single-thread-backward \
+      --json "$WORK/model_profile_host.json";;
+    fused_tests) step fused_tests 120 python3 -m pytest tests/test_kernels_loss.py tests/test_projections.py \
+      tests/test_kernels_norm.py tests/test_kernels_swiglu.py tests/test_loss.py -q -rP -n 8 -p no:cacheprovider;;
     model_tests) step model_tests 150 python3 -m pytest tests/test_kernels_decay.py tests/test_kernels_gpu.py -q -rP \
       -n 14 -p no:cacheprovider -k "decay or model or compile or graph";;
     host) step host_pieces 90 python3 benchmarks/host_overhead.py --json "$WORK/host_pieces.json"
