@@ -99,7 +99,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             _cross_entropy_forward_kernel[(rows,)](rows_logits, targets, log_norm, row_loss, vocab,
                                                    rows_logits.stride(0), ignore_index, BLOCK=block, num_warps=8)
         ctx.save_for_backward(rows_logits, targets, log_norm, divisor)
-        ctx.ignore_index, ctx.shape = ignore_index, logits.shape
+        ctx.ignore_index, ctx.shape, ctx.block = ignore_index, logits.shape, block
         return row_loss.sum() / divisor
 
     @staticmethod
@@ -111,8 +111,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         if rows:
             _cross_entropy_backward_kernel[(rows,)](
                 rows_logits, targets, log_norm, grad_loss.float().reshape(()), divisor, grad, vocab,
-                rows_logits.stride(0), grad.stride(0), ctx.ignore_index, BLOCK=min(BLOCK, next_power_of_2(vocab)),
-                num_warps=8)
+                rows_logits.stride(0), grad.stride(0), ctx.ignore_index, BLOCK=ctx.block, num_warps=8)
         return grad.view(ctx.shape), None, None, None
 
 
