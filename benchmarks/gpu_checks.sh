@@ -99,7 +99,7 @@ run_step() {  # the steps a plan is made of, by name
       tests/test_kernels_norm.py tests/test_kernels_swiglu.py tests/test_loss.py -q -rP -n 8 -p no:cacheprovider;;
     model_tests) step model_tests 150 python3 -m pytest tests/test_kernels_decay.py tests/test_kernels_gpu.py -q -rP \
       -n 14 -p no:cacheprovider -k "decay or model or compile or graph";;
-    host) step host_pieces 90 python3 benchmarks/host_overhead.py --json "$WORK/host_pieces.json"
+    host) run_step host_pieces
       step host_steps 150 python3 benchmarks/model.py --sections train --train-shapes 1x64 \
         --json "$WORK/host_steps.json"
       step host_steps_caller_thread 150 python3 benchmarks/model.py --sections train --train-shapes 1x64 \

@@ -87,8 +87,8 @@ class FastLaunch:
         for value, constexpr in zip(values, self.constexprs):
             if constexpr:
                 key.append(value)
-            elif type(value) is torch.Tensor:
-                key += (value.dtype, value.data_ptr() & 15 == 0)
+            elif type(value) is torch.Tensor:  # specialisation_key's tensor case, inlined: most arguments are tensors
+                key += (value.dtype, value.data_ptr() % 16 == 0)
             else:
                 key.append(specialisation_key(value, False))
         key = tuple(key)
