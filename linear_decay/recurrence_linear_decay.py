@@ -13,7 +13,7 @@
 
     S_t = diag(λ_t) S_{t-1} + k_t v_tᵀ,   o_t = scale · S_tᵀ q_t
 
-- `naive_recurrence`: the fp32 step-by-step oracle (tests only).
+- `naive_recurrence`: the step-by-step oracle (tests only), fp32 or float64.
 - `chunked_recurrence`: the vectorised chunkwise form, the CPU training/prefill path.
 - `fused_recurrent`: token-by-token state update for decoding (a few tokens per call).
 `linear_decay_attention` (training / prefill, optionally on packed sequences with `cu_seqlens`) and `recurrent_step`
@@ -31,11 +31,12 @@ from .kernels_host_linear_decay import per_tensor
 BACKENDS = {}
 
 
-def _broadcast_decay(log_decay, batch, length, heads, key_dim, device):
-    """Return log λ as fp32 [B, T, H, K'] with K' ∈ {1, K} (scalar decay keeps a broadcast dim)."""
+def _broadcast_decay(log_decay, batch, length, heads, key_dim, device, dtype=torch.float32):
+    """Return log λ as `dtype` (fp32 unless asked) [B, T, H, K'] with K' ∈ {1, K} (scalar decay keeps a broadcast
+    dim)."""
     if log_decay is None:
-        return torch.zeros(batch, length, heads, 1, device=device)
-    log_decay = log_decay.float()
+        return torch.zeros(batch, length, heads, 1, device=device, dtype=dtype)
+    log_decay = log_decay.to(dtype)
     if log_decay.dim() == 1:
         return log_decay.view(1, 1, heads, 1).expand(batch, length, heads, 1)
     if log_decay.dim() == 3:
@@ -44,13 +45,16 @@ def _broadcast_decay(log_decay, batch, length, heads, key_dim, device):
 
 
 def naive_recurrence(q, k, v, log_decay=None, scale=1.0, initial_state=None, output_final_state=False):
-    """Oracle: the recurrence one token at a time, fp32."""
+    """Oracle: the recurrence one token at a time, in fp32, or in float64 when any input is float64 (the reference
+    that tests hold the fp32 and bf16 paths to)."""
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     out_dtype = v.dtype
-    decay = _broadcast_decay(log_decay, batch, length, heads, key_dim, q.device).exp()
-    q, k, v = q.float(), k.float(), v.float()
-    state = q.new_zeros(batch, heads, key_dim, value_dim) if initial_state is None else initial_state.float()
+    inputs = [x for x in (q, k, v, log_decay, initial_state) if x is not None]
+    dtype = torch.float64 if any(x.dtype == torch.float64 for x in inputs) else torch.float32
+    decay = _broadcast_decay(log_decay, batch, length, heads, key_dim, q.device, dtype).exp()
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    state = q.new_zeros(batch, heads, key_dim, value_dim) if initial_state is None else initial_state.to(dtype)
     outputs = []
     for t in range(length):
         state = decay[:, t, :, :, None] * state + torch.einsum("bhk,bhv->bhkv", k[:, t], v[:, t])

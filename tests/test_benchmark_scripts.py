@@ -1,6 +1,6 @@
-"""The GPU benchmark scripts' code paths, run small on CPU so that a GPU session does not find their bugs: every
-model, section and ratio of benchmarks/model.py, and every stage check of benchmarks/diagnose_chunk_kernels.py under
-Triton's interpreter. (The numbers themselves mean nothing on CPU.)"""
+"""The GPU benchmark scripts' code paths, run small on CPU so that a GPU run does not find their bugs: every model,
+section and ratio of benchmarks/model.py and the pieces of benchmarks/host_overhead.py. (The numbers themselves mean
+nothing on CPU.)"""
 
 import importlib.util
 import json
@@ -85,16 +85,6 @@ def test_model_benchmark_backward_thread_switch(tmp_path):
     assert [r["autograd_multithreading"] for r in json.loads(out.read_text())] == [True] * 2
 
 
-# Vector decay's factorised scores compute the entries above the diagonal too and discard them; at spans up to 120
-# (the "centred" and "halves" decays) those overflow (inf, and inf − inf), which numpy's matmul reports.
-@pytest.mark.filterwarnings("ignore:overflow encountered in matmul:RuntimeWarning",
-                            "ignore:invalid value encountered in matmul:RuntimeWarning")
-def test_chunk_kernel_diagnosis_passes_under_the_interpreter():
-    pytest.importorskip("triton")
-    diagnose = load("diagnose_chunk_kernels")
-    assert diagnose.main(["--cpu", "--length", "70", "--dims", "16", "--warps", "4"]) == 0
-
-
 def test_host_overhead_benchmark_runs_on_cpu(tmp_path):
     """benchmarks/host_overhead.py's pieces, blocks and profiles (the kernels under the interpreter): every row timed,
     each block also with the calling-thread backward (ours also with the direct launch path, which the interpreter
@@ -112,3 +102,93 @@ def test_host_overhead_benchmark_runs_on_cpu(tmp_path):
         assert (block + ", caller thread, fast launch" in pieces) == block.startswith("block")
     assert "recurrence vector fwd+bwd" in pieces and "softplus_decay fwd+bwd" in pieces
     assert (GatedRMSNormFunction.forward, GatedRMSNormFunction.backward) == (forward, backward)
+
+
+def test_kernel_benchmark_strengths_and_sections_on_cpu(tmp_path, monkeypatch, capsys):
+    """benchmarks/bench_kernels.py's decay strengths, precision and chunk sections and markdown tables, small on CPU:
+    the PyTorch chunked path stands in for our kernels and for FLA (whose scalar-decay backward refuses, as FLA's
+    chunk_simple_gla(g) does on Hopper with Triton 3.6); timing and peak memory are stubbed."""
+    import math
+
+    import torch
+
+    from linear_decay.recurrence_linear_decay import chunked_recurrence
+
+    bench = load("bench_kernels")
+    gen = torch.Generator().manual_seed(0)
+    for kind, shape in (("vector", (2, 64, 3, 8)), ("scalar", (2, 64, 3))):
+        for strength in bench.STRENGTHS:
+            g = bench.strength_log_decay(strength, kind, 2, 64, 3, 8, "cpu", gen)
+            assert g.shape == shape and g.dtype == torch.float32 and bool((g <= 0).all()), (kind, strength)
+    assert float(bench.strength_log_decay("u20", "vector", 1, 4096, 2, 8, "cpu", gen).min()) < -19
+    assert float(bench.strength_log_decay("mild", "vector", 1, 4096, 2, 8, "cpu", gen).min()) > -1
+    # mamba2: per channel A ∈ [1, 16] and dt ∈ [1e-3, 0.1]: at z = 0, −log λ / A = dt
+    a_dt = -bench.mamba2_log_decay((1, 1, 4, 8), (4, 8), "cpu", torch.Generator().manual_seed(1))
+    assert bool((a_dt > 1e-3 * math.exp(-3)).all()) and bool((a_dt < 16 * 0.1 * math.exp(3)).all())
+    assert bench.parse_strengths("u6,mild,u6") == ["u6", "mild"]
+
+    class RefuseBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise RuntimeError("Triton >= 3.4.0 and < 3.7.1 on Hopper GPUs produces incorrect results")
+
+    def simple_gla(q, k, v, g=None, g_gamma=None, **kwargs):
+        o, final = chunked_recurrence(q, k, v, g if g is not None else g_gamma, **kwargs)
+        return (RefuseBackward.apply(o) if g is not None else o), final
+
+    fla = dict(chunk_gla=lambda q, k, v, g, **kwargs: chunked_recurrence(q, k, v, g, **kwargs),
+               chunk_simple_gla=simple_gla)
+    ours = dict(chunk=chunked_recurrence)
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(bench, "SHAPES", [(1, 40, 2, 16)] * 4)
+    monkeypatch.setattr(bench, "PRECISION_SHAPE", (1, 40, 2, 16))
+    monkeypatch.setattr(bench, "PRECISION_EXTRA", ("vector", "mild", (1, 17, 2, 8)))
+    monkeypatch.setattr(bench, "do_bench", lambda fn, sets, warmup=0, rep=0: [fn(s) for s in sets] and 1.0)
+    monkeypatch.setattr(bench, "peak_memory_mib", lambda fn, arg: fn(arg) and 2.0)
+    args = bench.parse_args(["--only", "precision", "--only", "chunk", "--strengths", "mild,u20", "--shape", "0",
+                             "--check", "all", "--json", str(tmp_path / "out.json")])
+    results = dict(device="cpu", torch=torch.__version__, triton="-", fla_version="stub")
+    bench.section_precision(results, args, ours, fla, bench.Deadline(None))
+    bench.section_chunk(results, args, ours, fla, bench.Deadline(None))
+
+    precision = results["precision"]
+    assert [(r["decay"], r["strength"], r["shape"]) for r in precision] == [
+        ("vector", "mild", "1x40x2x16"), ("vector", "u20", "1x40x2x16"), ("scalar", "mild", "1x40x2x16"),
+        ("scalar", "u20", "1x40x2x16"), ("static", "-", "1x40x2x16"), ("vector", "mild", "1x17x2x8")]
+    for row in precision:
+        assert all(row["ours"][key] < 2e-2 for key in ("o", "dq", "dk", "dv")), row  # bf16 outputs vs float64
+        assert (row["ours"]["dg"] is None) == (row["decay"] == "static")
+        if row["decay"] == "scalar":
+            assert row["fla"]["o"] < 2e-2 and row["fla"]["dq"].startswith("refused: RuntimeError: Triton >= 3.4.0")
+        else:
+            assert all(isinstance(row["fla"][key], float) for key in ("o", "dq", "dk", "dv"))
+
+    chunk = results["chunk"]
+    timed = [r for r in chunk if r["impl"] in ("ours", "fla")]
+    assert len(timed) == 2 * 5 and {r["strength"] for r in timed} == {"mild", "u20", "-"}
+    assert {r["impl"] for r in chunk} == {"ours", "fla", "sdpa_default", "sdpa_flash"}
+    refused = [r for r in timed if "fwdbwd_error" in r]
+    assert {(r["impl"], r["decay"]) for r in refused} == {("fla", "scalar")}
+    assert all(r["fwd_ms"] == 1.0 for r in timed)
+    assert len(results["correctness"]) == 5  # --check all: each kind at each strength, static once
+
+    text = bench.markdown_tables(results)
+    assert text.count("| 1×40×2×16 | vector | u20 |") == 1 and "### Precision" in text
+    assert "| 1×17×2×8 |" in text and "refused: RuntimeError [1]" in text
+    bench.write_json(results, args.json)
+    assert json.loads((tmp_path / "out.json").read_text())["precision"][0]["decay"] == "vector"
+    bench.print_table(results)
+    printed = capsys.readouterr().out
+    assert "### Peak memory" in printed
+    bench.main(["--from-json", args.json])  # the same tables again from the JSON, no GPU needed
+    assert capsys.readouterr().out.split("### Chunked")[1] == printed.split("### Chunked")[1]
+
+    skipped = dict(device="cpu", torch="-", triton="-")
+    args_deadline = bench.parse_args(["--only", "chunk", "--strengths", "mild", "--shape", "0"])
+    bench.section_chunk(skipped, args_deadline, ours, fla, bench.Deadline(0.0, start=0.0))
+    assert skipped["chunk"] and all(r.get("skipped") == "deadline" for r in skipped["chunk"])
+    assert "Skipped after --deadline" in bench.markdown_tables(skipped)

@@ -1,12 +1,13 @@
 """The Triton kernels on a CUDA GPU (skipped without one), each against an independent reference:
 
 - `triton_chunked_recurrence` forward and every gradient (q, k, v, log λ, initial state, through the final state)
-  against the fp32 step-by-step oracle `naive_recurrence` run on fp32 copies of the same (rounded) inputs, for vector,
-  scalar, static and no decay; bf16 / fp16 / fp32; T ∈ {1, 63, 64, 65, 300, 1000} (one token, around the chunk size,
-  several chunks); head dims 64, 128, 96 (not a power of two) and K ≠ V; the kernels issue's bf16 grid
-  (K = V ∈ {64, 128, 256}, T ∈ {63, 2048, 16384}) at its 5e-3; strong decays (log λ down to −20 per step
-  on some channels), weak ones (≈ 0) and channels with no decay at all; with and without initial / final states;
-  non-contiguous and broadcast (stride-0) inputs as the model's TPE passes them.
+  against the float64 step-by-step oracle `naive_recurrence` run on float64 copies of the same (rounded) inputs, for
+  vector, scalar, static and no decay; bf16 / fp16 / fp32; T ∈ {1, 63, 64, 65, 300, 1000} (one token, around the
+  chunk size, several chunks); head dims 64, 128, 96 (not a power of two) and K ≠ V; a bf16 grid (K = V ∈ {64, 128,
+  256}, T ∈ {63, 2048, 16384}) at 5e-3; every gradient at 3e-3 at five decay strengths from initialisation-like to
+  uniform(−20, 0); strong decays (log λ down to −20 per step on some channels), weak ones (≈ 0) and channels with no
+  decay at all; with and without initial / final states; non-contiguous and broadcast (stride-0) inputs as the
+  model's TPE passes them.
 - varlen: a packed batch with `cu_seqlens` equals each sequence run alone (outputs, final states, gradients) and the
   oracle.
 - `triton_fused_recurrent` (decoding) against the oracle, with its in-place state update.
@@ -17,16 +18,13 @@
 Compile time dominates: run with `-n 8` (pytest-xdist) on the GPU machine, see the note above LENGTH_CASES.
 
 Tolerances are relative errors ||a − b|| / ||b|| over a whole tensor (conftest.relative_error), by input dtype:
-fp32 5e-4 (the kernels may use tf32 dots), fp16 5e-3, bf16 2e-2. Every output and gradient must also be finite.
-d log λ is held to that tolerance relative to the larger of its own size and the size of the terms it is the
-difference of (`decay_grad_scale`): under strong decay those cancel almost exactly, and the plain relative error of a
-kernel using the GLA identity is then reported as a warning instead (first GPU runs: up to 1.6 in bf16 and 8e-3 in
-fp32 on strong static / scalar decays).
+fp32 5e-4 (the kernels may use tf32 dots), fp16 5e-3, bf16 2e-2; d log λ like every other gradient. Every output and
+gradient must also be finite.
 Inputs are fresh per check (a seed derived from the test's parameters), generated on the CPU so they are the same on
 every machine.
 """
 
-import warnings
+import math
 import zlib
 
 import pytest
@@ -84,8 +82,7 @@ def make_log_decay(kind, batch, length, heads, key_dim, strength, gen):
               (no decay) and about one in eight more with r = 0;
       strong: r log-uniform in [2, 13.3];   weak: r = 1e-3;
       spans:  r log-uniform in [0.3, 1.8] on even heads, [1, 3.5] on odd ones: a head's largest span over a chunk
-              about 110–125 on even heads (mostly one factorised step with the factors centred, beyond a span of 60)
-              and 220–240 on odd ones (mostly the halves in turn, some 16-token walks): Mamba2-like (`_vector_path`)."""
+              about 110–125 on even heads and 220–240 on odd ones, Mamba2-like."""
     if kind == "none":
         return None
     rate_shape = (heads, key_dim) if kind == "vector" else (heads,)
@@ -137,27 +134,27 @@ GRAD_NAMES = ("q", "k", "v", "g", "h0")
 
 def run_with_grads(fn, inputs, upcast=False, frozen=(), **kwargs):
     """o, final state and the gradients of <o, do> + <final state, dht> w.r.t. every input tensor but the `frozen`
-    ones (fp32 leaves if `upcast`: the oracle sees exactly the values the kernel sees)."""
+    ones (float64 leaves if `upcast`: the oracle sees exactly the values the kernel sees, and computes in float64)."""
     leaves = {}
     for name in GRAD_NAMES:
         t = inputs[name]
         if t is not None:
             t = t.detach().clone()
-            t = t.float() if upcast else t
+            t = t.double() if upcast else t
             leaves[name] = t if name in frozen else t.requires_grad_()
     o, ht = fn(leaves["q"], leaves["k"], leaves["v"], leaves.get("g"), scale=inputs["scale"],
                initial_state=leaves.get("h0"), output_final_state=inputs["final_state"], **kwargs)
-    loss = (o.float() * inputs["do"]).sum()
+    loss = (o.double() * inputs["do"].double()).sum()
     if inputs["final_state"]:
         assert ht is not None, "output_final_state=True returned no final state"
-        loss = loss + (ht.float() * inputs["dht"]).sum()
+        loss = loss + (ht.double() * inputs["dht"].double()).sum()
     names = [name for name in leaves if name not in frozen]
     grads = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
     return dict(o=o.detach(), ht=None if ht is None else ht.detach(), **{"d" + n: g for n, g in zip(names, grads)})
 
 
 def compare_to_oracle(inputs, dtype, reference=naive_recurrence, tol=None, frozen=(), **kwargs):
-    """Run the kernel and the fp32 `reference` (the step-by-step oracle unless given); check dtypes, shapes, the
+    """Run the kernel and the float64 `reference` (the step-by-step oracle unless given); check dtypes, shapes, the
     inputs untouched and every result within `tol` (TOL by dtype unless given); no gradients of the `frozen` inputs.
     Returns the relative errors."""
     h0_before = None if inputs["h0"] is None else inputs["h0"].clone()
@@ -172,48 +169,11 @@ def compare_to_oracle(inputs, dtype, reference=naive_recurrence, tol=None, froze
     if h0_before is not None:
         assert torch.equal(inputs["h0"], h0_before), "initial_state was modified"
     errors = {}
-    for key in ("o", "ht", "dq", "dk", "dv", "dh0"):
+    for key in ("o", "ht", "dq", "dk", "dv", "dg", "dh0"):
         if ref.get(key) is None:
             continue
         errors[key] = assert_close(ours.get(key), ref[key], tol, key)
-    if ref.get("dg") is not None:
-        errors["dg"] = assert_decay_grad_close(ours.get("dg"), ref["dg"], decay_grad_scale(inputs, ref), tol, "dg")
     return errors
-
-
-def decay_grad_scale(inputs, ref):
-    """The size of the terms whose difference d log λ is: d log λ_r = Σ_{t ≥ r} (q_t ⊙ ∂q_t − k_t ⊙ ∂k_t)
-    + Σ_v ∂S_T ⊙ S_T (per key channel; summed like log λ is broadcast). With strong decay q ⊙ ∂q and k ⊙ ∂k are
-    large and cancel to a tiny d log λ, so a kernel using this identity (as GLA/FLA do) can only be accurate relative
-    to this scale, not to d log λ itself. Computed from the oracle's fp32 gradients."""
-    terms = (inputs["q"].float() * ref["dq"]).abs() + (inputs["k"].float() * ref["dk"]).abs()  # [B, T, H, K]
-    scale = terms.flip(1).cumsum(1).flip(1)
-    if inputs["final_state"]:
-        scale = scale + (inputs["dht"] * ref["ht"]).abs().sum(-1)[:, None]
-    g = inputs["g"]
-    if g.dim() == 3:
-        return scale.sum(-1)
-    if g.dim() == 1:
-        return scale.sum((0, 1, 3))
-    return scale
-
-
-def assert_decay_grad_close(actual, expected, scale, tol, what):
-    """d log λ within `tol` of the oracle relative to max(‖d log λ‖, ‖scale‖) (see decay_grad_scale). When it is
-    only that close, not within `tol` of ‖d log λ‖ itself, a warning names the plain relative error: the accuracy
-    lost to cancellation, e.g. for strong decays."""
-    assert actual is not None, f"{what}: missing"
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert bool(torch.isfinite(actual).all()), f"{what}: non-finite values"
-    diff = float((actual.double() - expected.double()).norm())
-    reference = max(float(expected.double().norm()), float(scale.double().norm()), 1e-30)
-    err = diff / reference
-    assert err <= tol, f"{what}: error {err:.3e} relative to max(|d log λ|, |cancelling terms|) > {tol:.1e}"
-    plain = relative_error(actual, expected)
-    if plain > tol:
-        warnings.warn(f"{what}: plain relative error {plain:.2e} > {tol:.0e} (cancellation: {err:.1e} relative to "
-                      f"the terms it is computed from)", stacklevel=2)
-    return plain
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -248,9 +208,8 @@ def test_chunk_matches_oracle(case, kind, dtype):
     compare_to_oracle(inputs, dtype)
 
 
-# The kernels issue's acceptance grid: bf16 inputs at K = V ∈ {64, 128, 256} and T ∈ {63, 2048, 16384}, every output
-# and gradient within 5e-3 of an fp32 reference (d log λ relative to the terms it cancels from, see decay_grad_scale;
-# its plain error is warned about). The reference is the step-by-step oracle up to T = 2048 and the fp32 PyTorch
+# bf16 inputs at K = V ∈ {64, 128, 256} and T ∈ {63, 2048, 16384}, every output and gradient (d log λ included)
+# within 5e-3 of a reference in higher precision: the float64 step-by-step oracle up to T = 2048 and the fp32 PyTorch
 # chunked path at T = 16384 (itself checked against the oracle in tests/test_recurrence.py), where the oracle's
 # autograd graph of 16384 steps would take minutes. Errors are printed: run with -rP to see them. Both ways of the
 # sequence-walking kernels (`_segment_plan`): segments (what two heads of one or two sequences take on the GPU) and
@@ -293,28 +252,23 @@ def test_chunk_state_flags(flags, kind):
     compare_to_oracle(inputs, torch.bfloat16)
 
 
-# Both VALUE_LOOP settings (on, the default: the dq and dk/dv kernels through every value block in one program, dq and
-# dk in one part; off: one program and one fp32 part per value block): every kind and dtype at several chunks with
-# mixed decays (every vector path), and value blocks of 16 and 32 (V = 128: eight or four blocks).
-@pytest.mark.parametrize("value_loop", [True, False], ids=["value-loop", "value-parts"])
+# Value blocks of 16 and 32 (V = 128: eight or four blocks) in the output and gradient kernels, every kind and dtype,
+# at several chunks with mixed decays.
 @pytest.mark.parametrize("block_v", [16, 32])
 @pytest.mark.parametrize("dtype", list(DIMS_FOR_DTYPE), ids=DTYPE_NAME.get)
 @pytest.mark.parametrize("kind", KINDS)
-def test_chunk_value_loop_matches_oracle(kind, dtype, block_v, value_loop, monkeypatch):
+def test_chunk_value_blocks_match_oracle(kind, dtype, block_v, monkeypatch):
     from linear_decay import kernels_chunk_linear_decay as kernels
 
-    for kernel in ("dq", "dk_dv"):
-        for code in (kernels.DECAY_NONE, kernels.DECAY_STATIC, kernels.DECAY_SCALAR, kernels.DECAY_VECTOR):
-            settings = {"VALUE_LOOP": value_loop, "block_v": block_v}
-            monkeypatch.setitem(kernels.TUNING_OVERRIDES, (kernel, code), settings)
+    for kernel in ("output", "grads"):
+        monkeypatch.setitem(kernels.TUNING, kernel, {**kernels.TUNING[kernel], "block_v": block_v})
     key_dim, value_dim = DIMS_FOR_DTYPE[dtype]
-    gen = cpu_generator("value-loop", kind, str(dtype), block_v)
+    gen = cpu_generator("value-blocks", kind, str(dtype), block_v)
     inputs = make_inputs(kind, 2, 300, HEADS, key_dim, value_dim, dtype, "mixed", gen, True, True, key_dim ** -0.5)
     compare_to_oracle(inputs, dtype)
 
 
-# A decay without a gradient (tnl's fixed one, or a frozen one): every kind but vector decay then writes dq and dk
-# straight into the gradients' dtype from the dq and dk/dv kernels (VALUE_LOOP on), without the finishing pass.
+# A decay without a gradient (tnl's fixed one, or a frozen one): no d log λ is computed.
 @pytest.mark.parametrize("dtype", list(DIMS_FOR_DTYPE), ids=DTYPE_NAME.get)
 @pytest.mark.parametrize("kind", ["scalar", "static", "vector"])
 def test_chunk_frozen_decay(kind, dtype):
@@ -322,6 +276,57 @@ def test_chunk_frozen_decay(kind, dtype):
     gen = cpu_generator("frozen", kind, str(dtype))
     inputs = make_inputs(kind, 2, 300, HEADS, key_dim, value_dim, dtype, "spans", gen, True, True, key_dim ** -0.5)
     compare_to_oracle(inputs, dtype, frozen=("g",))
+
+
+# Decays from initialisation-like to far stronger than trained models reach (RESULTS.md: layer medians of λ down to
+# 0.008, log λ to −4.8 per token): bf16 q, k = silu(randn), v = randn, scale K^-1/2, K = V = 128, a random bf16
+# output cotangent, against the float64 oracle. Every gradient, d log λ included, at bf16's level: within 3e-3.
+STRENGTH_TOL = 3e-3
+
+
+def log_decay_of_strength(kind, strength, shape, gen):
+    """fp32 log λ of `shape` ([B, T, H, K] vector, [B, T, H] scalar): mild logsigmoid(z)/16; mamba2 −exp(A)·softplus(z
+    + dt_bias) with Mamba2's initial A ~ U[1, 16] and dt ~ exp(U[ln 1e-3, ln 0.1]) per channel; logsigmoid(z);
+    uniform(−6, 0); uniform(−20, 0)."""
+    z = torch.randn(shape, generator=gen)
+    if strength == "mild":
+        return torch.nn.functional.logsigmoid(z) / 16
+    if strength == "logsigmoid":
+        return torch.nn.functional.logsigmoid(z)
+    if strength == "mamba2":
+        channels = shape[2:]
+        a = 1 + 15 * torch.rand(channels, generator=gen)
+        dt = torch.exp(math.log(1e-3) + (math.log(0.1) - math.log(1e-3)) * torch.rand(channels, generator=gen))
+        dt_bias = dt + torch.log(-torch.expm1(-dt))
+        return -a * torch.nn.functional.softplus(z + dt_bias)
+    low = {"u6": -6.0, "u20": -20.0}[strength]
+    return low * torch.rand(shape, generator=gen)
+
+
+STRENGTHS = ["mild", "mamba2", "logsigmoid", "u6", "u20"]
+STRENGTH_CASES = [(kind, strength) for kind in ("vector", "scalar") for strength in STRENGTHS] + [("static", "tnl")]
+
+
+@pytest.mark.parametrize("kind,strength", STRENGTH_CASES, ids=[f"{k}-{s}" for k, s in STRENGTH_CASES])
+def test_gradients_at_every_decay_strength(kind, strength):
+    batch, length, heads, dim = 2, 1000, 3, 128
+    gen = cpu_generator("strength", kind, strength)
+    silu = torch.nn.functional.silu
+    inputs = dict(q=silu(torch.randn(batch, length, heads, dim, generator=gen)).to(torch.bfloat16),
+                  k=silu(torch.randn(batch, length, heads, dim, generator=gen)).to(torch.bfloat16),
+                  v=torch.randn(batch, length, heads, dim, generator=gen).to(torch.bfloat16))
+    if kind == "static":  # tnl's slopes of the first layer of 24
+        slopes = 1 / (2 * 128 ** (torch.arange(heads) / (heads - 1)))
+        inputs["g"] = -slopes * (1 + 1e-5)
+    else:
+        shape = (batch, length, heads, dim) if kind == "vector" else (batch, length, heads)
+        inputs["g"] = log_decay_of_strength(kind, strength, shape, gen)
+    inputs["h0"] = inputs["dht"] = None
+    inputs["do"] = torch.randn(batch, length, heads, dim, generator=gen).to(torch.bfloat16).float()
+    inputs = {name: (None if t is None else t.to(DEVICE)) for name, t in inputs.items()}
+    inputs.update(scale=dim ** -0.5, final_state=False)
+    errors = compare_to_oracle(inputs, torch.bfloat16, tol=STRENGTH_TOL)
+    print(f"strength {kind} {strength}: " + " ".join(f"{k} {v:.1e}" for k, v in errors.items()))
 
 
 # Head dims that are not a power of two, and K != V (lrpe doubles the key dim), at a length that is not a multiple
@@ -430,13 +435,11 @@ def test_varlen_equals_separate_runs(kind, dtype):
         one["h0"], one["dht"] = packed["h0"][i:i + 1], packed["dht"][i:i + 1]
         parts.append(run_with_grads(chunk, one))
         refs.append(run_with_grads(naive_recurrence, one, upcast=True))
-        if one["g"] is not None:
-            refs[-1]["dg_scale"] = decay_grad_scale(one, refs[-1])
 
     def joined(results, key):
         if key in ("ht", "dh0"):
             return torch.cat([r[key] for r in results], dim=0)
-        if key in ("dg", "dg_scale") and kind == "static":  # one [H] parameter shared by every sequence
+        if key == "dg" and kind == "static":  # one [H] parameter shared by every sequence
             return torch.stack([r[key] for r in results]).sum(0)
         return torch.cat([r[key] for r in results], dim=1)
 
@@ -444,11 +447,7 @@ def test_varlen_equals_separate_runs(kind, dtype):
         if whole.get(key) is None and refs[0].get(key) is None:
             continue
         assert_close(whole.get(key), joined(parts, key), tol, f"{key}: packed vs separate runs")
-        expected = joined(refs, key).to(whole[key].dtype)
-        if key == "dg":
-            assert_decay_grad_close(whole[key], expected, joined(refs, "dg_scale"), tol, "dg: packed vs oracle")
-        else:
-            assert_close(whole[key], expected, tol, f"{key}: packed vs oracle")
+        assert_close(whole[key], joined(refs, key), tol, f"{key}: packed vs oracle")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -537,13 +536,6 @@ def global_error(actual, expected):
     return relative_error(a, b)
 
 
-# Parameters that reach the loss only through log λ. Their gradient sums d log λ over every token, and d log λ is a
-# reverse cumulative sum of q ⊙ dq − k ⊙ dk, terms that largely cancel: in bf16 its relative error is several times
-# that of dq / dk (diagnose_chunk_kernels.py on the H200, 2026-11-29: 1.4e-2–1.9e-2 vs 2.5e-3–3.4e-3), so these get a
-# wider floor (hgrn2's lower bound measured 9.0e-2 on the kernels vs 2.7e-2 on the fp32 torch path).
-DECAY_ONLY_PARAMETERS = ("A_log", "dt_bias", "log_rate", "delta", "lower_bound_logits", "decay_logit")
-
-
 @pytest.mark.parametrize("combo", MODEL_COMBOS, ids=model_id)
 def test_model_triton_matches_torch(combo, backend):
     """Same weights, backend triton vs torch. fp32: direct comparison. bf16: each bf16 backend against the fp32
@@ -580,8 +572,7 @@ def test_model_triton_matches_torch(combo, backend):
     for name in ref_grads:
         e_tri = relative_error(bf_tri_grads[name], ref_grads[name])
         e_torch = relative_error(bf_torch_grads[name], ref_grads[name])
-        floor = 1e-1 if name.rsplit(".", 1)[-1] in DECAY_ONLY_PARAMETERS else 5e-2
-        assert e_tri <= max(3 * e_torch, floor), f"bf16 grad of {name}: triton {e_tri:.2e} vs torch {e_torch:.2e}"
+        assert e_tri <= max(3 * e_torch, 5e-2), f"bf16 grad of {name}: triton {e_tri:.2e} vs torch {e_torch:.2e}"
 
 
 @pytest.mark.parametrize("combo", [MODEL_COMBOS[0], MODEL_COMBOS[2], MODEL_COMBOS[4]], ids=model_id)
