@@ -93,8 +93,14 @@ def chunked_recurrence(q, k, v, log_decay=None, scale=1.0, initial_state=None, o
     Intra-chunk scores A[t, s] = Σ_c q_tc k_sc e^{b_tc − b_sc} (s ≤ t). Scalar decay forms e^{b_t − b_s} per pair.
     Vector decay uses the matmul (q ⊙ e^{b})(k ⊙ e^{−b})ᵀ, exact while |b| ≤ FACTORISED_DECAY_LIMIT; chunks whose
     decay is stronger are recomputed in sub-chunks (`_subchunk_scores`), which never form a positive exponent.
-    Across chunks the state is carried by a short loop over chunks.
+    Across chunks the state is carried by a short loop over chunks. Autocast is off inside: the recurrence is
+    computed in fp32 whatever the caller's autocast (Trainer's --bf16) asks for, as the Triton kernels do.
     """
+    with torch.autocast(q.device.type, enabled=False):
+        return _chunked_recurrence(q, k, v, log_decay, scale, initial_state, output_final_state, chunk_size)
+
+
+def _chunked_recurrence(q, k, v, log_decay, scale, initial_state, output_final_state, chunk_size):
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     out_dtype = v.dtype

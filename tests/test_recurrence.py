@@ -256,6 +256,23 @@ def test_half_precision_gradients(dtype):
         assert relative_error(grads[name], ref[2][name]) <= 3e-2, name
 
 
+@pytest.mark.parametrize("kind", ["vector", "scalar", "static"])
+def test_chunked_under_bf16_autocast(kind):
+    """Under torch.autocast(bfloat16) (Trainer's --bf16 on CPU) with decays down to −20 per step, where strong
+    vector chunks take the sub-chunk form: the chunked path still computes in fp32, so outputs and gradients equal
+    the fp32 oracle's on the same inputs."""
+    q, k, v, log_decay, state = make_inputs(kind, 70, seed=13, low=-20.0)
+
+    def under_autocast(*args, **kwargs):  # the forward under autocast, the backward outside it, as Trainer does
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return chunked_recurrence(*args, **kwargs)
+
+    o, s, grads = run_with_grads(under_autocast, q, k, v, log_decay, state)
+    expected = run_with_grads(naive_recurrence, q, k, v, log_decay, state)
+    assert o.dtype == torch.float32
+    assert_close((o, s, grads), expected, tol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Backend selection
 # ---------------------------------------------------------------------------------------------------------------
