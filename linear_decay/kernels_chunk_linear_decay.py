@@ -723,7 +723,7 @@ class _ChunkedRecurrence(torch.autograd.Function):
             vector = decay == DECAY_VECTOR
             d_log_decay = torch.empty(batch, length, heads, *((key_dim,) if vector else ()), device=q.device,
                                       dtype=torch.float32)
-        block_k, block_v, launch = _launch("grads", key_dim, value_dim)
+        block_k, block_v, launch = _launch("grads", key_dim, value_dim, decay)
         _chunk_grads_kernel[(layout[2].numel(), heads)](
             q, k, v, b, do, states, state_grads, dq, dk, dv, d_log_decay, layout[0], layout[2], layout[3], scale,
             heads, key_dim, value_dim, block_k, block_v, CHUNK, SUB_CHUNK, decay, needs_decay_grad, dot_dtype,
@@ -789,20 +789,24 @@ def _key_block(key_dim):
     return max(16, next_power_of_2(key_dim))
 
 
-# Launch settings per kernel: key and value blocks (capped by the head dims; the state walks split the key dim over
-# programs, the chunk kernels loop over its blocks), warps, pipeline stages.
+# Launch settings per kernel (and, where vector decay differs, per kernel for vector decay): key and value blocks
+# (capped by the head dims; the state walks split the key dim over programs, the chunk kernels loop over its
+# blocks), warps, pipeline stages. Measured on an H100 (BENCHMARKS.md): vector decay's gradient kernel holds several
+# [chunk, key block] fp32 tiles per sub-block term, so it takes the key dim in blocks of 32; the other kinds and the
+# output kernel are fastest with the whole key dim (up to 128) at once.
 TUNING = {
     "states": dict(block_k=64, block_v=64, num_warps=8, num_stages=2),
-    "output": dict(block_k=64, block_v=64, num_warps=8, num_stages=2),
+    "output": dict(block_k=128, block_v=64, num_warps=8, num_stages=2),
     "state_grads": dict(block_k=64, block_v=64, num_warps=8, num_stages=2),
-    "grads": dict(block_k=32, block_v=64, num_warps=8, num_stages=1),
+    "grads": dict(block_k=128, block_v=64, num_warps=8, num_stages=1),
+    "grads_vector": dict(block_k=32, block_v=64, num_warps=8, num_stages=1),
 }
 SEGMENT_CHUNKS = None  # None: `_segment_plan`'s rule; a number: segments of that many chunks for every walk
 
 
-def _launch(kernel, key_dim, value_dim):
-    """(key block, value block, launch kwargs) of one kernel."""
-    settings = dict(TUNING[kernel])
+def _launch(kernel, key_dim, value_dim, decay=None):
+    """(key block, value block, launch kwargs) of one kernel (for decay kind `decay` where its settings differ)."""
+    settings = dict(TUNING.get(f"{kernel}_vector" if decay == DECAY_VECTOR else kernel, TUNING[kernel]))
     block_k = min(settings.pop("block_k"), _key_block(key_dim))
     block_v = min(settings.pop("block_v"), _key_block(value_dim))
     return block_k, block_v, settings

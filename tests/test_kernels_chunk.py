@@ -326,6 +326,18 @@ def test_forced_segment_lengths(segment_chunks, monkeypatch):
     assert_close(actual, oracle(inputs, scale=0.5), NAMES)
 
 
+@pytest.mark.parametrize("kind", ["vector", "scalar"])
+def test_key_blocks(kind, monkeypatch):
+    """The output and gradient kernels take the key dim in blocks (TUNING's block_k): K = 40 in blocks of 16, the
+    last one ragged, gives the oracle's outputs and gradients."""
+    for kernel in ("output", "grads", "grads_vector"):
+        monkeypatch.setitem(kernels.TUNING, kernel, {**kernels.TUNING[kernel], "block_k": 16})
+    inputs = make_inputs(kind, 2, CHUNK + 29, 2, 40, 24, seed=23)
+    assert kernels._launch("grads", 40, 24, kernels.DECAY_VECTOR)[0] == 16
+    actual = outputs_and_grads(triton_chunked_recurrence, inputs, scale=0.5)
+    assert_close(actual, oracle(inputs, scale=0.5), NAMES)
+
+
 @pytest.mark.parametrize("kind", ["scalar", "static", "vector"])
 def test_gradients_without_decay_gradient(kind):
     """A fixed or frozen decay: no d log λ is computed, the other gradients still match the oracle. V = 80 makes two
