@@ -792,14 +792,15 @@ def _key_block(key_dim):
 # Launch settings per kernel (and, where vector decay differs, per kernel for vector decay): key and value blocks
 # (capped by the head dims; the state walks split the key dim over programs, the chunk kernels loop over its
 # blocks), warps, pipeline stages. Measured on an H100 (BENCHMARKS.md): vector decay's gradient kernel holds several
-# [chunk, key block] fp32 tiles per sub-block term, so it takes the key dim in blocks of 32; the other kinds and the
-# output kernel are fastest with the whole key dim (up to 128) at once.
+# [chunk, key block] fp32 tiles per sub-block term, so it takes a key dim over 64 in blocks of 32 (K = 128: 8.5 ms
+# against 10.9 in blocks of 64 and 20 whole) and a smaller one whole (K = 64: 6.0 ms against 6.5 in blocks of 32);
+# the other kinds and the output kernel are fastest with the whole key dim (up to 128) at once.
 TUNING = {
     "states": dict(block_k=64, block_v=64, num_warps=8, num_stages=2),
     "output": dict(block_k=128, block_v=64, num_warps=8, num_stages=2),
     "state_grads": dict(block_k=64, block_v=64, num_warps=8, num_stages=2),
     "grads": dict(block_k=128, block_v=64, num_warps=8, num_stages=1),
-    "grads_vector": dict(block_k=32, block_v=64, num_warps=8, num_stages=1),
+    "grads_vector": dict(block_k=32, whole_key_dim_to=64, block_v=64, num_warps=8, num_stages=1),
 }
 SEGMENT_CHUNKS = None  # None: `_segment_plan`'s rule; a number: segments of that many chunks for every walk
 
@@ -807,7 +808,10 @@ SEGMENT_CHUNKS = None  # None: `_segment_plan`'s rule; a number: segments of tha
 def _launch(kernel, key_dim, value_dim, decay=None):
     """(key block, value block, launch kwargs) of one kernel (for decay kind `decay` where its settings differ)."""
     settings = dict(TUNING.get(f"{kernel}_vector" if decay == DECAY_VECTOR else kernel, TUNING[kernel]))
-    block_k = min(settings.pop("block_k"), _key_block(key_dim))
+    block_k = settings.pop("block_k")
+    if key_dim <= settings.pop("whole_key_dim_to", 0):
+        block_k = _key_block(key_dim)
+    block_k = min(block_k, _key_block(key_dim))
     block_v = min(settings.pop("block_v"), _key_block(value_dim))
     return block_k, block_v, settings
 

@@ -331,7 +331,7 @@ def test_key_blocks(kind, monkeypatch):
     """The output and gradient kernels take the key dim in blocks (TUNING's block_k): K = 40 in blocks of 16, the
     last one ragged, gives the oracle's outputs and gradients."""
     for kernel in ("output", "grads", "grads_vector"):
-        monkeypatch.setitem(kernels.TUNING, kernel, {**kernels.TUNING[kernel], "block_k": 16})
+        monkeypatch.setitem(kernels.TUNING, kernel, {**kernels.TUNING[kernel], "block_k": 16, "whole_key_dim_to": 0})
     inputs = make_inputs(kind, 2, CHUNK + 29, 2, 40, 24, seed=23)
     assert kernels._launch("grads", 40, 24, kernels.DECAY_VECTOR)[0] == 16
     actual = outputs_and_grads(triton_chunked_recurrence, inputs, scale=0.5)
