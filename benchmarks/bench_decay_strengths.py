@@ -1,0 +1,178 @@
+"""The chunk kernels against flash-linear-attention (FLA) across decay strengths, on one GPU, in one process.
+
+    python benchmarks/bench_decay_strengths.py precision [--kinds vector,scalar,static]
+    python benchmarks/bench_decay_strengths.py speed [--kinds vector,static] [--strengths mild,u6,u20]
+
+Inputs (bf16): q, k = silu(randn), v = randn, scale K^-1/2, a random bf16 output cotangent, no initial or final state;
+log λ in fp32 by strength (vector [B, T, H, K], scalar [B, T, H]):
+  mild        logsigmoid(z) / 16
+  mamba2      −A · softplus(z + dt_bias), Mamba2's initial A ~ U[1, 16] and dt ~ exp(U[ln 1e-3, ln 0.1]) per channel
+  logsigmoid  logsigmoid(z)
+  u6, u20     uniform(−6, 0), uniform(−20, 0)   (trained models reach log λ ≈ −4.8, RESULTS.md)
+static decay: TNL's slopes of a first layer, −1 / (2 · 128^{h / (H − 1)}).
+
+precision  B×T×H×K = 2×1000×3×128: ‖x − ref‖ / ‖ref‖ of o, dq, dk, dv, d log λ for ours and FLA (chunk_gla,
+           chunk_simple_gla) on the same inputs, ref the float64 token-by-token recurrence (naive_recurrence on float64
+           copies) with autograd. One JSON line per case.
+speed      forward and forward+backward ms (median of triton.testing.do_bench) and the peak memory of a
+           forward+backward above the inputs, ours and FLA, at 8×2048×16×128, 2×16384×16×128 and 1×16384×16×64; then
+           torch's SDPA (causal, default backend selection) forward+backward at the same shapes. One JSON line per case.
+
+FLA is optional (`pip install flash-linear-attention==0.6.0`); a case FLA refuses (chunk_simple_gla with a data-dependent
+g on Hopper with Triton < 3.7.1) prints its message instead of numbers.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from linear_decay.recurrence_linear_decay import naive_recurrence  # noqa: E402
+
+STRENGTHS = ("mild", "mamba2", "logsigmoid", "u6", "u20")
+SHAPES = ((8, 2048, 16, 128), (2, 16384, 16, 128), (1, 16384, 16, 64))
+
+
+def log_decay(strength, shape, generator):
+    z = torch.randn(shape, generator=generator)
+    if strength == "mild":
+        return F.logsigmoid(z) / 16
+    if strength == "logsigmoid":
+        return F.logsigmoid(z)
+    if strength == "mamba2":
+        channels = shape[2:]
+        a = 1 + 15 * torch.rand(channels, generator=generator)
+        dt = torch.exp(math.log(1e-3) + (math.log(0.1) - math.log(1e-3)) * torch.rand(channels, generator=generator))
+        return -a * F.softplus(z + dt + torch.log(-torch.expm1(-dt)))
+    return {"u6": -6.0, "u20": -20.0}[strength] * torch.rand(shape, generator=generator)
+
+
+def make_inputs(kind, strength, batch, length, heads, dim, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    q = F.silu(torch.randn(batch, length, heads, dim, generator=generator)).bfloat16()
+    k = F.silu(torch.randn(batch, length, heads, dim, generator=generator)).bfloat16()
+    v = torch.randn(batch, length, heads, dim, generator=generator).bfloat16()
+    if kind == "static":
+        g = -(1 / (2 * 128 ** (torch.arange(heads) / (heads - 1))))
+    else:
+        g = log_decay(strength, (batch, length, heads, dim) if kind == "vector" else (batch, length, heads), generator)
+    do = torch.randn(batch, length, heads, dim, generator=generator).bfloat16()
+    return [x.cuda() for x in (q, k, v, g, do)]
+
+
+def implementations():
+    from linear_decay.kernels_chunk_linear_decay import triton_chunked_recurrence
+
+    found = {"ours": lambda kind, q, k, v, g, scale: triton_chunked_recurrence(q, k, v, g, scale=scale)[0]}
+    try:
+        from fla.ops.gla import chunk_gla
+        from fla.ops.simple_gla import chunk_simple_gla
+    except ImportError as error:
+        print(f"FLA not available: {error}", flush=True)
+        return found
+
+    def fla(kind, q, k, v, g, scale):
+        if kind == "vector":
+            return chunk_gla(q, k, v, g, scale=scale)[0]
+        if kind == "scalar":
+            return chunk_simple_gla(q, k, v, g=g, scale=scale)[0]
+        return chunk_simple_gla(q, k, v, g_gamma=g, scale=scale)[0]
+
+    found["fla"] = fla
+    return found
+
+
+def leaves(kind, q, k, v, g, dtype=None):
+    """Fresh leaves; the static decay (one fixed value per head) gets no gradient."""
+    return [x.detach().to(dtype or x.dtype).requires_grad_(kind != "static" or index < 3)
+            for index, x in enumerate((q, k, v, g))]
+
+
+def output_and_grads(fn, kind, inputs, scale, dtype=None):
+    *tensors, do = inputs
+    xs = leaves(kind, *tensors, dtype=dtype)
+    o = fn(kind, *xs, scale)
+    wrt = [x for x in xs if x.requires_grad]
+    loss_dtype = dtype or torch.float32
+    return [o, *torch.autograd.grad((o.to(loss_dtype) * do.to(loss_dtype)).sum(), wrt)]
+
+
+def relative_error(actual, expected):
+    return float((actual.double() - expected.double()).norm() / expected.double().norm())
+
+
+def precision(args, impls):
+    oracle = lambda kind, q, k, v, g, scale: naive_recurrence(q, k, v, g, scale=scale)[0]  # noqa: E731
+    for kind in args.kinds:
+        for strength in (args.strengths if kind != "static" else ["tnl"]):
+            inputs = make_inputs(kind, strength, 2, 1000, 3, 128, seed=1)
+            reference = output_and_grads(oracle, kind, inputs, 128 ** -0.5, dtype=torch.float64)
+            row = {"kind": kind, "strength": strength, "columns": ["o", "dq", "dk", "dv", "dlogλ"][:len(reference)]}
+            for name, fn in impls.items():
+                try:
+                    row[name] = [relative_error(a, e) for a, e in
+                                 zip(output_and_grads(fn, kind, inputs, 128 ** -0.5), reference)]
+                except Exception as error:  # noqa: BLE001 (a refusal is a result)
+                    row[name] = str(error).splitlines()[0][:120]
+            print("precision", json.dumps(row), flush=True)
+
+
+def speed(args, impls):
+    import triton
+
+    for shape in SHAPES:
+        for kind in args.kinds:
+            for strength in (args.strengths if kind != "static" else ["tnl"]):
+                inputs = make_inputs(kind, strength, *shape)
+                scale, do = shape[-1] ** -0.5, inputs[-1]
+                row = {"shape": shape, "kind": kind, "strength": strength, "columns": ["fwd ms", "fwd+bwd ms", "MiB"]}
+                for name, fn in impls.items():
+                    xs = leaves(kind, *inputs[:4])
+
+                    def forward_backward():
+                        fn(kind, *xs, scale).backward(do)
+
+                    try:
+                        torch.cuda.synchronize()
+                        torch.cuda.reset_peak_memory_stats()
+                        base = torch.cuda.memory_allocated()
+                        forward = triton.testing.do_bench(lambda: fn(kind, *xs, scale), warmup=25, rep=100,
+                                                          return_mode="median")
+                        both = triton.testing.do_bench(forward_backward, warmup=25, rep=100, return_mode="median")
+                        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+                        row[name] = [round(forward, 3), round(both, 3), round(peak)]
+                    except Exception as error:  # noqa: BLE001
+                        row[name] = str(error).splitlines()[0][:120]
+                print("speed", json.dumps(row), flush=True)
+    for batch, length, heads, dim in SHAPES:
+        q, k, v = (torch.randn(batch, heads, length, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+
+        def sdpa():
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            o.backward(torch.ones_like(o))
+
+        ms = triton.testing.do_bench(sdpa, warmup=25, rep=100, return_mode="median")
+        print("sdpa", json.dumps({"shape": [batch, length, heads, dim], "fwd+bwd ms": round(ms, 3)}), flush=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("section", choices=("precision", "speed"))
+    parser.add_argument("--kinds", default="vector,scalar,static")
+    parser.add_argument("--strengths", default=",".join(STRENGTHS))
+    args = parser.parse_args(argv)
+    args.kinds, args.strengths = args.kinds.split(","), args.strengths.split(",")
+    if not torch.cuda.is_available():
+        sys.exit("bench_decay_strengths.py needs a CUDA GPU")
+    (precision if args.section == "precision" else speed)(args, implementations())
+
+
+if __name__ == "__main__":
+    main()
