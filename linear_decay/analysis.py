@@ -10,11 +10,14 @@ Command line — several checkpoints on one text, one figure of median λ per la
                                     [--plot decay.png] [--json stats.json]
 
 Without `--text` the text is the held-out tail of the bundled corpus (what the quickstart does not train on).
-`--plot` needs matplotlib (`pip install matplotlib`).
+`--plot` needs matplotlib (`pip install matplotlib`). A CHECKPOINT is a local folder or a Hub id `owner/name`; a local
+path that does not exist (anything else that is not there, or `owner/name` where `owner` is a local folder) stops at
+once with "no such folder" instead of being looked up on the Hub.
 """
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -74,13 +77,15 @@ def format_statistics(stats):
     return "\n".join(lines)
 
 
-def plot_statistics(stats_by_model, path, title="Median decay per layer"):
-    """One line per model: median λ against layer index, the 25th–75th percentile band shaded (DESIGN §5)."""
+def decay_figure(stats_by_model, title="Median decay per layer"):
+    """The matplotlib figure of `plot_statistics` (the caller closes it): median λ against the layer index, whose axis
+    is marked at whole layers only."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError as error:
         raise SystemExit("linear_decay.analysis: error: --plot needs matplotlib (pip install matplotlib)") from error
     figure, axes = plt.subplots(figsize=(6.4, 4.2))
@@ -89,6 +94,7 @@ def plot_statistics(stats_by_model, path, title="Median decay per layer"):
         line, = axes.plot(layers, [row["median"] for row in stats], marker="o", label=label)
         axes.fill_between(layers, [row["p25"] for row in stats], [row["p75"] for row in stats],
                           color=line.get_color(), alpha=0.15)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers: no tick at 0.5, 1.5
     axes.set_xlabel("layer")
     axes.set_ylabel("median λ (band: 25th–75th percentile)")
     axes.set_ylim(0.0, 1.02)
@@ -96,8 +102,18 @@ def plot_statistics(stats_by_model, path, title="Median decay per layer"):
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
     figure.tight_layout()
-    figure.savefig(path, dpi=150)
-    plt.close(figure)
+    return figure
+
+
+def plot_statistics(stats_by_model, path, title="Median decay per layer"):
+    """One line per model: median λ against layer index, the 25th–75th percentile band shaded (DESIGN §5)."""
+    import matplotlib.pyplot as plt
+
+    figure = decay_figure(stats_by_model, title)
+    try:
+        figure.savefig(path, dpi=150)
+    finally:
+        plt.close(figure)
 
 
 def held_out_text():
@@ -107,21 +123,49 @@ def held_out_text():
     return text[int(len(text) * 0.985):]
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9_][\w.-]*")
+
+
+def missing_folder(checkpoint):
+    """Why `checkpoint` cannot be a model folder here ("no such folder: ...", "not a folder: ..."), or None: it is an
+    existing folder, or a Hub id `owner/name` (whose `owner` is no local folder), which from_pretrained looks up.
+    Anything else that does not exist is a mistyped local path, reported at once rather than tried on the Hub."""
+    path = Path(checkpoint).expanduser()
+    if path.exists():
+        return None if path.is_dir() else f"not a folder: {checkpoint}"
+    if HUB_ID.fullmatch(checkpoint) and ".." not in checkpoint and not Path(checkpoint.split("/")[0]).is_dir():
+        return None
+    return f"no such folder: {checkpoint}"
+
+
 def _load(checkpoint):
     from transformers import AutoModelForCausalLM, AutoTokenizer  # the package import registered the Auto classes
 
-    path = Path(checkpoint)
+    path = Path(checkpoint).expanduser()
     if path.exists() and not (path / "config.json").is_file():
         raise SystemExit(f"linear_decay.analysis: error: {checkpoint} has no config.json")
-    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    source = str(path) if path.exists() else checkpoint
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source)
+    except (OSError, ValueError) as error:  # not on the Hub / offline, not a linear_decay config, config ≠ weights
+        message = " ".join(str(error).split())
+        raise SystemExit(f"linear_decay.analysis: error: cannot load {checkpoint}: {message}") from None
     if getattr(model.config, "model_type", None) != "linear_decay":
         raise SystemExit(f"linear_decay.analysis: error: {checkpoint} is a {model.config.model_type!r} model, "
                          "not linear_decay")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError):
         tokenizer = AutoTokenizer.from_pretrained(Path(__file__).resolve().parent / "data" / "tokenizer")
     return model, tokenizer
+
+
+def first_tokens(tokenizer, text, count):
+    """The first `count` tokens of `text`, [1, ≤ count]. Tokenized with truncation to `count`: the text may be far
+    longer than the tokenizer's `model_max_length` (a recurrent model has no length limit, and only the first
+    `count` tokens are run), which an untruncated call would warn about."""
+    tokenizer.truncation_side = "right"
+    return tokenizer(text, return_tensors="pt", truncation=True, max_length=count).input_ids
 
 
 def main(argv=None):
@@ -142,12 +186,16 @@ def main(argv=None):
         parser.error(f"--labels names {len(labels)} models, but {len(args.checkpoints)} checkpoints were given")
     if args.tokens < 1:
         parser.error("--tokens must be positive")
+    for checkpoint in args.checkpoints:  # every mistyped path at once, before any model is loaded
+        problem = missing_folder(checkpoint)
+        if problem is not None:
+            sys.exit(f"linear_decay.analysis: error: {problem}")
     text = Path(args.text).read_text(encoding="utf-8") if args.text else held_out_text()
 
     results = {}
     for label, checkpoint in zip(labels, args.checkpoints):
         model, tokenizer = _load(checkpoint)
-        input_ids = tokenizer(text, return_tensors="pt").input_ids[:, :args.tokens]
+        input_ids = first_tokens(tokenizer, text, args.tokens)
         if input_ids.numel() == 0:
             parser.error("the text gives no tokens")
         results[label] = decay_statistics(model, input_ids.to(model.device))
@@ -162,7 +210,7 @@ def main(argv=None):
     return 0
 
 
-__all__ = ["decay_statistics", "format_statistics", "plot_statistics", "STATISTICS"]
+__all__ = ["decay_statistics", "format_statistics", "plot_statistics", "decay_figure", "missing_folder", "STATISTICS"]
 
 
 if __name__ == "__main__":

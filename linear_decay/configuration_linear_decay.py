@@ -26,6 +26,21 @@ PRESETS = {
 }
 
 
+# The design of a model: the fields that decide what its weights compute although the weights' names and shapes do not
+# (or not reliably) show them — gla and lightnet, or rope and none, have exactly the same parameters.
+# `save_pretrained` writes them into the safetensors metadata (key DESIGN_METADATA_KEY, a JSON object), and
+# `from_pretrained` refuses a config that contradicts them. Left out: sizes (hidden_size, num_hidden_layers,
+# vocab_size, intermediate_size, decay_rank), which the weights record themselves; initialisation-only fields
+# (simple_decay_init, the mamba2_* ranges, initializer_range), which trained weights no longer depend on; run-time
+# switches (loss_chunk_size, decode_cuda_graphs, use_cache) and token ids, which change no logit.
+DESIGN_FIELDS = (
+    "decay_type", "decay_granularity", "share_decay", "position_encoding", "hgrn2_lower_bound", "gla_denominator",
+    "num_heads", "rope_theta", "rope_fraction", "use_output_gate", "attention_scale", "rms_norm_eps",
+    "tie_word_embeddings",
+)
+DESIGN_METADATA_KEY = "linear_decay_design"
+
+
 DEFAULT_AUTO_MAP = {
     "AutoConfig": "configuration_linear_decay.LinearDecayConfig",
     "AutoModel": "modeling_linear_decay.LinearDecayModel",
@@ -253,6 +268,10 @@ class LinearDecayConfig(PreTrainedConfig):
         if not (_is_int(self.loss_chunk_size) and self.loss_chunk_size >= 0):
             raise _invalid("loss_chunk_size", self.loss_chunk_size, "must be 0 (off) or a positive number of tokens")
 
+    def design(self):
+        """{field: value} of DESIGN_FIELDS: what the safetensors metadata of a saved checkpoint records."""
+        return {field: getattr(self, field) for field in DESIGN_FIELDS}
+
     @property
     def key_dim(self):
         """Per-head key dim of the recurrent state (LRPE doubles it, DESIGN §4)."""
@@ -269,4 +288,4 @@ def _is_real(value):
 
 LinearDecayConfig.register_for_auto_class()
 
-__all__ = ["LinearDecayConfig", "PRESETS", "DECAY_TYPES", "valid_combinations", "combination_error"]
+__all__ = ["LinearDecayConfig", "PRESETS", "DECAY_TYPES", "DESIGN_FIELDS", "valid_combinations", "combination_error"]

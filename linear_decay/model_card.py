@@ -5,7 +5,9 @@ the checkpoint itself, so any tool can refresh a card with `write_model_card(dir
 
 - `config.json` → the design choices (DESIGN §1–4), sizes and hub tags;
 - the weights (`*.safetensors`) → the parameter count;
-- `linear_decay_training.json` (written by `examples/run_clm.py`) → datasets, base model, how it was trained;
+- `linear_decay_training.json` (written by `examples/run_clm.py` and `python -m linear_decay.sweep`) → datasets, base
+  model, how it was trained; a final training loss it lacks (no loss line was logged: `logging_steps` exceeded the
+  steps) comes from what transformers' Trainer saved beside it (`trainer_state.json`, `train_results.json`);
 - `lm_eval_results.json` (written by `examples/evaluate.py --write_to_checkpoint`) → eval results in the metadata.
 
 A README.md that this module did not write (no `GENERATED_MARKER`) is never overwritten.
@@ -25,6 +27,8 @@ from .decay_linear_decay import DECAY_REGISTRY
 TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"
 TRAINING_FILE = "linear_decay_training.json"
 LM_EVAL_FILE = "lm_eval_results.json"
+TRAINER_STATE_FILE = "trainer_state.json"  # transformers' Trainer.save_state()
+TRAINER_METRICS_FILES = ("train_results.json", "all_results.json")  # transformers' Trainer.save_metrics("train", ...)
 GENERATED_MARKER = "<!-- written by linear-decay; delete this line to keep your own edits when the model is saved again -->"
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -74,19 +78,84 @@ def _hub_id(name, bare=False):
     return name
 
 
+def _number(value):
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+
+
+def lm_eval_metrics(lm_eval):
+    """The metrics of lm-eval's `results` dict ({task: {"metric,filter": value, ...}}) as rows (task, metric, filter,
+    value, stderr, documents), sorted. Only "metric,filter" keys are metrics (lm-eval >= 0.4 names every metric so);
+    the task's other fields — `alias`, `name`, `sample_len` (the number of documents evaluated, reported as
+    `documents`) — are not, and "<metric>_stderr,filter" is the standard error of its metric (None where lm-eval
+    gives "N/A"). Non-numeric or non-finite values are left out."""
+    rows = []
+    for task, fields in sorted((lm_eval or {}).items()):
+        if not isinstance(fields, dict):
+            continue
+        documents = _number(fields.get("sample_len"))
+        for key, value in sorted(fields.items()):
+            metric, comma, filter_name = key.partition(",")
+            if not comma or metric.endswith("_stderr") or _number(value) is None:
+                continue
+            stderr = _number(fields.get(f"{metric}_stderr,{filter_name}"))
+            rows.append((task, metric, filter_name, float(value), stderr, documents))
+    return rows
+
+
+def _metric_label(metric, filter_name):
+    return metric if filter_name in ("", "none") else f"{metric} ({filter_name})"
+
+
 def _eval_results(lm_eval):
-    """lm-eval's `results` dict ({task: {"metric,filter": value}}) as Hub eval results, stderr and aliases dropped."""
-    results = []
-    for task, metrics in sorted((lm_eval or {}).items()):
-        for key, value in sorted(metrics.items()):
-            metric = key.split(",")[0]
-            if metric.endswith("_stderr") or isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue
-            if not math.isfinite(value):
-                continue
-            results.append(EvalResult(task_type="text-generation", dataset_type=task, dataset_name=task,
-                                      metric_type=metric, metric_name=metric, metric_value=round(float(value), 6)))
-    return results
+    """lm-eval's metrics (`lm_eval_metrics`) as Hub eval results."""
+    return [EvalResult(task_type="text-generation", dataset_type=task, dataset_name=task, metric_type=metric,
+                       metric_name=_metric_label(metric, filter_name), metric_value=round(value, 6))
+            for task, metric, filter_name, value, _, _ in lm_eval_metrics(lm_eval)]
+
+
+def trainer_losses(directory):
+    """(last logged training loss, mean training loss of the run, global step) from what transformers' Trainer saved
+    in `directory`: `trainer_state.json`'s log_history holds one {"loss": ...} entry per logging step (the mean over
+    that interval) and a last entry with "train_loss" (the mean over all steps of the run), which
+    `train_results.json` / `all_results.json` hold too. None for what is not there."""
+    directory = Path(directory)
+    state = _read_json(directory / TRAINER_STATE_FILE) or {}
+    history = [entry for entry in state.get("log_history") or [] if isinstance(entry, dict)]
+    logged = [entry["loss"] for entry in history if _number(entry.get("loss")) is not None]
+    means = [entry["train_loss"] for entry in history if _number(entry.get("train_loss")) is not None]
+    for name in TRAINER_METRICS_FILES if not means else ():
+        mean = _number((_read_json(directory / name) or {}).get("train_loss"))
+        if mean is not None:
+            means = [mean]
+            break
+    step = state.get("global_step") if _is_count(state.get("global_step")) else None
+    return (logged[-1] if logged else None), (means[-1] if means else None), step
+
+
+def _is_count(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def training_record(directory):
+    """The training record of the checkpoint in `directory` (`linear_decay_training.json`), its final training loss
+    completed from the Trainer's files where the record has none (`trainer_losses`): the last logged loss, else the
+    run's mean loss — what a run gives whose `logging_steps` exceed its steps — marked as such. Without a record but
+    with a Trainer state: the steps and that loss. None when neither exists."""
+    directory = Path(directory)
+    record = _read_json(directory / TRAINING_FILE)
+    last_logged, run_mean, step = trainer_losses(directory)
+    if record is None:
+        if step is None and last_logged is None and run_mean is None:
+            return None
+        record = {"steps": step}
+    record = dict(record)
+    if _number(record.get("final_train_loss")) is None:
+        if last_logged is not None:
+            record["final_train_loss"] = last_logged
+        elif run_mean is not None:
+            record["final_train_loss"] = run_mean
+            record["final_train_loss_note"] = "mean over the training run: no loss was logged at a finer interval"
+    return record
 
 
 def _design_rows(config):
@@ -131,12 +200,14 @@ def _training_section(training, base_model):
             lines.append(f"\nIt derives from `{base_model}`.")
         return "".join(lines)
     labels = [
-        ("base_model", "fine-tuned from"), ("datasets", "Hub datasets"), ("data_files", "data files"), ("train_tokens", "training tokens"),
+        ("base_model", "fine-tuned from"), ("datasets", "Hub datasets"), ("data_files", "data files"),
+        ("data", "training data"), ("train_tokens", "training tokens"),
         ("steps", "optimizer steps"), ("global_batch_size", "global batch (sequences)"),
         ("sequence_length", "sequence length"), ("learning_rate", "peak learning rate"),
         ("lr_scheduler", "schedule"), ("optimizer", "optimizer"), ("precision", "precision"),
         ("final_train_loss", "final training loss"), ("eval_loss", "eval loss"),
-        ("eval_perplexity", "eval perplexity"), ("hardware", "hardware"), ("command", "command"),
+        ("eval_perplexity", "eval perplexity"), ("eval_accuracy", "eval accuracy"), ("hardware", "hardware"),
+        ("command", "command"),
     ]
     lines = []
     for key, label in labels:
@@ -149,16 +220,21 @@ def _training_section(training, base_model):
             value = f"{value:.4g}"
         elif isinstance(value, int):
             value = f"{value:,}"
-        lines.append(f"- {label}: `{value}`" if key == "command" else f"- {label}: {value}")
+        note = training.get(f"{key}_note")
+        lines.append(f"- {label}: `{value}`" if key == "command" else
+                     f"- {label}: {value}" + (f" ({note})" if isinstance(note, str) and note else ""))
     return "\n".join(lines)
 
 
-def _evaluation_section(eval_results):
-    if not eval_results:
+def _evaluation_section(metrics):
+    if not metrics:
         return ("No evaluation results were saved with this checkpoint; `python examples/evaluate.py CHECKPOINT "
                 "--write_to_checkpoint` runs lm-evaluation-harness and records them here.")
-    rows = [f"| {r.dataset_name} | {r.metric_type} | {r.metric_value:.4f} |" for r in eval_results]
-    return "lm-evaluation-harness:\n\n| task | metric | value |\n|---|---|---|\n" + "\n".join(rows)
+    rows = [f"| {task} | {_metric_label(metric, filter_name)} | {value:.4f} | "
+            f"{'—' if stderr is None else f'{stderr:.4f}'} | {'—' if documents is None else f'{documents:,}'} |"
+            for task, metric, filter_name, value, stderr, documents in metrics]
+    return ("lm-evaluation-harness:\n\n| task | metric | value | stderr | documents |\n|---|---|---|---|---|\n"
+            + "\n".join(rows))
 
 
 def render_model_card(config, *, repo_id=None, model_name=None, base_model=None, training=None, lm_eval=None,
@@ -186,7 +262,7 @@ def render_model_card(config, *, repo_id=None, model_name=None, base_model=None,
         design_rows=_design_rows(config),
         architecture_rows=_architecture_rows(config, num_parameters),
         training=_training_section(training, base_model),
-        evaluation=_evaluation_section(eval_results),
+        evaluation=_evaluation_section(lm_eval_metrics(lm_eval)),
     )
     return text.rstrip() + "\n\n" + GENERATED_MARKER + "\n"
 
@@ -200,7 +276,7 @@ def render_model_card_for_directory(directory, config=None, *, repo_id=None, bas
         repo_id=repo_id,
         model_name=repo_id.split("/")[-1] if repo_id else directory.resolve().name,
         base_model=base_model,
-        training=_read_json(directory / TRAINING_FILE),
+        training=training_record(directory),
         lm_eval=_read_json(directory / LM_EVAL_FILE),
         num_parameters=count_parameters(directory),
         tags=tags,

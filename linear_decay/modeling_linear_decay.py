@@ -1,13 +1,17 @@
 """Decay linear attention language models (DESIGN.md): `LinearDecayModel`, `LinearDecayForCausalLM`.
 
 Read top to bottom: the recurrent cache, norms and position encodings, the token mixer (§1–4), the SwiGLU block, the
-backbone and the causal LM head. The recurrence itself lives in `recurrence_linear_decay` (naive oracle, chunked
-PyTorch path, decoding step, and the seam where GPU kernels plug in); the decay parameterizations live in
-`decay_linear_decay` (one registry, §2).
+design record that checkpoints carry in their safetensors metadata, the backbone and the causal LM head. The
+recurrence itself lives in `recurrence_linear_decay` (naive oracle, chunked PyTorch path, decoding step, and the seam
+where GPU kernels plug in); the decay parameterizations live in `decay_linear_decay` (one registry, §2).
 """
 
+import contextvars
+import functools
+import json
 import math
 import os
+import shutil
 import tempfile
 
 import torch
@@ -20,7 +24,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .configuration_linear_decay import LinearDecayConfig
+from .configuration_linear_decay import DESIGN_FIELDS, DESIGN_METADATA_KEY, LinearDecayConfig
 from .decay_linear_decay import DECAY_REGISTRY, DecayParameterization
 from .recurrence_linear_decay import linear_decay_attention, recurrent_step
 
@@ -475,6 +479,153 @@ class LinearDecayBlock(GradientCheckpointingLayer):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The design in the safetensors metadata (configuration_linear_decay.DESIGN_FIELDS)
+# ----------------------------------------------------------------------------------------------------------------
+
+# The metadata that weights files written in this context get besides transformers' own (None: none).
+_SAVE_METADATA = contextvars.ContextVar("linear_decay_save_metadata", default=None)
+
+
+def _install_save_metadata_hook():
+    """transformers' save_pretrained writes every safetensors file through `modeling_utils.safe_save_file`, with a
+    metadata dict of its own that it offers no way to extend. Wrap that function once: while `_SAVE_METADATA` is set
+    (by `_save_with_design`, for this thread or task only) the files get its entries too; every other call passes
+    through unchanged."""
+    from transformers import modeling_utils
+
+    current = layer = getattr(modeling_utils, "safe_save_file", None)
+    while layer is not None:
+        if getattr(layer, "linear_decay_metadata", None) is _SAVE_METADATA:
+            return
+        layer = getattr(layer, "__wrapped__", None)
+    if current is None:
+        return
+
+    @functools.wraps(current)
+    def safe_save_file(tensors, filename, metadata=None, *args, **kwargs):
+        extra = _SAVE_METADATA.get()
+        if extra:
+            metadata = {**(metadata or {}), **extra}
+        return current(tensors, filename, metadata, *args, **kwargs)
+
+    safe_save_file.linear_decay_metadata = _SAVE_METADATA
+    modeling_utils.safe_save_file = safe_save_file
+
+
+def _with_variant(name, variant):
+    """transformers' weights file names: model.safetensors -> model.VARIANT.safetensors (likewise the index)."""
+    if not variant:
+        return name
+    parts = name.split(".")
+    return ".".join([*parts[:-1], variant, parts[-1]])
+
+
+def _weight_files(directory, variant=None):
+    """The safetensors files of the checkpoint saved in a local `directory` (all shards), [] if there are none."""
+    index = os.path.join(directory, _with_variant("model.safetensors.index.json", variant))
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f).get("weight_map", {}).values()))
+        return [os.path.join(directory, shard) for shard in shards if os.path.isfile(os.path.join(directory, shard))]
+    single = os.path.join(directory, _with_variant("model.safetensors", variant))
+    return [single] if os.path.isfile(single) else []
+
+
+def _read_safetensors_header(path):
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(length)), 8 + length
+
+
+def safetensors_metadata(path):
+    """The `__metadata__` of a safetensors file (a {str: str} dict; {} if it has none), read from its header only."""
+    header, _ = _read_safetensors_header(path)
+    return header.get("__metadata__") or {}
+
+
+def _add_safetensors_metadata(path, entries):
+    """Rewrite a safetensors file with `entries` added to its header's metadata (the tensor bytes are copied as they
+    are). Only needed where a transformers version writes weights without going through `safe_save_file`."""
+    header, data_start = _read_safetensors_header(path)
+    header["__metadata__"] = {**(header.get("__metadata__") or {}), **entries}
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # the tensor data stays 8-byte aligned
+    partial = f"{path}.partial"
+    with open(path, "rb") as source, open(partial, "wb") as target:
+        target.write(len(encoded).to_bytes(8, "little"))
+        target.write(encoded)
+        source.seek(data_start)
+        shutil.copyfileobj(source, target, 16 << 20)
+    os.replace(partial, path)
+
+
+def design_metadata(config):
+    """The safetensors metadata entry that records a config's design: {DESIGN_METADATA_KEY: JSON of its fields}."""
+    return {DESIGN_METADATA_KEY: json.dumps(config.design(), sort_keys=True)}
+
+
+def saved_design(files):
+    """The design recorded in the metadata of a checkpoint's weights files, or None (saved without it)."""
+    for path in files:
+        entry = safetensors_metadata(path).get(DESIGN_METADATA_KEY)
+        if entry is not None:
+            return json.loads(entry)
+    return None
+
+
+def design_mismatches(saved, config):
+    """[(field, saved value, config value)] for every design field on which `config` contradicts the saved design;
+    fields the checkpoint did not record are not compared."""
+    return [(field, saved[field], getattr(config, field)) for field in DESIGN_FIELDS
+            if field in saved and saved[field] != getattr(config, field)]
+
+
+def _checkpoint_weight_files(name_or_path, kwargs):
+    """The local safetensors files that `from_pretrained(name_or_path, **kwargs)` read: in the folder, or for a Hub
+    id in the local Hub cache (just filled by from_pretrained; nothing is downloaded here). [] when unknown."""
+    if name_or_path is None or kwargs.get("gguf_file") or kwargs.get("state_dict") is not None:
+        return []
+    name_or_path, subfolder, variant = os.fspath(name_or_path), kwargs.get("subfolder") or "", kwargs.get("variant")
+    if os.path.isdir(name_or_path):
+        return _weight_files(os.path.join(name_or_path, subfolder), variant)
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return []
+
+    def cached(name):
+        path = try_to_load_from_cache(name_or_path, "/".join(filter(None, [subfolder, name])),
+                                      cache_dir=kwargs.get("cache_dir"), revision=kwargs.get("revision"))
+        return path if isinstance(path, str) else None
+
+    try:
+        index = cached(_with_variant("model.safetensors.index.json", variant))
+        if index is not None:
+            return _weight_files(os.path.dirname(index), variant)
+        single = cached(_with_variant("model.safetensors", variant))
+    except ValueError:  # not a valid Hub id
+        return []
+    return [single] if single else []
+
+
+def _mismatch_error(name_or_path, config, changed, missing, unexpected):
+    """The ValueError of a checkpoint whose config does not describe its weights: each design field whose saved value
+    the config contradicts, then the parameters only one of them has."""
+    problems = [f"the weights were saved with {field}={saved!r}, the config has {field}={configured!r}"
+                for field, saved, configured in changed]
+    if missing or unexpected:
+        problems.append(f"parameters the config needs but the checkpoint lacks: {missing or 'none'}; parameters the "
+                        f"checkpoint has but the config does not use: {unexpected or 'none'}")
+    c = config
+    return ValueError(
+        f"The weights at {os.fspath(name_or_path)!r} do not match its config (decay_type={c.decay_type!r}, "
+        f"decay_granularity={c.decay_granularity!r}, share_decay={c.share_decay}, position_encoding="
+        f"{c.position_encoding!r}): {'; '.join(problems)}. Was config.json edited after the weights were saved? Pass "
+        f"ignore_mismatched_sizes=True to load anyway (missing parameters are then freshly initialised, and the "
+        f"config's design is used as it is).")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -508,24 +659,49 @@ class LinearDecayPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, but a checkpoint whose config.json does not describe its weights (say
-        `decay_type` edited after saving) is an error instead of silently re-initialised or dropped parameters. Only
-        the LM head may be missing or extra (base model ↔ causal LM). `ignore_mismatched_sizes=True` allows it."""
+        """`PreTrainedModel.from_pretrained`, but a checkpoint whose config.json does not describe its weights is an
+        error instead of a silently different model: parameters the config needs but the weights lack (which would be
+        freshly initialised) or the weights hold but the config does not use (say `decay_type` edited after saving),
+        and a design field (configuration_linear_decay.DESIGN_FIELDS, e.g. `position_encoding` none -> rope, which
+        no weight shape shows) that contradicts the design `save_pretrained` recorded in the safetensors metadata.
+        Only the LM head may be missing or extra (base model <-> causal LM); checkpoints saved without the design
+        metadata are checked on their parameters only. `ignore_mismatched_sizes=True` loads anyway (missing
+        parameters freshly initialised, the config's design used as it is)."""
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        if not kwargs.get("ignore_mismatched_sizes"):
+        strict = not kwargs.get("ignore_mismatched_sizes")
+        name_or_path = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        try:
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        except (RuntimeError, ValueError) as error:  # e.g. a size mismatch: name the design field behind it, if any
+            config = cls._requested_config(name_or_path, kwargs) if strict else None
+            changed = cls._design_changes(name_or_path, kwargs, config) if config is not None else []
+            if changed:
+                raise _mismatch_error(name_or_path, config, changed, [], []) from error
+            raise
+        if strict:
+            changed = cls._design_changes(name_or_path, kwargs, model.config)
             missing = sorted(k for k in info["missing_keys"] if not k.startswith("lm_head"))
             unexpected = sorted(k for k in info["unexpected_keys"] if not k.startswith("lm_head"))
-            if missing or unexpected:
-                c = model.config
-                raise ValueError(
-                    f"The weights at {model.name_or_path!r} do not match its config (decay_type={c.decay_type!r}, "
-                    f"decay_granularity={c.decay_granularity!r}, share_decay={c.share_decay}, position_encoding="
-                    f"{c.position_encoding!r}): parameters the config needs but the checkpoint lacks: "
-                    f"{missing or 'none'}; parameters the checkpoint has but the config does not use: "
-                    f"{unexpected or 'none'}. Was config.json edited after the weights were saved? Pass "
-                    f"ignore_mismatched_sizes=True to load anyway (missing parameters are then freshly initialised).")
+            if changed or missing or unexpected:
+                raise _mismatch_error(model.name_or_path, model.config, changed, missing, unexpected)
         return (model, info) if want_info else model
+
+    @staticmethod
+    def _design_changes(name_or_path, kwargs, config):
+        """[(field, saved, configured)] where `config` contradicts the design recorded in the safetensors metadata of
+        the checkpoint `from_pretrained(name_or_path, **kwargs)` reads; [] if it recorded none."""
+        saved = saved_design(_checkpoint_weight_files(name_or_path, kwargs))
+        return design_mismatches(saved, config) if saved is not None else []
+
+    @classmethod
+    def _requested_config(cls, name_or_path, kwargs):
+        """The config `from_pretrained(name_or_path, **kwargs)` builds the model from, or None if it cannot be had."""
+        if isinstance(kwargs.get("config"), LinearDecayConfig):
+            return kwargs["config"]
+        try:
+            return cls.config_class.from_pretrained(name_or_path, return_unused_kwargs=True, **kwargs)[0]
+        except Exception:  # noqa: BLE001 — the caller re-raises the original error
+            return None
 
     # Hub: checkpoints carry a model card (README.md) describing their design choices; see `linear_decay.model_card`.
 
@@ -537,12 +713,27 @@ class LinearDecayPreTrainedModel(PreTrainedModel):
         write_model_card(save_directory, self.config, repo_id=repo_id, base_model=self.name_or_path,
                          tags=[*(self.model_tags or []), *tags])
 
+    def _save_with_design(self, save_directory, is_main_process=True, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained` with the design (`design_metadata`) in every weights file's metadata."""
+        _install_save_metadata_hook()
+        entries = design_metadata(self.config)
+        token = _SAVE_METADATA.set(entries)
+        try:
+            super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
+        finally:
+            _SAVE_METADATA.reset(token)
+        if is_main_process:  # a transformers version that wrote around the hook: add the entries afterwards
+            for path in _weight_files(os.fspath(save_directory), kwargs.get("variant")):
+                if safetensors_metadata(path).get(DESIGN_METADATA_KEY) != entries[DESIGN_METADATA_KEY]:
+                    _add_safetensors_metadata(path, entries)
+
     def save_pretrained(self, save_directory, is_main_process=True, *args, push_to_hub=False, **kwargs):
-        """`PreTrainedModel.save_pretrained`, plus the model card README.md; `push_to_hub=True` uploads through
-        `push_to_hub` (so the Hub gets this card, not a generic one)."""
+        """`PreTrainedModel.save_pretrained`, plus the design in the safetensors metadata (checked again by
+        `from_pretrained`) and the model card README.md; `push_to_hub=True` uploads through `push_to_hub` (so the Hub
+        gets this card, not a generic one)."""
         hub_kwargs = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "create_pr", "private")
                       if key in kwargs}
-        super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
+        self._save_with_design(save_directory, is_main_process, *args, **kwargs)
         if is_main_process:
             self._write_model_card(save_directory, repo_id=hub_kwargs.get("repo_id"))
         if push_to_hub and is_main_process:
@@ -559,7 +750,7 @@ class LinearDecayPreTrainedModel(PreTrainedModel):
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as work_dir:
-            super().save_pretrained(work_dir, max_shard_size=max_shard_size)
+            self._save_with_design(work_dir, max_shard_size=max_shard_size)
             tags = [tags] if isinstance(tags, str) else list(tags or [])
             self._write_model_card(work_dir, repo_id=repo_id, tags=tags)
             return api.upload_folder(repo_id=repo_id, folder_path=work_dir, revision=revision, create_pr=create_pr,
@@ -614,7 +805,7 @@ class LinearDecayModel(LinearDecayPreTrainedModel):
             cache = None
         past_length = cache.get_seq_length() if cache is not None else 0
 
-        inputs_embeds = self._check_inputs(input_ids, inputs_embeds, attention_mask, past_length)
+        inputs_embeds = self._check_inputs(input_ids, inputs_embeds, attention_mask, past_length, position_ids)
         batch, length = inputs_embeds.shape[:2]
         mask = None
         if attention_mask is not None:
@@ -653,17 +844,21 @@ class LinearDecayModel(LinearDecayPreTrainedModel):
             return None  # (missing inputs are reported by _check_inputs)
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             return None
-        batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        if position_ids.shape[-1] != length:
-            return None
+        inputs = input_ids if input_ids is not None else inputs_embeds
+        if inputs.dim() < 2:
+            return None  # (reported by _check_inputs)
+        batch, length = inputs.shape[:2]
+        if position_ids.shape[-1] != length or position_ids.shape[0] not in (1, batch):
+            return None  # (reported by _check_inputs)
         cu_seqlens = document_boundaries(position_ids, batch, length)
         if cu_seqlens is not None and (cache is not None or use_cache):
             raise ValueError("position_ids restart inside a row (packed documents), which runs without a cache: pass "
                              "use_cache=False, or one document per row for cached decoding")
         return cu_seqlens
 
-    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, past_length):
-        """Clear errors before any compute; returns the input embeddings."""
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, past_length, position_ids=None):
+        """Clear errors before any compute; returns the input embeddings. Shapes are compared as Python ints, which
+        costs nothing in eager mode and is a shape guard, not a graph break, under torch.compile / torch.export."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
@@ -689,6 +884,14 @@ class LinearDecayModel(LinearDecayPreTrainedModel):
                     f"attention_mask has shape {tuple(attention_mask.shape)}; expected [{batch}, {length}]"
                     + (f" or [{batch}, {past_length + length}] (past + new tokens)" if past_length else "")
                 )
+        if position_ids is not None:  # one position per new token: [seq_len], [1, seq_len] or [batch, seq_len]
+            shape = tuple(position_ids.shape)
+            if not shape or shape[-1] != length:
+                raise ValueError(f"position_ids have length {shape[-1] if shape else 0} (shape {shape}), but the "
+                                 f"input has sequence length {length}: pass one position per input token")
+            if len(shape) > 2 or (len(shape) == 2 and shape[0] not in (1, batch)):
+                raise ValueError(f"position_ids have shape {shape}; expected [{length}], [1, {length}] or "
+                                 f"[{batch}, {length}]")
         return self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
 
     @staticmethod

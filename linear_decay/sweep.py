@@ -12,8 +12,9 @@ the paper's (AdamW 0.9 / 0.95, weight decay 0.1, clip 1.0; DESIGN §6) with a co
 Data: `corpus` — the bundled corpus, its last 2 % of characters held out for evaluation (perplexity); `mqar` —
 multi-query associative recall (linear_decay/mqar.py), a held-out set generated with another seed (accuracy).
 
-Output: DIR/<name>-seed<s>/ holds the final model and result.json (final train loss, eval loss and perplexity or
-accuracy, tokens/s, per-layer decay statistics); DIR/results.csv, DIR/results.md and DIR/decay.png (median λ per
+Output: DIR/<name>-seed<s>/ holds the final model — its model card (README.md) filled from the training record beside
+it, linear_decay_training.json — and result.json (final train loss, eval loss and perplexity or accuracy, tokens/s,
+per-layer decay statistics); DIR/results.csv, DIR/results.md and DIR/decay.png (median λ per
 layer, one line per configuration, averaged over seeds) summarise every finished run. A run whose result.json exists
 is skipped, so an interrupted sweep continues where it stopped; a configuration the config rejects is reported and
 skipped. `--model_overrides` changes the preset for every run (the grid's own overrides win). `--shard K/N` trains
@@ -31,6 +32,7 @@ import csv
 import json
 import math
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -232,6 +234,7 @@ def train_one(entry, seed, config, data, tokenizer, args, run_dir):
     from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
 
     from .analysis import decay_statistics
+    from .model_card import TRAINING_FILE
     from .modeling_linear_decay import LinearDecayForCausalLM
     from .mqar import mqar_accuracy
 
@@ -261,11 +264,6 @@ def train_one(entry, seed, config, data, tokenizer, args, run_dir):
     tokens = trainer.state.global_step * args.batch_size * args.seq_len
     stats = decay_statistics(model, probe_ids.to(model.device))
 
-    model.config.use_cache = True  # Trainer switches it off for training; decoding wants the recurrent cache
-    model.generation_config.use_cache = True
-    trainer.save_model(str(run_dir))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(run_dir))
     result = {
         "run": run_dir.name, "config": entry["name"], "seed": seed, "overrides": entry["overrides"],
         "size": args.size, "model_overrides": args.model_overrides, "data": args.data, "steps": trainer.state.global_step, "batch_size": args.batch_size,
@@ -287,10 +285,53 @@ def train_one(entry, seed, config, data, tokenizer, args, run_dir):
         "sweep_settings": dict(vars(args)),
         "environment": run_environment(model.device),
     }
+
+    model.config.use_cache = True  # Trainer switches it off for training; decoding wants the recurrent cache
+    model.generation_config.use_cache = True
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = training_record(entry, seed, args, training_args, result)  # first: the model card written next reads it
+    (run_dir / TRAINING_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    trainer.save_model(str(run_dir))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(run_dir))
     partial = run_dir / (RESULT_FILE + ".partial")
     partial.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     os.replace(partial, run_dir / RESULT_FILE)  # result.json appears only complete: it marks the run as done
     return result
+
+
+def training_record(entry, seed, args, training_args, result):
+    """What the model card of a run's checkpoint says about its training (`model_card.TRAINING_FILE`, the record
+    `examples/run_clm.py` writes too), from the run's result."""
+    if args.data == "corpus":
+        data = {"data_files": ["bundled Shakespeare corpus (linear_decay/data/corpus.txt, public domain), "
+                               "its last 2 % held out"]}
+    else:
+        data = {"data": f"multi-query associative recall (linear_decay/mqar.py): vocabulary {args.mqar_vocab_size}, "
+                        f"{args.mqar_num_pairs} key-value pairs, {args.mqar_num_queries} queries, seed "
+                        f"{args.data_seed}"}
+    optimizer = getattr(training_args.optim, "value", training_args.optim)
+    warmup, device = training_args.warmup_steps, result["environment"]["device"]
+    return {
+        "datasets": [],
+        **data,
+        "steps": result["steps"],
+        "global_batch_size": args.batch_size,
+        "sequence_length": args.seq_len,
+        "train_tokens": result["train_tokens"],
+        "learning_rate": args.learning_rate,
+        "lr_scheduler": f"cosine, {warmup} warm-up step{'' if warmup == 1 else 's'}",
+        "optimizer": f"{optimizer} (betas {training_args.adam_beta1}, {training_args.adam_beta2}), weight decay "
+                     f"{training_args.weight_decay}, gradient clipping {training_args.max_grad_norm}",
+        "precision": "bf16" if args.bf16 else "fp32",
+        "final_train_loss": result["final_train_loss"],
+        "eval_loss": result["eval_loss"],
+        "eval_perplexity": result["eval_perplexity"],
+        "eval_accuracy": result["eval_accuracy"],
+        "hardware": f"1 × {'CPU' if device == 'cpu' else device}",
+        "command": getattr(args, "command", None),
+        "sweep": {"grid": args.grid, "configuration": entry["name"], "seed": seed, "overrides": entry["overrides"]},
+    }
 
 
 def run_environment(device):
@@ -597,6 +638,7 @@ def run_processes(argv, processes):
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    args.command = shlex.join(["python", "-m", "linear_decay.sweep", *argv])  # recorded with every checkpoint
     try:
         if args.processes > 1:
             failed = run_processes(argv, args.processes)

@@ -7,18 +7,23 @@ exp(−A·softplus(dt_bias)) per channel, tnl → exp(−(1/n_h)(1 − l/(L−1)
 
 import json
 import math
+import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from linear_decay import LinearDecayForCausalLM
-from linear_decay.analysis import STATISTICS, decay_statistics, format_statistics
+from linear_decay.analysis import (STATISTICS, decay_figure, decay_statistics, first_tokens, format_statistics,
+                                   held_out_text, main, missing_folder)
 
 from conftest import tiny_config
 
 LENGTH = 24
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def model_with_zero_logits(**overrides):
@@ -152,3 +157,101 @@ def test_command_line_errors(tmp_path):
     result = subprocess.run([sys.executable, "-m", "linear_decay.analysis", str(tmp_path), "--text",
                              str(tmp_path / "missing.txt")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "no such file" in result.stderr and "Traceback" not in result.stderr
+
+
+def run_cli(*args, cwd=None, timeout=240):
+    return subprocess.run([sys.executable, "-m", "linear_decay.analysis", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+
+
+def test_a_missing_local_folder_fails_at_once_with_one_line(tmp_path):
+    (tmp_path / "outputs").mkdir()
+    started = time.monotonic()
+    result = run_cli("outputs/nope", cwd=tmp_path, timeout=60)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == ["linear_decay.analysis: error: no such folder: outputs/nope"]
+    assert time.monotonic() - started < 30  # no Hub retries (those take 30 s and more offline)
+
+
+@pytest.mark.parametrize("name", ["./nope", "nope", "outputs/run/checkpoint-5", "ABSOLUTE"])
+def test_missing_local_folders_are_never_looked_up(tmp_path, monkeypatch, name):
+    import transformers
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *args, **kwargs: pytest.fail(f"from_pretrained{args} was called"))
+    name = str(tmp_path / "nope") if name == "ABSOLUTE" else name
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path), name])  # the existing folder first: every argument is checked before any load
+    assert str(exit_info.value) == f"linear_decay.analysis: error: no such folder: {name}"
+
+
+def test_missing_folder_tells_local_paths_from_hub_ids(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "notes.txt").write_text("")
+    assert missing_folder("outputs") is None and missing_folder(str(tmp_path / "outputs")) is None
+    assert missing_folder("outputs/nope") == "no such folder: outputs/nope"  # `outputs` is here: a local path
+    assert missing_folder("owner/name") is None and missing_folder("Org-1/model_v2.5") is None  # Hub ids
+    for name in ("nope", "./owner/name", "../owner/name", "owner/name/sub", "~/nope", "owner/", "/owner/name"):
+        assert missing_folder(name) == f"no such folder: {name}", name
+    assert missing_folder("notes.txt") == "not a folder: notes.txt"
+
+
+def test_a_hub_id_still_goes_to_from_pretrained(tmp_path, monkeypatch):
+    import transformers
+
+    monkeypatch.chdir(tmp_path)
+    asked = []
+
+    def from_pretrained(name, *args, **kwargs):
+        asked.append(name)
+        raise OSError(f"{name} is not a local folder nor a model on the Hub\n(second line)")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["owner/name", "--tokens", "8"])
+    assert asked == ["owner/name"]
+    assert str(exit_info.value) == ("linear_decay.analysis: error: cannot load owner/name: owner/name is not a local "
+                                    "folder nor a model on the Hub (second line)")
+
+
+@pytest.mark.parametrize("layers", [2, 3, 12])
+def test_the_plot_marks_whole_layers_only(layers):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    stats = [dict(layer=i, median=0.8, p25=0.7, p75=0.9) for i in range(layers)]
+    figure = decay_figure({"a": stats, "b": stats[:-1]})
+    try:
+        axes = figure.axes[0]
+        low, high = axes.get_xlim()
+        ticks = [tick for tick in axes.get_xticks() if low <= tick <= high]
+        assert len(ticks) >= 2 and all(float(tick).is_integer() for tick in ticks), ticks
+        figure.canvas.draw()
+        labels = [label.get_text() for label in axes.get_xticklabels() if label.get_text()]
+        assert labels and all(label.lstrip("−-").isdigit() for label in labels), labels
+    finally:
+        plt.close(figure)
+
+
+def test_long_text_is_cut_to_the_requested_tokens_without_a_length_warning(tmp_path):
+    """The held-out text is ~21k tokens, the bundled tokenizer's model_max_length 2048: the model has no length
+    limit and only the first --tokens tokens run, so nothing is to be warned about."""
+    from transformers import AutoTokenizer
+
+    from linear_decay.quickstart import TOKENIZER
+
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    text = held_out_text()
+    full = tokenizer(text, verbose=False)["input_ids"]
+    assert len(full) > 4 * tokenizer.model_max_length
+    for count in (100, tokenizer.model_max_length, 3000):
+        assert first_tokens(tokenizer, text, count)[0].tolist() == full[:count]
+
+    folder = tmp_path / "gla"
+    model_with_zero_logits(decay_type="gla", vocab_size=len(tokenizer)).save_pretrained(folder)
+    result = run_cli(folder)  # the default text and --tokens 2048
+    assert result.returncode == 0, result.stderr
+    assert "2048 tokens" in result.stdout
+    assert "longer than the specified maximum" not in result.stderr and "indexing errors" not in result.stderr

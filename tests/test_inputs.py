@@ -139,6 +139,52 @@ def test_right_padding_leaves_real_positions_unchanged(model):
     assert relative_error(out[:, :LENGTH], reference) <= 1e-6
 
 
+@pytest.mark.parametrize("length", [LENGTH - 1, LENGTH + 1, 1])
+@pytest.mark.parametrize("layout", ["1d", "row", "batch"])
+def test_position_ids_of_another_length_are_rejected(model, length, layout):
+    """Whatever the position encoding (none ignores positions, rope rotates by them, tpe filters): one position per
+    token, or a clear error naming both lengths — a length-1 row must not broadcast over the sequence."""
+    positions = torch.arange(length)
+    positions = {"1d": positions, "row": positions[None], "batch": positions.expand(BATCH, length)}[layout]
+    assert_rejected(model, rf"position_ids have length {length}\b.*sequence length {LENGTH}\b", input_ids=ids_of(),
+                    position_ids=positions)
+
+
+def test_position_ids_of_another_batch_size_are_rejected(model):
+    assert_rejected(model, rf"position_ids have shape \({BATCH + 1}, {LENGTH}\)", input_ids=ids_of(),
+                    position_ids=torch.arange(LENGTH).expand(BATCH + 1, LENGTH))
+
+
+def test_position_ids_length_is_checked_against_the_new_tokens_when_decoding(model):
+    ids = ids_of()
+    with torch.no_grad():
+        cache = getattr(model(ids[:, :5], use_cache=True), CACHE_FIELD)
+    assert_rejected(model, r"position_ids have length 6\b.*sequence length 1\b", input_ids=ids[:, 5:6],
+                    position_ids=torch.arange(6)[None], use_cache=True, **{CACHE_FIELD: cache})
+
+
+def test_position_ids_of_the_right_shape_are_the_default_positions(model):
+    """0..T-1 given as [T], [1, T] or [B, T] equal the positions the model counts itself."""
+    ids = ids_of()
+    with torch.no_grad():
+        reference = model(ids, use_cache=False).logits
+        for positions in (torch.arange(LENGTH), torch.arange(LENGTH)[None], torch.arange(LENGTH).expand(BATCH, -1)):
+            assert torch.equal(model(ids, position_ids=positions, use_cache=False).logits, reference)
+
+
+def test_position_ids_check_holds_under_torch_compile():
+    """The check compares shapes only: torch.compile traces it (dynamo; the eager backend keeps the test fast), the
+    compiled model gives the eager logits and the same error."""
+    model = perturbed_model(tiny_config(decay_type="gla", position_encoding="rope"), seed=2).eval()
+    compiled = torch.compile(model, backend="eager")
+    ids, positions = ids_of(), torch.arange(LENGTH)[None]
+    with torch.no_grad():
+        assert torch.equal(compiled(ids, position_ids=positions, use_cache=False).logits,
+                           model(ids, position_ids=positions, use_cache=False).logits)
+        with pytest.raises(ValueError, match=rf"length {LENGTH - 1}\b.*sequence length {LENGTH}\b"):
+            compiled(ids, position_ids=positions[:, 1:], use_cache=False)
+
+
 @pytest.mark.parametrize("labels_shape", [(BATCH, LENGTH - 1), (BATCH,), (BATCH + 1, LENGTH), (BATCH, LENGTH, 1)])
 def test_labels_of_wrong_shape_are_rejected(model, labels_shape):
     labels = torch.zeros(labels_shape, dtype=torch.long)

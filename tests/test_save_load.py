@@ -12,10 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import linear_decay
 from linear_decay import LinearDecayConfig, LinearDecayForCausalLM, LinearDecayModel
+from linear_decay.configuration_linear_decay import DESIGN_FIELDS
 
 from conftest import perturbed_model, relative_error, tiny_config
 
@@ -139,6 +142,194 @@ def test_auto_classes_load_the_package_classes(tmp_path):
     prompt = ids[:, :5]
     assert torch.equal(causal.generate(prompt, max_new_tokens=6, do_sample=False),
                        model.generate(prompt, max_new_tokens=6, do_sample=False))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The design in the safetensors metadata: a config.json edited after saving is an error
+# ---------------------------------------------------------------------------------------------------------------
+
+# What a weight shape never shows: the four design choices, and the fields of the forward pass that own no parameter.
+DESIGN = ("decay_type", "decay_granularity", "share_decay", "position_encoding", "hgrn2_lower_bound",
+          "gla_denominator", "num_heads", "rope_theta", "rope_fraction", "use_output_gate", "attention_scale",
+          "rms_norm_eps", "tie_word_embeddings")
+
+
+def header_metadata(path):
+    """A safetensors file's metadata, read with the safetensors library itself."""
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
+
+
+def recorded_design(path):
+    return json.loads(header_metadata(path)["linear_decay_design"])
+
+
+def edit_config(path, **changes):
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_design_fields_are_the_documented_ones():
+    assert DESIGN_FIELDS == DESIGN
+
+
+@pytest.mark.parametrize("name", list(COMBOS))
+def test_save_pretrained_records_the_design_in_the_safetensors_metadata(name, tmp_path):
+    model = make_model(name)
+    model.save_pretrained(tmp_path)
+    metadata = header_metadata(tmp_path / "model.safetensors")
+    assert metadata["format"] == "pt"  # transformers' own entry is kept
+    expected = {field: getattr(model.config, field) for field in DESIGN}
+    assert recorded_design(tmp_path / "model.safetensors") == expected
+    assert expected["decay_type"] == COMBOS[name]["decay_type"]
+
+
+def test_every_shard_of_a_sharded_checkpoint_records_the_design(tmp_path):
+    model = make_model("hgrn2-vector-lower_bound")
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
+    for shard in shards:
+        assert recorded_design(shard)["decay_type"] == "hgrn2", shard.name
+    edit_config(tmp_path, gla_denominator=8.0)
+    with pytest.raises(ValueError, match=r"gla_denominator=16\.0.*gla_denominator=8\.0"):
+        LinearDecayForCausalLM.from_pretrained(tmp_path)
+
+
+# Edits that change every logit but no parameter name or shape: what loading would silently accept.
+SILENT_EDITS = [
+    (dict(decay_type="gla"), "position_encoding", "rope"),
+    (dict(decay_type="gla"), "position_encoding", "lrpe"),
+    (dict(decay_type="gla"), "decay_type", "lightnet"),
+    (dict(decay_type="gla"), "gla_denominator", 4.0),
+    (dict(decay_type="mamba2", position_encoding="rope"), "rope_theta", 500.0),
+    (dict(decay_type="simple"), "attention_scale", 0.5),
+    (dict(decay_type="tnl", decay_granularity="scalar", use_output_gate=False), "num_heads", 4),
+]
+
+
+@pytest.mark.parametrize("design, field, edited", SILENT_EDITS,
+                         ids=[f"{field}={edited}" for _, field, edited in SILENT_EDITS])
+def test_config_edited_after_saving_is_an_error_naming_field_and_both_values(design, field, edited, tmp_path):
+    model = perturbed_model(tiny_config(**design), seed=3).eval()
+    model.save_pretrained(tmp_path)
+    saved = getattr(model.config, field)
+    changes = {field: edited, **({"head_dim": 32 // edited} if field == "num_heads" else {})}
+    edit_config(tmp_path, **changes)
+
+    with pytest.raises(ValueError) as error:
+        LinearDecayForCausalLM.from_pretrained(tmp_path)
+    message = str(error.value)
+    assert f"saved with {field}={saved!r}" in message and f"config has {field}={edited!r}" in message, message
+    assert "config.json edited" in message
+    with pytest.raises(ValueError, match=f"{field}="):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+    # the edit is one no parameter betrays: forced through, the model loads and computes something else
+    forced = LinearDecayForCausalLM.from_pretrained(tmp_path, ignore_mismatched_sizes=True).eval()
+    assert getattr(forced.config, field) == edited
+    for key, value in model.state_dict().items():
+        assert torch.equal(forced.state_dict()[key], value), key
+    ids = sample_ids()
+    assert relative_error(logits_of(forced, ids), logits_of(model, ids)) > 1e-5  # the same design reloads exactly
+
+
+def test_an_edit_that_also_changes_parameters_names_both(tmp_path):
+    """decay_type mamba2 -> gla: the metadata names the field, the parameter check the orphaned A_log / dt_bias."""
+    make_model("mamba2-lrpe-tied").save_pretrained(tmp_path)
+    edit_config(tmp_path, decay_type="gla")
+    with pytest.raises(ValueError) as error:
+        LinearDecayForCausalLM.from_pretrained(tmp_path)
+    message = str(error.value)
+    assert "do not match its config" in message and "decay_type='gla'" in message
+    assert "saved with decay_type='mamba2'" in message and "A_log" in message
+
+
+def test_an_edit_that_changes_a_parameter_size_names_the_field(tmp_path):
+    """num_heads 2 -> 4 also resizes the output gate (d -> head_dim): transformers stops on the size mismatch, and the
+    error says which recorded field the config contradicts."""
+    perturbed_model(tiny_config(decay_type="gla"), seed=3).save_pretrained(tmp_path)
+    edit_config(tmp_path, num_heads=4, head_dim=8)
+    with pytest.raises(ValueError, match=r"saved with num_heads=2, the config has num_heads=4"):
+        LinearDecayForCausalLM.from_pretrained(tmp_path)
+
+
+def test_checkpoint_without_design_metadata_still_loads(tmp_path):
+    """Checkpoints written before the design was recorded: the weights file has transformers' metadata only."""
+    model = make_model("lightnet-shared-rope")
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    save_file(load_file(str(weights)), str(weights), metadata={"format": "pt"})
+    assert "linear_decay_design" not in header_metadata(weights)
+    reloaded = LinearDecayForCausalLM.from_pretrained(tmp_path).eval()
+    ids = sample_ids()
+    assert torch.equal(logits_of(reloaded, ids), logits_of(model, ids))
+
+
+def test_design_is_added_when_transformers_writes_around_the_hook(tmp_path, monkeypatch):
+    """Should a transformers version not save through `safe_save_file`, the metadata is added to the written files."""
+    from safetensors.torch import save_file as plain_save_file
+    from transformers import modeling_utils
+
+    import linear_decay.modeling_linear_decay as modeling
+
+    monkeypatch.setattr(modeling_utils, "safe_save_file", plain_save_file)
+    monkeypatch.setattr(modeling, "_install_save_metadata_hook", lambda: None)
+    model = make_model("tnl_l-scalar-tpe")
+    model.save_pretrained(tmp_path)
+    assert recorded_design(tmp_path / "model.safetensors")["position_encoding"] == "tpe"
+    reloaded = LinearDecayForCausalLM.from_pretrained(tmp_path).eval()
+    ids = sample_ids()
+    assert torch.equal(logits_of(reloaded, ids), logits_of(model, ids))
+
+
+def test_trainer_checkpoints_record_the_design(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = perturbed_model(tiny_config(decay_type="gla"), seed=4)
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+    train = [{"input_ids": row, "labels": row} for row in ids]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, save_steps=2,
+                             logging_steps=100, report_to=[], use_cpu=True, disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=train).train()
+    checkpoint = tmp_path / "checkpoint-2"
+    assert recorded_design(checkpoint / "model.safetensors")["decay_type"] == "gla"
+    edit_config(checkpoint, position_encoding="rope")
+    with pytest.raises(ValueError, match="saved with position_encoding='none'"):
+        LinearDecayForCausalLM.from_pretrained(checkpoint)
+
+
+def test_push_to_hub_uploads_weights_that_record_the_design(tmp_path, monkeypatch):
+    import shutil
+    from types import SimpleNamespace
+
+    from huggingface_hub import HfApi
+
+    uploaded = tmp_path / "uploaded"
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: SimpleNamespace(repo_id=repo_id))
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, folder_path, **kwargs: shutil.copytree(folder_path,
+                                                                                                      uploaded))
+    make_model("lightnet-shared-rope").push_to_hub("someone/tiny-lightnet")
+    design = recorded_design(uploaded / "model.safetensors")
+    assert (design["decay_type"], design["share_decay"], design["position_encoding"]) == ("lightnet", True, "rope")
+
+
+def test_a_hub_checkpoint_is_checked_from_the_local_hub_cache(tmp_path, monkeypatch):
+    """`owner/name` loaded offline from the Hub cache: its weights' design is read from the cached files."""
+    model = make_model("lightnet-shared-rope")
+    snapshot = tmp_path / "cache" / "models--someone--tiny-lightnet" / "snapshots" / ("0" * 40)
+    model.save_pretrained(snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache = str(tmp_path / "cache")
+    reloaded = LinearDecayForCausalLM.from_pretrained("someone/tiny-lightnet", cache_dir=cache).eval()
+    ids = sample_ids()
+    assert torch.equal(logits_of(reloaded, ids), logits_of(model, ids))
+    edit_config(snapshot, position_encoding="none")
+    with pytest.raises(ValueError, match="saved with position_encoding='rope'.*config has position_encoding='none'"):
+        LinearDecayForCausalLM.from_pretrained("someone/tiny-lightnet", cache_dir=cache)
 
 
 # ---------------------------------------------------------------------------------------------------------------

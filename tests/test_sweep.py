@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from linear_decay.quickstart import CORPUS, TOKENIZER
@@ -53,6 +54,13 @@ def test_sweep_writes_results_and_a_second_run_skips_everything(tmp_path, capsys
         assert result["eval_accuracy"] is None and result["tokens_per_second"] > 0
         assert len(result["median_decay_per_layer"]) == 4  # tiny preset: 4 layers
         assert all(abs(m - median) < 0.02 for m in result["median_decay_per_layer"]), result["median_decay_per_layer"]
+
+        card = ModelCard.load(run / "README.md").text  # the checkpoint's card tells how it was trained
+        assert "No training record" not in card
+        assert f"- final training loss: {result['final_train_loss']:.4g}\n" in card
+        assert f"- eval perplexity: {result['eval_perplexity']:.4g}\n" in card
+        assert "- optimizer steps: 3\n" in card and "- training tokens: 192\n" in card
+        assert "bundled Shakespeare corpus" in card and "linear_decay.sweep" in card
 
         model = AutoModelForCausalLM.from_pretrained(run).eval()  # the saved model gives the recorded eval loss
         assert model.config.decay_type == result["overrides"]["decay_type"]
@@ -101,6 +109,9 @@ def test_mqar_sweep_reports_recall_accuracy(tmp_path, capsys):
     assert "accuracy" in capsys.readouterr().out
     result = json.loads((out / "gla-seed0" / "result.json").read_text())
     assert 0.0 <= result["eval_accuracy"] <= 1.0 and result["eval_perplexity"] is None
+    card = ModelCard.load(out / "gla-seed0" / "README.md").text
+    assert f"- eval accuracy: {result['eval_accuracy']:.4g}\n" in card and "eval perplexity" not in card
+    assert "- training data: multi-query associative recall" in card
     assert result["model_config"]["vocab_size"] == 64
     assert abs(result["final_train_loss"] - math.log(64)) < 1.0
     with open(out / "results.csv", newline="") as f:
