@@ -8,7 +8,7 @@ import torch
 from transformers import AutoTokenizer, Trainer, TrainingArguments
 
 import linear_decay
-from linear_decay import LinearDecayForCausalLM
+from linear_decay import DECAY_TYPES, LinearDecayForCausalLM
 
 from conftest import perturbed_model, relative_error, tiny_config
 
@@ -133,3 +133,35 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(overrides, use
         assert float(grad.norm()) > 0, f"{name} has no gradient: the comparison would be vacuous"
         error = relative_error(checkpointed_grads[name], grad)
         assert error <= 1e-6, f"{name}: relative error {error:.3g}"
+
+
+@pytest.mark.parametrize("strong", [False, True], ids=["initialised", "strong-decay"])
+@pytest.mark.parametrize("decay_type", DECAY_TYPES)
+def test_bf16_autocast_on_the_torch_path(decay_type, strong, monkeypatch, backend):
+    """What Trainer's --bf16 does on CPU: the forward under torch.autocast(bfloat16), the backward outside it, on the
+    PyTorch path, for every decay type, at initialisation and with every layer's log λ rescaled to reach −20 (the
+    strong chunks of vector decay take the sub-chunk form). Loss and gradients are finite and the loss is the fp32
+    model's within bf16's rounding of the projections."""
+    backend("torch")
+    if strong:
+        import linear_decay.modeling_linear_decay as modeling
+
+        attention = modeling.linear_decay_attention
+
+        def strong_attention(q, k, v, log_decay, *args, **kwargs):
+            if log_decay is not None:
+                log_decay = log_decay * (20.0 / log_decay.detach().abs().amax().clamp(min=1e-6))
+            return attention(q, k, v, log_decay, *args, **kwargs)
+
+        monkeypatch.setattr(modeling, "linear_decay_attention", strong_attention)
+    config = tiny_config(decay_type=decay_type)
+    torch.manual_seed(0)
+    model = LinearDecayForCausalLM(config)
+    input_ids = torch.randint(0, config.vocab_size, (2, 70), generator=torch.Generator().manual_seed(1))
+    expected = model(input_ids, labels=input_ids, use_cache=False).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids, labels=input_ids, use_cache=False).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert abs(float(loss) - float(expected)) <= 2 ** -8 * 4 * abs(float(expected))
