@@ -13,10 +13,12 @@
                also write `lm_eval_results.json` (lm-eval's `results` dict, {task: {"metric,filter": value}})
                into the checkpoint folder and refresh its model card (README.md) with them.
 
-It prints a compact table: one row per task and metric. The same evaluation from the command line:
+It prints a compact table: one row per task and metric. The same evaluation from the command line, from any folder:
 
     lm_eval --model hf --model_args pretrained=CHECKPOINT,trust_remote_code=True \\
-        --include_path linear_decay/eval_tasks --tasks shakespeare
+        --include_path "$(python -m linear_decay.eval_tasks)" --tasks shakespeare
+
+CHECKPOINT is a local folder or a Hub id (owner/name); a path that does not exist is reported at once.
 """
 
 import argparse
@@ -32,10 +34,27 @@ PAPER_TASKS = ["wikitext", "lambada_openai", "boolq", "piqa", "hellaswag", "wino
                "openbookqa", "social_iqa"]
 BUNDLED_PREFIX = "shakespeare"
 RESULTS_FILE = "lm_eval_results.json"
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
+
+
+def missing_local_folder(name):
+    """True when `name` is meant as a local folder and there is none: it starts with ./, ../, / or ~, has more
+    than one path separator or characters an owner/name Hub id cannot have, or its first part is an existing
+    folder (outputs/nope when outputs/ exists). A Hub id (owner/name, or a bare name) is left to the Hub."""
+    if os.path.exists(os.path.expanduser(name)):
+        return False
+    normal = name.replace(os.sep, "/") if os.sep != "/" else name
+    if normal in (".", "..") or normal.startswith(("./", "../", "/", "~")) or os.path.isabs(name):
+        return True
+    parts = normal.split("/")
+    if len(parts) == 1:
+        return False
+    return len(parts) > 2 or not HUB_ID.fullmatch(normal) or os.path.isdir(parts[0])
 
 
 def bundled_tasks_dir():
-    """The offline task pack: inside the installed package, else beside this example in a source checkout."""
+    """The offline task pack (`python -m linear_decay.eval_tasks` prints it): inside the installed package, else
+    beside this example in a source checkout."""
     try:
         import linear_decay
     except ImportError:
@@ -46,7 +65,7 @@ def bundled_tasks_dir():
 
 def check_checkpoint(parser, checkpoint, write_to_checkpoint):
     """A clear error before anything heavy is imported: a local folder needs config.json; anything that is not a
-    folder must look like a hub id ("org/name")."""
+    folder must be a Hub id (owner/name), and one that looks like a local path is reported as a missing folder."""
     path = Path(checkpoint).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -55,9 +74,11 @@ def check_checkpoint(parser, checkpoint, write_to_checkpoint):
             parser.error(f"checkpoint folder {checkpoint!r} has no config.json; pass the folder written by "
                          "save_pretrained")
         return str(path.resolve())
-    if write_to_checkpoint or not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", checkpoint):
-        parser.error(f"checkpoint not found: {checkpoint!r} is not an existing folder"
-                     + ("" if write_to_checkpoint else " (nor a hub id like org/name)"))
+    local = missing_local_folder(checkpoint)
+    if local or not HUB_ID.fullmatch(checkpoint):
+        parser.error(f"no such folder: {checkpoint}" + ("" if local else " (and not a Hub id of the form owner/name)"))
+    if write_to_checkpoint:
+        parser.error(f"no such folder: {checkpoint} (--write_to_checkpoint needs a local checkpoint folder)")
     return checkpoint
 
 
@@ -120,10 +141,14 @@ def main(argv=None):
               "from the Hugging Face hub, but the hub is switched off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)",
               file=sys.stderr)
 
-    import lm_eval
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+        from lm_eval.utils import handle_non_serializable
+    except ImportError as error:
+        parser.exit(1, f"evaluate.py: error: needs lm-evaluation-harness ({error}): pip install 'lm_eval>=0.4.9' "
+                       "(or install this package with its examples extra: pip install -e '.[examples]')\n")
     import torch
-    from lm_eval.tasks import TaskManager
-    from lm_eval.utils import handle_non_serializable
 
     model_args = {"pretrained": checkpoint, "trust_remote_code": True}
     if args.dtype:

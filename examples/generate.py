@@ -6,6 +6,7 @@
 
 import argparse
 import os
+import re
 import sys
 
 import torch
@@ -15,6 +16,23 @@ try:  # with the package installed the Auto classes know the model; without it u
     import linear_decay  # noqa: F401
 except ImportError:
     pass
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
+
+
+def missing_local_folder(name):
+    """True when `name` is meant as a local folder and there is none: it starts with ./, ../, / or ~, has more
+    than one path separator or characters an owner/name Hub id cannot have, or its first part is an existing
+    folder (outputs/nope when outputs/ exists). A Hub id (owner/name, or a bare name) is left to the Hub."""
+    if os.path.exists(os.path.expanduser(name)):
+        return False
+    normal = name.replace(os.sep, "/") if os.sep != "/" else name
+    if normal in (".", "..") or normal.startswith(("./", "../", "/", "~")) or os.path.isabs(name):
+        return True
+    parts = normal.split("/")
+    if len(parts) == 1:
+        return False
+    return len(parts) > 2 or not HUB_ID.fullmatch(normal) or os.path.isdir(parts[0])
 
 
 def parse_args(argv=None):
@@ -49,9 +67,8 @@ def read_prompts(args):
 
 
 def load(args):
-    looks_local = args.checkpoint.startswith((".", "/", "~")) or args.checkpoint.count("/") > 1
-    if looks_local and not os.path.isdir(os.path.expanduser(args.checkpoint)):
-        sys.exit(f"generate.py: error: {args.checkpoint}: no such checkpoint directory")
+    if missing_local_folder(args.checkpoint):
+        sys.exit(f"generate.py: error: no such folder: {args.checkpoint}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.checkpoint, trust_remote_code=args.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(args.checkpoint, trust_remote_code=args.trust_remote_code,

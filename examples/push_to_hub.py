@@ -40,10 +40,10 @@ def files_to_upload(directory):
             yield relative.as_posix(), path
 
 
-def check_checkpoint(directory):
-    directory = Path(directory)
-    if not directory.is_dir():
-        sys.exit(f"push_to_hub.py: error: {directory}: no such directory")
+def check_checkpoint(name):
+    directory = Path(name).expanduser()
+    if not directory.is_dir():  # the source is always a local folder: never looked up on the Hub
+        sys.exit(f"push_to_hub.py: error: no such folder: {name}")
     missing = [name for name in REQUIRED if not (directory / name).is_file()]
     if missing or not list(directory.glob("*.safetensors")):
         sys.exit(f"push_to_hub.py: error: {directory} is not a saved model (needs config.json and *.safetensors)")
@@ -57,6 +57,7 @@ def check_checkpoint(directory):
 def main(argv=None):
     args = parse_args(argv)
     check_checkpoint(args.checkpoint)
+    args.checkpoint = os.path.expanduser(args.checkpoint)
     api = HfApi(token=args.token)
     repo_id = api.create_repo(args.repo_id, private=args.private, exist_ok=True).repo_id
     readme = Path(args.checkpoint) / "README.md"

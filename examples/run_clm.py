@@ -18,14 +18,37 @@ Every `TrainingArguments` flag works (bf16, gradient accumulation, checkpoints, 
 
 After training the output directory holds model, tokenizer, generation config, code, `linear_decay_training.json`
 and a model card (README.md) that records how the model was trained.
+
+Defaults that differ from the Trainer's, used only for flags the command line (or JSON file) does not give:
+
+    pretraining from --preset (DESIGN §6's optimizer, the schedule of the quickstart and the sweeps):
+      --learning_rate      3e-3 (tiny), 6e-4 (160m), 3e-4 (410m), 2e-4 (1.45b)
+      --lr_scheduler_type  cosine
+      --weight_decay       0.1
+      --adam_beta2         0.95
+    pretraining and fine-tuning (fine-tuning keeps the Trainer's learning rate 5e-5, linear schedule, no weight decay):
+      --warmup_steps       5 % of --max_steps, rounded down (no warm-up under 20 steps); 0.05 (a ratio) without it
+      --logging_steps      --max_steps // 20, at least 1; 0.05 (a ratio) without --max_steps
+      --logging_first_step true (the first loss is printed at once)
+
+An --output_dir that is not empty is refused unless --resume_from_checkpoint or --overwrite_output_dir is given.
+--resume_from_checkpoint last takes the newest complete checkpoint-N of --output_dir (trainer_state.json, model
+weights, optimizer, scheduler and RNG state all present and readable), says which ones it skipped and why, and
+deletes the skipped ones (the resumed run writes them again); with none complete it trains from scratch when the
+folder holds nothing else, and stops otherwise.
 """
 
+import argparse
 import ast
+import dataclasses
 import glob
+import importlib
 import json
 import math
 import os
+import re
 import shlex
+import shutil
 import sys
 from dataclasses import dataclass, field
 from itertools import chain
@@ -42,7 +65,6 @@ from transformers import (
     default_data_collator,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 import linear_decay
 from linear_decay import PRESETS, LinearDecayConfig, LinearDecayForCausalLM
@@ -53,6 +75,19 @@ BUNDLED_CORPUS = PACKAGE_DIR / "data" / "corpus.txt"
 BUNDLED_TOKENIZER = PACKAGE_DIR / "data" / "tokenizer"
 BUNDLED_SEPARATOR = "\n\n\n"  # the bundled corpus separates its works by two blank lines
 FILE_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+DEFAULT_PRESET = "tiny"
+
+# Defaults for flags the command line does not give (see the module docstring, printed by --help).
+PRETRAINING_LEARNING_RATES = {"tiny": 3e-3, "160m": 6e-4, "410m": 3e-4, "1.45b": 2e-4}
+PRETRAINING_OPTIMIZER = {"lr_scheduler_type": "cosine", "weight_decay": 0.1, "adam_beta2": 0.95}
+WARMUP_FRACTION = 0.05
+LOGGING_INTERVALS = 20  # loss lines per run
+
+CHECKPOINT_FOLDER = re.compile(r"^checkpoint-(\d+)$")
+# what an earlier run leaves in its output folder that a new run into it would not rewrite or would merge with
+EARLIER_RUN_FILES = ("trainer_state.json", "all_results.json", "train_results.json", "eval_results.json",
+                     "lm_eval_results.json", TRAINING_FILE)
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
 
 
 class UsageError(Exception):
@@ -63,7 +98,9 @@ class UsageError(Exception):
 class ModelArguments:
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Checkpoint (local or Hub) to fine-tune. Omit to pretrain from --preset."})
-    preset: str = field(default="tiny", metadata={"help": f"Size to pretrain from scratch: {', '.join(PRESETS)}."})
+    preset: str | None = field(
+        default=None, metadata={"help": f"Size to pretrain from scratch: {', '.join(PRESETS)}. Not with "
+                                        "--model_name_or_path."})
     config_overrides: str | None = field(
         default=None, metadata={"help": "Config fields for pretraining, e.g. 'decay_type=gla,decay_granularity=scalar'."})
     tokenizer_name: str | None = field(
@@ -99,6 +136,35 @@ class DataArguments:
     packing_batch_rows: int = field(
         default=1000, metadata={"help": "Rows tokenized and packed together; a partial last block of each group is "
                                         "dropped."})
+
+
+@dataclass
+class OutputArguments:
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Train into an --output_dir that is not empty, starting from scratch: its "
+                                         "checkpoint-* folders and the earlier run's records (trainer_state.json, "
+                                         "*_results.json, lm_eval_results.json, linear_decay_training.json) are "
+                                         "deleted first, the rest is overwritten. Without it such a folder is "
+                                         "refused unless --resume_from_checkpoint is given."})
+
+
+# TrainingArguments of transformers 5 has no overwrite flag; an installed version that has one keeps its own.
+OWN_OVERWRITE_FLAG = "overwrite_output_dir" not in {f.name for f in dataclasses.fields(TrainingArguments)}
+
+
+def missing_local_folder(name):
+    """True when `name` is meant as a local folder and there is none: it starts with ./, ../, / or ~, has more
+    than one path separator or characters an owner/name Hub id cannot have, or its first part is an existing
+    folder (outputs/nope when outputs/ exists). A Hub id (owner/name, or a bare name) is left to the Hub."""
+    if os.path.exists(os.path.expanduser(name)):
+        return False
+    normal = name.replace(os.sep, "/") if os.sep != "/" else name
+    if normal in (".", "..") or normal.startswith(("./", "../", "/", "~")) or os.path.isabs(name):
+        return True
+    parts = normal.split("/")
+    if len(parts) == 1:
+        return False
+    return len(parts) > 2 or not HUB_ID.fullmatch(normal) or os.path.isdir(parts[0])
 
 
 def parse_overrides(text):
@@ -225,12 +291,199 @@ def build_model(model_args: ModelArguments, tokenizer):
                  "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
                  **parse_overrides(model_args.config_overrides)}
     try:
-        config = LinearDecayConfig.from_preset(model_args.preset, **overrides)
+        config = LinearDecayConfig.from_preset(model_args.preset or DEFAULT_PRESET, **overrides)
     except ValueError as error:
         raise UsageError(str(error)) from None
     if config.vocab_size < len(tokenizer):
         raise UsageError(f"vocab_size={config.vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)")
     return LinearDecayForCausalLM(config)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints: which are complete, which one `last` is, and what an output folder may be reused for
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def checkpoint_folders(output_dir):
+    """The checkpoint-N folders of `output_dir`, newest (highest N) first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(match.group(1)), Path(output_dir) / entry.name) for entry in os.scandir(output_dir)
+             if entry.is_dir() and (match := CHECKPOINT_FOLDER.match(entry.name))]
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def _torch_file_problem(path):
+    """None when torch.load reads `path` (as the Trainer does: weights only, tensors memory-mapped rather than
+    read), else why not. A file cut short loses the archive's directory, which sits at its end."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    # numpy's RNG state in rng_state.pth: the types the Trainer itself allows when it loads that file
+    allowed = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            try:
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as error:
+                if "mmap can only be used" not in str(error):
+                    raise
+                torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
+    except Exception as error:  # noqa: BLE001 — any failure to read makes the checkpoint unusable
+        reason = str(error).strip().split("\n")[0][:120] or type(error).__name__
+        return f"{path.name} cannot be read ({reason})"
+    return None
+
+
+def _safetensors_problem(path):
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
+    except Exception as error:  # noqa: BLE001
+        return f"{path.name} cannot be read ({str(error).strip()[:120]})"
+    return None
+
+
+def _sharded_state_problem(folder, what):
+    """torch.distributed.checkpoint folders (FSDP sharded state): their .metadata is written once every shard is."""
+    return None if (folder / ".metadata").is_file() else f"{folder.name} ({what}) has no .metadata"
+
+
+def checkpoint_problems(folder):
+    """Why the Trainer checkpoint `folder` cannot be resumed from ([] when it is complete): trainer_state.json,
+    model weights, optimizer state, scheduler state and RNG state must all be there and readable. Weights are
+    model.safetensors (or its shards), pytorch_model.bin or FSDP's sharded pytorch_model_fsdp_*; optimizer state is
+    optimizer.pt, optimizer.bin or FSDP's optimizer_*; a DeepSpeed checkpoint (its `latest` file) holds both."""
+    folder = Path(folder)
+    problems = []
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text())
+        if not isinstance(state.get("global_step"), int):
+            problems.append("trainer_state.json has no global_step")
+    except FileNotFoundError:
+        problems.append("no trainer_state.json")
+    except (OSError, ValueError) as error:
+        problems.append(f"trainer_state.json cannot be read ({str(error)[:80]})")
+
+    deepspeed = (folder / "latest").is_file() and (folder / (folder / "latest").read_text().strip()).is_dir()
+    weights = folder / "model.safetensors"
+    index = folder / "model.safetensors.index.json"
+    fsdp_models = sorted(folder.glob("pytorch_model_fsdp*"))
+    if weights.is_file():
+        problems += filter(None, [_safetensors_problem(weights)])
+    elif index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError) as error:
+            problems.append(f"{index.name} cannot be read ({str(error)[:80]})")
+        else:
+            for shard in shards:
+                problem = (_safetensors_problem(folder / shard) if (folder / shard).is_file()
+                           else f"no {shard} (listed in {index.name})")
+                problems += filter(None, [problem])
+    elif (folder / "pytorch_model.bin").is_file():
+        problems += filter(None, [_torch_file_problem(folder / "pytorch_model.bin")])
+    elif fsdp_models:
+        for path in fsdp_models:
+            problems += filter(None, [_sharded_state_problem(path, "sharded weights") if path.is_dir()
+                                      else _torch_file_problem(path)])
+    elif not deepspeed:
+        problems.append("no model weights")
+
+    optimizer_shards = [p for p in folder.glob("optimizer_*") if p.is_dir()]
+    if (folder / "optimizer.pt").is_file():
+        problems += filter(None, [_torch_file_problem(folder / "optimizer.pt")])
+    elif (folder / "optimizer.bin").is_file():
+        problems += filter(None, [_torch_file_problem(folder / "optimizer.bin")])
+    elif optimizer_shards:
+        problems += filter(None, [_sharded_state_problem(p, "sharded optimizer state") for p in optimizer_shards])
+    elif not deepspeed:
+        problems.append("no optimizer.pt")
+
+    if (folder / "scheduler.pt").is_file():
+        problems += filter(None, [_torch_file_problem(folder / "scheduler.pt")])
+    elif not deepspeed:
+        problems.append("no scheduler.pt")
+
+    rng_states = sorted(folder.glob("rng_state*.pth"))
+    if not rng_states:
+        problems.append("no rng_state.pth")
+    problems += filter(None, map(_torch_file_problem, rng_states))
+    return problems
+
+
+def _names(paths, shown=5):
+    names = [Path(p).name for p in paths]
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def _remove(paths, say, why):
+    paths = [Path(p) for p in paths]
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            path.unlink()
+    if paths:
+        say(f"removed {_names(paths)} from {paths[0].parent} ({why})")
+
+
+def prepare_output_dir(training_args, overwrite, say=print):
+    """The checkpoint to resume from (None: train from scratch), after checking that --output_dir may be written.
+
+    - No --resume_from_checkpoint: the folder must be absent or empty, unless `overwrite` (the earlier run's
+      checkpoints and records are deleted).
+    - A checkpoint folder: it must be complete.
+    - `last`: the newest complete checkpoint-N; newer incomplete ones are reported and deleted. None complete: train
+      from scratch if the folder holds nothing but incomplete checkpoints (deleted) or `overwrite`, else stop.
+    Only the main process (`say` prints) deletes anything; every process comes to the same answer.
+    """
+    output_dir = Path(training_args.output_dir)
+    main_process = training_args.process_index == 0
+    say = say if main_process else (lambda *_: None)
+    remove = _remove if main_process else (lambda *_: None)
+    resume = training_args.resume_from_checkpoint
+    entries = sorted(output_dir.iterdir()) if output_dir.is_dir() else []
+
+    if resume and resume != "last":
+        if not os.path.isdir(os.path.expanduser(resume)):
+            raise UsageError(f"--resume_from_checkpoint: no such folder: {resume}")
+        problems = checkpoint_problems(os.path.expanduser(resume))
+        if problems:
+            raise UsageError(f"--resume_from_checkpoint {resume} is not a complete checkpoint: {'; '.join(problems)}")
+        return os.path.expanduser(resume)
+
+    if resume == "last":
+        skipped = []
+        for folder in checkpoint_folders(output_dir):
+            problems = checkpoint_problems(folder)
+            if not problems:
+                for path, why in skipped:
+                    say(f"--resume_from_checkpoint last: skipping {path}, incomplete: {why}")
+                say(f"--resume_from_checkpoint last: resuming from {folder} (the newest complete checkpoint)")
+                remove([path for path, _ in skipped], say, "incomplete, written again by the resumed run")
+                return str(folder)
+            skipped.append((folder, "; ".join(problems)))
+        for path, why in skipped:
+            say(f"--resume_from_checkpoint last: skipping {path}, incomplete: {why}")
+        others = [p for p in entries if p not in {path for path, _ in skipped}]
+        if others and not overwrite:
+            raise UsageError(f"--resume_from_checkpoint last: no complete checkpoint in {output_dir}, which holds "
+                             f"{_names(others)}; pass --overwrite_output_dir to train from scratch into it")
+        say(f"--resume_from_checkpoint last: no complete checkpoint in {output_dir}: training from scratch")
+        remove([path for path, _ in skipped], say, "incomplete checkpoints")
+        entries = others
+
+    if entries:
+        if not overwrite:
+            raise UsageError(f"--output_dir {output_dir} is not empty (it holds {_names(entries)}): pass "
+                             "--overwrite_output_dir to train into it from scratch, or --resume_from_checkpoint last "
+                             "to continue its run")
+        remove([p for p in entries if p.name in EARLIER_RUN_FILES or (p.is_dir() and CHECKPOINT_FOLDER.match(p.name))],
+               say, "--overwrite_output_dir: left by an earlier run")
+    return None
 
 
 class LinearDecayTrainer(Trainer):
@@ -265,6 +518,7 @@ def training_record(model_args, data_args, training_args, trainer, metrics):
         "document_boundaries": data_args.document_boundaries,
         "train_tokens": trainer.state.global_step * global_batch * data_args.block_size,
         "learning_rate": training_args.learning_rate,
+        "warmup_steps": training_args.get_warmup_steps(trainer.state.max_steps) if trainer.state.max_steps else 0,
         "lr_scheduler": str(getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)),
         "optimizer": f"{getattr(training_args.optim, 'value', training_args.optim)} (betas {training_args.adam_beta1}, "
                      f"{training_args.adam_beta2}), weight decay {training_args.weight_decay}",
@@ -279,25 +533,29 @@ def training_record(model_args, data_args, training_args, trainer, metrics):
     }
 
 
-def run(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments):
+def run(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
+        output_args: OutputArguments | None = None):
     if not (training_args.do_train or training_args.do_eval):
         raise UsageError("nothing to do: pass --do_train and/or --do_eval")
+    if model_args.model_name_or_path and model_args.preset:
+        raise UsageError("--preset is for pretraining from scratch; with --model_name_or_path the checkpoint fixes "
+                         "the size: pass one of them")
     if data_args.streaming and training_args.do_train and training_args.max_steps <= 0:
         raise UsageError("--streaming needs --max_steps (a stream has no length to count epochs in)")
     if data_args.block_size < 2:
         raise UsageError("--block_size must be at least 2")
     for flag, path in (("--model_name_or_path", model_args.model_name_or_path),
                        ("--tokenizer_name", model_args.tokenizer_name)):
-        looks_local = path and (path.startswith((".", "/", "~")) or path.count("/") > 1)  # not a Hub repo id
-        if looks_local and not os.path.isdir(os.path.expanduser(path)):
-            raise UsageError(f"{flag} {path}: no such directory")
-    resume = training_args.resume_from_checkpoint
-    if resume == "last":
-        resume = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-        if resume is None:
-            raise UsageError(f"--resume_from_checkpoint last: no checkpoint-* in {training_args.output_dir}")
-    elif resume and not os.path.isdir(resume):
-        raise UsageError(f"--resume_from_checkpoint {resume}: no such directory")
+        if path and missing_local_folder(path):
+            raise UsageError(f"{flag}: no such folder: {path}")
+    try:
+        importlib.import_module("datasets")
+    except ImportError as error:
+        raise UsageError(f"reading the training data needs the `datasets` library ({error}): pip install "
+                         "'datasets>=3' (or install this package with its examples extra: pip install -e "
+                         "'.[examples]')") from None
+    overwrite = getattr(output_args or training_args, "overwrite_output_dir", False)
+    resume = prepare_output_dir(training_args, overwrite) if training_args.do_train else None
 
     set_seed(training_args.seed)
     tokenizer_name = model_args.tokenizer_name or model_args.model_name_or_path or str(BUNDLED_TOKENIZER)
@@ -349,14 +607,89 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Tra
     return metrics
 
 
-def main(argv=None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
+def given_flags(parser, argv):
+    """The dests of the options that `argv` sets (in any spelling argparse accepts: --flag=v, --flag v, --flag-v,
+    an abbreviation, --no_flag)."""
+    unset = object()
+    namespace = argparse.Namespace(**{action.dest: unset for action in parser._actions
+                                      if action.dest != argparse.SUPPRESS})
+    parser.parse_known_args(args=argv, namespace=namespace)
+    return {dest for dest, value in vars(namespace).items() if value is not unset}
+
+
+def default_training_values(given, model_args, training_args):
+    """{TrainingArguments field: value} for the run_clm.py defaults (module docstring) of the fields not given."""
+    values = {}
+    steps = training_args.max_steps
+    if "warmup_steps" not in given:
+        values["warmup_steps"] = int(steps * WARMUP_FRACTION) if steps > 0 else WARMUP_FRACTION
+    if "logging_steps" not in given:
+        values["logging_steps"] = max(1, steps // LOGGING_INTERVALS) if steps > 0 else 1 / LOGGING_INTERVALS
+    if "logging_first_step" not in given:
+        values["logging_first_step"] = True
+    if not model_args.model_name_or_path:
+        preset = model_args.preset or DEFAULT_PRESET
+        if "learning_rate" not in given and preset in PRETRAINING_LEARNING_RATES:
+            values["learning_rate"] = PRETRAINING_LEARNING_RATES[preset]
+        values.update({name: value for name, value in PRETRAINING_OPTIMIZER.items() if name not in given})
+    return values
+
+
+def make_parser():
+    classes = (ModelArguments, DataArguments, TrainingArguments) + ((OutputArguments,) if OWN_OVERWRITE_FLAG else ())
+
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+
+    parser = HfArgumentParser(classes, description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                              formatter_class=Formatter)
+    # the Trainer's own default is only a fallback here: say what run_clm.py uses (%(default).0s keeps the help
+    # formatter from appending "(default: ...)")
+    notes = {
+        "preset": "Default: tiny (pretraining).",
+        "learning_rate": "run_clm.py default: 3e-3 pretraining tiny, 6e-4 / 3e-4 / 2e-4 pretraining 160m / 410m / "
+                         "1.45b, the Trainer's %(default)s fine-tuning.",
+        "lr_scheduler_type": "run_clm.py default: cosine pretraining, the Trainer's %(default)s fine-tuning.",
+        "weight_decay": "run_clm.py default: 0.1 pretraining, the Trainer's %(default)s fine-tuning.",
+        "adam_beta2": "run_clm.py default: 0.95 pretraining, the Trainer's %(default)s fine-tuning.",
+        "warmup_steps": "run_clm.py default: 5%% of --max_steps, rounded down (0.05, a ratio, without --max_steps).",
+        "logging_steps": "run_clm.py default: --max_steps // 20, at least 1 (0.05, a ratio, without --max_steps).",
+        "logging_first_step": "run_clm.py default: true.",
+    }
+    for action in parser._actions:
+        if action.dest in notes and action.option_strings and not action.option_strings[0].startswith("--no"):
+            action.help = f"{action.help or ''} {notes[action.dest]}%(default).0s"
+    return parser
+
+
+def parse_command_line(argv=None):
+    """(model, data, training, output arguments) from `argv` (default: the command line, or the one .json file it
+    names), with the run_clm.py defaults for what it does not give."""
+    parser = make_parser()
+    json_file = argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json")
+    if json_file:
+        values = json.loads(Path(sys.argv[1]).read_text())
+        parsed = parser.parse_dict(values)
+        given = set(values)
     else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+        argv = list(sys.argv[1:] if argv is None else argv)
+        parsed = parser.parse_args_into_dataclasses(args=argv)
+        given = given_flags(parser, argv)
+    defaults = default_training_values(given, parsed[0], parsed[2])
+    if defaults:
+        if json_file:
+            parsed = parser.parse_dict({**values, **defaults})
+        else:
+            extra = [f"--{name}={value}" for name, value in defaults.items()]
+            parsed = parser.parse_args_into_dataclasses(args=argv + extra)
+    model_args, data_args, training_args, *rest = parsed
+    return model_args, data_args, training_args, (rest[0] if rest else None)
+
+
+def main(argv=None):
+    model_args, data_args, training_args, output_args = parse_command_line(argv)
     try:
-        return run(model_args, data_args, training_args)
+        return run(model_args, data_args, training_args, output_args)
     except UsageError as error:
         sys.exit(f"run_clm.py: error: {error}")
 

@@ -1,5 +1,6 @@
 """lm-evaluation-harness on our model: the numbers lm-eval's `hf` model reports equal the model's own, and the offline
-task pack (`linear_decay/eval_tasks`) runs end to end through the `lm_eval` CLI and `examples/evaluate.py`.
+task pack (`linear_decay/eval_tasks`) runs end to end through the README's `lm_eval` command (from another folder,
+against the package as a non-editable install ships it) and `examples/evaluate.py`.
 
 Everything runs offline on the session's small trained checkpoint (conftest.trained_checkpoint), loaded the way
 users load it: `trust_remote_code=True`, i.e. through the modeling code saved beside the weights.
@@ -9,9 +10,11 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -206,29 +209,66 @@ def finite_pack_metrics(results):
     return True
 
 
-def lm_eval_command():
-    script = Path(sys.executable).with_name("lm_eval")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "lm_eval"]
-
-
-def run(command, cwd, timeout=300):
-    env = {**os.environ, **OFFLINE, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
+def run(command, cwd, timeout=300, pythonpath=REPO, path=None):
+    env = {**os.environ, **OFFLINE, "PYTHONPATH": os.pathsep.join(filter(None, [str(pythonpath),
                                                                                 os.environ.get("PYTHONPATH")]))}
+    if path:
+        env["PATH"] = os.pathsep.join([str(path), env.get("PATH", "")])
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{command} failed ({result.returncode}):\n{result.stdout[-3000:]}\n" \
                                    f"{result.stderr[-6000:]}"
     return result
 
 
+def readme_command(program):
+    """The README's command line that starts with `program` (continuation lines joined, comment dropped)."""
+    for block in re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(encoding="utf-8"), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            if line.startswith(program + " "):
+                return re.sub(r"\s+#.*$", "", line)
+    raise AssertionError(f"no `{program}` command in README.md")
+
+
 @pytest.fixture(scope="module")
-def cli_results(trained_checkpoint, tmp_path_factory):
-    """`lm_eval ... --include_path linear_decay/eval_tasks --tasks shakespeare`, run from an unrelated folder."""
+def installed_package(tmp_path_factory):
+    """The package as a non-editable install has it: a wheel built from the source (setup.cfg decides which files
+    ship) and unpacked into a folder of its own."""
+    root = tmp_path_factory.mktemp("wheel")
+    source = root / "source"
+    source.mkdir()
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    shutil.copytree(REPO / "linear_decay", source / "linear_decay", ignore=shutil.ignore_patterns("__pycache__"))
+    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w",
+         str(root / "dist"), str(source)], cwd=root)
+    wheels = list((root / "dist").glob("*.whl"))
+    assert len(wheels) == 1, wheels
+    site = root / "site"
+    zipfile.ZipFile(wheels[0]).extractall(site)
+    shipped = sorted(p.name for p in (site / "linear_decay" / "eval_tasks").iterdir())
+    assert {"__main__.py", "shakespeare_tasks.py", "shakespeare.yaml"} <= set(shipped)
+    assert {p.name for p in TASKS_DIR.glob("*.yaml")} <= set(shipped)
+    return site
+
+
+@pytest.fixture(scope="module")
+def cli_results(trained_checkpoint, installed_package, tmp_path_factory):
+    """The README's `lm_eval` command as written (its checkpoint replaced; --limit, --batch_size and --output_path
+    added), run by bash from an unrelated folder with the package importable only as a non-editable install."""
     workdir = tmp_path_factory.mktemp("lm_eval_cli")
-    run(lm_eval_command() + [
-        "--model", "hf", "--model_args", f"pretrained={trained_checkpoint},trust_remote_code=True",
-        "--include_path", str(TASKS_DIR), "--tasks", "shakespeare", "--limit", str(CLI_LIMIT),
-        "--batch_size", "4", "--device", "cpu", "--output_path", str(workdir / "out"),
-    ], cwd=workdir)
+    bin_dir = workdir / "bin"  # `python` and `lm_eval` of this interpreter, whatever PATH holds
+    bin_dir.mkdir()
+    for name, runs in (("python", ""), ("lm_eval", " -m lm_eval")):
+        (bin_dir / name).write_text(f'#!/bin/sh\nexec "{sys.executable}"{runs} "$@"\n')
+        (bin_dir / name).chmod(0o755)
+    command = readme_command("lm_eval")
+    assert "outputs/tiny-gla" in command and "--include_path" in command
+    command = command.replace("outputs/tiny-gla", str(trained_checkpoint))
+    command += f" --limit {CLI_LIMIT} --batch_size 4 --output_path out"
+    result = run(["bash", "-xc", command], cwd=workdir, pythonpath=installed_package, path=bin_dir)
+    # bash -x shows the command after expansion: the task pack came from the installed package
+    assert f"--include_path {installed_package / 'linear_decay' / 'eval_tasks'} " in result.stderr, \
+        result.stderr[:2000]
     files = sorted((workdir / "out").rglob("results_*.json"))
     assert len(files) == 1, files
     return json.loads(files[0].read_text())
@@ -266,7 +306,7 @@ def test_evaluate_example_reports_a_missing_checkpoint(tmp_path):
     result = subprocess.run([sys.executable, str(EVALUATE), str(missing)], capture_output=True, text=True,
                             timeout=120, env={**os.environ, **OFFLINE})
     assert result.returncode == 2
-    assert "checkpoint not found" in result.stderr and str(missing) in result.stderr
+    assert f"no such folder: {missing}" in result.stderr
 
 
 def test_task_pack_is_deterministic_and_held_out(tasks_module):
