@@ -68,6 +68,7 @@ from transformers import (
 
 import linear_decay
 from linear_decay import PRESETS, LinearDecayConfig, LinearDecayForCausalLM
+from local_paths import missing_local_folder  # examples/local_paths.py
 from linear_decay.model_card import TRAINING_FILE, write_model_card
 
 PACKAGE_DIR = Path(linear_decay.__file__).resolve().parent
@@ -87,7 +88,6 @@ CHECKPOINT_FOLDER = re.compile(r"^checkpoint-(\d+)$")
 # what an earlier run leaves in its output folder that a new run into it would not rewrite or would merge with
 EARLIER_RUN_FILES = ("trainer_state.json", "all_results.json", "train_results.json", "eval_results.json",
                      "lm_eval_results.json", TRAINING_FILE)
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
 
 
 class UsageError(Exception):
@@ -150,21 +150,6 @@ class OutputArguments:
 
 # TrainingArguments of transformers 5 has no overwrite flag; an installed version that has one keeps its own.
 OWN_OVERWRITE_FLAG = "overwrite_output_dir" not in {f.name for f in dataclasses.fields(TrainingArguments)}
-
-
-def missing_local_folder(name):
-    """True when `name` is meant as a local folder and there is none: it starts with ./, ../, / or ~, has more
-    than one path separator or characters an owner/name Hub id cannot have, or its first part is an existing
-    folder (outputs/nope when outputs/ exists). A Hub id (owner/name, or a bare name) is left to the Hub."""
-    if os.path.exists(os.path.expanduser(name)):
-        return False
-    normal = name.replace(os.sep, "/") if os.sep != "/" else name
-    if normal in (".", "..") or normal.startswith(("./", "../", "/", "~")) or os.path.isabs(name):
-        return True
-    parts = normal.split("/")
-    if len(parts) == 1:
-        return False
-    return len(parts) > 2 or not HUB_ID.fullmatch(normal) or os.path.isdir(parts[0])
 
 
 def parse_overrides(text):

@@ -24,6 +24,9 @@ SMALL_MODEL = "hidden_size=32,num_hidden_layers=2,num_heads=2,intermediate_size=
 
 
 def load_example(name):
+    """An example script as a module, importable as when run: its folder on sys.path (for examples/local_paths.py)."""
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
     spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -347,7 +350,8 @@ def test_command_line_errors_print_one_line_without_traceback(tmp_path, mismatch
         command = [sys.executable, *map(str, argv)]
         if missing:
             command = [sys.executable, "-c", f"import runpy, sys; sys.modules[{missing!r}] = None; "
-                       f"sys.argv = {list(map(str, argv))!r}; runpy.run_path(sys.argv[0], run_name='__main__')"]
+                       f"sys.argv = {list(map(str, argv))!r}; sys.path.insert(0, {str(EXAMPLES)!r}); "  # as `python script.py` does
+                       f"runpy.run_path(sys.argv[0], run_name='__main__')"]
         result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path,
                                 env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
         assert result.returncode != 0
