@@ -17,11 +17,12 @@ Algorithm (per head; b = cumulative log λ within a chunk of CHUNK tokens, fp32;
   (`_segment_plan`): each segment from zero, `_combine_segments_kernel` joins their ends in order, and each segment
   again from its true start.
 - `_chunk_output_kernel`: one program per (chunk, head): o = (q ⊙ e^{b}) S + A v, A the causal decayed scores of the
-  chunk (`_intra_scores`). The cost does not depend on the decay's strength: vector decay splits the chunk into
-  sub-blocks of SUB_CHUNK rows; a pair of tokens in different sub-blocks factorises about the first row of the later
-  one, so that both factors are e^{≤ 0}; pairs inside a sub-block take e^{b_i − b_j} one by one.
-- backward: the state gradient at every chunk end (`_chunk_state_grads_kernel`, reverse walk), then one program per
-  (chunk, head) for dq, dk, dv and d log λ (`_chunk_grads_kernel`). d log λ is summed within the chunk from fp32
+  chunk (`_intra_scores`). The cost does not depend on the decay's strength: for vector decay the chunk is halved
+  log2(CHUNK) times, and each pair of tokens factorises about the middle row of the one block that has them in
+  different halves, both factors e^{≤ 0}: one dot per level, no pair summed one by one.
+- backward: the state gradient at every chunk end (`_chunk_state_grads_kernel`, reverse walk), then dv and the
+  scores' gradient dA per (chunk, head) (`_chunk_value_grads_kernel`, from the scores the forward kept), then dq, dk
+  and d log λ per (chunk, head, key block) (`_chunk_key_grads_kernel`). d log λ is summed within the chunk from fp32
   terms that are each a part of the gradient (the pairs of tokens that straddle a position), never as a difference
   of sequence-long sums, so that its error stays at the level of the other gradients at any decay strength.
 
@@ -44,10 +45,8 @@ except ImportError as error:  # CPU-only torch ships without Triton: recurrence_
     raise ImportError("Triton is not installed") from error
 
 CHUNK = 64
-SUB_CHUNK = 16  # vector decay: rows of a sub-block of `_intra_scores` (pairs inside one are summed exactly)
+CHUNK_LEVELS = CHUNK.bit_length() - 1  # vector decay: the halvings of a chunk in `_intra_scores`
 MAX_HEAD_DIM = 256
-
-DECAY_NONE, DECAY_STATIC, DECAY_SCALAR, DECAY_VECTOR = 0, 1, 2, 3
 
 DECAY_NONE, DECAY_STATIC, DECAY_SCALAR, DECAY_VECTOR = 0, 1, 2, 3
 
@@ -135,69 +134,47 @@ def _advance_state(state, k, v, b, total, VECTOR: tl.constexpr, DOT_DTYPE: tl.co
 
 
 @triton.jit
-def _b_rows(b_ptr, chunk, rows, head, H: tl.constexpr, K: tl.constexpr, cols, C: tl.constexpr):
-    """Rows `rows` (chunk-local, any order) of a chunk's cumulative log λ (vector decay) as fp32 [len(rows), len(cols)]:
-    the anchors and the gathered sources of `_intra_scores` / `_intra_grads`."""
-    ptrs = b_ptr + ((chunk * C + rows[:, None]) * H + head) * K + cols[None, :]
-    return tl.load(ptrs, mask=(cols < K)[None, :], other=0.0)
+def _level_factors(b, b_ptr, chunk, rows, head, H: tl.constexpr, K: tl.constexpr, cols, C: tl.constexpr,
+                   HALF: tl.constexpr):
+    """One level of the dyadic split of a chunk (`_intra_scores`): rows in blocks of 2·HALF, each block's middle row m
+    its anchor. Returns (e^{b_i − b_m} on the second half of each block, else 0; e^{b_m − b_j} on the first half, else 0)
+    [C, len(cols)]: both ≤ 1 at any decay strength, their product e^{b_i − b_j} for i in the second half and j in the
+    first half of one block."""
+    middle = (rows // (2 * HALF)) * (2 * HALF) + HALF
+    anchor = tl.load(b_ptr + ((chunk * C + middle[:, None]) * H + head) * K + cols[None, :],
+                     mask=(cols < K)[None, :], other=0.0)
+    second = (rows >= middle)[:, None]
+    factor = tl.exp(tl.where(second, b - anchor, anchor - b))
+    return tl.where(second, factor, 0.0), tl.where(second, 0.0, factor)
 
 
 @triton.jit
-def _anchored_factor(b, b_ptr, chunk, rows, head, H: tl.constexpr, K: tl.constexpr, cols, C: tl.constexpr,
-                     SUB: tl.constexpr):
-    """e^{b_i − a(i)} [C, len(cols)], a(i) the cumulative log λ at the first row of row i's sub-block: ≤ 1 always."""
-    anchors = _b_rows(b_ptr, chunk, (rows // SUB) * SUB, head, H, K, cols, C)
-    return tl.exp(b - anchors)
-
-
-@triton.jit
-def _to_anchor(b, b_ptr, chunk, rows, head, H: tl.constexpr, K: tl.constexpr, cols, C: tl.constexpr,
-               SUB: tl.constexpr, block: tl.constexpr):
-    """e^{a − b_j} for the rows j before sub-block `block` (a: b at its first row), else 0: ≤ 1 always."""
-    anchor = tl.sum(_b_rows(b_ptr, chunk, tl.full((1,), block * SUB, tl.int32), head, H, K, cols, C), axis=0)
-    before = (rows < block * SUB)[:, None]
-    return tl.where(before, tl.exp(tl.where(before, anchor[None, :] - b, 0.0)), 0.0)
-
-
-@triton.jit
-def _diagonal_source(k_ptr, b_ptr, chunk, token0, eos, rows, head, H: tl.constexpr, K: tl.constexpr, cols,
-                     C: tl.constexpr, SUB: tl.constexpr, offset: tl.constexpr, b, STRICT: tl.constexpr):
-    """For every row i, column j = (first row of i's sub-block) + `offset` of the diagonal sub-blocks: (j, k_j,
-    e^{b_i − b_j} where j ≤ i (STRICT: j < i) else 0), exact in fp32 (`_intra_scores`)."""
-    source = (rows // SUB) * SUB + offset
-    k_source = _tile(k_ptr, token0, source, token0 + source < eos, head, H, K, cols, cols < K)
-    if STRICT:
-        causal = ((rows % SUB) > offset)[:, None]
-    else:
-        causal = ((rows % SUB) >= offset)[:, None]
-    decay = tl.exp(tl.where(causal, b - _b_rows(b_ptr, chunk, source, head, H, K, cols, C), float("-inf")))
-    return source, k_source, decay
-
-
-@triton.jit
-def _intra_scores(q, k, b, b_ptr, k_ptr, chunk, token0, eos, head, H: tl.constexpr, K: tl.constexpr, cols,
-                  C: tl.constexpr, SUB: tl.constexpr, DECAY: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                  PRECISION: tl.constexpr):
-    """A[i, j] = Σ_c q_ic k_jc e^{b_ic − b_jc} for j ≤ i, else 0: the chunk's causal decayed scores [C, C], fp32.
-
-    Scalar (and static, and no) decay: (q kᵀ) ⊙ e^{b_i − b_j}. Vector decay (DESIGN §1, "chunked form") in sub-blocks of
-    SUB rows, whatever the decay's strength: a pair in different sub-blocks factorises about the first row a of the
-    later one, (q_i e^{b_i − a}) · (k_j e^{a − b_j}), both factors ≤ 1 (one dot per sub-block); a pair in the same
-    sub-block is summed exactly, e^{b_i − b_j} per pair, column by column."""
+def _same_block(HALF: tl.constexpr, C: tl.constexpr):
+    """[C, C]: rows i and columns j in the same block of 2·HALF rows."""
     i = tl.arange(0, C)[:, None]
     j = tl.arange(0, C)[None, :]
-    rows = tl.arange(0, C)
+    return i // (2 * HALF) == j // (2 * HALF)
+
+
+@triton.jit
+def _intra_scores(q, k, b, b_ptr, chunk, head, H: tl.constexpr, K: tl.constexpr, cols, C: tl.constexpr,
+                  LEVELS: tl.constexpr, DECAY: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """A[i, j] = Σ_c q_ic k_jc e^{b_ic − b_jc} for j ≤ i, else 0: the chunk's causal decayed scores [C, C], fp32.
+
+    Scalar (and static, and no) decay: (q kᵀ) ⊙ e^{b_i − b_j}. Vector decay (DESIGN §1, "chunked form") whatever the
+    decay's strength, by halving: every pair j < i is split by exactly one level (`_level_factors`, C = 2^LEVELS), the
+    one whose block holds both with j in its first half and i in its second; there it factorises about the block's
+    middle row into two factors ≤ 1, one dot per level. Each token with itself has no decay: Σ_c q_ic k_ic."""
+    i = tl.arange(0, C)[:, None]
+    j = tl.arange(0, C)[None, :]
     if DECAY == 3:
-        q_anchored = (q * _anchored_factor(b, b_ptr, chunk, rows, head, H, K, cols, C, SUB)).to(DOT_DTYPE)
-        scores = tl.zeros((C, C), dtype=tl.float32)
-        for block in tl.static_range(1, C // SUB):
-            k_anchored = (k * _to_anchor(b, b_ptr, chunk, rows, head, H, K, cols, C, SUB, block)).to(DOT_DTYPE)
-            part = tl.dot(q_anchored, tl.trans(k_anchored), input_precision=PRECISION)
-            scores += tl.where(i // SUB == block, part, 0.0)
-        for offset in tl.static_range(SUB):
-            source, k_source, decay = _diagonal_source(k_ptr, b_ptr, chunk, token0, eos, rows, head, H, K, cols, C,
-                                                       SUB, offset, b, False)
-            scores = tl.where(j == source[:, None], tl.sum(q * k_source * decay, axis=1)[:, None], scores)
+        rows = tl.arange(0, C)
+        scores = tl.where(i == j, tl.sum(q * k, axis=1)[:, None], 0.0)
+        for level in tl.static_range(LEVELS):
+            q_factor, k_factor = _level_factors(b, b_ptr, chunk, rows, head, H, K, cols, C, C >> (level + 1))
+            part = tl.dot((q * q_factor).to(DOT_DTYPE), tl.trans((k * k_factor).to(DOT_DTYPE)),
+                          input_precision=PRECISION)
+            scores += tl.where(_same_block(C >> (level + 1), C), part, 0.0)
     else:
         scores = tl.dot(q.to(DOT_DTYPE), tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION)
         scores = tl.where(i >= j, scores * tl.exp(tl.where(i >= j, b[:, None] - b[None, :], float("-inf"))), 0.0)
@@ -357,12 +334,12 @@ def _combine_segments_kernel(segment_state_ptr, segment_decay_ptr, start_ptr, en
 
 @fast_launch
 @triton.jit
-def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, states_ptr, o_ptr, cu_seqlens_ptr, chunk_seq_ptr, chunk_token_ptr,
-                         scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                         C: tl.constexpr, SUB: tl.constexpr, DECAY: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                         PRECISION: tl.constexpr):
+def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, states_ptr, o_ptr, scores_ptr, cu_seqlens_ptr, chunk_seq_ptr,
+                         chunk_token_ptr, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                         BV: tl.constexpr, C: tl.constexpr, LEVELS: tl.constexpr, DECAY: tl.constexpr,
+                         STORE_SCORES: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """o of one (chunk, head): o = (q ⊙ e^{b}) S + A v, the scores A first (`_intra_scores`, summed over key blocks of
-    BK channels), then every value block."""
+    BK channels; kept for the backward when STORE_SCORES), then every value block."""
     chunk, head = tl.program_id(0), tl.program_id(1)
     seq, token0 = tl.load(chunk_seq_ptr + chunk), tl.load(chunk_token_ptr + chunk)
     eos = tl.load(cu_seqlens_ptr + seq + 1)
@@ -374,9 +351,10 @@ def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, states_ptr, o_ptr, cu_seqle
         q = _tile(q_ptr, token0, rows, row_mask, head, H, K, ck, ck < K) * scale
         k = _tile(k_ptr, token0, rows, row_mask, head, H, K, ck, ck < K)
         b, _ = _chunk_decay(b_ptr, chunk, head, H, K, ck, C, DECAY)
-        scores += _intra_scores(q, k, b, b_ptr, k_ptr, chunk, token0, eos, head, H, K, ck, C, SUB, DECAY, DOT_DTYPE,
-                                PRECISION)
+        scores += _intra_scores(q, k, b, b_ptr, chunk, head, H, K, ck, C, LEVELS, DECAY, DOT_DTYPE, PRECISION)
     scores = scores.to(DOT_DTYPE)
+    if STORE_SCORES:
+        tl.store(scores_ptr + (chunk * H + head) * C * C + rows[:, None] * C + rows[None, :], scores)
     chunk_states_ptr = states_ptr + (chunk * H + head) * K * V
     for value_block in range(tl.cdiv(V, BV)):
         cv = value_block * BV + tl.arange(0, BV)
@@ -450,145 +428,31 @@ def _chunk_state_grads_kernel(q_ptr, do_ptr, b_ptr, final_grad_ptr, state_grads_
 
 
 
-@triton.jit
-def _intra_grads(q, k, b, dA, dA_t, b_ptr, k_ptr, chunk, token0, eos, head, H: tl.constexpr, K: tl.constexpr, cols,
-                 C: tl.constexpr, BK: tl.constexpr, SUB: tl.constexpr, DECAY: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                 PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr):
-    """The chunk's own part of the gradients, fp32, without the diagonal (each token with itself): dq_i = Σ_{j < i}
-    dA_ij k_j e^{b_i − b_j}, dk_j = Σ_{i > j} dA_ij q_i e^{b_i − b_j}, and the scores transposed, Aᵀ (for dv, the
-    diagonal included). dA [C, C] causal; dA_t its transpose, a dot of loaded tensors (DESIGN §7). Vector decay as in
-    `_intra_scores`: sub-block pairs factorised about the later sub-block's first row (fp32 operands,
-    GRAD_PRECISION), the diagonal sub-blocks exact, pair by pair. The diagonal terms (dA_ii k_i, dA_ii q_i) are left
-    to the caller: they carry no decay, so d log λ is summed without them instead of from their cancellation."""
-    i = tl.arange(0, C)[:, None]
-    j = tl.arange(0, C)[None, :]
-    rows = tl.arange(0, C)
-    if DECAY == 3:
-        q_factor = _anchored_factor(b, b_ptr, chunk, rows, head, H, K, cols, C, SUB)
-        q_anchored = q * q_factor
-        dq = tl.zeros((C, BK), dtype=tl.float32)
-        dk = tl.zeros((C, BK), dtype=tl.float32)
-        scores_t = tl.zeros((C, C), dtype=tl.float32)
-        for block in tl.static_range(1, C // SUB):
-            to_anchor = _to_anchor(b, b_ptr, chunk, rows, head, H, K, cols, C, SUB, block)
-            k_anchored = k * to_anchor
-            dq += tl.dot(tl.where(i // SUB == block, dA, 0.0), k_anchored, input_precision=GRAD_PRECISION)
-            dk += to_anchor * tl.dot(tl.where(j // SUB == block, dA_t, 0.0), q_anchored,
-                                     input_precision=GRAD_PRECISION)
-            part = tl.dot(k_anchored.to(DOT_DTYPE), tl.trans(q_anchored.to(DOT_DTYPE)), input_precision=PRECISION)
-            scores_t += tl.where(j // SUB == block, part, 0.0)
-        dq = dq * q_factor
-        for offset in tl.static_range(SUB):
-            source, k_source, decay = _diagonal_source(k_ptr, b_ptr, chunk, token0, eos, rows, head, H, K, cols, C,
-                                                       SUB, offset, b, True)
-            pair_grad = tl.sum(tl.where(j == source[:, None], dA, 0.0), axis=1)  # dA[i, source(i)]
-            dq += pair_grad[:, None] * k_source * decay
-            score = tl.sum(q * k_source * decay, axis=1)  # A[i, source(i)], placed at Aᵀ[source(i), i]
-            scores_t = tl.where(i == source[None, :], score[None, :], scores_t)
-            # dk[source] gathers its sub-block's rows: a sum over each sub-block, spread back to the source rows
-            to_source = tl.reshape(pair_grad[:, None] * q * decay, (C // SUB, SUB, BK))
-            per_block = tl.broadcast_to(tl.sum(to_source, axis=1)[:, None, :], (C // SUB, SUB, BK))
-            dk += tl.where(((rows % SUB) == offset)[:, None], tl.reshape(per_block, (C, BK)), 0.0)
-    else:
-        decay = tl.exp(tl.where(i > j, b[:, None] - b[None, :], float("-inf")))  # e^{b_i − b_j}, row i, column j
-        decay_t = tl.exp(tl.where(i < j, b[None, :] - b[:, None], float("-inf")))  # the same, row j, column i
-        dq = tl.dot(dA * decay, k, input_precision=GRAD_PRECISION)
-        dk = tl.dot(dA_t * decay_t, q, input_precision=GRAD_PRECISION)
-        scores_t = tl.dot(k.to(DOT_DTYPE), tl.trans(q.to(DOT_DTYPE)), input_precision=PRECISION)
-        scores_t = tl.where(i == j, scores_t, scores_t * decay_t)
-    if DECAY == 3:
-        scores_t += tl.where(i == j, tl.sum(q * k, axis=1)[:, None], 0.0)
-    return dq, dk, scores_t
-
-
 @fast_launch
 @triton.jit
-def _chunk_grads_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, states_ptr, state_grads_ptr, dq_ptr, dk_ptr, dv_ptr,
-                        dg_ptr, cu_seqlens_ptr, chunk_seq_ptr, chunk_token_ptr, scale, H: tl.constexpr,
-                        K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-                        SUB: tl.constexpr, DECAY: tl.constexpr, DECAY_GRAD: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                        PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr):
-    """dq, dk, dv and (DECAY_GRAD) d log λ of one (chunk, head), from the state S at the chunk's start and ∂L/∂S at its
-    end (dS): dq = e^{b} ⊙ (S do) + intra, dk = e^{B − b} ⊙ (dS v) + intra, dv = (k ⊙ e^{B − b}) dS + Aᵀ do; dA = do vᵀ
-    first, then the key dim in blocks of BK channels, then dv.
-
-    d log λ within the chunk, from fp32 terms that are each a part of the gradient (nothing cancels across chunks):
-    d log λ_r = Σ_{t ≥ r} (q ⊙ dq − k ⊙ dk_intra)_t + Σ_{s < r} (k ⊙ dk_state)_s + e^{B} ⊙ Σ_v S ⊙ dS, the pairs of
-    tokens (s < r ≤ t) inside the chunk, from before it to inside, from inside to after it, and across it; dq and
-    dk_intra here without each token's pair with itself, which has no decay to differentiate."""
+def _chunk_value_grads_kernel(k_ptr, v_ptr, b_ptr, do_ptr, scores_ptr, state_grads_ptr, dv_ptr, dA_ptr, cu_seqlens_ptr,
+                              chunk_seq_ptr, chunk_token_ptr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                              BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
+                              DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """dv of one (chunk, head), dv = Aᵀ do + (k ⊙ e^{B − b}) dS (A: the scores the forward kept, dS: ∂L/∂S at the
+    chunk's end), value block by value block; and the scores' gradient dA = do vᵀ (causal, fp32) for
+    `_chunk_key_grads_kernel`."""
     chunk, head = tl.program_id(0), tl.program_id(1)
     seq, token0 = tl.load(chunk_seq_ptr + chunk), tl.load(chunk_token_ptr + chunk)
     eos = tl.load(cu_seqlens_ptr + seq + 1)
-    VECTOR: tl.constexpr = DECAY == 3
     rows = tl.arange(0, C)
+    row_mask = token0 + rows < eos
     i = rows[:, None]
     j = rows[None, :]
-    row_mask = token0 + rows < eos
-    chunk_states_ptr = states_ptr + (chunk * H + head) * K * V
+    chunk_scores_ptr = scores_ptr + (chunk * H + head) * C * C
+    scores_t = tl.load(chunk_scores_ptr + j * C + i)  # Aᵀ, loaded transposed
     chunk_grads_ptr = state_grads_ptr + (chunk * H + head) * K * V
     dA = tl.zeros((C, C), dtype=tl.float32)
-    dA_t = tl.zeros((C, C), dtype=tl.float32)
     for value_block in range(tl.cdiv(V, BV)):
         cv = value_block * BV + tl.arange(0, BV)
         v = _tile(v_ptr, token0, rows, row_mask, head, H, V, cv, cv < V).to(DOT_DTYPE)
         do = _tile(do_ptr, token0, rows, row_mask, head, H, V, cv, cv < V).to(DOT_DTYPE)
         dA += tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        dA_t += tl.dot(v, tl.trans(do), input_precision=PRECISION)
-    dA = tl.where(i >= j, dA, 0.0)
-    dA_t = tl.where(i <= j, dA_t, 0.0)
-    own = tl.sum(tl.where(i == j, dA, 0.0), axis=1)[:, None]  # dA_ii: each token with itself, undecayed
-    scores_t = tl.zeros((C, C), dtype=tl.float32)
-    later_sum = tl.zeros((C,), dtype=tl.float32)  # scalar decay: d log λ's terms summed over the key dim
-    earlier_sum = tl.zeros((C,), dtype=tl.float32)
-    across_sum = tl.zeros((1,), dtype=tl.float32)
-    for key_block in range(tl.cdiv(K, BK)):
-        ck = key_block * BK + tl.arange(0, BK)
-        q = _tile(q_ptr, token0, rows, row_mask, head, H, K, ck, ck < K) * scale
-        k = _tile(k_ptr, token0, rows, row_mask, head, H, K, ck, ck < K)
-        b, total = _chunk_decay(b_ptr, chunk, head, H, K, ck, C, DECAY)
-        dq_state = tl.zeros((C, BK), dtype=tl.float32)
-        dk_state = tl.zeros((C, BK), dtype=tl.float32)
-        across = tl.zeros((BK,), dtype=tl.float32)
-        for value_block in range(tl.cdiv(V, BV)):
-            cv = value_block * BV + tl.arange(0, BV)
-            state_offsets = ck[:, None] * V + cv[None, :]
-            state_mask = (ck < K)[:, None] & (cv < V)[None, :]
-            v = _tile(v_ptr, token0, rows, row_mask, head, H, V, cv, cv < V).to(DOT_DTYPE)
-            do = _tile(do_ptr, token0, rows, row_mask, head, H, V, cv, cv < V).to(DOT_DTYPE)
-            state = tl.load(chunk_states_ptr + state_offsets, mask=state_mask, other=0.0).to(DOT_DTYPE)
-            dstate = tl.load(chunk_grads_ptr + state_offsets, mask=state_mask, other=0.0).to(DOT_DTYPE)
-            dq_state += tl.trans(tl.dot(state, tl.trans(do), input_precision=PRECISION))
-            dk_state += tl.trans(tl.dot(dstate, tl.trans(v), input_precision=PRECISION))
-            if DECAY_GRAD:
-                across += tl.sum(state.to(tl.float32) * dstate.to(tl.float32), axis=1)
-        dq_intra, dk_intra, scores_part = _intra_grads(q, k, b, dA, dA_t, b_ptr, k_ptr, chunk, token0, eos, head, H, K,
-                                                       ck, C, BK, SUB, DECAY, DOT_DTYPE, PRECISION, GRAD_PRECISION)
-        scores_t += scores_part
-        dq = dq_state * _row_decay(b, VECTOR) + dq_intra
-        dk_state = dk_state * _to_end(b, total, VECTOR)
-        offsets = ((token0 + rows[:, None]) * H + head) * K + ck[None, :]
-        mask = row_mask[:, None] & (ck < K)[None, :]
-        tl.store(dq_ptr + offsets, ((dq + own * k) * scale).to(dq_ptr.dtype.element_ty), mask=mask)
-        tl.store(dk_ptr + offsets, (dk_state + dk_intra + own * q).to(dk_ptr.dtype.element_ty), mask=mask)
-        if DECAY_GRAD:
-            later = q * dq - k * dk_intra
-            earlier = k * dk_state
-            if VECTOR:
-                dg = tl.cumsum(later, axis=0, reverse=True) + (tl.cumsum(earlier, axis=0) - earlier)
-                tl.store(dg_ptr + offsets, dg + (across * tl.exp(total))[None, :], mask=mask)
-            else:
-                later_sum += tl.sum(later, axis=1)
-                earlier_sum += tl.sum(earlier, axis=1)
-                across_sum += tl.sum(across, axis=0) * tl.exp(total)
-    if DECAY_GRAD and not VECTOR:
-        # row sums instead of a [C] scan (Triton 3.6 fails to lower tl.cumsum over [C, 1] at 8 warps)
-        dg = tl.sum(tl.where(j >= i, later_sum[None, :], 0.0), axis=1)
-        dg += tl.sum(tl.where(j < i, earlier_sum[None, :], 0.0), axis=1)
-        tl.store(dg_ptr + (token0 + rows) * H + head, dg + tl.sum(across_sum, axis=0), mask=row_mask)
-    scores_t = scores_t.to(DOT_DTYPE)
-    for value_block in range(tl.cdiv(V, BV)):
-        cv = value_block * BV + tl.arange(0, BV)
-        do = _tile(do_ptr, token0, rows, row_mask, head, H, V, cv, cv < V).to(DOT_DTYPE)
         dv = tl.dot(scores_t, do, input_precision=PRECISION)
         for key_block in range(tl.cdiv(K, BK)):
             ck = key_block * BK + tl.arange(0, BK)
@@ -596,9 +460,113 @@ def _chunk_grads_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, states_ptr, state_gr
             b, total = _chunk_decay(b_ptr, chunk, head, H, K, ck, C, DECAY)
             dstate = tl.load(chunk_grads_ptr + ck[:, None] * V + cv[None, :],
                              mask=(ck < K)[:, None] & (cv < V)[None, :], other=0.0).to(DOT_DTYPE)
-            dv += tl.dot((k * _to_end(b, total, VECTOR)).to(DOT_DTYPE), dstate, input_precision=PRECISION)
+            dv += tl.dot((k * _to_end(b, total, DECAY == 3)).to(DOT_DTYPE), dstate, input_precision=PRECISION)
         tl.store(dv_ptr + ((token0 + rows[:, None]) * H + head) * V + cv[None, :], dv.to(dv_ptr.dtype.element_ty),
                  mask=row_mask[:, None] & (cv < V)[None, :])
+    tl.store(dA_ptr + (chunk * H + head) * C * C + i * C + j, tl.where(i >= j, dA, 0.0))
+
+
+@triton.jit
+def _intra_grads(q, k, b, dA_ptr, b_ptr, chunk, head, H: tl.constexpr, K: tl.constexpr, cols, C: tl.constexpr,
+                 BK: tl.constexpr, LEVELS: tl.constexpr, DECAY: tl.constexpr, GRAD_PRECISION: tl.constexpr):
+    """The chunk's own part of dq and dk, fp32, without the diagonal (each token with itself): dq_i = Σ_{j < i}
+    dA_ij k_j e^{b_i − b_j}, dk_j = Σ_{i > j} dA_ij q_i e^{b_i − b_j}; dA [C, C] (causal) at dA_ptr, loaded as it is
+    for dq and transposed for dk, one after the other so that only one is held. Vector decay level by level as in
+    `_intra_scores`; the dots keep fp32 operands (GRAD_PRECISION). The diagonal terms (dA_ii k_i, dA_ii q_i) are left
+    to the caller: they carry no decay, so d log λ is summed without them instead of from their cancellation."""
+    i = tl.arange(0, C)[:, None]
+    j = tl.arange(0, C)[None, :]
+    dA = tl.load(dA_ptr + i * C + j)
+    if DECAY == 3:
+        rows = tl.arange(0, C)
+        dq = tl.zeros((C, BK), dtype=tl.float32)
+        for level in tl.static_range(LEVELS):
+            q_factor, k_factor = _level_factors(b, b_ptr, chunk, rows, head, H, K, cols, C, C >> (level + 1))
+            dA_level = tl.where(_same_block(C >> (level + 1), C), dA, 0.0)
+            dq += q_factor * tl.dot(dA_level, k * k_factor, input_precision=GRAD_PRECISION)
+        dA_t = tl.load(dA_ptr + j * C + i)
+        dk = tl.zeros((C, BK), dtype=tl.float32)
+        for level in tl.static_range(LEVELS):
+            q_factor, k_factor = _level_factors(b, b_ptr, chunk, rows, head, H, K, cols, C, C >> (level + 1))
+            dA_level = tl.where(_same_block(C >> (level + 1), C), dA_t, 0.0)
+            dk += k_factor * tl.dot(dA_level, q * q_factor, input_precision=GRAD_PRECISION)
+    else:
+        decay = tl.exp(tl.where(i > j, b[:, None] - b[None, :], float("-inf")))  # e^{b_i − b_j}, row i, column j
+        dq = tl.dot(dA * decay, k, input_precision=GRAD_PRECISION)
+        decay_t = tl.exp(tl.where(i < j, b[None, :] - b[:, None], float("-inf")))  # the same, row j, column i
+        dk = tl.dot(tl.load(dA_ptr + j * C + i) * decay_t, q, input_precision=GRAD_PRECISION)
+    return dq, dk
+
+
+@fast_launch
+@triton.jit
+def _chunk_key_grads_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, states_ptr, state_grads_ptr, dA_ptr, dq_ptr, dk_ptr,
+                            dg_ptr, cu_seqlens_ptr, chunk_seq_ptr, chunk_token_ptr, scale, T, H: tl.constexpr,
+                            K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                            LEVELS: tl.constexpr, DECAY: tl.constexpr, DECAY_GRAD: tl.constexpr,
+                            DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr):
+    """dq, dk and (DECAY_GRAD) d log λ of one (chunk, head, block of BK key channels), from the state S at the chunk's
+    start, ∂L/∂S at its end (dS) and dA (`_chunk_value_grads_kernel`): dq = e^{b} ⊙ (do Sᵀ) + intra,
+    dk = e^{B − b} ⊙ (v dSᵀ) + intra.
+
+    d log λ within the chunk, from fp32 terms that are each a part of the gradient (nothing cancels across chunks):
+    d log λ_r = Σ_{t ≥ r} (q ⊙ dq − k ⊙ dk_intra)_t + Σ_{s < r} (k ⊙ dk_state)_s + e^{B} ⊙ Σ_v S ⊙ dS, the pairs of
+    tokens (s < r ≤ t) inside the chunk, from before it to inside, from inside to after it, and across it; dq and
+    dk_intra here without each token's pair with itself, which has no decay to differentiate. Scalar and static
+    decay sum it over the block's channels: one partial sum per key block, [T, H] each, added on the host."""
+    chunk, head, key_block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq, token0 = tl.load(chunk_seq_ptr + chunk), tl.load(chunk_token_ptr + chunk)
+    eos = tl.load(cu_seqlens_ptr + seq + 1)
+    VECTOR: tl.constexpr = DECAY == 3
+    rows = tl.arange(0, C)
+    i = rows[:, None]
+    j = rows[None, :]
+    row_mask = token0 + rows < eos
+    ck = key_block * BK + tl.arange(0, BK)
+    chunk_states_ptr = states_ptr + (chunk * H + head) * K * V
+    chunk_grads_ptr = state_grads_ptr + (chunk * H + head) * K * V
+    chunk_dA_ptr = dA_ptr + (chunk * H + head) * C * C
+    q = _tile(q_ptr, token0, rows, row_mask, head, H, K, ck, ck < K) * scale
+    k = _tile(k_ptr, token0, rows, row_mask, head, H, K, ck, ck < K)
+    b, total = _chunk_decay(b_ptr, chunk, head, H, K, ck, C, DECAY)
+    dq_intra, dk_intra = _intra_grads(q, k, b, chunk_dA_ptr, b_ptr, chunk, head, H, K, ck, C, BK, LEVELS, DECAY,
+                                      GRAD_PRECISION)
+    dq = tl.zeros((C, BK), dtype=tl.float32)
+    dk_state = tl.zeros((C, BK), dtype=tl.float32)
+    across = tl.zeros((BK,), dtype=tl.float32)
+    for value_block in range(tl.cdiv(V, BV)):
+        cv = value_block * BV + tl.arange(0, BV)
+        state_offsets = ck[:, None] * V + cv[None, :]
+        state_mask = (ck < K)[:, None] & (cv < V)[None, :]
+        v = _tile(v_ptr, token0, rows, row_mask, head, H, V, cv, cv < V).to(DOT_DTYPE)
+        do = _tile(do_ptr, token0, rows, row_mask, head, H, V, cv, cv < V).to(DOT_DTYPE)
+        state = tl.load(chunk_states_ptr + state_offsets, mask=state_mask, other=0.0)
+        dstate = tl.load(chunk_grads_ptr + state_offsets, mask=state_mask, other=0.0)
+        dq += tl.dot(do, tl.trans(state.to(DOT_DTYPE)), input_precision=PRECISION)
+        dk_state += tl.dot(v, tl.trans(dstate.to(DOT_DTYPE)), input_precision=PRECISION)
+        if DECAY_GRAD:
+            across += tl.sum(state.to(tl.float32) * dstate.to(tl.float32), axis=1)
+    own = tl.load(chunk_dA_ptr + rows * (C + 1))[:, None]  # dA_ii: each token with itself, undecayed
+    dq = dq * _row_decay(b, VECTOR) + dq_intra
+    dk_state = dk_state * _to_end(b, total, VECTOR)
+    offsets = ((token0 + rows[:, None]) * H + head) * K + ck[None, :]
+    mask = row_mask[:, None] & (ck < K)[None, :]
+    tl.store(dq_ptr + offsets, ((dq + own * k) * scale).to(dq_ptr.dtype.element_ty), mask=mask)
+    tl.store(dk_ptr + offsets, (dk_state + dk_intra + own * q).to(dk_ptr.dtype.element_ty), mask=mask)
+    if DECAY_GRAD:
+        later = q * dq - k * dk_intra
+        earlier = k * dk_state
+        if VECTOR:
+            dg = tl.cumsum(later, axis=0, reverse=True) + (tl.cumsum(earlier, axis=0) - earlier)
+            tl.store(dg_ptr + offsets, dg + (across * tl.exp(total))[None, :], mask=mask)
+        else:
+            later_sum = tl.sum(later, axis=1)
+            earlier_sum = tl.sum(earlier, axis=1)
+            # row sums instead of a [C] scan (Triton 3.6 fails to lower tl.cumsum over [C, 1] at 8 warps)
+            dg = tl.sum(tl.where(j >= i, later_sum[None, :], 0.0), axis=1)
+            dg += tl.sum(tl.where(j < i, earlier_sum[None, :], 0.0), axis=1)
+            dg += tl.sum(across, axis=0) * tl.exp(total)
+            tl.store(dg_ptr + (key_block * T + token0 + rows) * H + head, dg, mask=row_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -609,12 +577,12 @@ def _chunk_grads_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, states_ptr, state_gr
 def _dot_settings(dtype):
     """(dot operand dtype, dot precision, precision of the backward's fp32 dots within a chunk): bf16 operands for bf16
     inputs; fp32 otherwise (fp16 cannot hold e^{b}), as TF32 for fp16 inputs and exact for fp32 inputs. The backward's
-    dots of dA with decayed keys / queries keep fp32 operands (TF32 unless the inputs are fp32), so that dq and dk,
-    which d log λ is made of, are not rounded to bf16 on the way."""
+    dots of dA with decayed keys / queries keep fp32 operands at fp32 accuracy (three TF32 products unless the inputs
+    are fp32), so that dq and dk, whose difference d log λ is summed from, are not rounded on the way."""
     if dtype == torch.float32:
         return tl.float32, "ieee", "ieee"
     return (tl.bfloat16 if dtype == torch.bfloat16 else tl.float32), ("ieee" if dtype == torch.bfloat16 else "tf32"), \
-        "tf32"
+        "tf32x3"
 
 
 def _chunk_layout(cu_seqlens, batch, length, device):
@@ -665,7 +633,7 @@ def _decay_kind(log_decay, key_dim):
 
 class _ChunkedRecurrence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, initial_state, scale, cu_seqlens, output_final_state):
+    def forward(ctx, q, k, v, log_decay, initial_state, scale, cu_seqlens, output_final_state, keep):
         batch, length, heads, key_dim = q.shape
         value_dim = v.shape[-1]
         decay = _decay_kind(log_decay, key_dim)
@@ -679,13 +647,14 @@ class _ChunkedRecurrence(torch.autograd.Function):
         states, final = _forward_states(k, v, b, initial, layout, decay, heads, key_dim, value_dim, num_sequences,
                                         _longest_chunks(layout, batch, length), output_final_state)
         dot_dtype, precision, _ = _dot_settings(q.dtype)
+        scores = states.new_empty(layout[2].numel() if keep else 0, heads, CHUNK, CHUNK)
         block_k, block_v, launch = _launch("output", key_dim, value_dim)
         _chunk_output_kernel[(layout[2].numel(), heads)](
-            q, k, v, b, states, o, layout[0], layout[2], layout[3], scale, heads, key_dim, value_dim, block_k,
-            block_v, CHUNK, SUB_CHUNK, decay, dot_dtype, precision, **launch)
-        # the chunk states are kept for the backward (one [chunks, H, K, V] tensor in the dot dtype instead of a second
-        # walk); b is not (fp32 [T, H, K] for vector decay): the backward recomputes it from g
-        ctx.save_for_backward(q, k, v, g, initial, states, *layout)
+            q, k, v, b, states, o, scores, layout[0], layout[2], layout[3], scale, heads, key_dim, value_dim, block_k,
+            block_v, CHUNK, CHUNK_LEVELS, decay, keep, dot_dtype, precision, **launch)
+        # kept for the backward: the chunk states (one [chunks, H, K, V] tensor in the dot dtype instead of a second
+        # walk), the scores ([chunks, H, C, C]) and b in place of log λ
+        ctx.save_for_backward(q, k, v, b, initial, states, scores, *layout)
         ctx.decay, ctx.scale, ctx.shape = decay, scale, (batch, length, heads, key_dim, value_dim, num_sequences)
         ctx.log_decay_shape = None if log_decay is None else log_decay.shape
         ctx.log_decay_dtype = None if log_decay is None else log_decay.dtype
@@ -694,12 +663,11 @@ class _ChunkedRecurrence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, final_grad):
-        q, k, v, g, initial, states, *layout = ctx.saved_tensors
+        q, k, v, b, initial, states, scores, *layout = ctx.saved_tensors
         batch, length, heads, key_dim, value_dim, num_sequences = ctx.shape
         decay, scale = ctx.decay, ctx.scale
         needs_decay_grad = ctx.needs_input_grad[3] and decay != DECAY_NONE
         max_chunks = _longest_chunks(layout, batch, length)
-        b = _cumulative_decay(g, layout, decay, heads, key_dim)
         do = do.contiguous()
         dot_dtype, precision, grad_precision = _dot_settings(q.dtype)
         state_grads = torch.empty_like(states)
@@ -717,23 +685,33 @@ class _ChunkedRecurrence(torch.autograd.Function):
 
         _state_walk(state_grads_walk, blocks, block_k_split, block_v, num_sequences, heads, max_chunks, key_dim,
                     value_dim, decay, final_grad, initial_grad, layout[0], q.device, reverse=True)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        chunks = layout[2].numel()
+        dv = torch.empty_like(v)
+        dA = torch.empty(chunks, heads, CHUNK, CHUNK, device=q.device, dtype=torch.float32)
+        block_k, block_v, launch = _launch("value_grads", key_dim, value_dim)
+        _chunk_value_grads_kernel[(chunks, heads)](
+            k, v, b, do, scores, state_grads, dv, dA, layout[0], layout[2], layout[3], heads, key_dim, value_dim,
+            block_k, block_v, CHUNK, decay, dot_dtype, precision, **launch)
+        dq, dk = torch.empty_like(q), torch.empty_like(k)
+        vector = decay == DECAY_VECTOR
+        block_k, block_v, launch = _launch("key_grads", key_dim, value_dim, decay)
+        key_blocks = cdiv(key_dim, block_k)
         d_log_decay = None
-        if needs_decay_grad:
-            vector = decay == DECAY_VECTOR
-            d_log_decay = torch.empty(batch, length, heads, *((key_dim,) if vector else ()), device=q.device,
-                                      dtype=torch.float32)
-        block_k, block_v, launch = _launch("grads", key_dim, value_dim, decay)
-        _chunk_grads_kernel[(layout[2].numel(), heads)](
-            q, k, v, b, do, states, state_grads, dq, dk, dv, d_log_decay, layout[0], layout[2], layout[3], scale,
-            heads, key_dim, value_dim, block_k, block_v, CHUNK, SUB_CHUNK, decay, needs_decay_grad, dot_dtype,
-            precision, grad_precision, **launch)
+        if needs_decay_grad:  # scalar and static decay: a partial sum per key block
+            d_log_decay = torch.empty(*(() if vector else (key_blocks,)), batch, length, heads,
+                                      *((key_dim,) if vector else ()), device=q.device, dtype=torch.float32)
+        _chunk_key_grads_kernel[(chunks, heads, key_blocks)](
+            q, k, v, b, do, states, state_grads, dA, dq, dk, d_log_decay, layout[0], layout[2], layout[3], scale,
+            batch * length, heads, key_dim, value_dim, block_k, block_v, CHUNK, CHUNK_LEVELS, decay, needs_decay_grad,
+            dot_dtype, precision, grad_precision, **launch)
+        if d_log_decay is not None and not vector:
+            d_log_decay = d_log_decay.sum(0)
         initial_grad = initial_grad.to(ctx.initial_dtype) if initial_grad is not None else None
         if d_log_decay is not None:
             if decay == DECAY_STATIC:
                 d_log_decay = d_log_decay.sum((0, 1))
             d_log_decay = d_log_decay.view(ctx.log_decay_shape).to(ctx.log_decay_dtype)
-        return dq, dk, dv, d_log_decay, initial_grad, None, None, None
+        return dq, dk, dv, d_log_decay, initial_grad, None, None, None, None
 
 
 def _multiprocessors(device):
@@ -790,17 +768,17 @@ def _key_block(key_dim):
 
 
 # Launch settings per kernel (and, where vector decay differs, per kernel for vector decay): key and value blocks
-# (capped by the head dims; the state walks split the key dim over programs, the chunk kernels loop over its
-# blocks), warps, pipeline stages. Measured on an H100 (BENCHMARKS.md): vector decay's gradient kernel holds several
-# [chunk, key block] fp32 tiles per sub-block term, so it takes a key dim over 64 in blocks of 32 (K = 128: 8.5 ms
-# against 10.9 in blocks of 64 and 20 whole) and a smaller one whole (K = 64: 6.0 ms against 6.5 in blocks of 32);
-# the other kinds and the output kernel are fastest with the whole key dim (up to 128) at once.
+# (capped by the head dims; the state walks and the key-gradient kernel split the key dim over programs, the output
+# and value-gradient kernels loop over its blocks), warps, pipeline stages. Measured on an H100 at 8×2048×16×128
+# (BENCHMARKS.md): vector decay's key gradients in blocks of 32 channels at 8 warps, 6.2 ms forward+backward against
+# 8.1 in blocks of 64 and 8.9 at 4 warps; the other kinds' at 4 warps, 1.64 ms (static) against 1.83 at 8.
 TUNING = {
     "states": dict(block_k=64, block_v=64, num_warps=8, num_stages=2),
     "output": dict(block_k=128, block_v=64, num_warps=8, num_stages=2),
     "state_grads": dict(block_k=64, block_v=64, num_warps=8, num_stages=2),
-    "grads": dict(block_k=128, block_v=64, num_warps=8, num_stages=1),
-    "grads_vector": dict(block_k=32, whole_key_dim_to=64, block_v=64, num_warps=8, num_stages=1),
+    "value_grads": dict(block_k=64, block_v=64, num_warps=8, num_stages=2),
+    "key_grads": dict(block_k=64, block_v=64, num_warps=4, num_stages=2),
+    "key_grads_vector": dict(block_k=32, block_v=64, num_warps=8, num_stages=2),
 }
 SEGMENT_CHUNKS = None  # None: `_segment_plan`'s rule; a number: segments of that many chunks for every walk
 
@@ -860,8 +838,10 @@ def triton_chunked_recurrence(q, k, v, log_decay=None, scale=1.0, initial_state=
                          f"V={v.shape[-1]}")
     if cu_seqlens is not None and q.shape[0] != 1:
         raise ValueError(f"cu_seqlens needs the sequences packed into a batch of one; got batch {q.shape[0]}")
+    keep = torch.is_grad_enabled() and any(x is not None and x.requires_grad
+                                           for x in (q, k, v, log_decay, initial_state))  # the scores, for the backward
     o, final = _ChunkedRecurrence.apply(q, k, v, log_decay, initial_state, float(scale), cu_seqlens,
-                                        output_final_state)
+                                        output_final_state, keep)
     return o, final
 
 

@@ -330,10 +330,10 @@ def test_forced_segment_lengths(segment_chunks, monkeypatch):
 def test_key_blocks(kind, monkeypatch):
     """The output and gradient kernels take the key dim in blocks (TUNING's block_k): K = 40 in blocks of 16, the
     last one ragged, gives the oracle's outputs and gradients."""
-    for kernel in ("output", "grads", "grads_vector"):
+    for kernel in ("output", "value_grads", "key_grads", "key_grads_vector"):
         monkeypatch.setitem(kernels.TUNING, kernel, {**kernels.TUNING[kernel], "block_k": 16, "whole_key_dim_to": 0})
     inputs = make_inputs(kind, 2, CHUNK + 29, 2, 40, 24, seed=23)
-    assert kernels._launch("grads", 40, 24, kernels.DECAY_VECTOR)[0] == 16
+    assert kernels._launch("key_grads", 40, 24, kernels.DECAY_VECTOR)[0] == 16
     actual = outputs_and_grads(triton_chunked_recurrence, inputs, scale=0.5)
     assert_close(actual, oracle(inputs, scale=0.5), NAMES)
 
@@ -346,3 +346,16 @@ def test_gradients_without_decay_gradient(kind):
     inputs = [q, k, v, log_decay.detach(), state]
     actual = outputs_and_grads(triton_chunked_recurrence, inputs, scale=0.5)
     assert_close(actual, oracle(inputs, scale=0.5), names_for(inputs))
+
+
+@pytest.mark.parametrize("kind", ["vector", "scalar"])
+def test_forward_without_autograd(kind):
+    """Under no_grad the forward keeps nothing for a backward (no scores are stored) and gives the oracle's outputs."""
+    inputs = make_inputs(kind, 2, 2 * CHUNK + 5, 2, 16, 24, seed=25)
+    q, k, v, log_decay, state = inputs
+    with torch.no_grad():
+        o, final = triton_chunked_recurrence(q, k, v, log_decay, scale=0.5, initial_state=state,
+                                             output_final_state=True)
+        expected = naive_recurrence(*float64_copies(inputs)[:4], scale=0.5, initial_state=state.double(),
+                                    output_final_state=True)
+    assert_close([o, final], expected, ["o", "final_state"])

@@ -260,7 +260,7 @@ def test_chunk_state_flags(flags, kind):
 def test_chunk_value_blocks_match_oracle(kind, dtype, block_v, monkeypatch):
     from linear_decay import kernels_chunk_linear_decay as kernels
 
-    for kernel in ("output", "grads", "grads_vector"):
+    for kernel in ("output", "value_grads", "key_grads", "key_grads_vector"):
         monkeypatch.setitem(kernels.TUNING, kernel, {**kernels.TUNING[kernel], "block_v": block_v})
     key_dim, value_dim = DIMS_FOR_DTYPE[dtype]
     gen = cpu_generator("value-blocks", kind, str(dtype), block_v)
