@@ -467,34 +467,29 @@ def _chunk_value_grads_kernel(k_ptr, v_ptr, b_ptr, do_ptr, scores_ptr, state_gra
 
 
 @triton.jit
-def _intra_grads(q, k, b, dA_ptr, b_ptr, chunk, head, H: tl.constexpr, K: tl.constexpr, cols, C: tl.constexpr,
+def _intra_grads(q, k, b, dA, dA_t, b_ptr, chunk, head, H: tl.constexpr, K: tl.constexpr, cols, C: tl.constexpr,
                  BK: tl.constexpr, LEVELS: tl.constexpr, DECAY: tl.constexpr, GRAD_PRECISION: tl.constexpr):
     """The chunk's own part of dq and dk, fp32, without the diagonal (each token with itself): dq_i = Σ_{j < i}
-    dA_ij k_j e^{b_i − b_j}, dk_j = Σ_{i > j} dA_ij q_i e^{b_i − b_j}; dA [C, C] (causal) at dA_ptr, loaded as it is
-    for dq and transposed for dk, one after the other so that only one is held. Vector decay level by level as in
-    `_intra_scores`; the dots keep fp32 operands (GRAD_PRECISION). The diagonal terms (dA_ii k_i, dA_ii q_i) are left
-    to the caller: they carry no decay, so d log λ is summed without them instead of from their cancellation."""
+    dA_ij k_j e^{b_i − b_j}, dk_j = Σ_{i > j} dA_ij q_i e^{b_i − b_j}. dA [C, C] causal, dA_t its transpose (both
+    loaded). Vector decay level by level as in `_intra_scores`; the dots keep fp32 operands (GRAD_PRECISION). The
+    diagonal terms (dA_ii k_i, dA_ii q_i) are left to the caller: they carry no decay, so d log λ is summed without
+    them instead of from their cancellation."""
     i = tl.arange(0, C)[:, None]
     j = tl.arange(0, C)[None, :]
-    dA = tl.load(dA_ptr + i * C + j)
     if DECAY == 3:
         rows = tl.arange(0, C)
         dq = tl.zeros((C, BK), dtype=tl.float32)
-        for level in tl.static_range(LEVELS):
-            q_factor, k_factor = _level_factors(b, b_ptr, chunk, rows, head, H, K, cols, C, C >> (level + 1))
-            dA_level = tl.where(_same_block(C >> (level + 1), C), dA, 0.0)
-            dq += q_factor * tl.dot(dA_level, k * k_factor, input_precision=GRAD_PRECISION)
-        dA_t = tl.load(dA_ptr + j * C + i)
         dk = tl.zeros((C, BK), dtype=tl.float32)
         for level in tl.static_range(LEVELS):
             q_factor, k_factor = _level_factors(b, b_ptr, chunk, rows, head, H, K, cols, C, C >> (level + 1))
-            dA_level = tl.where(_same_block(C >> (level + 1), C), dA_t, 0.0)
-            dk += k_factor * tl.dot(dA_level, q * q_factor, input_precision=GRAD_PRECISION)
+            same = _same_block(C >> (level + 1), C)
+            dq += q_factor * tl.dot(tl.where(same, dA, 0.0), k * k_factor, input_precision=GRAD_PRECISION)
+            dk += k_factor * tl.dot(tl.where(same, dA_t, 0.0), q * q_factor, input_precision=GRAD_PRECISION)
     else:
         decay = tl.exp(tl.where(i > j, b[:, None] - b[None, :], float("-inf")))  # e^{b_i − b_j}, row i, column j
-        dq = tl.dot(dA * decay, k, input_precision=GRAD_PRECISION)
         decay_t = tl.exp(tl.where(i < j, b[None, :] - b[:, None], float("-inf")))  # the same, row j, column i
-        dk = tl.dot(tl.load(dA_ptr + j * C + i) * decay_t, q, input_precision=GRAD_PRECISION)
+        dq = tl.dot(dA * decay, k, input_precision=GRAD_PRECISION)
+        dk = tl.dot(dA_t * decay_t, q, input_precision=GRAD_PRECISION)
     return dq, dk
 
 
@@ -526,11 +521,6 @@ def _chunk_key_grads_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, states_ptr, stat
     chunk_states_ptr = states_ptr + (chunk * H + head) * K * V
     chunk_grads_ptr = state_grads_ptr + (chunk * H + head) * K * V
     chunk_dA_ptr = dA_ptr + (chunk * H + head) * C * C
-    q = _tile(q_ptr, token0, rows, row_mask, head, H, K, ck, ck < K) * scale
-    k = _tile(k_ptr, token0, rows, row_mask, head, H, K, ck, ck < K)
-    b, total = _chunk_decay(b_ptr, chunk, head, H, K, ck, C, DECAY)
-    dq_intra, dk_intra = _intra_grads(q, k, b, chunk_dA_ptr, b_ptr, chunk, head, H, K, ck, C, BK, LEVELS, DECAY,
-                                      GRAD_PRECISION)
     dq = tl.zeros((C, BK), dtype=tl.float32)
     dk_state = tl.zeros((C, BK), dtype=tl.float32)
     across = tl.zeros((BK,), dtype=tl.float32)
@@ -546,7 +536,13 @@ def _chunk_key_grads_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, states_ptr, stat
         dk_state += tl.dot(v, tl.trans(dstate.to(DOT_DTYPE)), input_precision=PRECISION)
         if DECAY_GRAD:
             across += tl.sum(state.to(tl.float32) * dstate.to(tl.float32), axis=1)
-    own = tl.load(chunk_dA_ptr + rows * (C + 1))[:, None]  # dA_ii: each token with itself, undecayed
+    q = _tile(q_ptr, token0, rows, row_mask, head, H, K, ck, ck < K) * scale
+    k = _tile(k_ptr, token0, rows, row_mask, head, H, K, ck, ck < K)
+    b, total = _chunk_decay(b_ptr, chunk, head, H, K, ck, C, DECAY)
+    dA = tl.load(chunk_dA_ptr + i * C + j)
+    dq_intra, dk_intra = _intra_grads(q, k, b, dA, tl.load(chunk_dA_ptr + j * C + i), b_ptr, chunk, head, H, K, ck,
+                                      C, BK, LEVELS, DECAY, GRAD_PRECISION)
+    own = tl.sum(tl.where(i == j, dA, 0.0), axis=1)[:, None]  # dA_ii: each token with itself, undecayed
     dq = dq * _row_decay(b, VECTOR) + dq_intra
     dk_state = dk_state * _to_end(b, total, VECTOR)
     offsets = ((token0 + rows[:, None]) * H + head) * K + ck[None, :]
@@ -653,8 +649,9 @@ class _ChunkedRecurrence(torch.autograd.Function):
             q, k, v, b, states, o, scores, layout[0], layout[2], layout[3], scale, heads, key_dim, value_dim, block_k,
             block_v, CHUNK, CHUNK_LEVELS, decay, keep, dot_dtype, precision, **launch)
         # kept for the backward: the chunk states (one [chunks, H, K, V] tensor in the dot dtype instead of a second
-        # walk), the scores ([chunks, H, C, C]) and b in place of log λ
-        ctx.save_for_backward(q, k, v, b, initial, states, scores, *layout)
+        # walk) and the scores ([chunks, H, C, C]); b is not (fp32 [T, H, K] for vector decay): the backward
+        # recomputes it from g
+        ctx.save_for_backward(q, k, v, g, initial, states, scores, *layout)
         ctx.decay, ctx.scale, ctx.shape = decay, scale, (batch, length, heads, key_dim, value_dim, num_sequences)
         ctx.log_decay_shape = None if log_decay is None else log_decay.shape
         ctx.log_decay_dtype = None if log_decay is None else log_decay.dtype
@@ -663,11 +660,12 @@ class _ChunkedRecurrence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, final_grad):
-        q, k, v, b, initial, states, scores, *layout = ctx.saved_tensors
+        q, k, v, g, initial, states, scores, *layout = ctx.saved_tensors
         batch, length, heads, key_dim, value_dim, num_sequences = ctx.shape
         decay, scale = ctx.decay, ctx.scale
         needs_decay_grad = ctx.needs_input_grad[3] and decay != DECAY_NONE
         max_chunks = _longest_chunks(layout, batch, length)
+        b = _cumulative_decay(g, layout, decay, heads, key_dim)
         do = do.contiguous()
         dot_dtype, precision, grad_precision = _dot_settings(q.dtype)
         state_grads = torch.empty_like(states)
