@@ -21,10 +21,13 @@ Algorithm (per head; b = cumulative log λ within a chunk of CHUNK tokens, fp32;
   log2(CHUNK) times, and each pair of tokens factorises about the middle row of the one block that has them in
   different halves, both factors e^{≤ 0}: one dot per level, no pair summed one by one.
 - backward: the state gradient at every chunk end (`_chunk_state_grads_kernel`, reverse walk), then dv and the
-  scores' gradient dA per (chunk, head) (`_chunk_value_grads_kernel`, from the scores the forward kept), then dq, dk
-  and d log λ per (chunk, head, key block) (`_chunk_key_grads_kernel`). d log λ is summed within the chunk from fp32
-  terms that are each a part of the gradient (the pairs of tokens that straddle a position), never as a difference
-  of sequence-long sums, so that its error stays at the level of the other gradients at any decay strength.
+  scores' gradient dA per (chunk, head) (`_chunk_value_grads_kernel`, from the scores the forward kept); for vector
+  decay the chunk's own pairs' part of dq and dk per sub-chunk of SUB_CHUNK rows (`_chunk_intra_grads_kernel`:
+  pairs across sub-chunks about an anchor row, pairs within one by halving, small dots at fp32 accuracy); then dq,
+  dk and d log λ per (chunk, head, key block) (`_chunk_key_grads_kernel`). d log λ is summed within the chunk from
+  fp32 terms that are each a part of the gradient (the pairs of tokens that straddle a position), never as a
+  difference of sequence-long sums, so that its error stays at the level of the other gradients at any decay
+  strength.
 
 Triton ≥ 3.4 and < 3.7.1 miscompiles `tl.dot(tl.trans(x), y)` on Hopper when x is a down-cast dot result (DESIGN §7):
 transposed operands here are always loaded or elementwise tensors; results wanted transposed are computed as
@@ -46,6 +49,7 @@ except ImportError as error:  # CPU-only torch ships without Triton: recurrence_
 
 CHUNK = 64
 CHUNK_LEVELS = CHUNK.bit_length() - 1  # vector decay: the halvings of a chunk in `_intra_scores`
+SUB_CHUNK = 16  # vector decay's backward: the rows of a chunk per program of `_chunk_intra_grads_kernel`
 MAX_HEAD_DIM = 256
 
 DECAY_NONE, DECAY_STATIC, DECAY_SCALAR, DECAY_VECTOR = 0, 1, 2, 3
@@ -134,25 +138,25 @@ def _advance_state(state, k, v, b, total, VECTOR: tl.constexpr, DOT_DTYPE: tl.co
 
 
 @triton.jit
-def _level_factors(b, b_ptr, chunk, rows, head, H: tl.constexpr, K: tl.constexpr, cols, C: tl.constexpr,
+def _level_factors(b, b_ptr, chunk, first, local, head, H: tl.constexpr, K: tl.constexpr, cols, C: tl.constexpr,
                    HALF: tl.constexpr):
-    """One level of the dyadic split of a chunk (`_intra_scores`): rows in blocks of 2·HALF, each block's middle row m
-    its anchor. Returns (e^{b_i − b_m} on the second half of each block, else 0; e^{b_m − b_j} on the first half, else 0)
-    [C, len(cols)]: both ≤ 1 at any decay strength, their product e^{b_i − b_j} for i in the second half and j in the
-    first half of one block."""
-    middle = (rows // (2 * HALF)) * (2 * HALF) + HALF
-    anchor = tl.load(b_ptr + ((chunk * C + middle[:, None]) * H + head) * K + cols[None, :],
+    """One level of the dyadic split of the chunk rows `first + local` (`_intra_scores`, `_chunk_intra_grads_kernel`):
+    rows in blocks of 2·HALF, each block's middle row m its anchor. Returns (e^{b_i − b_m} on the second half of each
+    block, else 0; e^{b_m − b_j} on the first half, else 0) [len(local), len(cols)]: both ≤ 1 at any decay strength,
+    their product e^{b_i − b_j} for i in the second half and j in the first half of one block."""
+    middle = (local // (2 * HALF)) * (2 * HALF) + HALF
+    anchor = tl.load(b_ptr + ((chunk * C + first + middle[:, None]) * H + head) * K + cols[None, :],
                      mask=(cols < K)[None, :], other=0.0)
-    second = (rows >= middle)[:, None]
+    second = (local >= middle)[:, None]
     factor = tl.exp(tl.where(second, b - anchor, anchor - b))
     return tl.where(second, factor, 0.0), tl.where(second, 0.0, factor)
 
 
 @triton.jit
-def _same_block(HALF: tl.constexpr, C: tl.constexpr):
-    """[C, C]: rows i and columns j in the same block of 2·HALF rows."""
-    i = tl.arange(0, C)[:, None]
-    j = tl.arange(0, C)[None, :]
+def _same_block(HALF: tl.constexpr, R: tl.constexpr):
+    """[R, R]: rows i and columns j in the same block of 2·HALF rows."""
+    i = tl.arange(0, R)[:, None]
+    j = tl.arange(0, R)[None, :]
     return i // (2 * HALF) == j // (2 * HALF)
 
 
@@ -171,7 +175,7 @@ def _intra_scores(q, k, b, b_ptr, chunk, head, H: tl.constexpr, K: tl.constexpr,
         rows = tl.arange(0, C)
         scores = tl.where(i == j, tl.sum(q * k, axis=1)[:, None], 0.0)
         for level in tl.static_range(LEVELS):
-            q_factor, k_factor = _level_factors(b, b_ptr, chunk, rows, head, H, K, cols, C, C >> (level + 1))
+            q_factor, k_factor = _level_factors(b, b_ptr, chunk, 0, rows, head, H, K, cols, C, C >> (level + 1))
             part = tl.dot((q * q_factor).to(DOT_DTYPE), tl.trans((k * k_factor).to(DOT_DTYPE)),
                           input_precision=PRECISION)
             scores += tl.where(_same_block(C >> (level + 1), C), part, 0.0)
@@ -467,48 +471,110 @@ def _chunk_value_grads_kernel(k_ptr, v_ptr, b_ptr, do_ptr, scores_ptr, state_gra
 
 
 @triton.jit
-def _intra_grads(q, k, b, dA, dA_t, b_ptr, chunk, head, H: tl.constexpr, K: tl.constexpr, cols, C: tl.constexpr,
-                 BK: tl.constexpr, LEVELS: tl.constexpr, DECAY: tl.constexpr, GRAD_PRECISION: tl.constexpr):
-    """The chunk's own part of dq and dk, fp32, without the diagonal (each token with itself): dq_i = Σ_{j < i}
-    dA_ij k_j e^{b_i − b_j}, dk_j = Σ_{i > j} dA_ij q_i e^{b_i − b_j}. dA [C, C] causal, dA_t its transpose (both
-    loaded). Vector decay level by level as in `_intra_scores`; the dots keep fp32 operands (GRAD_PRECISION). The
-    diagonal terms (dA_ii k_i, dA_ii q_i) are left to the caller: they carry no decay, so d log λ is summed without
-    them instead of from their cancellation."""
-    i = tl.arange(0, C)[:, None]
-    j = tl.arange(0, C)[None, :]
-    if DECAY == 3:
-        rows = tl.arange(0, C)
-        dq = tl.zeros((C, BK), dtype=tl.float32)
-        dk = tl.zeros((C, BK), dtype=tl.float32)
-        for level in tl.static_range(LEVELS):
-            q_factor, k_factor = _level_factors(b, b_ptr, chunk, rows, head, H, K, cols, C, C >> (level + 1))
-            same = _same_block(C >> (level + 1), C)
-            dq += q_factor * tl.dot(tl.where(same, dA, 0.0), k * k_factor, input_precision=GRAD_PRECISION)
-            dk += k_factor * tl.dot(tl.where(same, dA_t, 0.0), q * q_factor, input_precision=GRAD_PRECISION)
-    else:
-        decay = tl.exp(tl.where(i > j, b[:, None] - b[None, :], float("-inf")))  # e^{b_i − b_j}, row i, column j
-        decay_t = tl.exp(tl.where(i < j, b[None, :] - b[:, None], float("-inf")))  # the same, row j, column i
-        dq = tl.dot(dA * decay, k, input_precision=GRAD_PRECISION)
-        dk = tl.dot(dA_t * decay_t, q, input_precision=GRAD_PRECISION)
+def _intra_grads(q, k, b, dA, dA_t, GRAD_PRECISION: tl.constexpr):
+    """Scalar, static and no decay: the chunk's own part of dq and dk, fp32, without the diagonal (each token with
+    itself): dq_i = Σ_{j < i} dA_ij k_j e^{b_i − b_j}, dk_j = Σ_{i > j} dA_ij q_i e^{b_i − b_j}; dA [C, C] causal, dA_t
+    its transpose (both loaded). Vector decay: `_chunk_intra_grads_kernel`."""
+    i = tl.arange(0, dA.shape[0])[:, None]
+    j = tl.arange(0, dA.shape[0])[None, :]
+    decay = tl.exp(tl.where(i > j, b[:, None] - b[None, :], float("-inf")))  # e^{b_i − b_j}, row i, column j
+    decay_t = tl.exp(tl.where(i < j, b[None, :] - b[:, None], float("-inf")))  # the same, row j, column i
+    dq = tl.dot(dA * decay, k, input_precision=GRAD_PRECISION)
+    dk = tl.dot(dA_t * decay_t, q, input_precision=GRAD_PRECISION)
     return dq, dk
+
+
+@triton.jit
+def _straddling_pairs(q, k, b, dA, scale, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """Scalar and static decay: the chunk's own pairs' part of d log λ, [C] — at position r, Σ over the pairs
+    s < r ≤ t of dA_ts A_ts (A_ts = q_t·k_s e^{b_t − b_s}: the scores summed over the channels of q and k, given
+    unscaled and bf16-exact), each pair counted where its decay spans r. All terms fp32, none cancels another."""
+    i = tl.arange(0, dA.shape[0])[:, None]
+    j = tl.arange(0, dA.shape[0])[None, :]
+    scores = tl.dot(q.to(DOT_DTYPE), tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION) * scale
+    pairs = tl.where(i > j, dA * scores * tl.exp(tl.where(i > j, b[:, None] - b[None, :], float("-inf"))), 0.0)
+    before = tl.cumsum(pairs, axis=1) - pairs  # [t, r]: Σ_{s < r} of row t
+    return tl.sum(tl.where(i >= j, before, 0.0), axis=0)  # [r]: Σ_{t ≥ r}
 
 
 @fast_launch
 @triton.jit
-def _chunk_key_grads_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, states_ptr, state_grads_ptr, dA_ptr, dq_ptr, dk_ptr,
-                            dg_ptr, cu_seqlens_ptr, chunk_seq_ptr, chunk_token_ptr, scale, T, H: tl.constexpr,
-                            K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-                            LEVELS: tl.constexpr, DECAY: tl.constexpr, DECAY_GRAD: tl.constexpr,
-                            DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr):
+def _chunk_intra_grads_kernel(q_ptr, k_ptr, b_ptr, dA_ptr, dq_ptr, dk_ptr, cu_seqlens_ptr, chunk_seq_ptr,
+                              chunk_token_ptr, scale, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+                              C: tl.constexpr, SUB: tl.constexpr, SUB_LEVELS: tl.constexpr,
+                              GRAD_PRECISION: tl.constexpr):
+    """Vector decay: the chunk's own part of dq and dk (`_intra_grads`' sums) for one sub-chunk of SUB rows and BK
+    key channels, fp32, without each token with itself. Pairs in different sub-chunks factorise about one row of
+    this sub-chunk, its first for dq (e^{b_i − b_n} e^{b_n − b_j}), its last for dk, both factors ≤ 1; pairs within
+    it by halving (`_level_factors`). Every dot is [SUB, SUB] × [SUB, BK] with fp32 operands (GRAD_PRECISION)."""
+    SUBS: tl.constexpr = C // SUB
+    chunk_sub, head, key_block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    chunk, sub = chunk_sub // SUBS, chunk_sub % SUBS
+    seq, token0 = tl.load(chunk_seq_ptr + chunk), tl.load(chunk_token_ptr + chunk)
+    eos = tl.load(cu_seqlens_ptr + seq + 1)
+    first = sub * SUB
+    if token0 + first >= eos:
+        return
+    local = tl.arange(0, SUB)
+    rows = first + local
+    row_mask = token0 + rows < eos
+    ck = key_block * BK + tl.arange(0, BK)
+    chunk_dA_ptr = dA_ptr + (chunk * H + head) * C * C
+    chunk_b_ptr = b_ptr + (chunk * C * H + head) * K  # row r of the chunk's b at chunk_b_ptr + r·H·K
+    q = _tile(q_ptr, token0, rows, row_mask, head, H, K, ck, ck < K) * scale
+    k = _tile(k_ptr, token0, rows, row_mask, head, H, K, ck, ck < K)
+    b = tl.load(chunk_b_ptr + rows[:, None] * H * K + ck[None, :], mask=(ck < K)[None, :], other=0.0)
+    dq = tl.zeros((SUB, BK), dtype=tl.float32)
+    dk = tl.zeros((SUB, BK), dtype=tl.float32)
+    if sub > 0:
+        b_first = tl.load(chunk_b_ptr + first * H * K + ck, mask=ck < K, other=0.0)
+        for other in range(0, sub):
+            rows_j = other * SUB + local
+            k_j = _tile(k_ptr, token0, rows_j, token0 + rows_j < eos, head, H, K, ck, ck < K)
+            b_j = tl.load(chunk_b_ptr + rows_j[:, None] * H * K + ck[None, :], mask=(ck < K)[None, :], other=0.0)
+            dA = tl.load(chunk_dA_ptr + rows[:, None] * C + rows_j[None, :])
+            dq += tl.dot(dA, k_j * tl.exp(b_first[None, :] - b_j), input_precision=GRAD_PRECISION)
+        dq *= tl.exp(b - b_first[None, :])
+    if sub < SUBS - 1:
+        b_last = tl.load(chunk_b_ptr + (first + SUB - 1) * H * K + ck, mask=ck < K, other=0.0)
+        for other in range(sub + 1, SUBS):
+            rows_i = other * SUB + local
+            q_i = _tile(q_ptr, token0, rows_i, token0 + rows_i < eos, head, H, K, ck, ck < K) * scale
+            b_i = tl.load(chunk_b_ptr + rows_i[:, None] * H * K + ck[None, :], mask=(ck < K)[None, :], other=0.0)
+            dA_t = tl.load(chunk_dA_ptr + rows_i[None, :] * C + rows[:, None])
+            dk += tl.dot(dA_t, q_i * tl.exp(b_i - b_last[None, :]), input_precision=GRAD_PRECISION)
+        dk *= tl.exp(b_last[None, :] - b)
+    dA = tl.load(chunk_dA_ptr + rows[:, None] * C + rows[None, :])
+    dA_t = tl.load(chunk_dA_ptr + rows[None, :] * C + rows[:, None])
+    for level in tl.static_range(SUB_LEVELS):
+        q_factor, k_factor = _level_factors(b, b_ptr, chunk, first, local, head, H, K, ck, C, SUB >> (level + 1))
+        same = _same_block(SUB >> (level + 1), SUB)
+        dq += q_factor * tl.dot(tl.where(same, dA, 0.0), k * k_factor, input_precision=GRAD_PRECISION)
+        dk += k_factor * tl.dot(tl.where(same, dA_t, 0.0), q * q_factor, input_precision=GRAD_PRECISION)
+    offsets = ((token0 + rows[:, None]) * H + head) * K + ck[None, :]
+    mask = row_mask[:, None] & (ck < K)[None, :]
+    tl.store(dq_ptr + offsets, dq, mask=mask)
+    tl.store(dk_ptr + offsets, dk, mask=mask)
+
+
+@fast_launch
+@triton.jit
+def _chunk_key_grads_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, states_ptr, state_grads_ptr, dA_ptr, dq_intra_ptr,
+                            dk_intra_ptr, dq_ptr, dk_ptr, dg_ptr, cu_seqlens_ptr, chunk_seq_ptr, chunk_token_ptr, scale,
+                            T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                            C: tl.constexpr, DECAY: tl.constexpr, DECAY_GRAD: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                            PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr):
     """dq, dk and (DECAY_GRAD) d log λ of one (chunk, head, block of BK key channels), from the state S at the chunk's
     start, ∂L/∂S at its end (dS) and dA (`_chunk_value_grads_kernel`): dq = e^{b} ⊙ (do Sᵀ) + intra,
-    dk = e^{B − b} ⊙ (v dSᵀ) + intra.
+    dk = e^{B − b} ⊙ (v dSᵀ) + intra; the intra parts from `_chunk_intra_grads_kernel` (vector decay) or
+    `_intra_grads`, then each token with itself (dA_ii, undecayed).
 
     d log λ within the chunk, from fp32 terms that are each a part of the gradient (nothing cancels across chunks):
     d log λ_r = Σ_{t ≥ r} (q ⊙ dq − k ⊙ dk_intra)_t + Σ_{s < r} (k ⊙ dk_state)_s + e^{B} ⊙ Σ_v S ⊙ dS, the pairs of
     tokens (s < r ≤ t) inside the chunk, from before it to inside, from inside to after it, and across it; dq and
     dk_intra here without each token's pair with itself, which has no decay to differentiate. Scalar and static
-    decay sum it over the block's channels: one partial sum per key block, [T, H] each, added on the host."""
+    decay sum it over the block's channels, the chunk's own pairs straddling r directly (`_straddling_pairs`): one
+    partial sum per key block, [T, H] each, added on the host."""
     chunk, head, key_block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq, token0 = tl.load(chunk_seq_ptr + chunk), tl.load(chunk_token_ptr + chunk)
     eos = tl.load(cu_seqlens_ptr + seq + 1)
@@ -536,32 +602,38 @@ def _chunk_key_grads_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, states_ptr, stat
         dk_state += tl.dot(v, tl.trans(dstate.to(DOT_DTYPE)), input_precision=PRECISION)
         if DECAY_GRAD:
             across += tl.sum(state.to(tl.float32) * dstate.to(tl.float32), axis=1)
-    q = _tile(q_ptr, token0, rows, row_mask, head, H, K, ck, ck < K) * scale
+    q_unscaled = _tile(q_ptr, token0, rows, row_mask, head, H, K, ck, ck < K)
+    q = q_unscaled * scale
     k = _tile(k_ptr, token0, rows, row_mask, head, H, K, ck, ck < K)
     b, total = _chunk_decay(b_ptr, chunk, head, H, K, ck, C, DECAY)
-    dA = tl.load(chunk_dA_ptr + i * C + j)
-    dq_intra, dk_intra = _intra_grads(q, k, b, dA, tl.load(chunk_dA_ptr + j * C + i), b_ptr, chunk, head, H, K, ck,
-                                      C, BK, LEVELS, DECAY, GRAD_PRECISION)
-    own = tl.sum(tl.where(i == j, dA, 0.0), axis=1)[:, None]  # dA_ii: each token with itself, undecayed
-    dq = dq * _row_decay(b, VECTOR) + dq_intra
-    dk_state = dk_state * _to_end(b, total, VECTOR)
     offsets = ((token0 + rows[:, None]) * H + head) * K + ck[None, :]
     mask = row_mask[:, None] & (ck < K)[None, :]
-    tl.store(dq_ptr + offsets, ((dq + own * k) * scale).to(dq_ptr.dtype.element_ty), mask=mask)
+    if VECTOR:
+        dq_intra = tl.load(dq_intra_ptr + offsets, mask=mask, other=0.0)
+        dk_intra = tl.load(dk_intra_ptr + offsets, mask=mask, other=0.0)
+        own = tl.load(chunk_dA_ptr + rows * (C + 1))[:, None]  # dA_ii: each token with itself, undecayed
+    else:
+        dA = tl.load(chunk_dA_ptr + i * C + j)
+        dq_intra, dk_intra = _intra_grads(q, k, b, dA, tl.load(chunk_dA_ptr + j * C + i), GRAD_PRECISION)
+        own = tl.sum(tl.where(i == j, dA, 0.0), axis=1)[:, None]
+    dq_state = dq * _row_decay(b, VECTOR)
+    dk_state = dk_state * _to_end(b, total, VECTOR)
+    tl.store(dq_ptr + offsets, ((dq_state + dq_intra + own * k) * scale).to(dq_ptr.dtype.element_ty), mask=mask)
     tl.store(dk_ptr + offsets, (dk_state + dk_intra + own * q).to(dk_ptr.dtype.element_ty), mask=mask)
     if DECAY_GRAD:
-        later = q * dq - k * dk_intra
         earlier = k * dk_state
         if VECTOR:
+            later = q * (dq_state + dq_intra) - k * dk_intra
             dg = tl.cumsum(later, axis=0, reverse=True) + (tl.cumsum(earlier, axis=0) - earlier)
             tl.store(dg_ptr + offsets, dg + (across * tl.exp(total))[None, :], mask=mask)
         else:
-            later_sum = tl.sum(later, axis=1)
+            later_sum = tl.sum(q * dq_state, axis=1)
             earlier_sum = tl.sum(earlier, axis=1)
             # row sums instead of a [C] scan (Triton 3.6 fails to lower tl.cumsum over [C, 1] at 8 warps)
             dg = tl.sum(tl.where(j >= i, later_sum[None, :], 0.0), axis=1)
             dg += tl.sum(tl.where(j < i, earlier_sum[None, :], 0.0), axis=1)
             dg += tl.sum(across, axis=0) * tl.exp(total)
+            dg += _straddling_pairs(q_unscaled, k, b, dA, scale, DOT_DTYPE, PRECISION)
             tl.store(dg_ptr + (key_block * T + token0 + rows) * H + head, dg, mask=row_mask)
 
 
@@ -571,14 +643,15 @@ def _chunk_key_grads_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, states_ptr, stat
 
 
 def _dot_settings(dtype):
-    """(dot operand dtype, dot precision, precision of the backward's fp32 dots within a chunk): bf16 operands for bf16
-    inputs; fp32 otherwise (fp16 cannot hold e^{b}), as TF32 for fp16 inputs and exact for fp32 inputs. The backward's
-    dots of dA with decayed keys / queries keep fp32 operands at fp32 accuracy (three TF32 products unless the inputs
-    are fp32), so that dq and dk, whose difference d log λ is summed from, are not rounded on the way."""
+    """(dot operand dtype, dot precision, precision of the backward's dots with fp32 operands, the same where fp32
+    accuracy is needed): bf16 operands for bf16 inputs; fp32 otherwise (fp16 cannot hold e^{b}), as TF32 for fp16
+    inputs and exact for fp32 inputs. dq and dk of the chunk's own pairs are dots of dA (fp32) with decayed keys /
+    queries: TF32 (bf16 and fp16 inputs) is as exact as the bf16 outputs need; for vector decay, whose d log λ is
+    summed from them, they keep fp32 accuracy (three TF32 products)."""
     if dtype == torch.float32:
-        return tl.float32, "ieee", "ieee"
+        return tl.float32, "ieee", "ieee", "ieee"
     return (tl.bfloat16 if dtype == torch.bfloat16 else tl.float32), ("ieee" if dtype == torch.bfloat16 else "tf32"), \
-        "tf32x3"
+        "tf32", "tf32x3"
 
 
 def _chunk_layout(cu_seqlens, batch, length, device):
@@ -642,7 +715,7 @@ class _ChunkedRecurrence(torch.autograd.Function):
         b = _cumulative_decay(g, layout, decay, heads, key_dim)
         states, final = _forward_states(k, v, b, initial, layout, decay, heads, key_dim, value_dim, num_sequences,
                                         _longest_chunks(layout, batch, length), output_final_state)
-        dot_dtype, precision, _ = _dot_settings(q.dtype)
+        dot_dtype, precision, _, _ = _dot_settings(q.dtype)
         scores = states.new_empty(layout[2].numel() if keep else 0, heads, CHUNK, CHUNK)
         block_k, block_v, launch = _launch("output", key_dim, value_dim)
         _chunk_output_kernel[(layout[2].numel(), heads)](
@@ -667,7 +740,7 @@ class _ChunkedRecurrence(torch.autograd.Function):
         max_chunks = _longest_chunks(layout, batch, length)
         b = _cumulative_decay(g, layout, decay, heads, key_dim)
         do = do.contiguous()
-        dot_dtype, precision, grad_precision = _dot_settings(q.dtype)
+        dot_dtype, precision, fp32_precision, exact_precision = _dot_settings(q.dtype)
         state_grads = torch.empty_like(states)
         initial_grad = (torch.empty(num_sequences, heads, key_dim, value_dim, device=q.device, dtype=torch.float32)
                         if initial is not None else None)
@@ -692,6 +765,14 @@ class _ChunkedRecurrence(torch.autograd.Function):
             block_k, block_v, CHUNK, decay, dot_dtype, precision, **launch)
         dq, dk = torch.empty_like(q), torch.empty_like(k)
         vector = decay == DECAY_VECTOR
+        dq_intra = dk_intra = None
+        if vector:  # the chunks' own pairs by sub-chunks, at fp32 accuracy where d log λ is summed from them
+            dq_intra, dk_intra = (torch.empty(q.shape, device=q.device, dtype=torch.float32) for _ in range(2))
+            block_k, _, launch = _launch("intra_grads", key_dim, value_dim)
+            _chunk_intra_grads_kernel[(chunks * CHUNK // SUB_CHUNK, heads, cdiv(key_dim, block_k))](
+                q, k, b, dA, dq_intra, dk_intra, layout[0], layout[2], layout[3], scale, heads, key_dim, block_k,
+                CHUNK, SUB_CHUNK, SUB_CHUNK.bit_length() - 1, exact_precision if needs_decay_grad else fp32_precision,
+                **launch)
         block_k, block_v, launch = _launch("key_grads", key_dim, value_dim, decay)
         key_blocks = cdiv(key_dim, block_k)
         d_log_decay = None
@@ -699,9 +780,9 @@ class _ChunkedRecurrence(torch.autograd.Function):
             d_log_decay = torch.empty(*(() if vector else (key_blocks,)), batch, length, heads,
                                       *((key_dim,) if vector else ()), device=q.device, dtype=torch.float32)
         _chunk_key_grads_kernel[(chunks, heads, key_blocks)](
-            q, k, v, b, do, states, state_grads, dA, dq, dk, d_log_decay, layout[0], layout[2], layout[3], scale,
-            batch * length, heads, key_dim, value_dim, block_k, block_v, CHUNK, CHUNK_LEVELS, decay, needs_decay_grad,
-            dot_dtype, precision, grad_precision, **launch)
+            q, k, v, b, do, states, state_grads, dA, dq_intra, dk_intra, dq, dk, d_log_decay, layout[0], layout[2],
+            layout[3], scale, batch * length, heads, key_dim, value_dim, block_k, block_v, CHUNK, decay,
+            needs_decay_grad, dot_dtype, precision, fp32_precision, **launch)
         if d_log_decay is not None and not vector:
             d_log_decay = d_log_decay.sum(0)
         initial_grad = initial_grad.to(ctx.initial_dtype) if initial_grad is not None else None
@@ -766,15 +847,17 @@ def _key_block(key_dim):
 
 
 # Launch settings per kernel (and, where vector decay differs, per kernel for vector decay): key and value blocks
-# (capped by the head dims; the state walks and the key-gradient kernel split the key dim over programs, the output
-# and value-gradient kernels loop over its blocks), warps, pipeline stages. Measured on an H100 at 8×2048×16×128
-# (BENCHMARKS.md): vector decay's key gradients in blocks of 32 channels at 8 warps, 6.2 ms forward+backward against
-# 8.1 in blocks of 64 and 8.9 at 4 warps; the other kinds' at 4 warps, 1.64 ms (static) against 1.83 at 8.
+# (capped by the head dims; the state walks and the gradient kernels split the key dim over programs, the output and
+# value-gradient kernels loop over its blocks), warps, pipeline stages. Measured on an H100 (BENCHMARKS.md): vector
+# decay's own-pair gradients in sub-chunks × 32 channels at 4 warps, 3.63 ms forward+backward at 8×2048×16×128
+# against 3.71 at 64 channels and 8 warps; its key gradients in blocks of 32 channels at 8 warps, 3.63 against 3.72
+# in blocks of 64; the other kinds' at 4 warps, 1.62 ms (scalar) against 1.72 at 8.
 TUNING = {
     "states": dict(block_k=64, block_v=64, num_warps=8, num_stages=2),
     "output": dict(block_k=128, block_v=64, num_warps=8, num_stages=2),
     "state_grads": dict(block_k=64, block_v=64, num_warps=8, num_stages=2),
     "value_grads": dict(block_k=64, block_v=64, num_warps=8, num_stages=2),
+    "intra_grads": dict(block_k=32, block_v=64, num_warps=4, num_stages=3),
     "key_grads": dict(block_k=64, block_v=64, num_warps=4, num_stages=2),
     "key_grads_vector": dict(block_k=32, block_v=64, num_warps=8, num_stages=2),
 }
@@ -809,7 +892,7 @@ def _forward_states(k, v, b, initial, layout, decay, heads, key_dim, value_dim, 
     """States at every chunk start ([chunks, H, K, V], in the dot dtype) and the final states (fp32) or None
     (`_state_walk`; max_chunks: `_longest_chunks`)."""
     cu_seqlens, chunk_offsets, chunk_seq, _ = layout
-    dot_dtype, precision, _ = _dot_settings(k.dtype)
+    dot_dtype, precision, _, _ = _dot_settings(k.dtype)
     states = k.new_empty(chunk_seq.numel(), heads, key_dim, value_dim,
                          dtype=torch.bfloat16 if dot_dtype == tl.bfloat16 else torch.float32)
     final = (k.new_empty(num_sequences, heads, key_dim, value_dim, dtype=torch.float32) if output_final_state

@@ -133,14 +133,15 @@ def test_mixed_strength_channels():
     assert_close(actual, oracle(inputs, scale=0.25), NAMES[:-1], tolerance=cumulative_tolerance(log_decay))
 
 
-def test_decay_gradient_keeps_fp32_intermediates():
+@pytest.mark.parametrize("kind", ["vector", "scalar"])
+def test_decay_gradient_keeps_fp32_intermediates(kind):
     """fp16 q, k, v (values exact in fp16) with strong decays: the oracle computes on the same values in float64,
     so the only error left is the kernels' own arithmetic. If any term of d log λ (dq, dk, the pairs that straddle a
-    chunk) passed through fp16 on its way, its error would be of the order of fp16's unit roundoff 2^-11 times the
+    position) passed through fp16 on its way, its error would be of the order of fp16's unit roundoff 2^-11 times the
     cancellation between those terms; kept in fp32 it stays a hundred times under that."""
-    inputs = make_inputs("vector", 1, 2 * CHUNK + 9, 2, 32, 32, seed=7)
+    inputs = make_inputs(kind, 1, 2 * CHUNK + 9, 2, 32, 32, seed=7)
     with torch.no_grad():
-        inputs[3].copy_(trained_like_log_decay("vector", 1, 2 * CHUNK + 9, 2, 32, -6.0,
+        inputs[3].copy_(trained_like_log_decay(kind, 1, 2 * CHUNK + 9, 2, 32, -6.0,
                                                torch.Generator().manual_seed(5)))
     half = [x.detach().half().requires_grad_() for x in inputs[:3]] + inputs[3:]
     exact = [x.detach().double().requires_grad_() if x is not None else None for x in half]
@@ -330,7 +331,7 @@ def test_forced_segment_lengths(segment_chunks, monkeypatch):
 def test_key_blocks(kind, monkeypatch):
     """The output and gradient kernels take the key dim in blocks (TUNING's block_k): K = 40 in blocks of 16, the
     last one ragged, gives the oracle's outputs and gradients."""
-    for kernel in ("output", "value_grads", "key_grads", "key_grads_vector"):
+    for kernel in ("output", "value_grads", "intra_grads", "key_grads", "key_grads_vector"):
         monkeypatch.setitem(kernels.TUNING, kernel, {**kernels.TUNING[kernel], "block_k": 16, "whole_key_dim_to": 0})
     inputs = make_inputs(kind, 2, CHUNK + 29, 2, 40, 24, seed=23)
     assert kernels._launch("key_grads", 40, 24, kernels.DECAY_VECTOR)[0] == 16
