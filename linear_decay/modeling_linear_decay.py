@@ -11,6 +11,7 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 
@@ -202,6 +203,51 @@ class LinearDecayCache(Cache):
         return [False] * len(self.layers)
 
 
+def _cache_flatten(cache):
+    """pytree children of a LinearDecayCache: its state tensors (`state_tensors` order); the context holds the
+    layer count, each layer's state names and the token count, everything `_cache_unflatten` needs besides."""
+    names = tuple(tuple(sorted(layer.tensors)) for layer in cache._all_layers())
+    return cache.state_tensors(), (len(cache.layers), names, cache.seen_tokens)
+
+
+def _cache_flatten_with_keys(cache):
+    children, context = _cache_flatten(cache)
+    labels = [f"{'layers.' + str(index) if index < context[0] else 'model_state'}.{name}"
+              for index, names in enumerate(context[1]) for name in names]
+    return [(torch.utils._pytree.MappingKey(label), child) for label, child in zip(labels, children)], context
+
+
+def _cache_unflatten(children, context):
+    num_layers, names, seen_tokens = context
+    cache = LinearDecayCache(num_layers=num_layers)
+    children = iter(children)
+    for layer, layer_names in zip(cache._all_layers(), names):
+        for name in layer_names:
+            layer.tensors[name] = next(children)
+    cache.seen_tokens = seen_tokens
+    return cache
+
+
+def _register_cache_pytree():
+    """Make LinearDecayCache a pytree node, so torch.export (and transformers' DynamoExporter, which keeps a node
+    registered before it) takes it as an input or output; its context is JSON for `torch.export.save`."""
+    try:
+        torch.utils._pytree.register_pytree_node(
+            LinearDecayCache, _cache_flatten, _cache_unflatten,
+            serialized_type_name=f"{LinearDecayCache.__module__}.{LinearDecayCache.__qualname__}",
+            flatten_with_keys_fn=_cache_flatten_with_keys,
+            to_dumpable_context=lambda context: json.dumps([context[0], [list(n) for n in context[1]], context[2]]),
+            from_dumpable_context=lambda dumped: (lambda c: (c[0], tuple(tuple(n) for n in c[1]), c[2]))(
+                json.loads(dumped)),
+        )
+    except ValueError as error:  # registered already (the module imported twice under one name)
+        if "already registered" not in str(error):
+            raise
+
+
+_register_cache_pytree()
+
+
 def run_recurrence(q, k, v, log_decay, scale, state_layer, mask=None, cu_seqlens=None):
     """One recurrence call for a mixer or the TPE filter: the decoding step for short cached calls, else the chunked
     form; reads and writes the state in `state_layer` (a RecurrentStateLayer, or None without a cache).
@@ -328,19 +374,27 @@ class LinearDecayTPE(nn.Module):
 
 
 def fused_projections(x, layers):
-    """[layer(x) for layer in layers], as one matmul on their stacked weights while gradients are recorded (training)
-    and every layer is a plain bias-free `nn.Linear` without hooks: one GEMM, one weight-gradient GEMM and one input
-    gradient instead of one each per projection plus their sum. Layers that are anything else (a LoRA adapter, a
-    quantised or hooked layer) and inference (no weight copy per step) run each layer on its own."""
-    if torch.is_grad_enabled() and all(_plain_linear(layer) for layer in layers):
-        weight = torch.cat([layer.weight for layer in layers])
-        return F.linear(x, weight).split([layer.out_features for layer in layers], dim=-1)
-    return [layer(x) for layer in layers]
+    """[layer(x) for layer in layers]. While gradients are recorded (training), the layers that are plain bias-free
+    `nn.Linear`s (`_plain_linear`) run as one matmul on their stacked weights: one GEMM, one weight-gradient GEMM and
+    one input gradient instead of one each per projection plus their sum. Every other layer runs as itself, so that
+    what it adds to its weight's product is kept: a LoRA / DoRA adapter (peft replaces the projection by a wrapper
+    whose forward adds the adapter's output to the base layer's), a quantised, parametrised, subclassed or hooked
+    layer. Inference (no weight copy per step) runs each layer on its own."""
+    plain = [i for i, layer in enumerate(layers) if _plain_linear(layer)] if torch.is_grad_enabled() else []
+    if len(plain) < 2:
+        return [layer(x) for layer in layers]
+    weight = torch.cat([layers[i].weight for i in plain])
+    fused = dict(zip(plain, F.linear(x, weight).split([layers[i].out_features for i in plain], dim=-1)))
+    return [fused[i] if i in fused else layer(x) for i, layer in enumerate(layers)]
 
 
 def _plain_linear(layer):
-    return (type(layer) is nn.Linear and layer.bias is None and not layer._forward_hooks
-            and not layer._forward_pre_hooks and "forward" not in vars(layer))
+    """Whether `layer(x)` is exactly `F.linear(x, layer.weight)`: an `nn.Linear` itself (not a subclass, not a peft
+    adapter wrapping one, not a parametrised module, whose class torch swaps), no bias, a plain `nn.Parameter` weight
+    (not a quantised tensor subclass), no forward or backward hooks and no instance-level forward."""
+    return (type(layer) is nn.Linear and layer.bias is None and type(layer.weight) is nn.Parameter
+            and not layer._forward_hooks and not layer._forward_pre_hooks and not layer._backward_hooks
+            and not layer._backward_pre_hooks and "forward" not in vars(layer))
 
 
 class LinearDecayAttention(nn.Module):
@@ -435,6 +489,14 @@ class LinearDecayAttention(nn.Module):
     def _decay(self, z, mask, lower_bound, normaliser, device, cu_seqlens):
         """The decay unit's (log λ, normaliser); with packed documents a position-dependent unit (LightNet's running
         normaliser) restarts at every document, so it runs document by document."""
+        if z is None and mask is not None and torch.compiler.is_compiling():
+            # a static unit (per-head log λ) with padding: the unit skips the per-token expansion when the mask is all
+            # ones, which a traced graph cannot ask; expand and zero the padded positions here (DESIGN §1, padding)
+            log_decay, normaliser = self.decay(None, lower_bound=lower_bound, normaliser=normaliser, device=device)
+            if log_decay.dim() == 1:
+                log_decay = log_decay.expand(*mask.shape, -1).masked_fill(~mask.unsqueeze(-1), 0.0)
+                return log_decay, normaliser
+            return self.decay(z, mask=mask, lower_bound=lower_bound, normaliser=normaliser, device=device)
         if cu_seqlens is None or not self.decay.position_dependent:
             kernel = softplus_decay if z is not None and use_fused_kernels(z) else None
             return self.decay(z, mask=mask, lower_bound=lower_bound, normaliser=normaliser, device=device,
@@ -580,6 +642,37 @@ def design_mismatches(saved, config):
             if field in saved and saved[field] != getattr(config, field)]
 
 
+# The backbone's modules in every design: a checkpoint key under one of them is a parameter of this model family.
+_BACKBONE_MODULES = ("embed_tokens", "tpe", "layers", "norm", "lower_bound_logits")
+_LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
+
+
+def another_design(missing, unexpected, model_keys):
+    """Whether the keys a checkpoint lacks (`missing`) or holds besides the model's (`unexpected`) show weights of
+    another design (decay type, depth, ...) rather than a partial checkpoint of this one: a backbone parameter the
+    model does not have, a layer of the model absent while others are present, or a layer parameter absent from every
+    present layer (of at least two). The LM head and keys outside the backbone are not evidence."""
+    for key in unexpected:
+        parts = key.split(".")
+        if parts[0] == "model":
+            parts = parts[1:]
+        if parts and parts[0] in _BACKBONE_MODULES:
+            return True
+    missing = set(missing)
+    layers = {}  # layer index -> {parameter name inside the layer: present in the checkpoint}
+    for key in model_keys:
+        match = _LAYER_KEY.search(key)
+        if match:
+            layers.setdefault(int(match.group(1)), {})[match.group(2)] = key not in missing
+    present = [index for index, names in layers.items() if any(names.values())]
+    if not present:  # nothing of the layer stack was loaded: an empty or backbone-less checkpoint, no evidence
+        return False
+    if len(present) < len(layers):
+        return True
+    names = set().union(*(layers[index] for index in present))
+    return len(present) >= 2 and any(not any(layers[index].get(name, False) for index in present) for name in names)
+
+
 def _checkpoint_weight_files(name_or_path, kwargs):
     """The local safetensors files that `from_pretrained(name_or_path, **kwargs)` read: in the folder, or for a Hub
     id in the local Hub cache (just filled by from_pretrained; nothing is downloaded here). [] when unknown."""
@@ -665,8 +758,11 @@ class LinearDecayPreTrainedModel(PreTrainedModel):
         and a design field (configuration_linear_decay.DESIGN_FIELDS, e.g. `position_encoding` none -> rope, which
         no weight shape shows) that contradicts the design `save_pretrained` recorded in the safetensors metadata.
         Only the LM head may be missing or extra (base model <-> causal LM); checkpoints saved without the design
-        metadata are checked on their parameters only. `ignore_mismatched_sizes=True` loads anyway (missing
-        parameters freshly initialised, the config's design used as it is)."""
+        metadata are checked on their parameters only. A partial checkpoint of the same design (`another_design`
+        finds no sign of another one: say one tensor removed, or `state_dict={}`) loads as transformers loads it: the
+        missing parameters freshly initialised, a warning, and their names in `missing_keys`.
+        `ignore_mismatched_sizes=True` loads anyway (missing parameters freshly initialised, the config's design used
+        as it is)."""
         want_info = kwargs.pop("output_loading_info", False)
         strict = not kwargs.get("ignore_mismatched_sizes")
         name_or_path = args[0] if args else kwargs.get("pretrained_model_name_or_path")
@@ -682,7 +778,7 @@ class LinearDecayPreTrainedModel(PreTrainedModel):
             changed = cls._design_changes(name_or_path, kwargs, model.config)
             missing = sorted(k for k in info["missing_keys"] if not k.startswith("lm_head"))
             unexpected = sorted(k for k in info["unexpected_keys"] if not k.startswith("lm_head"))
-            if changed or missing or unexpected:
+            if changed or ((missing or unexpected) and another_design(missing, unexpected, model.state_dict())):
                 raise _mismatch_error(model.name_or_path, model.config, changed, missing, unexpected)
         return (model, info) if want_info else model
 
@@ -781,6 +877,12 @@ class LinearDecayModel(LinearDecayPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    def embedding_rows(self):
+        """The number of token ids the input embedding holds now (it follows `resize_token_embeddings`)."""
+        embeddings = self.get_input_embeddings()
+        rows = getattr(embeddings, "num_embeddings", None)
+        return rows if rows is not None else embeddings.weight.shape[0]
+
     def decay_lower_bounds(self):
         """HGRN2's γ_l = cumsum_l softmax_l(P) − its layer-0 value: γ_0 = 0, γ_l = l/L at init (DESIGN §2).
         Returns one [D] tensor per layer, None where γ is identically 0."""
@@ -795,6 +897,9 @@ class LinearDecayModel(LinearDecayPreTrainedModel):
         cache = cache if cache is not None else past_key_values
         if cache is not None and not isinstance(cache, LinearDecayCache):
             raise TypeError(f"LinearDecayModel needs a LinearDecayCache, got {type(cache).__name__}")
+        if output_hidden_states is None:  # transformers' convention: the argument defaults to the config's value
+            output_hidden_states = self.config.output_hidden_states
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         cu_seqlens = self._packed_documents(position_ids, attention_mask, input_ids, inputs_embeds, cache, use_cache)
         if cu_seqlens is not None:
             use_cache = False  # a state that mixes documents would mean nothing to a continuation
@@ -810,7 +915,8 @@ class LinearDecayModel(LinearDecayPreTrainedModel):
         mask = None
         if attention_mask is not None:
             mask = attention_mask[:, -length:].bool()
-            mask = None if bool(mask.all()) else mask
+            if not torch.compiler.is_compiling() and bool(mask.all()):  # a shortcut eager decides on the host
+                mask = None
 
         positions = None
         if self.config.position_encoding in ("rope", "lrpe"):
@@ -866,9 +972,11 @@ class LinearDecayModel(LinearDecayPreTrainedModel):
                 raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
             if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
                 raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
-            if input_ids.numel() and not self.tokens_checked and _outside(input_ids, 0, self.vocab_size):
-                bad = input_ids[(input_ids < 0) | (input_ids >= self.vocab_size)][0].item()
-                raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, {self.vocab_size})")
+            vocab = self.embedding_rows()
+            if (input_ids.numel() and not self.tokens_checked and not torch.compiler.is_compiling()
+                    and _outside(input_ids, 0, vocab)):  # eager only: the check reads the ids on the host
+                bad = input_ids[(input_ids < 0) | (input_ids >= vocab)][0].item()
+                raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, {vocab})")
             batch, length = input_ids.shape
         else:
             if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
@@ -1094,6 +1202,9 @@ class LinearDecayForCausalLM(LinearDecayPreTrainedModel, GenerationMixin):
                 inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None, return_dict=None,
                 logits_to_keep=0, **kwargs):
         cache = cache if cache is not None else past_key_values
+        if output_hidden_states is None:  # transformers' convention: the argument defaults to the config's value
+            output_hidden_states = self.config.output_hidden_states
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         if self._graph_decodable(input_ids, attention_mask, position_ids, cache, inputs_embeds, labels, use_cache,
                                  output_hidden_states):
             self.model._check_inputs(input_ids, None, attention_mask, cache.get_seq_length())
@@ -1106,9 +1217,10 @@ class LinearDecayForCausalLM(LinearDecayPreTrainedModel, GenerationMixin):
             expected = tuple((input_ids if input_ids is not None else inputs_embeds).shape[:2])
             if tuple(labels.shape) != expected:
                 raise ValueError(f"labels have shape {tuple(labels.shape)}; expected {expected} like the inputs")
-            bad = (labels != -100) & ((labels < 0) | (labels >= self.vocab_size))
-            if bool(bad.any()):
-                raise ValueError(f"labels contain {labels[bad][0].item()}, neither -100 nor in [0, {self.vocab_size})")
+            classes = self._label_classes()
+            bad = (labels != -100) & ((labels < 0) | (labels >= classes))
+            if not torch.compiler.is_compiling() and bool(bad.any()):  # eager only: reads the labels on the host
+                raise ValueError(f"labels contain {labels[bad][0].item()}, neither -100 nor in [0, {classes})")
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
             inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states,
@@ -1128,13 +1240,19 @@ class LinearDecayForCausalLM(LinearDecayPreTrainedModel, GenerationMixin):
                                         **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)})
         return output if return_dict is not False else output.to_tuple()
 
+    def _label_classes(self):
+        """The number of classes the LM head scores now (it follows `resize_token_embeddings`)."""
+        head = self.get_output_embeddings()
+        classes = getattr(head, "out_features", None)
+        return classes if classes is not None else self.config.get_text_config().vocab_size
+
     def _loss(self, logits, labels, kwargs):
         """transformers' causal-LM loss (`self.loss_function`); on the fused cross-entropy kernel (kernels_loss) where
         the kernels run and the loss is that default one with no option but num_items_in_batch — the same numbers
         without the fp32 copies of the logits."""
         if (cross_entropy is None or not use_fused_kernels(logits) or self.loss_function is not ForCausalLMLoss
                 or not set(kwargs) <= {"num_items_in_batch"}):
-            return self.loss_function(logits=logits, labels=labels, vocab_size=self.vocab_size, **kwargs)
+            return self.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1], **kwargs)
         targets, divisor = causal_lm_targets(labels, kwargs.get("num_items_in_batch"), logits.device)
         return cross_entropy(logits, targets, divisor)
 
@@ -1159,5 +1277,28 @@ class LinearDecayForCausalLM(LinearDecayPreTrainedModel, GenerationMixin):
 
 LinearDecayModel.register_for_auto_class("AutoModel")
 LinearDecayForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+# peft: `LoraConfig()` without `target_modules` takes the model type's defaults from peft's own tables
+# (peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, and the tables of the adapters that copy
+# it); peft has no other way for a model to declare them. This model type gets the entry peft gives llama: the query
+# and value projections of every mixer.
+PEFT_TARGET_MODULES = ("q_proj", "v_proj")
+
+
+def register_peft_target_modules():
+    """Enter PEFT_TARGET_MODULES for model_type "linear_decay" in each of peft's default-target tables that use the
+    query / value convention (those whose llama entry is ["q_proj", "v_proj"]); an existing entry is kept. Runs on
+    import; a no-op without peft."""
+    try:
+        from peft.utils import constants
+    except Exception:  # noqa: BLE001 — peft is optional: missing, or an install that fails to import, changes nothing
+        return
+    for name, table in vars(constants).items():
+        if (name.startswith("TRANSFORMERS_MODELS_TO_") and name.endswith("_TARGET_MODULES_MAPPING")
+                and isinstance(table, dict) and table.get("llama") == ["q_proj", "v_proj"]):
+            table.setdefault(LinearDecayConfig.model_type, list(PEFT_TARGET_MODULES))
+
+
+register_peft_target_modules()
 
 __all__ = ["LinearDecayModel", "LinearDecayForCausalLM", "LinearDecayPreTrainedModel", "LinearDecayCache"]

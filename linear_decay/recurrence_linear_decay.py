@@ -92,7 +92,9 @@ def chunked_recurrence(q, k, v, log_decay=None, scale=1.0, initial_state=None, o
 
     Intra-chunk scores A[t, s] = Σ_c q_tc k_sc e^{b_tc − b_sc} (s ≤ t). Scalar decay forms e^{b_t − b_s} per pair.
     Vector decay uses the matmul (q ⊙ e^{b})(k ⊙ e^{−b})ᵀ, exact while |b| ≤ FACTORISED_DECAY_LIMIT; chunks whose
-    decay is stronger are recomputed in sub-chunks (`_subchunk_scores`), which never form a positive exponent.
+    decay is stronger are recomputed in sub-chunks (`_subchunk_scores`), which never form a positive exponent; eager
+    mode asks the host whether any chunk is that strong, torch.compile / torch.export compute the sub-chunk scores of
+    every chunk and select them with torch.where (no device value read, the same numbers).
     Across chunks the state is carried by a short loop over chunks. Autocast is off inside: the recurrence is
     computed in fp32 whatever the caller's autocast (Trainer's --bf16) asks for, as the Triton kernels do.
     """
@@ -126,7 +128,10 @@ def _chunked_recurrence(q, k, v, log_decay, scale, initial_state, output_final_s
         k_grown = k * (-b).clamp(max=FACTORISED_DECAY_LIMIT).exp().float()
         scores = (q_decayed @ k_grown.transpose(-1, -2)).masked_fill(~causal, 0.0)
         strong = b_last[..., 0, :].amin(-1) < -FACTORISED_DECAY_LIMIT  # [B, H, N]
-        if bool(strong.any()):
+        if torch.compiler.is_compiling():  # traced graphs read no device value: every chunk's exact scores, selected
+            exact = _subchunk_scores(q.flatten(0, 2), k.flatten(0, 2), b.flatten(0, 2)).view_as(scores)
+            scores = torch.where(strong[..., None, None], exact, scores)
+        elif bool(strong.any()):
             scores = scores.masked_scatter(strong[..., None, None].expand_as(scores),
                                            _subchunk_scores(q[strong], k[strong], b[strong]))
     else:
