@@ -76,8 +76,8 @@ class DecayParameterization(nn.Module):
                                                    device=device)
         if mask is not None:
             if log_decay.dim() == 1:  # static decay: padding needs per-token values, so expand only then
-                if bool(mask.all()):
-                    return log_decay, normaliser
+                if not torch.compiler.is_compiling() and bool(mask.all()):  # eager decides on the host; traced
+                    return log_decay, normaliser  # graphs read no device value and always expand
                 log_decay = log_decay.expand(*mask.shape, -1)
             log_decay = log_decay.masked_fill(~_expand_mask(mask, log_decay), 0.0)
         return log_decay, normaliser

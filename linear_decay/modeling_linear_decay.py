@@ -489,14 +489,6 @@ class LinearDecayAttention(nn.Module):
     def _decay(self, z, mask, lower_bound, normaliser, device, cu_seqlens):
         """The decay unit's (log λ, normaliser); with packed documents a position-dependent unit (LightNet's running
         normaliser) restarts at every document, so it runs document by document."""
-        if z is None and mask is not None and torch.compiler.is_compiling():
-            # a static unit (per-head log λ) with padding: the unit skips the per-token expansion when the mask is all
-            # ones, which a traced graph cannot ask; expand and zero the padded positions here (DESIGN §1, padding)
-            log_decay, normaliser = self.decay(None, lower_bound=lower_bound, normaliser=normaliser, device=device)
-            if log_decay.dim() == 1:
-                log_decay = log_decay.expand(*mask.shape, -1).masked_fill(~mask.unsqueeze(-1), 0.0)
-                return log_decay, normaliser
-            return self.decay(z, mask=mask, lower_bound=lower_bound, normaliser=normaliser, device=device)
         if cu_seqlens is None or not self.decay.position_dependent:
             kernel = softplus_decay if z is not None and use_fused_kernels(z) else None
             return self.decay(z, mask=mask, lower_bound=lower_bound, normaliser=normaliser, device=device,
