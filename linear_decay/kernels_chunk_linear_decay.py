@@ -471,28 +471,36 @@ def _chunk_value_grads_kernel(k_ptr, v_ptr, b_ptr, do_ptr, scores_ptr, state_gra
 
 
 @triton.jit
-def _intra_grads(q, k, b, dA, dA_t, GRAD_PRECISION: tl.constexpr):
+def _pair_decay(b):
+    """Scalar, static and no decay: [C, C], e^{b_i − b_j} at row i, column j for j < i, else 0."""
+    i = tl.arange(0, b.shape[0])[:, None]
+    j = tl.arange(0, b.shape[0])[None, :]
+    return tl.exp(tl.where(i > j, b[:, None] - b[None, :], float("-inf")))
+
+
+@triton.jit
+def _intra_grads(q, k, b, decay, dA, dA_t, GRAD_PRECISION: tl.constexpr):
     """Scalar, static and no decay: the chunk's own part of dq and dk, fp32, without the diagonal (each token with
-    itself): dq_i = Σ_{j < i} dA_ij k_j e^{b_i − b_j}, dk_j = Σ_{i > j} dA_ij q_i e^{b_i − b_j}; dA [C, C] causal, dA_t
-    its transpose (both loaded). Vector decay: `_chunk_intra_grads_kernel`."""
+    itself): dq_i = Σ_{j < i} dA_ij k_j e^{b_i − b_j}, dk_j = Σ_{i > j} dA_ij q_i e^{b_i − b_j}; decay from
+    `_pair_decay`, dA [C, C] causal, dA_t its transpose (both loaded). Vector decay: `_chunk_intra_grads_kernel`."""
     i = tl.arange(0, dA.shape[0])[:, None]
     j = tl.arange(0, dA.shape[0])[None, :]
-    decay = tl.exp(tl.where(i > j, b[:, None] - b[None, :], float("-inf")))  # e^{b_i − b_j}, row i, column j
-    decay_t = tl.exp(tl.where(i < j, b[None, :] - b[:, None], float("-inf")))  # the same, row j, column i
+    decay_t = tl.exp(tl.where(i < j, b[None, :] - b[:, None], float("-inf")))  # `decay` at row j, column i
     dq = tl.dot(dA * decay, k, input_precision=GRAD_PRECISION)
     dk = tl.dot(dA_t * decay_t, q, input_precision=GRAD_PRECISION)
     return dq, dk
 
 
 @triton.jit
-def _straddling_pairs(q, k, b, dA, scale, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+def _straddling_pairs(q, k, decay, dA, scale, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """Scalar and static decay: the chunk's own pairs' part of d log λ, [C] — at position r, Σ over the pairs
     s < r ≤ t of dA_ts A_ts (A_ts = q_t·k_s e^{b_t − b_s}: the scores summed over the channels of q and k, given
-    unscaled and bf16-exact), each pair counted where its decay spans r. All terms fp32, none cancels another."""
+    unscaled and bf16-exact; decay from `_pair_decay`), each pair counted where its decay spans r. All terms fp32,
+    none cancels another."""
     i = tl.arange(0, dA.shape[0])[:, None]
     j = tl.arange(0, dA.shape[0])[None, :]
     scores = tl.dot(q.to(DOT_DTYPE), tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION) * scale
-    pairs = tl.where(i > j, dA * scores * tl.exp(tl.where(i > j, b[:, None] - b[None, :], float("-inf"))), 0.0)
+    pairs = dA * scores * decay
     before = tl.cumsum(pairs, axis=1) - pairs  # [t, r]: Σ_{s < r} of row t
     return tl.sum(tl.where(i >= j, before, 0.0), axis=0)  # [r]: Σ_{t ≥ r}
 
@@ -614,7 +622,8 @@ def _chunk_key_grads_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, states_ptr, stat
         own = tl.load(chunk_dA_ptr + rows * (C + 1))[:, None]  # dA_ii: each token with itself, undecayed
     else:
         dA = tl.load(chunk_dA_ptr + i * C + j)
-        dq_intra, dk_intra = _intra_grads(q, k, b, dA, tl.load(chunk_dA_ptr + j * C + i), GRAD_PRECISION)
+        decay = _pair_decay(b)
+        dq_intra, dk_intra = _intra_grads(q, k, b, decay, dA, tl.load(chunk_dA_ptr + j * C + i), GRAD_PRECISION)
         own = tl.sum(tl.where(i == j, dA, 0.0), axis=1)[:, None]
     dq_state = dq * _row_decay(b, VECTOR)
     dk_state = dk_state * _to_end(b, total, VECTOR)
@@ -633,7 +642,7 @@ def _chunk_key_grads_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, states_ptr, stat
             dg = tl.sum(tl.where(j >= i, later_sum[None, :], 0.0), axis=1)
             dg += tl.sum(tl.where(j < i, earlier_sum[None, :], 0.0), axis=1)
             dg += tl.sum(across, axis=0) * tl.exp(total)
-            dg += _straddling_pairs(q_unscaled, k, b, dA, scale, DOT_DTYPE, PRECISION)
+            dg += _straddling_pairs(q_unscaled, k, decay, dA, scale, DOT_DTYPE, PRECISION)
             tl.store(dg_ptr + (key_block * T + token0 + rows) * H + head, dg, mask=row_mask)
 
 
