@@ -1,4 +1,4 @@
-"""CPU speed of the PyTorch path (issue: core model family).
+"""CPU speed of the PyTorch path.
 
 At B=2, T=2048, hidden 512 (8 heads of 64), 4 layers, forward+backward, in one process:
   - the recurrence alone: chunked PyTorch path vs the naive fp32 oracle (target: chunked ≥ 20× faster);

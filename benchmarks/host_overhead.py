@@ -1,19 +1,19 @@
 """Host (CPU) time per call of the model's pieces on the GPU: what an eager training step costs the Python side.
 
-At the whole model's training shapes our steps are host-bound (BENCHMARKS.md, sixth session: the host finishes issuing
-a step within a few ms of the GPU finishing it). This measures each piece at a tiny shape (1×64 tokens), where the
-device work is a few µs per kernel and the wall time per call is the host's: mean µs per call over `--calls` calls
-after a warm-up, one synchronisation at the end ("wall µs"), and the time until the host had issued them ("issued µs";
-equal to the wall time when the piece is host-bound).
+At the whole model's training shapes our eager steps can be host-bound (the host finishes issuing a step within a few
+ms of the GPU finishing it). This measures each piece at a tiny shape (1×64 tokens), where the device work is a few
+µs per kernel and the wall time per call is the host's: mean µs per call over `--calls` calls after a warm-up, one
+synchronisation at the end ("wall µs"), and the time until the host had issued them ("issued µs"; equal to the wall
+time when the piece is host-bound).
 
 Rows: single torch ops and Triton launches (through `JITFunction[grid]`, the compiled kernel's own launcher and our
 direct path, kernels_launch_linear_decay), each fused piece forward (+ backward), one 410m block per decay and
 transformers' Llama decoder layer forward + backward — each block also with its backward on the calling thread
 (`torch.autograd.set_multithreading_enabled(False)`) instead of autograd's CUDA worker thread, and our blocks so with
 the direct launch path — then cProfile of the blocks' forwards. Every row but those named "fast launch" launches our
-kernels through Triton's own path (as LINEAR_DECAY_FAST_LAUNCH=0), so that the rows compare with earlier sessions'. `--block-profile` adds the host time inside each of
-our autograd functions per block and torch.profiler's CPU table. `--device cpu --quick` is a smoke run of the code
-paths (the kernels under TRITON_INTERPRET=1).
+kernels through Triton's own path (as LINEAR_DECAY_FAST_LAUNCH=0), so that the rows compare with Triton's own
+launcher. `--block-profile` adds the host time inside each of our autograd functions per block and torch.profiler's
+CPU table. `--device cpu --quick` is a smoke run of the code paths (the kernels under TRITON_INTERPRET=1).
 
     PYTHONPATH=. python3 benchmarks/host_overhead.py [--calls 300] [--block-profile] [--json host.json]
 """
@@ -172,7 +172,7 @@ def block_cases(device, tokens, hidden, heads, head_dim, mlp):
 def instrument_functions():
     """Wrap the forward and backward of our autograd functions with host timers (the backward runs on autograd's
     device thread, which cProfile does not see). Returns ({name: [seconds, calls]}, a function that unwraps them)."""
-    from linear_decay.kernels_chunk_linear_decay import _ChunkedRecurrence
+    from linear_decay.kernels_chunk_linear_decay import _EagerChunkedRecurrence
     from linear_decay.kernels_decay_linear_decay import SoftplusDecayFunction
     from linear_decay.kernels_norm_linear_decay import GatedRMSNormFunction
     from linear_decay.kernels_swiglu_linear_decay import SwiGLUFunction
@@ -193,7 +193,7 @@ def instrument_functions():
                 entry[1] += 1
         setattr(cls, method, staticmethod(timed_method))
 
-    for cls in (_ChunkedRecurrence, SoftplusDecayFunction, GatedRMSNormFunction, SwiGLUFunction):
+    for cls in (_EagerChunkedRecurrence, SoftplusDecayFunction, GatedRMSNormFunction, SwiGLUFunction):
         wrap(cls, "forward")
         wrap(cls, "backward")
 

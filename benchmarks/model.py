@@ -1,4 +1,4 @@
-"""Whole-model speed (issue 7): our LinearDecayForCausalLM against transformers' LlamaForCausalLM (sdpa) of the same
+"""Whole-model speed: our LinearDecayForCausalLM against transformers' LlamaForCausalLM (sdpa) of the same
 width, depth, MLP and vocabulary, in one run on one GPU.
 
 Sections (`--sections`, default all):
@@ -8,10 +8,12 @@ Sections (`--sections`, default all):
             `torch_compile=True` does: fewer launches and Python per step for both.
             `--single-thread-backward` runs every model's backward on the calling thread instead of autograd's CUDA
             device thread (`torch.autograd.set_multithreading_enabled(False)`); the hand-off to that thread makes
-            the host's share of an eager step slower (BENCHMARKS.md, seventh session).
+            the host's share of an eager step slower.
   generate  generate() tokens/s (new tokens / wall time, greedy, exactly `--new-tokens` new tokens) and peak memory at
-            batch 16 with a 2048-token and a 32768-token random prompt (`--prompts`); both models with transformers'
-            chunked prefill of `--prefill-chunk` tokens (0: one prefill call).
+            batch 16 with a 2048-token and a 32768-token random prompt; every model with transformers' chunked
+            prefill of `--prefill-chunk` tokens (0: one prefill call); the Llama with its default (dynamic) cache and
+            with `cache_implementation="static"` (its decoding step compiled; `--llama-caches`). `--fit-batch`
+            halves the batch where a model runs out of memory and runs every model at the batch that fits.
   profile   one training step of each model at the first training shape under torch.profiler (after the warm-up
             steps): the operators / kernels with the most device time, the table that says where a step's time goes.
   cold      time from a cold process (empty Triton cache) to the end of the first training step: runs
@@ -179,39 +181,70 @@ def section_profile(args, rows):
         rows.append(row)
 
 
-def section_generate(args, rows):
+def generate_variants(args):
+    """(name, builder, generate options) of the generate section: every model with its default cache, and the Llama
+    also with transformers' static cache (`cache_implementation="static"`, which compiles its decoding step): what a
+    user who wants a fast Llama decode picks."""
     for name, builder in models(args):
-        for prompt in args.prompts:
-            row = dict(section="generate", model=name, batch=args.generate_batch, prompt=prompt,
-                       new_tokens=args.new_tokens, prefill_chunk=args.prefill_chunk)
-            model = None
-            try:
-                reset_memory(args.device)
-                model = on_device(builder, args.device, args.dtype).eval()
-                generator = torch.Generator().manual_seed(1)
-                ids = torch.randint(0, args.vocab, (args.generate_batch, prompt), generator=generator).to(args.device)
-                options = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
-                               pad_token_id=0, eos_token_id=None, prefill_chunk_size=args.prefill_chunk or None)
-                with torch.no_grad():
-                    # warm-up at the timed prompt length: every kernel the prefill and the decoding step use is
-                    # compiled (or loaded) before the clock starts
-                    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                   **dict(options, max_new_tokens=2, min_new_tokens=2))
-                    reset_memory(args.device)
-                    synchronize(args.device)
-                    start = time.perf_counter()
-                    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **options)
-                    synchronize(args.device)
-                wall = time.perf_counter() - start
-                generated = out.shape[1] - prompt
-                row.update(wall_s=wall, generated=generated, new_tokens_per_s=args.generate_batch * generated / wall,
-                           peak_GiB=peak_gib(args.device))
-            except Exception as error:  # noqa: BLE001
-                row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
-                traceback.print_exc()
-            del model
-            rows.append(row)
-            print(f"[generate] {row}", flush=True)
+        if name != "llama sdpa":
+            yield name, builder, {}
+            continue
+        if "dynamic" in args.llama_caches:
+            yield name, builder, {}
+        if "static" in args.llama_caches:
+            yield "llama static cache", builder, {"cache_implementation": "static"}
+
+
+def time_generate(args, builder, batch, prompt, extra):
+    """(wall seconds, new tokens, peak GiB) of one generate() call after a warm-up call at the same shapes."""
+    reset_memory(args.device)
+    model = on_device(builder, args.device, args.dtype).eval()
+    try:
+        generator = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, args.vocab, (batch, prompt), generator=generator).to(args.device)
+        options = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                       pad_token_id=0, eos_token_id=None, prefill_chunk_size=args.prefill_chunk or None, **extra)
+        with torch.no_grad():
+            # warm-up at the timed prompt length: every kernel the prefill and the decoding step use is compiled
+            # (or loaded, or captured) before the clock starts
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **options)
+            reset_memory(args.device)
+            synchronize(args.device)
+            start = time.perf_counter()
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **options)
+            synchronize(args.device)
+        return time.perf_counter() - start, out.shape[1] - prompt, peak_gib(args.device)
+    finally:
+        del model
+        gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def section_generate(args, rows):
+    """generate() at args.generate_batch for every prompt length; with --fit-batch, a prompt at which a model runs
+    out of memory is retried at half the batch until it fits, and the other models are run at that batch too."""
+    variants = list(generate_variants(args))
+    for prompt in args.prompts:
+        batches = [args.generate_batch]
+        while batches:
+            batch = batches.pop(0)
+            for name, builder, extra in variants:
+                row = dict(section="generate", model=name, batch=batch, prompt=prompt, new_tokens=args.new_tokens,
+                           prefill_chunk=args.prefill_chunk)
+                try:
+                    wall, generated, peak = time_generate(args, builder, batch, prompt, extra)
+                    row.update(wall_s=wall, generated=generated, new_tokens_per_s=batch * generated / wall,
+                               peak_GiB=peak)
+                except Exception as error:  # noqa: BLE001  (e.g. out of memory)
+                    row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                    if args.fit_batch and isinstance(error, torch.OutOfMemoryError) and batch > 1 \
+                            and batch // 2 not in batches:
+                        batches.append(batch // 2)
+                    else:
+                        traceback.print_exc()
+                rows.append(row)
+                print(f"[generate] {row}", flush=True)
 
 
 def section_cold(args, rows):
@@ -246,6 +279,8 @@ def print_table(args, rows):
           f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}, torch {torch.__version__}")
     llama = {(r["section"], r.get("batch"), r.get("length"), r.get("prompt")): r for r in rows
              if r["model"] == "llama sdpa" and "error" not in r}
+    llama_static = {(r["batch"], r["prompt"]): r for r in rows
+                    if r["model"] == "llama static cache" and "error" not in r}
     for row in rows:
         key = (row["section"], row.get("batch"), row.get("length"), row.get("prompt"))
         if row["section"] == "train":
@@ -258,8 +293,11 @@ def print_table(args, rows):
                   f"{value(row, 'tokens_per_s', ',.0f')} tokens/s{peak(row)}{ratio}{compiled}{host}")
         elif row["section"] == "generate":
             ref = llama.get(key)
-            ratio = f"  ours/llama {row['new_tokens_per_s'] / ref['new_tokens_per_s']:.2f}×" if ref and \
-                "error" not in row and row["model"] != "llama sdpa" else ""
+            ours = "error" not in row and not row["model"].startswith("llama")
+            ratio = f"  ours/llama {row['new_tokens_per_s'] / ref['new_tokens_per_s']:.2f}×" if ref and ours else ""
+            ref = llama_static.get((row["batch"], row["prompt"]))
+            ratio += (f"  ours/llama static cache {row['new_tokens_per_s'] / ref['new_tokens_per_s']:.2f}×"
+                      if ref and ours else "")
             print(f"generate {row['model']:22s} B={row['batch']:<3d} prompt={row['prompt']:<6d} "
                   f"{value(row, 'new_tokens_per_s', ',.1f')} new tokens/s{peak(row)}{ratio}")
         elif row["section"] == "cold":
@@ -289,6 +327,11 @@ def parse_args(argv):
     parser.add_argument("--json", help="write every row to this path")
     parser.add_argument("--prefill-chunk", type=int, default=2048, help="generate(prefill_chunk_size=...); 0: off")
     parser.add_argument("--compile", action="store_true", help="train section: torch.compile every model")
+    parser.add_argument("--llama-caches", default="dynamic,static",
+                        help="generate section: the Llama's caches, dynamic (transformers' default) and/or static")
+    parser.add_argument("--fit-batch", action="store_true",
+                        help="generate section: halve the batch of a prompt length at which a model runs out of "
+                             "memory until it fits, and run every model at that batch too")
     parser.add_argument("--train-shapes", dest="train_shapes_text",
                         help="BxT of the train section, comma separated (default 8x2048,1x16384; --quick: 2x64,1x130); "
                              "the profile section takes the first")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The design-space reproduction of issue 5 / RESULTS.md on one GPU: grids T1 and T3 (DESIGN §6), every variant, two
+# The design-space reproduction behind RESULTS.md on one GPU: grids T1 and T3 (DESIGN §6), every variant, two
 # seeds, on the bundled corpus (held-out perplexity) and on MQAR (recall accuracy). Small models use little of an
 # H200, so each sweep runs as several processes on the same GPU (`--processes`). Sweeps resume: run it again with the
 # same OUTPUT to finish what a time limit interrupted (or copy results/sweep_t1_t3, the records of the runs behind

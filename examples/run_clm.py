@@ -108,8 +108,8 @@ class ModelArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "Load a checkpoint's own code (auto_map)."})
     autograd_multithreading: bool = field(
         default=False, metadata={"help": "Run the backward on autograd's per-device threads (PyTorch's default) "
-                                         "instead of the calling thread, which makes eager GPU steps faster "
-                                         "(BENCHMARKS.md, seventh session)."})
+                                         "instead of the calling thread (slower eager GPU steps: the hand-off "
+                                         "to that thread adds host time)."})
 
 
 @dataclass

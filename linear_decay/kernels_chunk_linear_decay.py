@@ -10,35 +10,41 @@ sequences. The oracle is `recurrence_linear_decay.naive_recurrence`; `chunked_re
 
 Algorithm (per head; b = cumulative log λ within a chunk of CHUNK tokens, fp32; q is pre-multiplied by `scale`):
 
-- `_cumulative_decay_kernel`: b of every chunk, chunk-major, read by every later kernel of the pass.
+- `_cumulative_decay_kernel`: b of every chunk, chunk-major, read by every later kernel (kept for the backward).
 - `_chunk_states_kernel`: walks each sequence in chunks and stores the state at every chunk start
   (S ← e^{B} ⊙ S + (k ⊙ e^{B − b})ᵀ v, B the chunk's total log-decay), kept for the backward. With few sequences
   × heads the walks (this one and the state gradients') go through segments of a sequence in parallel
   (`_segment_plan`): each segment from zero, `_combine_segments_kernel` joins their ends in order, and each segment
   again from its true start.
-- `_chunk_output_kernel`: one program per (chunk, head): o = (q ⊙ e^{b}) S + A v, A the causal decayed scores of the
-  chunk (`_intra_scores`). The cost does not depend on the decay's strength: for vector decay the chunk is halved
-  log2(CHUNK) times, and each pair of tokens factorises about the middle row of the one block that has them in
-  different halves, both factors e^{≤ 0}: one dot per level, no pair summed one by one.
-- backward: the state gradient at every chunk end (`_chunk_state_grads_kernel`, reverse walk), then dv and the
-  scores' gradient dA per (chunk, head) (`_chunk_value_grads_kernel`, from the scores the forward kept); for vector
-  decay the chunk's own pairs' part of dq and dk per sub-chunk of SUB_CHUNK rows (`_chunk_intra_grads_kernel`:
-  pairs across sub-chunks about an anchor row, pairs within one by halving, small dots at fp32 accuracy); then dq,
-  dk and d log λ per (chunk, head, key block) (`_chunk_key_grads_kernel`). d log λ is summed within the chunk from
-  fp32 terms that are each a part of the gradient (the pairs of tokens that straddle a position), never as a
-  difference of sequence-long sums, so that its error stays at the level of the other gradients at any decay
-  strength.
+- `_chunk_output_kernel`: one program per (chunk, head; for scalar, static and no decay also per value block):
+  o = (q ⊙ e^{b}) S + A v, A the causal decayed scores of the chunk (`_intra_scores`). The cost does not depend on
+  the decay's strength: for vector decay the chunk is halved log2(CHUNK) times, and each pair of tokens factorises
+  about the middle row of the one block that has them in different halves, both factors e^{≤ 0}: one dot per level,
+  no pair summed one by one.
+- backward: the state gradient at every chunk end (`_chunk_state_grads_kernel`, reverse walk), then dv per (chunk,
+  head) (`_chunk_value_grads_kernel`, from the scores the forward kept), and there, for vector decay, the scores'
+  gradient dA = do vᵀ (the key-gradient kernel forms it itself for the other decays); for vector decay the chunk's own
+  pairs' part of dq and dk per sub-chunk of SUB_CHUNK rows (`_chunk_intra_grads_kernel`: pairs across sub-chunks about
+  an anchor row, pairs within one by halving, small dots at fp32 accuracy); then dq, dk and d log λ per (chunk, head,
+  key block) (`_chunk_key_grads_kernel`). d log λ is summed within the chunk from fp32 terms that are each a part of the
+  gradient (the pairs of tokens that straddle a position), never as a difference of sequence-long sums, so that its
+  error stays at the level of the other gradients at any decay strength.
 
 Triton ≥ 3.4 and < 3.7.1 miscompiles `tl.dot(tl.trans(x), y)` on Hopper when x is a down-cast dot result (DESIGN §7):
 transposed operands here are always loaded or elementwise tensors; results wanted transposed are computed as
 `dot(state, trans(loaded))` and transposed in registers.
+
+The forward and the backward are also torch custom ops (`linear_decay::chunk_forward`, `linear_decay::chunk_backward`)
+with fake implementations and registered autograd: torch.compile and torch.export keep each call as one node of their
+graphs (no graph break). Eager calls skip the op's dispatch (`_EagerChunkedRecurrence`). Packed sequences get a count
+of chunks from shapes alone (`_num_chunks`), so that no shape depends on cu_seqlens' values.
 """
 
 import functools
 
 import torch
 
-from .kernels_host_linear_decay import cdiv, next_power_of_2, per_tensor, sm_count
+from .kernels_host_linear_decay import cdiv, next_power_of_2, op_name, per_tensor, sm_count
 from .kernels_launch_linear_decay import fast_launch
 
 try:
@@ -341,10 +347,13 @@ def _combine_segments_kernel(segment_state_ptr, segment_decay_ptr, start_ptr, en
 def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, states_ptr, o_ptr, scores_ptr, cu_seqlens_ptr, chunk_seq_ptr,
                          chunk_token_ptr, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                          BV: tl.constexpr, C: tl.constexpr, LEVELS: tl.constexpr, DECAY: tl.constexpr,
-                         STORE_SCORES: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """o of one (chunk, head): o = (q ⊙ e^{b}) S + A v, the scores A first (`_intra_scores`, summed over key blocks of
-    BK channels; kept for the backward when STORE_SCORES), then every value block."""
-    chunk, head = tl.program_id(0), tl.program_id(1)
+                         STORE_SCORES: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                         VALUE_BLOCKS: tl.constexpr):
+    """o of one (chunk, head, VALUE_BLOCKS blocks of BV value channels): o = (q ⊙ e^{b}) S + A v, the scores A first
+    (`_intra_scores`, summed over key blocks of BK channels; kept for the backward when STORE_SCORES), then each value
+    block. Vector decay's scores cost six dots per key block: one program takes every value block; the others' one
+    dot is recomputed per value block, which spreads a chunk over more programs."""
+    chunk, head, value_program = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq, token0 = tl.load(chunk_seq_ptr + chunk), tl.load(chunk_token_ptr + chunk)
     eos = tl.load(cu_seqlens_ptr + seq + 1)
     rows = tl.arange(0, C)
@@ -357,10 +366,11 @@ def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, states_ptr, o_ptr, scores_p
         b, _ = _chunk_decay(b_ptr, chunk, head, H, K, ck, C, DECAY)
         scores += _intra_scores(q, k, b, b_ptr, chunk, head, H, K, ck, C, LEVELS, DECAY, DOT_DTYPE, PRECISION)
     scores = scores.to(DOT_DTYPE)
-    if STORE_SCORES:
+    if STORE_SCORES and value_program == 0:
         tl.store(scores_ptr + (chunk * H + head) * C * C + rows[:, None] * C + rows[None, :], scores)
     chunk_states_ptr = states_ptr + (chunk * H + head) * K * V
-    for value_block in range(tl.cdiv(V, BV)):
+    for value_block in range(value_program * VALUE_BLOCKS, tl.minimum((value_program + 1) * VALUE_BLOCKS,
+                                                                       tl.cdiv(V, BV))):
         cv = value_block * BV + tl.arange(0, BV)
         v = _tile(v_ptr, token0, rows, row_mask, head, H, V, cv, cv < V).to(DOT_DTYPE)
         o = tl.dot(scores, v, input_precision=PRECISION)
@@ -439,8 +449,8 @@ def _chunk_value_grads_kernel(k_ptr, v_ptr, b_ptr, do_ptr, scores_ptr, state_gra
                               BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
                               DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """dv of one (chunk, head), dv = Aᵀ do + (k ⊙ e^{B − b}) dS (A: the scores the forward kept, dS: ∂L/∂S at the
-    chunk's end), value block by value block; and the scores' gradient dA = do vᵀ (causal, fp32) for
-    `_chunk_key_grads_kernel`."""
+    chunk's end), value block by value block; for vector decay also the scores' gradient dA = do vᵀ (causal, fp32)
+    for `_chunk_intra_grads_kernel` (the key-gradient kernel forms it itself for the other decays)."""
     chunk, head = tl.program_id(0), tl.program_id(1)
     seq, token0 = tl.load(chunk_seq_ptr + chunk), tl.load(chunk_token_ptr + chunk)
     eos = tl.load(cu_seqlens_ptr + seq + 1)
@@ -456,7 +466,8 @@ def _chunk_value_grads_kernel(k_ptr, v_ptr, b_ptr, do_ptr, scores_ptr, state_gra
         cv = value_block * BV + tl.arange(0, BV)
         v = _tile(v_ptr, token0, rows, row_mask, head, H, V, cv, cv < V).to(DOT_DTYPE)
         do = _tile(do_ptr, token0, rows, row_mask, head, H, V, cv, cv < V).to(DOT_DTYPE)
-        dA += tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if DECAY == 3:
+            dA += tl.dot(do, tl.trans(v), input_precision=PRECISION)
         dv = tl.dot(scores_t, do, input_precision=PRECISION)
         for key_block in range(tl.cdiv(K, BK)):
             ck = key_block * BK + tl.arange(0, BK)
@@ -467,7 +478,8 @@ def _chunk_value_grads_kernel(k_ptr, v_ptr, b_ptr, do_ptr, scores_ptr, state_gra
             dv += tl.dot((k * _to_end(b, total, DECAY == 3)).to(DOT_DTYPE), dstate, input_precision=PRECISION)
         tl.store(dv_ptr + ((token0 + rows[:, None]) * H + head) * V + cv[None, :], dv.to(dv_ptr.dtype.element_ty),
                  mask=row_mask[:, None] & (cv < V)[None, :])
-    tl.store(dA_ptr + (chunk * H + head) * C * C + i * C + j, tl.where(i >= j, dA, 0.0))
+    if DECAY == 3:
+        tl.store(dA_ptr + (chunk * H + head) * C * C + i * C + j, tl.where(i >= j, dA, 0.0))
 
 
 @triton.jit
@@ -573,7 +585,8 @@ def _chunk_key_grads_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, states_ptr, stat
                             C: tl.constexpr, DECAY: tl.constexpr, DECAY_GRAD: tl.constexpr, DOT_DTYPE: tl.constexpr,
                             PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr):
     """dq, dk and (DECAY_GRAD) d log λ of one (chunk, head, block of BK key channels), from the state S at the chunk's
-    start, ∂L/∂S at its end (dS) and dA (`_chunk_value_grads_kernel`): dq = e^{b} ⊙ (do Sᵀ) + intra,
+    start, ∂L/∂S at its end (dS) and dA = do vᵀ (vector decay: from `_chunk_value_grads_kernel`; the others form it
+    here, beside do Sᵀ, from the same tiles): dq = e^{b} ⊙ (do Sᵀ) + intra,
     dk = e^{B − b} ⊙ (v dSᵀ) + intra; the intra parts from `_chunk_intra_grads_kernel` (vector decay) or
     `_intra_grads`, then each token with itself (dA_ii, undecayed).
 
@@ -594,10 +607,12 @@ def _chunk_key_grads_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, states_ptr, stat
     ck = key_block * BK + tl.arange(0, BK)
     chunk_states_ptr = states_ptr + (chunk * H + head) * K * V
     chunk_grads_ptr = state_grads_ptr + (chunk * H + head) * K * V
-    chunk_dA_ptr = dA_ptr + (chunk * H + head) * C * C
     dq = tl.zeros((C, BK), dtype=tl.float32)
     dk_state = tl.zeros((C, BK), dtype=tl.float32)
     across = tl.zeros((BK,), dtype=tl.float32)
+    if not VECTOR:
+        dA = tl.zeros((C, C), dtype=tl.float32)
+        dA_t = tl.zeros((C, C), dtype=tl.float32)
     for value_block in range(tl.cdiv(V, BV)):
         cv = value_block * BV + tl.arange(0, BV)
         state_offsets = ck[:, None] * V + cv[None, :]
@@ -608,6 +623,9 @@ def _chunk_key_grads_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, states_ptr, stat
         dstate = tl.load(chunk_grads_ptr + state_offsets, mask=state_mask, other=0.0)
         dq += tl.dot(do, tl.trans(state.to(DOT_DTYPE)), input_precision=PRECISION)
         dk_state += tl.dot(v, tl.trans(dstate.to(DOT_DTYPE)), input_precision=PRECISION)
+        if not VECTOR:
+            dA += tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            dA_t += tl.dot(v, tl.trans(do), input_precision=PRECISION)
         if DECAY_GRAD:
             across += tl.sum(state.to(tl.float32) * dstate.to(tl.float32), axis=1)
     q_unscaled = _tile(q_ptr, token0, rows, row_mask, head, H, K, ck, ck < K)
@@ -619,11 +637,11 @@ def _chunk_key_grads_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, states_ptr, stat
     if VECTOR:
         dq_intra = tl.load(dq_intra_ptr + offsets, mask=mask, other=0.0)
         dk_intra = tl.load(dk_intra_ptr + offsets, mask=mask, other=0.0)
-        own = tl.load(chunk_dA_ptr + rows * (C + 1))[:, None]  # dA_ii: each token with itself, undecayed
+        own = tl.load(dA_ptr + (chunk * H + head) * C * C + rows * (C + 1))[:, None]  # dA_ii, undecayed
     else:
-        dA = tl.load(chunk_dA_ptr + i * C + j)
+        dA = tl.where(i >= j, dA, 0.0)
         decay = _pair_decay(b)
-        dq_intra, dk_intra = _intra_grads(q, k, b, decay, dA, tl.load(chunk_dA_ptr + j * C + i), GRAD_PRECISION)
+        dq_intra, dk_intra = _intra_grads(q, k, b, decay, dA, tl.where(i <= j, dA_t, 0.0), GRAD_PRECISION)
         own = tl.sum(tl.where(i == j, dA, 0.0), axis=1)[:, None]
     dq_state = dq * _row_decay(b, VECTOR)
     dk_state = dk_state * _to_end(b, total, VECTOR)
@@ -664,27 +682,18 @@ def _dot_settings(dtype):
 
 
 def _chunk_layout(cu_seqlens, batch, length, device):
-    """Packed-sequence bookkeeping: (cu_seqlens, per-sequence first chunk [N + 1], chunk -> sequence, chunk -> first
-    token). A regular batch needs no device-to-host copy, and its index tensors are made once per shape."""
+    """Chunk bookkeeping: (cu_seqlens, per-sequence first chunk [N + 1], chunk -> sequence, chunk -> first token),
+    with `_num_chunks` chunks. Made on the device without a device-to-host read; a regular batch's once per shape,
+    packed sequences' once per cu_seqlens tensor (every layer gets the model's one)."""
     if cu_seqlens is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return _make_regular_layout(batch, length, device)  # a graph's private memory is not for keeping
         return _regular_layout(batch, length, device)
-    # read to the host once per forward (every layer gets the model's one cu_seqlens), not once per layer
-    return per_tensor(cu_seqlens.to(device), _packed_layout)
-
-
-def _packed_layout(cu_seqlens):
-    """`_chunk_layout` of packed sequences (one device-to-host read)."""
-    device = cu_seqlens.device
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    counts = [cdiv(n, CHUNK) for n in lengths]
-    starts = cu_seqlens[:-1].tolist()
-    chunk_offsets = torch.tensor([0] + counts, dtype=torch.int64).cumsum(0).to(device=device, dtype=torch.int32)
-    chunk_seq = torch.tensor([s for s, count in enumerate(counts) for _ in range(count)], dtype=torch.int32)
-    chunk_token = torch.tensor([start + n * CHUNK for start, count in zip(starts, counts) for n in range(count)],
-                               dtype=torch.int32)
-    return cu_seqlens.to(torch.int32), chunk_offsets, chunk_seq.to(device), chunk_token.to(device)
+    cu_seqlens = cu_seqlens.to(device)
+    layout = per_tensor(cu_seqlens, functools.partial(_packed_chunk_layout, length=length))
+    if layout[2].numel() != _num_chunks(batch, length, cu_seqlens.numel() - 1, True):  # kept for another length
+        layout = _packed_chunk_layout(cu_seqlens, length)
+    return layout
 
 
 def _make_regular_layout(batch, length, device):
@@ -709,108 +718,232 @@ def _decay_kind(log_decay, key_dim):
     return {1: DECAY_STATIC, 3: DECAY_SCALAR, 4: DECAY_VECTOR}[log_decay.dim()]
 
 
-class _ChunkedRecurrence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, log_decay, initial_state, scale, cu_seqlens, output_final_state, keep):
-        batch, length, heads, key_dim = q.shape
-        value_dim = v.shape[-1]
-        decay = _decay_kind(log_decay, key_dim)
-        layout = _chunk_layout(cu_seqlens, batch, length, q.device)
-        num_sequences = layout[0].numel() - 1
-        q, k, v = (x.contiguous() for x in (q, k, v))
-        g = log_decay.float().contiguous() if log_decay is not None else q.new_zeros(1, dtype=torch.float32)
-        initial = initial_state.float().contiguous() if initial_state is not None else None
-        o = torch.empty_like(v)
-        b = _cumulative_decay(g, layout, decay, heads, key_dim)
-        states, final = _forward_states(k, v, b, initial, layout, decay, heads, key_dim, value_dim, num_sequences,
-                                        _longest_chunks(layout, batch, length), output_final_state)
-        dot_dtype, precision, _, _ = _dot_settings(q.dtype)
-        scores = states.new_empty(layout[2].numel() if keep else 0, heads, CHUNK, CHUNK)
-        block_k, block_v, launch = _launch("output", key_dim, value_dim)
-        _chunk_output_kernel[(layout[2].numel(), heads)](
-            q, k, v, b, states, o, scores, layout[0], layout[2], layout[3], scale, heads, key_dim, value_dim, block_k,
-            block_v, CHUNK, CHUNK_LEVELS, decay, keep, dot_dtype, precision, **launch)
-        # kept for the backward: the chunk states (one [chunks, H, K, V] tensor in the dot dtype instead of a second
-        # walk) and the scores ([chunks, H, C, C]); b is not (fp32 [T, H, K] for vector decay): the backward
-        # recomputes it from g
-        ctx.save_for_backward(q, k, v, g, initial, states, scores, *layout)
-        ctx.decay, ctx.scale, ctx.shape = decay, scale, (batch, length, heads, key_dim, value_dim, num_sequences)
-        ctx.log_decay_shape = None if log_decay is None else log_decay.shape
-        ctx.log_decay_dtype = None if log_decay is None else log_decay.dtype
-        ctx.initial_dtype = None if initial_state is None else initial_state.dtype
-        return o, final
+def _kept_dtype(dtype):
+    """dtype of the chunk states and scores the forward keeps for the backward: the dot operand dtype
+    (`_dot_settings`)."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
-    @staticmethod
-    def backward(ctx, do, final_grad):
-        q, k, v, g, initial, states, scores, *layout = ctx.saved_tensors
-        batch, length, heads, key_dim, value_dim, num_sequences = ctx.shape
-        decay, scale = ctx.decay, ctx.scale
-        needs_decay_grad = ctx.needs_input_grad[3] and decay != DECAY_NONE
-        max_chunks = _longest_chunks(layout, batch, length)
-        b = _cumulative_decay(g, layout, decay, heads, key_dim)
-        do = do.contiguous()
-        dot_dtype, precision, fp32_precision, exact_precision = _dot_settings(q.dtype)
-        state_grads = torch.empty_like(states)
-        initial_grad = (torch.empty(num_sequences, heads, key_dim, value_dim, device=q.device, dtype=torch.float32)
-                        if initial is not None else None)
-        final_grad = final_grad.float().contiguous() if final_grad is not None else None
-        block_k_split, block_v, launch = _launch("state_grads", key_dim, value_dim)
-        blocks = (cdiv(key_dim, block_k_split), cdiv(value_dim, block_v))
 
-        def state_grads_walk(walk, segments, segment_chunks, segment_state, segment_decay):
-            _chunk_state_grads_kernel[(*blocks, num_sequences * heads * segments)](
-                q, do, b, final_grad, state_grads, initial_grad, segment_state, segment_decay, layout[0], layout[1],
-                scale, segments, segment_chunks, heads, key_dim, value_dim, block_k_split, block_v, CHUNK, decay,
-                final_grad is not None, initial is not None, walk, dot_dtype, precision, **launch)
+def _num_chunks(batch, length, num_sequences, packed):
+    """Chunks of the layout, from shapes alone (so the fake implementations give the real shapes): B·⌈T/C⌉ for a
+    regular batch; for N packed sequences of T tokens in all the bound ⌊(T + (C − 1)·N) / C⌋ ≥ Σ ⌈n_i / C⌉ (each
+    sequence leaves under C rows of its last chunk empty), at most N − 1 more than needed, so that no count is read
+    from the device; the chunks past the sequences' own are spare and stay empty (`_packed_chunk_layout`)."""
+    if not packed:
+        return batch * cdiv(length, CHUNK)
+    return (length + (CHUNK - 1) * num_sequences) // CHUNK
 
-        _state_walk(state_grads_walk, blocks, block_k_split, block_v, num_sequences, heads, max_chunks, key_dim,
-                    value_dim, decay, final_grad, initial_grad, layout[0], q.device, reverse=True)
-        chunks = layout[2].numel()
-        dv = torch.empty_like(v)
-        dA = torch.empty(chunks, heads, CHUNK, CHUNK, device=q.device, dtype=torch.float32)
-        block_k, block_v, launch = _launch("value_grads", key_dim, value_dim)
-        _chunk_value_grads_kernel[(chunks, heads)](
-            k, v, b, do, scores, state_grads, dv, dA, layout[0], layout[2], layout[3], heads, key_dim, value_dim,
-            block_k, block_v, CHUNK, decay, dot_dtype, precision, **launch)
-        dq, dk = torch.empty_like(q), torch.empty_like(k)
-        vector = decay == DECAY_VECTOR
-        dq_intra = dk_intra = None
-        if vector:  # the chunks' own pairs by sub-chunks, at fp32 accuracy where d log λ is summed from them
-            dq_intra, dk_intra = (torch.empty(q.shape, device=q.device, dtype=torch.float32) for _ in range(2))
-            block_k, _, launch = _launch("intra_grads", key_dim, value_dim)
-            _chunk_intra_grads_kernel[(chunks * CHUNK // SUB_CHUNK, heads, cdiv(key_dim, block_k))](
-                q, k, b, dA, dq_intra, dk_intra, layout[0], layout[2], layout[3], scale, heads, key_dim, block_k,
-                CHUNK, SUB_CHUNK, SUB_CHUNK.bit_length() - 1, exact_precision if needs_decay_grad else fp32_precision,
-                **launch)
-        block_k, block_v, launch = _launch("key_grads", key_dim, value_dim, decay)
-        key_blocks = cdiv(key_dim, block_k)
-        d_log_decay = None
-        if needs_decay_grad:  # scalar and static decay: a partial sum per key block
-            d_log_decay = torch.empty(*(() if vector else (key_blocks,)), batch, length, heads,
-                                      *((key_dim,) if vector else ()), device=q.device, dtype=torch.float32)
-        _chunk_key_grads_kernel[(chunks, heads, key_blocks)](
-            q, k, v, b, do, states, state_grads, dA, dq_intra, dk_intra, dq, dk, d_log_decay, layout[0], layout[2],
-            layout[3], scale, batch * length, heads, key_dim, value_dim, block_k, block_v, CHUNK, decay,
-            needs_decay_grad, dot_dtype, precision, fp32_precision, **launch)
-        if d_log_decay is not None and not vector:
+
+def _spare_chunks(chunks, length, packed):
+    """How many of the layout's last chunks may be spare (no sequence's, `_num_chunks`): for packed sequences at most
+    chunks − ⌈T / C⌉, as Σ ⌈n_i / C⌉ ≥ ⌈T / C⌉; zeroed where kept or read, so that every value is a written one."""
+    return chunks - cdiv(length, CHUNK) if packed else 0
+
+
+def _packed_chunk_layout(cu_seqlens, length):
+    """`_chunk_layout` of packed sequences with `_num_chunks`' count of chunks, without a device-to-host read: each
+    sequence's chunks in order, then the spare ones, given to the last sequence past its end (every row masked)."""
+    num_sequences = cu_seqlens.numel() - 1
+    bounds = cu_seqlens.to(torch.int32)
+    counts = (bounds[1:] - bounds[:-1] + CHUNK - 1) // CHUNK
+    chunk_offsets = torch.nn.functional.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+    chunks = torch.arange(_num_chunks(1, length, num_sequences, True), device=bounds.device, dtype=torch.int32)
+    chunk_seq = torch.searchsorted(chunk_offsets[1:], chunks, right=True, out_int32=True)
+    chunk_seq = chunk_seq.clamp_(max=max(num_sequences - 1, 0))
+    chunk_token = (bounds[chunk_seq] + (chunks - chunk_offsets[chunk_seq]) * CHUNK).to(torch.int32)
+    return bounds, chunk_offsets, chunk_seq, chunk_token
+
+
+def _chunk_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor | None,
+                   initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None, scale: float,
+                   output_final_state: bool, keep: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                  torch.Tensor, torch.Tensor]:
+    """The chunked recurrence's forward (module docstring): (o, the final states [N, H, K, V] fp32 or, unless
+    `output_final_state`, an empty tensor, and for `_chunk_backward` the chunk states [chunks, H, K, V] in
+    `_kept_dtype`, and when `keep` the chunks' scores [chunks, H, C, C] in `_kept_dtype` and the cumulative log λ
+    (`_cumulative_decay`, fp32), else empty; chunks: `_num_chunks`)."""
+    batch, length, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    decay = _decay_kind(log_decay, key_dim)
+    layout = _chunk_layout(cu_seqlens, batch, length, q.device)
+    num_sequences = layout[0].numel() - 1
+    q, k, v = (x.contiguous() for x in (q, k, v))
+    g = log_decay.float().contiguous() if log_decay is not None else q.new_zeros(1, dtype=torch.float32)
+    initial = initial_state.float().contiguous() if initial_state is not None else None
+    o = v.new_empty(v.shape)
+    b = _cumulative_decay(g, layout, decay, heads, key_dim)
+    chunks = layout[2].numel()
+    states, final = _forward_states(k, v, b, initial, layout, decay, heads, key_dim, value_dim, num_sequences,
+                                    cdiv(length, CHUNK), output_final_state,
+                                    _spare_chunks(chunks, length, cu_seqlens is not None))
+    dot_dtype, precision, _, _ = _dot_settings(q.dtype)
+    scores = states.new_empty(chunks if keep else 0, heads, CHUNK, CHUNK)
+    block_k, block_v, launch = _launch("output", key_dim, value_dim, decay)
+    value_blocks = cdiv(value_dim, block_v) if decay == DECAY_VECTOR else 1  # value blocks per program
+    _chunk_output_kernel[(chunks, heads, cdiv(cdiv(value_dim, block_v), value_blocks))](
+        q, k, v, b, states, o, scores, layout[0], layout[2], layout[3], scale, heads, key_dim, value_dim, block_k,
+        block_v, CHUNK, CHUNK_LEVELS, decay, keep, dot_dtype, precision, value_blocks, **launch)
+    kept_decay = b if keep and decay != DECAY_NONE else g.new_empty(0)
+    return o, final if final is not None else g.new_empty(0), states, scores, kept_decay
+
+
+def _chunk_forward_fake(q, k, v, log_decay, initial_state, cu_seqlens, scale, output_final_state, keep):
+    batch, length, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    num_sequences = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    chunks = _num_chunks(batch, length, num_sequences, cu_seqlens is not None)
+    kept = _kept_dtype(q.dtype)
+    final = q.new_empty((num_sequences, heads, key_dim, value_dim) if output_final_state else (0,),
+                        dtype=torch.float32)
+    decay = _decay_kind(log_decay, key_dim)
+    kept_decay = q.new_empty((chunks, CHUNK, heads, *((key_dim,) if decay == DECAY_VECTOR else ()))
+                             if keep and decay != DECAY_NONE else (0,), dtype=torch.float32)
+    return (v.new_empty(v.shape), final, q.new_empty(chunks, heads, key_dim, value_dim, dtype=kept),
+            q.new_empty(chunks if keep else 0, heads, CHUNK, CHUNK, dtype=kept), kept_decay)
+
+
+def _chunk_backward(do: torch.Tensor, final_grad: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor, log_decay: torch.Tensor | None, initial_state: torch.Tensor | None,
+                    states: torch.Tensor, scores: torch.Tensor, kept_decay: torch.Tensor,
+                    cu_seqlens: torch.Tensor | None, scale: float, decay_grad: bool,
+                    initial_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The chunked recurrence's backward from `_chunk_forward`'s inputs, what it kept (chunk states, scores,
+    cumulative log λ) and the gradients of o and (or None) of the final states: (dq, dk, dv, d log λ, ∂L/∂S_0), each
+    in its input's shape and dtype; d log λ only when `decay_grad` and ∂L/∂S_0 only when `initial_grad`, else empty
+    tensors."""
+    batch, length, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    decay = _decay_kind(log_decay, key_dim)
+    layout = _chunk_layout(cu_seqlens, batch, length, q.device)
+    num_sequences = layout[0].numel() - 1
+    q, k, v, do = (x.contiguous() for x in (q, k, v, do))
+    needs_decay_grad = decay_grad and decay != DECAY_NONE
+    b = kept_decay if decay != DECAY_NONE else q.new_zeros(1, dtype=torch.float32)  # no kernel reads it then
+    dot_dtype, precision, fp32_precision, exact_precision = _dot_settings(q.dtype)
+    state_grads = torch.empty_like(states)
+    spare = _spare_chunks(states.shape[0], length, cu_seqlens is not None)
+    if spare > 0:
+        state_grads[-spare:].zero_()
+    initial_grad = (q.new_empty(num_sequences, heads, key_dim, value_dim, dtype=torch.float32)
+                    if initial_grad and initial_state is not None else None)
+    final_grad = final_grad.float().contiguous() if final_grad is not None else None
+    block_k_split, block_v, launch = _launch("state_grads", key_dim, value_dim)
+    blocks = (cdiv(key_dim, block_k_split), cdiv(value_dim, block_v))
+
+    def state_grads_walk(walk, segments, segment_chunks, segment_state, segment_decay):
+        _chunk_state_grads_kernel[(*blocks, num_sequences * heads * segments)](
+            q, do, b, final_grad, state_grads, initial_grad, segment_state, segment_decay, layout[0], layout[1],
+            scale, segments, segment_chunks, heads, key_dim, value_dim, block_k_split, block_v, CHUNK, decay,
+            final_grad is not None, initial_grad is not None, walk, dot_dtype, precision, **launch)
+
+    _state_walk(state_grads_walk, blocks, block_k_split, block_v, num_sequences, heads, cdiv(length, CHUNK), key_dim,
+                value_dim, decay, final_grad, initial_grad, layout[0], q.device, reverse=True)
+    chunks = layout[2].numel()
+    vector = decay == DECAY_VECTOR
+    dv = torch.empty_like(v)
+    # dA = do vᵀ: stored for vector decay's own-pair kernel; the key-gradient kernel forms it itself for the others
+    dA = q.new_empty(chunks, heads, CHUNK, CHUNK, dtype=torch.float32) if vector else None
+    block_k, block_v, launch = _launch("value_grads", key_dim, value_dim)
+    _chunk_value_grads_kernel[(chunks, heads)](
+        k, v, b, do, scores, state_grads, dv, dA, layout[0], layout[2], layout[3], heads, key_dim, value_dim,
+        block_k, block_v, CHUNK, decay, dot_dtype, precision, **launch)
+    dq, dk = torch.empty_like(q), torch.empty_like(k)
+    dq_intra = dk_intra = None
+    if vector:  # the chunks' own pairs by sub-chunks, at fp32 accuracy where d log λ is summed from them
+        dq_intra, dk_intra = (q.new_empty(q.shape, dtype=torch.float32) for _ in range(2))
+        block_k, _, launch = _launch("intra_grads", key_dim, value_dim)
+        _chunk_intra_grads_kernel[(chunks * CHUNK // SUB_CHUNK, heads, cdiv(key_dim, block_k))](
+            q, k, b, dA, dq_intra, dk_intra, layout[0], layout[2], layout[3], scale, heads, key_dim, block_k,
+            CHUNK, SUB_CHUNK, SUB_CHUNK.bit_length() - 1, exact_precision if needs_decay_grad else fp32_precision,
+            **launch)
+    block_k, block_v, launch = _launch("key_grads", key_dim, value_dim, decay)
+    key_blocks = cdiv(key_dim, block_k)
+    d_log_decay = None
+    if needs_decay_grad:  # scalar and static decay: a partial sum per key block
+        d_log_decay = q.new_empty(*(() if vector else (key_blocks,)), batch, length, heads,
+                                  *((key_dim,) if vector else ()), dtype=torch.float32)
+    _chunk_key_grads_kernel[(chunks, heads, key_blocks)](
+        q, k, v, b, do, states, state_grads, dA, dq_intra, dk_intra, dq, dk, d_log_decay, layout[0], layout[2],
+        layout[3], scale, batch * length, heads, key_dim, value_dim, block_k, block_v, CHUNK, decay,
+        needs_decay_grad, dot_dtype, precision, fp32_precision, **launch)
+    if d_log_decay is None:
+        d_log_decay = q.new_empty(0, dtype=log_decay.dtype if log_decay is not None else torch.float32)
+    else:
+        if not vector:
             d_log_decay = d_log_decay.sum(0)
-        initial_grad = initial_grad.to(ctx.initial_dtype) if initial_grad is not None else None
-        if d_log_decay is not None:
-            if decay == DECAY_STATIC:
-                d_log_decay = d_log_decay.sum((0, 1))
-            d_log_decay = d_log_decay.view(ctx.log_decay_shape).to(ctx.log_decay_dtype)
-        return dq, dk, dv, d_log_decay, initial_grad, None, None, None, None
+        if decay == DECAY_STATIC:
+            d_log_decay = d_log_decay.sum((0, 1))
+        d_log_decay = d_log_decay.view(log_decay.shape).to(log_decay.dtype)
+    initial_dtype = initial_state.dtype if initial_state is not None else torch.float32
+    initial_grad = initial_grad.to(initial_dtype) if initial_grad is not None else q.new_empty(0, dtype=initial_dtype)
+    return dq, dk, dv, d_log_decay, initial_grad
+
+
+def _chunk_backward_fake(do, final_grad, q, k, v, log_decay, initial_state, states, scores, kept_decay, cu_seqlens,
+                         scale, decay_grad, initial_grad):
+    with_decay_grad = decay_grad and log_decay is not None
+    with_initial_grad = initial_grad and initial_state is not None
+    d_log_decay = (log_decay.new_empty(log_decay.shape) if with_decay_grad
+                   else q.new_empty(0, dtype=log_decay.dtype if log_decay is not None else torch.float32))
+    initial_dtype = initial_state.dtype if initial_state is not None else torch.float32
+    initial_grad = q.new_empty(initial_state.shape if with_initial_grad else (0,), dtype=initial_dtype)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), d_log_decay, initial_grad
+
+
+chunk_forward = torch.library.custom_op(op_name("chunk_forward"), _chunk_forward, mutates_args=())
+chunk_forward.register_fake(_chunk_forward_fake)
+chunk_backward = torch.library.custom_op(op_name("chunk_backward"), _chunk_backward, mutates_args=())
+chunk_backward.register_fake(_chunk_backward_fake)
+
+
+def _save_for_backward(ctx, inputs, output):
+    """What the backward reads (the op's setup_context, and `_EagerChunkedRecurrence`'s): the inputs, the chunk
+    states (instead of a second walk), the scores and the cumulative log λ."""
+    q, k, v, log_decay, initial_state, cu_seqlens, scale, output_final_state, keep = inputs
+    _, _, states, scores, kept_decay = output
+    ctx.save_for_backward(q, k, v, log_decay, initial_state, states, scores, kept_decay, cu_seqlens)
+    ctx.mark_non_differentiable(states, scores, kept_decay)
+    ctx.set_materialize_grads(False)
+    ctx.scale, ctx.output_final_state = scale, output_final_state
+
+
+def _gradients(ctx, do, final_grad, backward):
+    """The inputs' gradients through `backward` (the op `chunk_backward`, or `_chunk_backward` itself in eager)."""
+    q, k, v, log_decay, initial_state, states, scores, kept_decay, cu_seqlens = ctx.saved_tensors
+    wants_decay_grad, wants_initial_grad = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+    if do is None:  # only the final states reach the loss
+        do = torch.zeros_like(v)
+    dq, dk, dv, d_log_decay, initial_grad = backward(
+        do, final_grad if ctx.output_final_state else None, q, k, v, log_decay, initial_state, states, scores,
+        kept_decay, cu_seqlens, ctx.scale, wants_decay_grad, wants_initial_grad)
+    return (dq, dk, dv, d_log_decay if wants_decay_grad else None, initial_grad if wants_initial_grad else None,
+            None, None, None, None)
+
+
+chunk_forward.register_autograd(lambda ctx, do, final_grad, *_: _gradients(ctx, do, final_grad, chunk_backward),
+                                setup_context=_save_for_backward)
+
+
+class _EagerChunkedRecurrence(torch.autograd.Function):
+    """The same forward and backward as the op, called directly: in eager mode the op's dispatch (schema binding,
+    fake-tensor plumbing) costs about 0.3 ms of host time per layer's forward + backward, and eager steps are
+    host-bound at small shapes; compiled and exported graphs take the op (`triton_chunked_recurrence`)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _chunk_forward(*inputs)
+        _save_for_backward(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, do, final_grad, *_):
+        return _gradients(ctx, do, final_grad, _chunk_backward)
 
 
 def _multiprocessors(device):
     """The GPU's SM count; under TRITON_INTERPRET (CPU tensors) 8, so that the CPU tests with one or two sequences
     and heads take the segmented paths meant for few programs (`_segment_plan`)."""
     return sm_count(device, cpu_value=8)
-
-
-def _longest_chunks(layout, batch, length):
-    """Chunks of the longest sequence; for packed sequences their total, a bound that needs no device sync."""
-    return cdiv(length, CHUNK) if layout[0].numel() - 1 == batch else layout[2].numel()
 
 
 def _segment_plan(programs, max_chunks, device):
@@ -863,7 +996,8 @@ def _key_block(key_dim):
 # in blocks of 64; the other kinds' at 4 warps, 1.62 ms (scalar) against 1.72 at 8.
 TUNING = {
     "states": dict(block_k=64, block_v=64, num_warps=8, num_stages=2),
-    "output": dict(block_k=128, block_v=64, num_warps=8, num_stages=2),
+    "output": dict(block_k=128, block_v=64, num_warps=4, num_stages=2),
+    "output_vector": dict(block_k=128, block_v=64, num_warps=8, num_stages=2),
     "state_grads": dict(block_k=64, block_v=64, num_warps=8, num_stages=2),
     "value_grads": dict(block_k=64, block_v=64, num_warps=8, num_stages=2),
     "intra_grads": dict(block_k=32, block_v=64, num_warps=4, num_stages=3),
@@ -897,13 +1031,15 @@ def _cumulative_decay(g, layout, decay, heads, key_dim):
 
 
 def _forward_states(k, v, b, initial, layout, decay, heads, key_dim, value_dim, num_sequences, max_chunks,
-                    output_final_state):
-    """States at every chunk start ([chunks, H, K, V], in the dot dtype) and the final states (fp32) or None
-    (`_state_walk`; max_chunks: `_longest_chunks`)."""
+                    output_final_state, spare=0):
+    """States at every chunk start ([chunks, H, K, V], in `_kept_dtype`) and the final states (fp32) or None
+    (`_state_walk`; max_chunks: a bound on a sequence's chunks, ⌈T / C⌉); the last `spare` chunks zeroed first
+    (`_spare_chunks`)."""
     cu_seqlens, chunk_offsets, chunk_seq, _ = layout
     dot_dtype, precision, _, _ = _dot_settings(k.dtype)
-    states = k.new_empty(chunk_seq.numel(), heads, key_dim, value_dim,
-                         dtype=torch.bfloat16 if dot_dtype == tl.bfloat16 else torch.float32)
+    states = k.new_empty(chunk_seq.numel(), heads, key_dim, value_dim, dtype=_kept_dtype(k.dtype))
+    if spare > 0:
+        states[-spare:].zero_()
     final = (k.new_empty(num_sequences, heads, key_dim, value_dim, dtype=torch.float32) if output_final_state
              else None)
     block_k, block_v, launch = _launch("states", key_dim, value_dim)
@@ -922,7 +1058,8 @@ def _forward_states(k, v, b, initial, layout, decay, heads, key_dim, value_dim, 
 
 def triton_chunked_recurrence(q, k, v, log_decay=None, scale=1.0, initial_state=None, output_final_state=False,
                               cu_seqlens=None):
-    """The chunked recurrence on the Triton kernels (module docstring); autograd to q, k, v, log λ, initial state."""
+    """The chunked recurrence on the Triton kernels (module docstring); autograd to q, k, v, log λ, initial state.
+    Under torch.compile / torch.export through the custom op `chunk_forward`, one node of their graphs."""
     if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
         raise ValueError(f"the Triton kernels take head dims up to {MAX_HEAD_DIM}; got K={q.shape[-1]}, "
                          f"V={v.shape[-1]}")
@@ -930,9 +1067,13 @@ def triton_chunked_recurrence(q, k, v, log_decay=None, scale=1.0, initial_state=
         raise ValueError(f"cu_seqlens needs the sequences packed into a batch of one; got batch {q.shape[0]}")
     keep = torch.is_grad_enabled() and any(x is not None and x.requires_grad
                                            for x in (q, k, v, log_decay, initial_state))  # the scores, for the backward
-    o, final = _ChunkedRecurrence.apply(q, k, v, log_decay, initial_state, float(scale), cu_seqlens,
-                                        output_final_state, keep)
-    return o, final
+    # the layouts the kernels read, made here: the op keeps these very tensors for its backward (no second copy)
+    q, k, v = (x.contiguous() for x in (q, k, v))
+    log_decay = log_decay.float().contiguous() if log_decay is not None else None
+    initial_state = initial_state.float().contiguous() if initial_state is not None else None
+    forward = chunk_forward if torch.compiler.is_compiling() else _EagerChunkedRecurrence.apply
+    o, final, *_ = forward(q, k, v, log_decay, initial_state, cu_seqlens, float(scale), output_final_state, keep)
+    return o, final if output_final_state else None
 
 
 __all__ = ["triton_chunked_recurrence"]

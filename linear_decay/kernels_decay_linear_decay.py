@@ -9,9 +9,9 @@ float dtype, log λ fp32. The units of this form say so (`DecayParameterization.
 ablations. Unfused, the unit runs a cast and four elementwise kernels forward and about eight backward (two of them
 column sums for c and b) on fp32 [B, T, D] tensors; here the forward reads z once and writes log λ, the backward reads
 z and ∂L/∂log λ once, writes ∂L/∂z in z's dtype and per-program column sums for c and b. On the H200 the 410m mamba2
-model's training step measured 154 ms without and 126 ms with it at 8×2048 (two calls, BENCHMARKS.md sixth session).
+model's training step measured 154 ms without and 126 ms with it at 8×2048 (two runs).
 gla and simple (logsigmoid, two or three elementwise kernels each) stay in PyTorch: fused the same way (−softplus(−x))
-they measured slower in two sessions' whole-model runs (BENCHMARKS.md sixth and seventh sessions). Their steps are
+they measured slower in two separate whole-model runs on the H200. Their steps are
 host-bound, and this autograd function (0.65–0.79 ms of host time per forward + backward call at 1×64 tokens on the
 H200 machines, benchmarks/host_overhead.py) costs more than the two or three torch ops it would replace; mamba2's
 twelve do not.

@@ -1,10 +1,10 @@
 """Host-side arithmetic shared by the kernel modules.
 
-Eager training steps of the 410m model are host-bound on the H200 machine (BENCHMARKS.md, sixth and seventh
-sessions), and these run tens of times per layer and step: `triton.cdiv` and `triton.next_power_of_2` are constexpr
-functions in Triton 3.5+ (each host call goes through their wrapper), and `torch.cuda.get_device_properties` is
+Eager training steps of the 410m model are host-bound on an H200 (benchmarks/host_overhead.py), and these run tens
+of times per layer and step: `triton.cdiv` and `triton.next_power_of_2` are constexpr functions in Triton 3.5+ (each
+host call goes through their wrapper), and `torch.cuda.get_device_properties` is
 looked up once per device here instead of per call; `per_tensor` keeps what the host derives from a tensor every layer
-receives. Plain torch, no Triton.
+receives; `op_name` names the kernels' custom ops. Plain torch, no Triton.
 """
 
 import functools
@@ -36,6 +36,17 @@ def sm_count(device, cpu_value):
     return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def op_name(name, namespace="linear_decay"):
+    """`namespace::name` for a `torch.library.custom_op`, or `name_2`, `name_3`, ... where that name is taken: an
+    operator is registered once per process, and a checkpoint's remote code (a copy of these modules under another
+    package) may be imported beside the installed package."""
+    taken, index = name, 1
+    while hasattr(getattr(torch.ops, namespace), taken):
+        index += 1
+        taken = f"{name}_{index}"
+    return f"{namespace}::{taken}"
+
+
 _PER_TENSOR = {}  # id(tensor) -> (weak reference, (tensor._version, inference mode), value)
 
 
@@ -58,4 +69,4 @@ def per_tensor(tensor, compute):
     return value
 
 
-__all__ = ["cdiv", "next_power_of_2", "per_tensor", "sm_count"]
+__all__ = ["cdiv", "next_power_of_2", "op_name", "per_tensor", "sm_count"]

@@ -1,6 +1,6 @@
 """A cheaper launch path for the model's Triton kernels (on by default with Triton 3.6; LINEAR_DECAY_FAST_LAUNCH=0: off).
 
-Eager training steps of the 410m models are host-bound on the H200 machine (BENCHMARKS.md, seventh session), and each
+Eager training steps of the 410m models are host-bound on an H200 (benchmarks/host_overhead.py), and each
 layer launches about 18 Triton kernels per forward + backward. `JITFunction[grid](*args)` re-derives the kernel's
 specialisation on every call (argument binding, the cache-key string, global-value checks, launch metadata): 24.7 µs
 per launch there, against 9.9 µs for the same kernel through its compiled launcher.
@@ -14,7 +14,7 @@ through Triton (compiling or loading, and launching); later calls launch directl
 path is kept for everything else: the interpreter, a callable grid, launch hooks (profilers), Triton versions other
 than 3.6 (the launcher's calling convention is Triton's private API), and LINEAR_DECAY_FAST_LAUNCH=0.
 
-Measured on the H200 (BENCHMARKS.md, eighth session): the GPU kernel tests pass on it (292 passed); a launch of the
+Measured on an H200 (benchmarks/host_overhead.py): the GPU kernel tests pass with it; a launch of the
 norm kernel costs 22.0 µs of host time against 25.9 µs through `JITFunction[grid]` (13.0 µs through the compiled
 kernel's own launcher), and one 410m block forward + backward with the backward on the calling thread 4,993 against
 5,438 µs (mamba2), 3,776 against 4,174 (gla), 4,318 against 4,697 (simple).

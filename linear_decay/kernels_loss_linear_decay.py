@@ -11,9 +11,9 @@ term) and keeps one fp32 number per row; the backward reads them once more and w
 (softmax − onehot) · ∂L/∂loss / divisor in the logits' dtype. The arithmetic is fp32 on the logits' values (the same
 numbers as the upcast), one rounding of the gradient to the logits' dtype (as the upcast's backward).
 
-Measured on the H200 together with the one-matmul input projections (modeling's `fused_projections`; BENCHMARKS.md,
-eighth session): the 410m models' training step at 1×16384 tokens went from 113–115 to 106–107 ms of device time,
-its peak memory down by 5.2–5.3 GiB.
+Measured on an H200 together with the one-matmul input projections (modeling's `fused_projections`,
+benchmarks/model.py --sections profile): the 410m models' training step at 1×16384 tokens went from 113–115 to 106–107
+ms of device time, its peak memory down by 5.2–5.3 GiB.
 
 Rows whose target is `ignore_index` count nothing and get a zero gradient. `divisor` is a device tensor (the number of
 labelled tokens, or the Trainer's num_items_in_batch), read by the kernels, so the loss makes no host-device

@@ -207,7 +207,7 @@ class GatedRMSNormFunction(torch.autograd.Function):
         return grad_o.view(shape), grad_gate.view(shape) if has_gate else None, grad_weight, None
 
 
-@torch.compiler.disable  # a compiled model calls the kernels eagerly (one graph break), as for the recurrence kernels
+@torch.compiler.disable  # a compiled model traces the torch form instead (see modeling's use_fused_kernels)
 def gated_rms_norm(o, gate_logits, weight, eps=1e-5):
     """RMSNorm(o ⊙ sigmoid(gate_logits)) · weight over the last dim, fused (DESIGN §1); see the module docstring."""
     return GatedRMSNormFunction.apply(o, gate_logits, weight, eps)

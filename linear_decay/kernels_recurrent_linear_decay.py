@@ -13,6 +13,8 @@ with two additions:
   `output_final_state=True`, the new state is written into it and that same tensor is returned as the final state.
   Any other initial state (another dtype or layout) is copied to fp32 first and the copy is returned. With
   `output_final_state=False` nothing is written and `initial_state` is left untouched.
+- The kernel runs as the custom op `linear_decay::recurrent_step` (state declared mutated, o returned), so
+  torch.compile and torch.export trace through it with no graph break; the in-place contract above holds there too.
 - Inference only: there is no backward. The caller routes calls that need gradients to the PyTorch path; a call with
   grad mode on and an input that requires grad raises `RuntimeError`.
 
@@ -32,7 +34,7 @@ except ImportError as error:  # CPU-only torch ships without Triton: the PyTorch
 
 import torch
 
-from .kernels_host_linear_decay import cdiv, next_power_of_2
+from .kernels_host_linear_decay import cdiv, next_power_of_2, op_name
 from .kernels_launch_linear_decay import fast_launch
 
 MAX_HEAD_DIM = 256
@@ -148,8 +150,47 @@ def _value_block(batch_heads, key_block, value_dim):
     return block
 
 
+def _recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor | None,
+                   state: torch.Tensor | None, scale: float, has_initial_state: bool,
+                   store_final_state: bool) -> torch.Tensor:
+    """The decoding kernel on T ≥ 1 tokens: returns o; `state` (fp32 contiguous [B, H, K, V]) is read when
+    `has_initial_state` and overwritten with the final state when `store_final_state` (declared mutated either way:
+    an op may not return its input, so the final state comes back through `state` itself)."""
+    batch, length, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    decay, decay_strides = _decay_kind(log_decay, batch, length, heads, key_dim)
+    o = v.new_empty(batch, length, heads, value_dim)
+    block_k = max(16, next_power_of_2(key_dim))
+    block_v = _value_block(batch * heads, block_k, value_dim)
+    grid = (batch * heads, cdiv(value_dim, block_v))
+    _fused_recurrent_kernel[grid](
+        q, k, v, log_decay, state, o,
+        length, heads, scale,
+        *q.stride(), *k.stride(), *v.stride(), *decay_strides, *o.stride()[:3],
+        DECAY=decay,
+        HAS_INITIAL_STATE=has_initial_state,
+        STORE_FINAL_STATE=store_final_state,
+        KEY_DIM=key_dim,
+        VALUE_DIM=value_dim,
+        BLOCK_K=block_k,
+        BLOCK_V=block_v,
+        num_warps=max(1, block_k * block_v // (32 * STATE_ELEMENTS_PER_THREAD)),
+    )
+    return o
+
+
+def _recurrent_step_fake(q, k, v, log_decay, state, scale, has_initial_state, store_final_state):
+    return v.new_empty(*q.shape[:3], v.shape[-1])
+
+
+recurrent_step = torch.library.custom_op(op_name("recurrent_step"), _recurrent_step, mutates_args=("state",))
+recurrent_step.register_fake(_recurrent_step_fake)
+
+
 def triton_fused_recurrent(q, k, v, log_decay=None, scale=1.0, initial_state=None, output_final_state=False):
-    """Decoding step on the GPU (DESIGN §1); see the module docstring for the contract and the in-place state."""
+    """Decoding step on the GPU (DESIGN §1); under torch.compile / torch.export through the custom op
+    `recurrent_step`, one node of their graphs; see the module docstring for the contract and the in-place state.
+    The checks read shapes, devices and flags only (no device value), so they hold under tracing too."""
     inputs = [t for t in (q, k, v, log_decay, initial_state) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         raise RuntimeError(
@@ -165,7 +206,7 @@ def triton_fused_recurrent(q, k, v, log_decay=None, scale=1.0, initial_state=Non
         raise ValueError(f"head dims K={key_dim}, V={value_dim}: the decoding kernel supports up to {MAX_HEAD_DIM}")
     if any(t.device != q.device for t in inputs):
         raise ValueError("q, k, v, log_decay and initial_state must be on one device")
-    decay, decay_strides = _decay_kind(log_decay, batch, length, heads, key_dim)
+    _decay_kind(log_decay, batch, length, heads, key_dim)  # raises on a log λ of no known shape
 
     state = None
     if initial_state is not None:
@@ -175,28 +216,12 @@ def triton_fused_recurrent(q, k, v, log_decay=None, scale=1.0, initial_state=Non
         state = initial_state.float().contiguous()  # itself when already fp32 contiguous: updated in place
     elif output_final_state:
         state = q.new_empty(batch, heads, key_dim, value_dim, dtype=torch.float32)  # every element is written
-    o = v.new_empty(batch, length, heads, value_dim)
     if batch * heads == 0 or length == 0:  # nothing to launch (an empty o may have no valid address)
         if state is not None and initial_state is None:
             state.zero_()
-        return o, state if output_final_state else None
-
-    block_k = max(16, next_power_of_2(key_dim))
-    block_v = _value_block(batch * heads, block_k, value_dim)
-    grid = (batch * heads, cdiv(value_dim, block_v))
-    _fused_recurrent_kernel[grid](
-        q, k, v, log_decay, state, o,
-        length, heads, float(scale),
-        *q.stride(), *k.stride(), *v.stride(), *decay_strides, *o.stride()[:3],
-        DECAY=decay,
-        HAS_INITIAL_STATE=initial_state is not None,
-        STORE_FINAL_STATE=output_final_state,
-        KEY_DIM=key_dim,
-        VALUE_DIM=value_dim,
-        BLOCK_K=block_k,
-        BLOCK_V=block_v,
-        num_warps=max(1, block_k * block_v // (32 * STATE_ELEMENTS_PER_THREAD)),
-    )
+        return v.new_empty(batch, length, heads, value_dim), state if output_final_state else None
+    step = recurrent_step if torch.compiler.is_compiling() else _recurrent_step  # eager: without the op's dispatch
+    o = step(q, k, v, log_decay, state, float(scale), initial_state is not None, output_final_state)
     return o, state if output_final_state else None
 
 

@@ -197,14 +197,14 @@ VARLEN_BACKENDS = set()  # backends that take cu_seqlens themselves; the others 
 try:  # the Triton kernels (GPU, or CPU tensors under TRITON_INTERPRET=1); absent with CPU-only torch
     from .kernels_chunk_linear_decay import triton_chunked_recurrence
 
-    BACKENDS["triton"] = torch.compiler.disable(triton_chunked_recurrence)  # compiled models call it eagerly
+    BACKENDS["triton"] = triton_chunked_recurrence  # custom ops: torch.compile / torch.export trace through them
     VARLEN_BACKENDS.add("triton")
 except ImportError:
     pass
 try:
     from .kernels_recurrent_linear_decay import triton_fused_recurrent
 
-    DECODE_BACKENDS["triton"] = torch.compiler.disable(triton_fused_recurrent)
+    DECODE_BACKENDS["triton"] = triton_fused_recurrent
 except ImportError:
     pass
 
@@ -232,10 +232,11 @@ def linear_decay_attention(q, k, v, log_decay=None, scale=1.0, initial_state=Non
     """Chunked training / prefill form on the selected backend. `cu_seqlens` (int32 [N + 1]): N sequences packed
     along T of a batch of one, with states [N, H, K, V]. `mask` ([B, T] bool, True = real token; the caller has
     already made padded positions leave the state untouched, DESIGN §1) lets a varlen backend drop the padding;
-    outputs at padded positions are then 0."""
+    outputs at padded positions are then 0. The packing is decided on the host, so torch.compile / torch.export
+    trace the padded batch as it is instead."""
     name = resolve_backend(q.device.type, backend)
     fn = BACKENDS[name]
-    if mask is not None and cu_seqlens is None and name in VARLEN_BACKENDS:
+    if mask is not None and cu_seqlens is None and name in VARLEN_BACKENDS and not torch.compiler.is_compiling():
         plan = per_tensor(mask, _packing_plan)  # once per forward: every layer gets the model's one mask
         if plan is not None:
             return _packed_by_mask(fn, q, k, v, log_decay, scale, initial_state, output_final_state, *plan)

@@ -4,6 +4,7 @@ nothing on CPU.)"""
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,8 @@ def test_model_benchmark_runs_every_row(tmp_path, capsys):
     assert load("model").main(["--device", "cpu", "--quick", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
     models = {"ours mamba2:vector", "ours gla:vector", "ours simple:scalar", "llama sdpa"}
-    assert {(r["section"], r["model"]) for r in rows} == {(s, m) for s in ("train", "generate") for m in models}
+    assert {(r["section"], r["model"]) for r in rows} == (
+        {(s, m) for s in ("train", "generate") for m in models} | {("generate", "llama static cache")})
     for row in rows:
         assert "error" not in row, row
         if row["section"] == "generate":
@@ -31,7 +33,8 @@ def test_model_benchmark_runs_every_row(tmp_path, capsys):
         else:
             assert row["tokens_per_s"] > 0 and row["params_M"] > 0
     printed = capsys.readouterr().out
-    assert printed.count("ours/llama") == 12  # 3 decays × (2 train shapes + 2 prompts)
+    assert len(re.findall(r"ours/llama \d", printed)) == 12  # 3 decays × (2 train shapes + 2 prompts)
+    assert printed.count("ours/llama static cache") == 6  # 3 decays × 2 prompts
 
 
 def test_model_benchmark_profile_and_overrides(tmp_path, monkeypatch):

@@ -12,8 +12,9 @@
   oracle.
 - `triton_fused_recurrent` (decoding) against the oracle, with its in-place state update.
 - The whole model: a small LinearDecayForCausalLM on CUDA with LINEAR_DECAY_BACKEND=triton against =torch (logits and
-  every parameter gradient, fp32 and bf16), cached decoding against a full forward, and `torch.compile(model)` forward
-  and backward against eager.
+  every parameter gradient, fp32 and bf16), cached decoding against a full forward, `torch.compile(model)` forward
+  and backward against eager, and `torch.compile(fullgraph=True)` (the kernels as custom ops: no graph break) of a
+  training step and a decoding step in bf16.
 
 Compile time dominates: run with `-n 8` (pytest-xdist) on the GPU machine, see the note above LENGTH_CASES.
 
@@ -24,6 +25,7 @@ Inputs are fresh per check (a seed derived from the test's parameters), generate
 every machine.
 """
 
+import copy
 import math
 import zlib
 
@@ -616,6 +618,48 @@ def test_torch_compile_matches_eager(dtype, backend):
     err = global_error(comp_grads, eager_grads)
     assert err <= grads_tol, f"compiled grads: relative error {err:.2e}"
     assert all(bool(torch.isfinite(g).all()) for g in comp_grads.values())
+
+
+@pytest.mark.parametrize("combo", [MODEL_COMBOS[0], MODEL_COMBOS[4]], ids=model_id)
+def test_fullgraph_compile_bf16(combo, backend):
+    """torch.compile(fullgraph=True) with Inductor in bf16, through the kernels' custom ops: the training step
+    (forward and backward, a left-padded row) and a cached one-token decoding step are each one graph
+    (`torch._dynamo.explain`: no graph break) and match eager. Bounds as test_torch_compile_matches_eager's bf16 ones
+    (3e-2 logits, 5e-2 gradients): the recurrence runs the same kernels, but Inductor fuses the norms, SwiGLU and the
+    decay's torch forms (eager runs the fused kernels) and rounds their intermediates to bf16 (unit 2^-8 ≈ 3.9e-3)
+    elsewhere, a few units per layer. The decoding step writes the cache's states in place, as eager does."""
+    backend("triton")
+    model = perturbed_model(model_config(combo), seed=seed_of("fullgraph", combo) % 2 ** 31).to(DEVICE, torch.bfloat16)
+    ids, mask, labels = model_batch(seed_of("fullgraph-batch", combo) % 2 ** 31, length=200)
+    eager_logits, eager_grads = logits_and_grads(model, ids, mask, labels)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+    comp_logits, comp_grads = logits_and_grads(torch.compile(model, fullgraph=True), ids, mask, labels)
+    comp_grads = {name.removeprefix("_orig_mod."): g for name, g in comp_grads.items()}
+    assert set(comp_grads) == set(eager_grads)
+    assert_close(comp_logits, eager_logits, 3e-2, "compiled logits (bf16)")
+    err = global_error(comp_grads, eager_grads)
+    assert err <= 5e-2, f"compiled grads (bf16): relative error {err:.2e}"
+
+    model.eval().config.decode_cuda_graphs = False  # eager: the plain step, not its CUDA graph
+    with torch.no_grad():
+        prefill = getattr(model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True), CACHE_FIELD)
+
+        def decoding_step(token, step_mask, cache):
+            return model(input_ids=token, attention_mask=step_mask, use_cache=True, **{CACHE_FIELD: cache}).logits
+
+        eager_cache, compiled_cache = copy.deepcopy(prefill), copy.deepcopy(prefill)
+        states = [layer.tensors["recurrent"] for layer in compiled_cache.layers]
+        eager_step = decoding_step(ids[:, -1:], mask, eager_cache)
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(decoding_step)(ids[:, -1:], mask, copy.deepcopy(prefill))
+        assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+        compiled_step = torch.compile(decoding_step, fullgraph=True)(ids[:, -1:], mask, compiled_cache)
+    assert_close(compiled_step.float(), eager_step.float(), 3e-2, "compiled decoding step (bf16)")
+    assert all(a is b for a, b in zip((layer.tensors["recurrent"] for layer in compiled_cache.layers), states))
+    for actual, expected in zip(compiled_cache.state_tensors(), eager_cache.state_tensors(), strict=True):
+        assert_close(actual.float(), expected.float(), 3e-2, "compiled decoding step's states (bf16)")
 
 
 @pytest.mark.parametrize("combo", [MODEL_COMBOS[0], MODEL_COMBOS[2], MODEL_COMBOS[4]], ids=model_id)

@@ -118,18 +118,18 @@ def test_packed_documents_refuse_a_cache_and_leave_padded_positions_alone():
 
 @pytest.mark.parametrize("source", ["padding", "documents"])
 def test_packing_is_read_to_the_host_once_per_forward(monkeypatch, source):
-    """On the varlen (Triton) backend the packing plan of a padded batch and the chunk layout of packed sequences are
-    derived on the host once per forward and backward, not once per layer: the count of ops that read a device value
-    to the host does not grow with the depth, and the layout (read with `tolist`, which CPU tensors do without such an
-    op) is built once."""
+    """On the varlen (Triton) backend the packing plan of a padded batch is derived on the host, and the chunk layout
+    of packed sequences on the device, once per forward and backward, not once per layer: the count of ops that read
+    a device value to the host does not grow with the depth, and the layout is built once."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     import linear_decay.kernels_chunk_linear_decay as kernels
 
     monkeypatch.setenv("LINEAR_DECAY_BACKEND", "triton")
     layouts = []
-    build = kernels._packed_layout
-    monkeypatch.setattr(kernels, "_packed_layout", lambda cu_seqlens: layouts.append(1) or build(cu_seqlens))
+    build = kernels._packed_chunk_layout
+    monkeypatch.setattr(kernels, "_packed_chunk_layout",
+                        lambda cu_seqlens, length: layouts.append(1) or build(cu_seqlens, length))
 
     class CountReads(TorchDispatchMode):
         reads = 0
