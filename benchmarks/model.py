@@ -14,6 +14,9 @@ Sections (`--sections`, default all):
             prefill of `--prefill-chunk` tokens (0: one prefill call); the Llama with its default (dynamic) cache and
             with `cache_implementation="static"` (its decoding step compiled; `--llama-caches`). `--fit-batch`
             halves the batch where a model runs out of memory and runs every model at the batch that fits.
+  decode    our models' one-token decoding step at batch 16 after a 2048-token prompt: median ms per step (50 steps)
+            against its memory floor (the weights read once, the recurrent states read and written, at the device's
+            measured copy bandwidth).
   profile   one training step of each model at the first training shape under torch.profiler (after the warm-up
             steps): the operators / kernels with the most device time, the table that says where a step's time goes.
   cold      time from a cold process (empty Triton cache) to the end of the first training step: runs
@@ -247,6 +250,69 @@ def section_generate(args, rows):
                 print(f"[generate] {row}", flush=True)
 
 
+def copy_bandwidth(device):
+    """Bytes per second the device moves in a copy of 1 GiB (its read and its write counted): the rate the decoding
+    step's memory floor is taken at."""
+    source = torch.empty(2 ** 28 if device == "cuda" else 2 ** 22, dtype=torch.float32, device=device)
+    target = torch.empty_like(source)
+    for _ in range(3):
+        target.copy_(source)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        target.copy_(source)
+    synchronize(device)
+    return 2 * source.numel() * source.element_size() * 10 / (time.perf_counter() - start)
+
+
+def section_decode(args, rows):
+    """Our models' one-token decoding step at `--generate-batch`-sized batches after a prompt of the first prompt
+    length: the median time of a step (the model's own step, a CUDA graph replay where config.decode_cuda_graphs),
+    against its memory floor, the bytes a step must move at the measured copy bandwidth: every weight read once but
+    the input embedding (only the batch's rows are gathered), and every recurrent state read and written."""
+    from linear_decay.modeling_linear_decay import CACHE_FIELD
+
+    bandwidth = copy_bandwidth(args.device)
+    prompt, batch = args.prompts[0], args.generate_batch
+    for name, builder in models(args):
+        if name.startswith("llama"):
+            continue
+        row = dict(section="decode", model=name, batch=batch, prompt=prompt, bandwidth_GBps=bandwidth / 1e9)
+        model = None
+        try:
+            reset_memory(args.device)
+            model = on_device(builder, args.device, args.dtype).eval()
+            generator = torch.Generator().manual_seed(2)
+            ids = torch.randint(0, args.vocab, (batch, prompt), generator=generator).to(args.device)
+            with torch.no_grad():
+                out = model(input_ids=ids, use_cache=True)
+                cache, token = getattr(out, CACHE_FIELD), out.logits[:, -1:].argmax(-1)
+                times = []
+                for index in range(args.warmup + args.decode_steps):
+                    synchronize(args.device)
+                    start = time.perf_counter()
+                    out = model(input_ids=token, use_cache=True, **{CACHE_FIELD: cache})
+                    synchronize(args.device)
+                    if index >= args.warmup:
+                        times.append(time.perf_counter() - start)
+                    cache, token = getattr(out, CACHE_FIELD), out.logits[:, -1:].argmax(-1)
+            embedding = model.get_input_embeddings().weight
+            weights = sum(p.numel() * p.element_size() for p in model.parameters() if p is not embedding)
+            if model.get_output_embeddings().weight is embedding:  # tied: the head reads it whole
+                weights += embedding.numel() * embedding.element_size()
+            states = sum(t.numel() * t.element_size() for t in cache.state_tensors())
+            floor = (weights + 2 * states) / bandwidth
+            step = statistics.median(times)
+            row.update(step_ms=step * 1e3, floor_ms=floor * 1e3, step_over_floor=step / floor,
+                       weight_GB=weights / 1e9, state_GB=states / 1e9)
+        except Exception as error:  # noqa: BLE001
+            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            traceback.print_exc()
+        del model
+        rows.append(row)
+        print(f"[decode] {row}", flush=True)
+
+
 def section_cold(args, rows):
     """bench_kernels.py's model section: a child process with an empty Triton cache, model creation to the end of
     the first forward+backward (with the Triton backend), per decay."""
@@ -300,6 +366,12 @@ def print_table(args, rows):
                       if ref and ours else "")
             print(f"generate {row['model']:22s} B={row['batch']:<3d} prompt={row['prompt']:<6d} "
                   f"{value(row, 'new_tokens_per_s', ',.1f')} new tokens/s{peak(row)}{ratio}")
+        elif row["section"] == "decode":
+            floor = "" if "error" in row else (f"  floor {row['floor_ms']:.3f} ms ({row['weight_GB']:.2f} GB weights, "
+                                               f"{row['state_GB']:.3f} GB states at {row['bandwidth_GBps']:,.0f} GB/s)"
+                                               f"  step / floor {row['step_over_floor']:.1f}×")
+            print(f"decode   {row['model']:22s} B={row['batch']:<3d} prompt={row['prompt']:<6d} "
+                  f"{value(row, 'step_ms', '.3f')} ms per step{floor}")
         elif row["section"] == "cold":
             print(f"cold     {row['model']:22s} create → end of first step "
                   f"{value(row, 'create_to_first_step_end_s', '.1f')} s (process {row['process_s']:.1f} s)")
@@ -318,7 +390,7 @@ def _number(text):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="train,generate,cold")
+    parser.add_argument("--sections", default="train,generate,decode,cold")
     parser.add_argument("--preset", default="410m")
     parser.add_argument("--decays", default=DEFAULT_DECAYS, help="decay_type[:granularity], comma separated")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
@@ -352,13 +424,13 @@ def parse_args(argv):
     args.overrides = {key: _number(value) for key, _, value in
                       (item.partition("=") for item in args.ours_overrides.split(",") if item)}
     args.train_shapes, args.prompts = [(8, 2048), (1, 16384)], [2048, 32768]
-    args.generate_batch, args.new_tokens, args.warmup, args.steps = 16, 128, 2, 5
+    args.generate_batch, args.new_tokens, args.warmup, args.steps, args.decode_steps = 16, 128, 2, 5, 50
     args.profile_rows = 30
     if args.quick:
         args.preset, args.vocab = "tiny", 512
         args.overrides = dict(hidden_size=64, num_hidden_layers=2, num_heads=2, **args.overrides)
         args.train_shapes, args.prompts = [(2, 64), (1, 130)], [16, 40]
-        args.generate_batch, args.new_tokens, args.warmup, args.steps = 2, 4, 1, 2
+        args.generate_batch, args.new_tokens, args.warmup, args.steps, args.decode_steps = 2, 4, 1, 2, 3
         args.prefill_chunk = min(args.prefill_chunk, 16)
     if args.train_shapes_text:
         args.train_shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.train_shapes_text.split(",")]
@@ -377,8 +449,8 @@ def main(argv=None):
     # thread-local: this thread's backward calls, for every model alike; the previous setting is restored after
     with torch.autograd.set_multithreading_enabled(not args.single_thread_backward):
         for section in args.sections.split(","):
-            {"train": section_train, "generate": section_generate, "profile": section_profile,
-             "cold": section_cold}[section](args, rows)
+            {"train": section_train, "generate": section_generate, "decode": section_decode,
+             "profile": section_profile, "cold": section_cold}[section](args, rows)
     print_table(args, rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

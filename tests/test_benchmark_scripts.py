@@ -25,11 +25,14 @@ def test_model_benchmark_runs_every_row(tmp_path, capsys):
     rows = json.loads(out.read_text())
     models = {"ours mamba2:vector", "ours gla:vector", "ours simple:scalar", "llama sdpa"}
     assert {(r["section"], r["model"]) for r in rows} == (
-        {(s, m) for s in ("train", "generate") for m in models} | {("generate", "llama static cache")})
+        {(s, m) for s in ("train", "generate") for m in models} | {("generate", "llama static cache")}
+        | {("decode", m) for m in models if not m.startswith("llama")})
     for row in rows:
         assert "error" not in row, row
         if row["section"] == "generate":
             assert row["generated"] == row["new_tokens"] == 4  # exactly the asked number of new tokens
+        elif row["section"] == "decode":
+            assert row["step_ms"] > 0 and row["floor_ms"] > 0 and row["state_GB"] > 0
         else:
             assert row["tokens_per_s"] > 0 and row["params_M"] > 0
     printed = capsys.readouterr().out
