@@ -407,6 +407,9 @@ def parse_args(argv):
     parser.add_argument("--train-shapes", dest="train_shapes_text",
                         help="BxT of the train section, comma separated (default 8x2048,1x16384; --quick: 2x64,1x130); "
                              "the profile section takes the first")
+    parser.add_argument("--prompts", dest="prompts_text",
+                        help="prompt lengths of the generate section, comma separated (default 2048,32768); the decode "
+                             "section takes the first")
     parser.add_argument("--no-llama", action="store_true", help="our models only (no reference row, no ratios)")
     parser.add_argument("--single-thread-backward", action="store_true",
                         help="every model's backward on the calling thread (torch.autograd.set_multithreading_enabled"
@@ -434,6 +437,8 @@ def parse_args(argv):
         args.prefill_chunk = min(args.prefill_chunk, 16)
     if args.train_shapes_text:
         args.train_shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.train_shapes_text.split(",")]
+    if args.prompts_text:
+        args.prompts = [int(n) for n in args.prompts_text.split(",")]
     if args.device == "cpu":
         args.sections = ",".join(s for s in args.sections.split(",") if s != "cold")
     return args

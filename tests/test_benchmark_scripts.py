@@ -40,6 +40,17 @@ def test_model_benchmark_runs_every_row(tmp_path, capsys):
     assert printed.count("ours/llama static cache") == 6  # 3 decays × 2 prompts
 
 
+def test_model_benchmark_prompt_lengths(tmp_path):
+    """--prompts sets the generate section's prompt lengths, and the decode section's prompt is the first."""
+    out = tmp_path / "rows.json"
+    assert load("model").main(["--device", "cpu", "--quick", "--sections", "generate,decode", "--decays",
+                               "simple:scalar", "--prompts", "24", "--llama-caches", "dynamic", "--json",
+                               str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert sorted((r["section"], r["model"], r["prompt"]) for r in rows) == [
+        ("decode", "ours simple:scalar", 24), ("generate", "llama sdpa", 24), ("generate", "ours simple:scalar", 24)]
+
+
 def test_model_benchmark_profile_and_overrides(tmp_path, monkeypatch):
     """--sections profile: one step per model under the profiler, its top operators recorded; --ours-overrides
     reaches our models' configs (here the chunked loss, seen by the model's loss function being called)."""
