@@ -2,6 +2,7 @@
 
     python benchmarks/bench_decay_strengths.py precision [--kinds vector,scalar,static]
     python benchmarks/bench_decay_strengths.py speed [--kinds vector,static] [--strengths mild,u6,u20]
+        [--grads accumulate|fresh] [--impls ours,fla]
 
 Inputs (bf16): q, k = silu(randn), v = randn, scale K^-1/2, a random bf16 output cotangent, no initial or final state;
 log λ in fp32 by strength (vector [B, T, H, K], scalar [B, T, H]):
@@ -138,13 +139,16 @@ def speed(args, impls):
                     def forward_backward():
                         fn(kind, *xs, scale).backward(do)
 
+                    fresh = dict(grad_to_none=[x for x in xs if x.requires_grad]) if args.grads == "fresh" else {}
+
                     try:
                         torch.cuda.synchronize()
                         torch.cuda.reset_peak_memory_stats()
                         base = torch.cuda.memory_allocated()
                         forward = triton.testing.do_bench(lambda: fn(kind, *xs, scale), warmup=25, rep=100,
                                                           return_mode="median")
-                        both = triton.testing.do_bench(forward_backward, warmup=25, rep=100, return_mode="median")
+                        both = triton.testing.do_bench(forward_backward, warmup=25, rep=100, return_mode="median",
+                                                       **fresh)
                         peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
                         row[name] = [round(forward, 3), round(both, 3), round(peak)]
                     except Exception as error:  # noqa: BLE001
@@ -158,7 +162,8 @@ def speed(args, impls):
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             o.backward(torch.ones_like(o))
 
-        ms = triton.testing.do_bench(sdpa, warmup=25, rep=100, return_mode="median")
+        fresh = dict(grad_to_none=[q, k, v]) if args.grads == "fresh" else {}
+        ms = triton.testing.do_bench(sdpa, warmup=25, rep=100, return_mode="median", **fresh)
         print("sdpa", json.dumps({"shape": [batch, length, heads, dim], "fwd+bwd ms": round(ms, 3)}), flush=True)
 
 
@@ -167,11 +172,16 @@ def main(argv=None):
     parser.add_argument("section", choices=("precision", "speed"))
     parser.add_argument("--kinds", default="vector,scalar,static")
     parser.add_argument("--strengths", default=",".join(STRENGTHS))
+    parser.add_argument("--impls", default="ours,fla", help="which of ours, fla to run")
+    parser.add_argument("--grads", default="accumulate", choices=("accumulate", "fresh"),
+                        help="speed: each timed backward adds into the inputs' .grad (accumulate), or starts from "
+                             ".grad = None as after zero_grad(set_to_none=True) in a training step (fresh)")
     args = parser.parse_args(argv)
     args.kinds, args.strengths = args.kinds.split(","), args.strengths.split(",")
     if not torch.cuda.is_available():
         sys.exit("bench_decay_strengths.py needs a CUDA GPU")
-    (precision if args.section == "precision" else speed)(args, implementations())
+    impls = {name: fn for name, fn in implementations().items() if name in args.impls.split(",")}
+    (precision if args.section == "precision" else speed)(args, impls)
 
 
 if __name__ == "__main__":

@@ -827,7 +827,7 @@ def _chunk_backward(do: torch.Tensor, final_grad: torch.Tensor | None, q: torch.
     initial_grad = (q.new_empty(num_sequences, heads, key_dim, value_dim, dtype=torch.float32)
                     if initial_grad and initial_state is not None else None)
     final_grad = final_grad.float().contiguous() if final_grad is not None else None
-    block_k_split, block_v, launch = _launch("state_grads", key_dim, value_dim)
+    block_k_split, block_v, launch = _launch("state_grads", key_dim, value_dim, decay)
     blocks = (cdiv(key_dim, block_k_split), cdiv(value_dim, block_v))
 
     def state_grads_walk(walk, segments, segment_chunks, segment_state, segment_decay):
@@ -990,15 +990,19 @@ def _key_block(key_dim):
 
 # Launch settings per kernel (and, where vector decay differs, per kernel for vector decay): key and value blocks
 # (capped by the head dims; the state walks and the gradient kernels split the key dim over programs, the output and
-# value-gradient kernels loop over its blocks), warps, pipeline stages. Measured on an H100 (BENCHMARKS.md): vector
-# decay's own-pair gradients in sub-chunks × 32 channels at 4 warps, 3.63 ms forward+backward at 8×2048×16×128
-# against 3.71 at 64 channels and 8 warps; its key gradients in blocks of 32 channels at 8 warps, 3.63 against 3.72
-# in blocks of 64; the other kinds' at 4 warps, 1.62 ms (scalar) against 1.72 at 8.
+# value-gradient kernels loop over its blocks), warps, pipeline stages. Chosen by sweeps on an H100 at the three
+# shapes of BENCHMARKS.md's kernel table: e.g. the scalar / static state walks at 4 warps and 3 stages, 0.76 ms
+# forward at 2×16384×16×128 against 0.88 at 8 warps and 2 stages (vector decay's walks stay at 8 warps, 2 stages: 1.05
+# against 1.09 ms at 8×2048×16×128); vector decay's output at 3 stages, 0.94 ms forward against 1.05 at 2; its
+# own-pair gradients in sub-chunks × 32 channels at 4 warps, 3.63 ms forward+backward against 3.71 at 64 channels and
+# 8 warps.
 TUNING = {
-    "states": dict(block_k=64, block_v=64, num_warps=8, num_stages=2),
+    "states": dict(block_k=64, block_v=64, num_warps=4, num_stages=3),
+    "states_vector": dict(block_k=64, block_v=64, num_warps=8, num_stages=2),
     "output": dict(block_k=128, block_v=64, num_warps=4, num_stages=2),
-    "output_vector": dict(block_k=128, block_v=64, num_warps=8, num_stages=2),
-    "state_grads": dict(block_k=64, block_v=64, num_warps=8, num_stages=2),
+    "output_vector": dict(block_k=128, block_v=64, num_warps=8, num_stages=3),
+    "state_grads": dict(block_k=64, block_v=64, num_warps=4, num_stages=3),
+    "state_grads_vector": dict(block_k=64, block_v=64, num_warps=8, num_stages=2),
     "value_grads": dict(block_k=64, block_v=64, num_warps=8, num_stages=2),
     "intra_grads": dict(block_k=32, block_v=64, num_warps=4, num_stages=3),
     "key_grads": dict(block_k=64, block_v=64, num_warps=4, num_stages=2),
@@ -1042,7 +1046,7 @@ def _forward_states(k, v, b, initial, layout, decay, heads, key_dim, value_dim, 
         states[-spare:].zero_()
     final = (k.new_empty(num_sequences, heads, key_dim, value_dim, dtype=torch.float32) if output_final_state
              else None)
-    block_k, block_v, launch = _launch("states", key_dim, value_dim)
+    block_k, block_v, launch = _launch("states", key_dim, value_dim, decay)
     blocks = (cdiv(key_dim, block_k), cdiv(value_dim, block_v))
 
     def states_walk(walk, segments, segment_chunks, segment_state, segment_decay):

@@ -329,10 +329,12 @@ def test_forced_segment_lengths(segment_chunks, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["vector", "scalar"])
 def test_key_blocks(kind, monkeypatch):
-    """The output and gradient kernels take the key dim in blocks (TUNING's block_k): K = 40 in blocks of 16, the
-    last one ragged, gives the oracle's outputs and gradients."""
-    for kernel in ("output", "value_grads", "intra_grads", "key_grads", "key_grads_vector"):
-        monkeypatch.setitem(kernels.TUNING, kernel, {**kernels.TUNING[kernel], "block_k": 16, "whole_key_dim_to": 0})
+    """Every kernel takes the key and value dims in blocks (TUNING's block_k and block_v: the walks split them over
+    programs, the others loop over them or spread them over programs): K = 40 and V = 24 in blocks of 16, the last
+    ones ragged, give the oracle's outputs and gradients."""
+    for kernel in kernels.TUNING:
+        monkeypatch.setitem(kernels.TUNING, kernel, {**kernels.TUNING[kernel], "block_k": 16, "block_v": 16,
+                                                     "whole_key_dim_to": 0})
     inputs = make_inputs(kind, 2, CHUNK + 29, 2, 40, 24, seed=23)
     assert kernels._launch("key_grads", 40, 24, kernels.DECAY_VECTOR)[0] == 16
     actual = outputs_and_grads(triton_chunked_recurrence, inputs, scale=0.5)

@@ -254,7 +254,7 @@ def test_chunk_state_flags(flags, kind):
     compare_to_oracle(inputs, torch.bfloat16)
 
 
-# Value blocks of 16 and 32 (V = 128: eight or four blocks) in the output and gradient kernels, every kind and dtype,
+# Value blocks of 16 and 32 (V = 128: eight or four blocks) in every kernel, every kind and dtype,
 # at several chunks with mixed decays.
 @pytest.mark.parametrize("block_v", [16, 32])
 @pytest.mark.parametrize("dtype", list(DIMS_FOR_DTYPE), ids=DTYPE_NAME.get)
@@ -262,7 +262,7 @@ def test_chunk_state_flags(flags, kind):
 def test_chunk_value_blocks_match_oracle(kind, dtype, block_v, monkeypatch):
     from linear_decay import kernels_chunk_linear_decay as kernels
 
-    for kernel in ("output", "value_grads", "key_grads", "key_grads_vector"):
+    for kernel in kernels.TUNING:
         monkeypatch.setitem(kernels.TUNING, kernel, {**kernels.TUNING[kernel], "block_v": block_v})
     key_dim, value_dim = DIMS_FOR_DTYPE[dtype]
     gen = cpu_generator("value-blocks", kind, str(dtype), block_v)
