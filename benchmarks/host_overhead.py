@@ -6,13 +6,10 @@ ms of the GPU finishing it). This measures each piece at a tiny shape (1×64 tok
 synchronisation at the end ("wall µs"), and the time until the host had issued them ("issued µs"; equal to the wall
 time when the piece is host-bound).
 
-Rows: single torch ops and Triton launches (through `JITFunction[grid]`, the compiled kernel's own launcher and our
-direct path, kernels_launch_linear_decay), each fused piece forward (+ backward), one 410m block per decay and
-transformers' Llama decoder layer forward + backward — each block also with its backward on the calling thread
-(`torch.autograd.set_multithreading_enabled(False)`) instead of autograd's CUDA worker thread, and our blocks so with
-the direct launch path — then cProfile of the blocks' forwards. Every row but those named "fast launch" launches our
-kernels through Triton's own path (as LINEAR_DECAY_FAST_LAUNCH=0), so that the rows compare with Triton's own
-launcher. `--block-profile` adds the host time inside each of our autograd functions per block and torch.profiler's
+Rows: single torch ops and Triton launches (through `JITFunction[grid]` and the compiled kernel's own launcher), each
+fused piece forward (+ backward), one 410m block per decay and transformers' Llama decoder layer forward + backward —
+each block also with its backward on the calling thread (`torch.autograd.set_multithreading_enabled(False)`) instead
+of autograd's CUDA worker thread — then cProfile of the blocks' forwards. `--block-profile` adds the host time inside each of our autograd functions per block and torch.profiler's
 CPU table. `--device cpu --quick` is a smoke run of the code paths (the kernels under TRITON_INTERPRET=1).
 
     PYTHONPATH=. python3 benchmarks/host_overhead.py [--calls 300] [--block-profile] [--json host.json]
@@ -25,7 +22,6 @@ import time
 import torch
 import torch.nn.functional as F
 
-import linear_decay.kernels_launch_linear_decay as launch
 from linear_decay.kernels_chunk_linear_decay import triton_chunked_recurrence
 from linear_decay.kernels_decay_linear_decay import softplus_decay
 from linear_decay.kernels_norm_linear_decay import _gated_rms_norm_forward_kernel, _launch_options, rms_norm
@@ -61,17 +57,6 @@ def with_backward(fn, leaves, grad_out):
         out.backward(grad_out)
         for leaf in leaves:
             leaf.grad = None
-    return run
-
-
-def with_fast_launch(fn):
-    """fn with the kernels' direct launch path on (kernels_launch_linear_decay; main() turns it off for the rest)."""
-    def run():
-        previous, launch.FAST_LAUNCH = launch.FAST_LAUNCH, True
-        try:
-            return fn()
-        finally:
-            launch.FAST_LAUNCH = previous
     return run
 
 
@@ -127,15 +112,13 @@ def launch_cases(x, norm_weight, hidden):
     norm_args = (rows, rows, norm_weight, y, rstd, hidden, 1e-5, rows.stride(0), rows.stride(0), y.stride(0))
     norm_kwargs = dict(NORMALISED_DTYPE=_TORCH_TO_TRITON[x.dtype], HAS_GATE=False, **_launch_options(hidden))
     grid = (rows.shape[0], 1, 1)
-    jit = _gated_rms_norm_forward_kernel.kernel  # the JITFunction inside the FastLaunch wrapper
+    jit = _gated_rms_norm_forward_kernel
     runner = jit[grid](*norm_args, **norm_kwargs)[grid]
     all_args = [*norm_args, *(norm_kwargs[name] for name in jit.arg_names[len(norm_args):])]
     yield "get_device_properties().multi_processor_count", (
         lambda: torch.cuda.get_device_properties(x.device).multi_processor_count)
     yield "Triton norm kernel: JITFunction[grid](...)", lambda: jit[grid](*norm_args, **norm_kwargs)
     yield "Triton norm kernel: CompiledKernel[grid](...)", lambda: runner(*all_args)
-    yield "Triton norm kernel: FastLaunch (kernels_launch)", with_fast_launch(
-        lambda: _gated_rms_norm_forward_kernel[grid](*norm_args, **norm_kwargs))
 
 
 def block_cases(device, tokens, hidden, heads, head_dim, mlp):
@@ -252,12 +235,7 @@ def main(argv=None):
                         help="also the host time inside our autograd functions and torch.profiler's CPU table "
                              "per block")
     args = parser.parse_args(argv)
-    layer = QUICK_LAYER if args.quick else LAYER
-    previous, launch.FAST_LAUNCH = launch.FAST_LAUNCH, False  # Triton's path but in the "fast launch" rows (docstring)
-    try:
-        return measure(args, layer)
-    finally:
-        launch.FAST_LAUNCH = previous
+    return measure(args, QUICK_LAYER if args.quick else LAYER)
 
 
 def measure(args, layer):
@@ -273,14 +251,11 @@ def measure(args, layer):
         wall, issued = timed(fn, args.calls)
         rows.append(dict(piece=name, wall_us=round(wall, 1), issued_us=round(issued, 1)))
         print(f"{name:<50} {wall:9.1f} {issued:10.1f}")
-        variants = [(", caller-thread backward", fn)]
-        if name.startswith("block"):
-            variants.append((", caller thread, fast launch", with_fast_launch(fn)))
         with torch.autograd.set_multithreading_enabled(False):  # the backward on this thread
-            for variant, run in variants:
-                wall, issued = timed(run, args.calls)
-                rows.append(dict(piece=name + variant, wall_us=round(wall, 1), issued_us=round(issued, 1)))
-                print(f"{name + variant:<50} {wall:9.1f} {issued:10.1f}")
+            wall, issued = timed(fn, args.calls)
+        piece = name + ", caller-thread backward"
+        rows.append(dict(piece=piece, wall_us=round(wall, 1), issued_us=round(issued, 1)))
+        print(f"{piece:<50} {wall:9.1f} {issued:10.1f}")
         if forward is not None:
             wall, issued = timed(forward, args.calls)  # with grad: the graph is built, then dropped
             rows.append(dict(piece=name.replace("fwd+bwd", "forward"), wall_us=round(wall, 1),

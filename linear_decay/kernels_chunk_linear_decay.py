@@ -45,7 +45,6 @@ import functools
 import torch
 
 from .kernels_host_linear_decay import cdiv, next_power_of_2, op_name, per_tensor, sm_count
-from .kernels_launch_linear_decay import fast_launch
 
 try:
     import triton
@@ -196,7 +195,6 @@ def _intra_scores(q, k, b, b_ptr, chunk, head, H: tl.constexpr, K: tl.constexpr,
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@fast_launch
 @triton.jit
 def _cumulative_decay_kernel(g_ptr, b_ptr, cu_seqlens_ptr, chunk_seq_ptr, chunk_token_ptr, H: tl.constexpr,
                              K: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr):
@@ -214,7 +212,6 @@ def _cumulative_decay_kernel(g_ptr, b_ptr, cu_seqlens_ptr, chunk_seq_ptr, chunk_
         tl.store(b_ptr + (chunk * C + rows) * H + head, b)
 
 
-@fast_launch
 @triton.jit
 def _chunk_states_kernel(k_ptr, v_ptr, b_ptr, initial_ptr, states_ptr, final_ptr, segment_state_ptr,
                          segment_decay_ptr, cu_seqlens_ptr, chunk_offsets_ptr, segments, segment_chunks,
@@ -302,7 +299,6 @@ def _store_segment(segment_state_ptr, segment_decay_ptr, program, state, state_o
         tl.store(segment_decay_ptr + program + tl.arange(0, 1), decay_sum)
 
 
-@fast_launch
 @triton.jit
 def _combine_segments_kernel(segment_state_ptr, segment_decay_ptr, start_ptr, end_ptr, cu_seqlens_ptr, segments,
                              segment_chunks, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
@@ -342,7 +338,6 @@ def _combine_segments_kernel(segment_state_ptr, segment_decay_ptr, start_ptr, en
 
 
 
-@fast_launch
 @triton.jit
 def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, states_ptr, o_ptr, scores_ptr, cu_seqlens_ptr, chunk_seq_ptr,
                          chunk_token_ptr, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
@@ -390,7 +385,6 @@ def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, states_ptr, o_ptr, scores_p
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@fast_launch
 @triton.jit
 def _chunk_state_grads_kernel(q_ptr, do_ptr, b_ptr, final_grad_ptr, state_grads_ptr, initial_grad_ptr,
                               segment_state_ptr, segment_decay_ptr, cu_seqlens_ptr, chunk_offsets_ptr, scale, segments,
@@ -442,7 +436,6 @@ def _chunk_state_grads_kernel(q_ptr, do_ptr, b_ptr, final_grad_ptr, state_grads_
 
 
 
-@fast_launch
 @triton.jit
 def _chunk_value_grads_kernel(k_ptr, v_ptr, b_ptr, do_ptr, scores_ptr, state_grads_ptr, dv_ptr, dA_ptr, cu_seqlens_ptr,
                               chunk_seq_ptr, chunk_token_ptr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
@@ -517,7 +510,6 @@ def _straddling_pairs(q, k, decay, dA, scale, DOT_DTYPE: tl.constexpr, PRECISION
     return tl.sum(tl.where(i >= j, before, 0.0), axis=0)  # [r]: Σ_{t ≥ r}
 
 
-@fast_launch
 @triton.jit
 def _chunk_intra_grads_kernel(q_ptr, k_ptr, b_ptr, dA_ptr, dq_ptr, dk_ptr, cu_seqlens_ptr, chunk_seq_ptr,
                               chunk_token_ptr, scale, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
@@ -577,7 +569,6 @@ def _chunk_intra_grads_kernel(q_ptr, k_ptr, b_ptr, dA_ptr, dq_ptr, dk_ptr, cu_se
     tl.store(dk_ptr + offsets, dk, mask=mask)
 
 
-@fast_launch
 @triton.jit
 def _chunk_key_grads_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, states_ptr, state_grads_ptr, dA_ptr, dq_intra_ptr,
                             dk_intra_ptr, dq_ptr, dk_ptr, dg_ptr, cu_seqlens_ptr, chunk_seq_ptr, chunk_token_ptr, scale,

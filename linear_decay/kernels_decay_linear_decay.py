@@ -28,7 +28,6 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .kernels_host_linear_decay import cdiv, next_power_of_2, sm_count
-from .kernels_launch_linear_decay import fast_launch
 
 TILE = 2048  # elements of one [rows, channels] tile: 16 per thread at 4 warps (71-116 registers on sm_90, no spills)
 PROGRAMS_PER_SM = 4  # backward: programs that loop over rows, each writing one partial column sum per parameter
@@ -66,7 +65,6 @@ def _channel_values(ptr, width, BLOCK_W: tl.constexpr, PRESENT: tl.constexpr):
     return tl.full((BLOCK_W,), 1.0, tl.float32)
 
 
-@fast_launch
 @triton.jit
 def _softplus_decay_forward_kernel(z_ptr, coefficient_ptr, bias_ptr, log_decay_ptr, rows, width,
                                    HAS_COEFFICIENT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
@@ -77,7 +75,6 @@ def _softplus_decay_forward_kernel(z_ptr, coefficient_ptr, bias_ptr, log_decay_p
     tl.store(log_decay_ptr + offsets, -coefficient[None, :] * _softplus(x), mask=mask)
 
 
-@fast_launch
 @triton.jit
 def _softplus_decay_backward_kernel(z_ptr, coefficient_ptr, bias_ptr, grad_ptr, grad_z_ptr, coefficient_partial_ptr,
                                     bias_partial_ptr, rows, width, rows_per_program,

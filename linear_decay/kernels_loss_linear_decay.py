@@ -30,12 +30,10 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .kernels_host_linear_decay import next_power_of_2
-from .kernels_launch_linear_decay import fast_launch
 
 BLOCK = 4096  # logits of one row per loop step (16 per thread at 8 warps)
 
 
-@fast_launch
 @triton.jit
 def _cross_entropy_forward_kernel(logits_ptr, targets_ptr, log_norm_ptr, row_loss_ptr, vocab, row_stride,
                                   ignore_index, BLOCK: tl.constexpr):
@@ -60,7 +58,6 @@ def _cross_entropy_forward_kernel(logits_ptr, targets_ptr, log_norm_ptr, row_los
     tl.store(row_loss_ptr + row, tl.where(labelled, log_norm - target_logit, 0.0))
 
 
-@fast_launch
 @triton.jit
 def _cross_entropy_backward_kernel(logits_ptr, targets_ptr, log_norm_ptr, grad_loss_ptr, divisor_ptr, grad_ptr,
                                    vocab, row_stride, grad_row_stride, ignore_index, BLOCK: tl.constexpr):

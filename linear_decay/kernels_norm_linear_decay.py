@@ -27,7 +27,6 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .kernels_host_linear_decay import cdiv, next_power_of_2, sm_count
-from .kernels_launch_linear_decay import fast_launch
 
 MAX_HIDDEN_SIZE = 65536  # one row sits in one program's registers / local memory
 # Backward programs on the GPU (a few per SM: enough parallelism, few weight-gradient partials to sum).
@@ -47,7 +46,6 @@ def gated_rms_norm_reference(o, gate_logits, weight, eps=1e-5):
     return weight * normalised.to(dtype)
 
 
-@fast_launch
 @triton.jit
 def _gated_rms_norm_forward_kernel(
     o_ptr, gate_ptr, weight_ptr, y_ptr, rstd_ptr,
@@ -76,7 +74,6 @@ def _gated_rms_norm_forward_kernel(
     tl.store(rstd_ptr + row, rstd)
 
 
-@fast_launch
 @triton.jit
 def _gated_rms_norm_backward_kernel(
     o_ptr, gate_ptr, weight_ptr, rstd_ptr, grad_y_ptr,

@@ -35,7 +35,6 @@ except ImportError as error:  # CPU-only torch ships without Triton: the PyTorch
 import torch
 
 from .kernels_host_linear_decay import cdiv, next_power_of_2, op_name
-from .kernels_launch_linear_decay import fast_launch
 
 MAX_HEAD_DIM = 256
 # fp32 state elements one program keeps in registers, 32 per thread (K=128 -> BV=64 at 8 warps: 64 registers a
@@ -46,7 +45,6 @@ STATE_ELEMENTS_PER_THREAD = 32
 MIN_PROGRAMS = 256
 
 
-@fast_launch
 @triton.jit
 def _fused_recurrent_kernel(
     q_ptr, k_ptr, v_ptr, log_decay_ptr, state_ptr, o_ptr,

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .kernels_host_linear_decay import cdiv
-from .kernels_launch_linear_decay import fast_launch
 
 BLOCK = 1024  # elements per program
 
@@ -29,7 +28,6 @@ def swiglu_reference(gate, up):
     return F.silu(gate) * up
 
 
-@fast_launch
 @triton.jit
 def _swiglu_forward_kernel(gate_ptr, up_ptr, y_ptr, n, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -39,7 +37,6 @@ def _swiglu_forward_kernel(gate_ptr, up_ptr, y_ptr, n, BLOCK: tl.constexpr):
     tl.store(y_ptr + offsets, (gate * tl.sigmoid(gate) * up).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@fast_launch
 @triton.jit
 def _swiglu_backward_kernel(gate_ptr, up_ptr, grad_y_ptr, grad_gate_ptr, grad_up_ptr, n, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)

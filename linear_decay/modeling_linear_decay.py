@@ -27,7 +27,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .configuration_linear_decay import DESIGN_FIELDS, DESIGN_METADATA_KEY, LinearDecayConfig
 from .decay_linear_decay import DECAY_REGISTRY, DecayParameterization
-from .recurrence_linear_decay import linear_decay_attention, recurrent_step
+from .recurrence_linear_decay import linear_decay_attention, recurrent_step, resolve_backend
 
 try:  # the fused (gated) RMSNorm, SwiGLU, decay and loss (Triton); CPU-only torch has no Triton and keeps the torch code
     from .kernels_decay_linear_decay import softplus_decay
@@ -46,13 +46,12 @@ def _outside(ids, low, high):
 
 
 def use_fused_kernels(x):
-    """Whether the fused norm, SwiGLU and decay kernels run on `x`: the recurrence's backend rule (`resolve_backend`) —
-    auto: on CUDA tensors, triton: always (CPU tensors run in Triton's interpreter), torch / naive: never. Under
-    torch.compile the torch code is traced instead (Inductor fuses it; the kernels would be graph breaks)."""
+    """Whether the fused norm, SwiGLU and decay kernels run on `x`: where the recurrence runs on the Triton kernels
+    (`resolve_backend`: auto on CUDA tensors; triton always, CPU tensors in Triton's interpreter). Under torch.compile
+    the torch code is traced instead (Inductor fuses it)."""
     if gated_rms_norm is None or torch.compiler.is_compiling():
         return False
-    backend = os.environ.get("LINEAR_DECAY_BACKEND", "auto")
-    return backend == "triton" or (backend == "auto" and x.is_cuda)
+    return resolve_backend(x.device.type) == "triton"
 
 # transformers renamed `past_key_values` to `cache` in 5.2x; read both, return the one the installed version uses.
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"

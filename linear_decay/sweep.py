@@ -339,9 +339,11 @@ def run_environment(device):
     one GPU they are a share of it, not a speed benchmark)."""
     import transformers
 
+    from .recurrence_linear_decay import resolve_backend
+
     return {"torch": torch.__version__, "transformers": transformers.__version__,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "backend": os.environ.get("LINEAR_DECAY_BACKEND", "auto")}
+            "backend": resolve_backend(device.type)}
 
 
 # ---------------------------------------------------------------- summaries

@@ -104,8 +104,7 @@ def test_model_benchmark_backward_thread_switch(tmp_path):
 
 def test_host_overhead_benchmark_runs_on_cpu(tmp_path):
     """benchmarks/host_overhead.py's pieces, blocks and profiles (the kernels under the interpreter): every row timed,
-    each block also with the calling-thread backward (ours also with the direct launch path, which the interpreter
-    leaves to Triton), and the autograd functions unwrapped after --block-profile."""
+    each block also with the calling-thread backward, and the autograd functions unwrapped after --block-profile."""
     from linear_decay.kernels_norm_linear_decay import GatedRMSNormFunction
 
     forward, backward = GatedRMSNormFunction.forward, GatedRMSNormFunction.backward
@@ -116,7 +115,6 @@ def test_host_overhead_benchmark_runs_on_cpu(tmp_path):
     assert all(row["wall_us"] > 0 and row["issued_us"] > 0 for row in rows)
     for block in ("block mamba2:vector fwd+bwd", "block simple:scalar fwd+bwd", "Llama decoder layer fwd+bwd"):
         assert block in pieces and block + ", caller-thread backward" in pieces
-        assert (block + ", caller thread, fast launch" in pieces) == block.startswith("block")
     assert "recurrence vector fwd+bwd" in pieces and "softplus_decay fwd+bwd" in pieces
     assert (GatedRMSNormFunction.forward, GatedRMSNormFunction.backward) == (forward, backward)
 

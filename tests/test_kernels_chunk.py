@@ -217,6 +217,22 @@ def test_dispatch(monkeypatch):
     assert relative_error(o_torch, expected) <= TOLERANCE and relative_error(o_triton, expected) <= TOLERANCE
 
 
+def test_fused_kernels_follow_the_backend(monkeypatch):
+    """The fused norm / SwiGLU / decay / loss kernels run exactly where the recurrence runs on the Triton kernels: the
+    one backend rule, and a misspelt override is an error, not a silent fallback."""
+    from linear_decay.modeling_linear_decay import use_fused_kernels
+
+    x = torch.zeros(2)
+    monkeypatch.delenv("LINEAR_DECAY_BACKEND", raising=False)
+    assert not use_fused_kernels(x)
+    for backend, expected in (("triton", True), ("torch", False), ("naive", False), ("auto", False)):
+        monkeypatch.setenv("LINEAR_DECAY_BACKEND", backend)
+        assert use_fused_kernels(x) is expected
+    monkeypatch.setenv("LINEAR_DECAY_BACKEND", "tritn")
+    with pytest.raises(ValueError, match="allowed: torch, triton, naive, auto"):
+        use_fused_kernels(x)
+
+
 @pytest.mark.parametrize("decay_type,granularity", [("mamba2", "vector"), ("gla", "scalar"), ("tnl", "scalar")])
 def test_whole_model_on_the_kernels(monkeypatch, decay_type, granularity):
     """A tiny model on LINEAR_DECAY_BACKEND=triton against the naive oracle: logits and every parameter gradient."""
