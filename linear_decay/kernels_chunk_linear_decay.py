@@ -57,7 +57,7 @@ CHUNK_LEVELS = CHUNK.bit_length() - 1  # vector decay: the halvings of a chunk i
 SUB_CHUNK = 16  # vector decay's backward: the rows of a chunk per program of `_chunk_intra_grads_kernel`
 MAX_HEAD_DIM = 256
 
-DECAY_NONE, DECAY_STATIC, DECAY_SCALAR, DECAY_VECTOR = 0, 1, 2, 3
+DECAY_NONE, DECAY_STATIC, DECAY_SCALAR, DECAY_VECTOR = "none", "static", "scalar", "vector"  # the kernels' DECAY
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -70,12 +70,12 @@ def _load_log_decay(g_ptr, token0, rows, row_mask, head, H: tl.constexpr, K: tl.
                     DECAY: tl.constexpr):
     """log λ of `rows` (token offsets from token0) at key channels `cols` as fp32: [R, len(cols)] for vector decay,
     [R] otherwise; 0 where masked."""
-    if DECAY == 3:
+    if DECAY == "vector":
         ptrs = g_ptr + ((token0 + rows[:, None]) * H + head) * K + cols[None, :]
         return tl.load(ptrs, mask=row_mask[:, None] & (cols[None, :] < K), other=0.0).to(tl.float32)
-    elif DECAY == 2:
+    elif DECAY == "scalar":
         return tl.load(g_ptr + (token0 + rows) * H + head, mask=row_mask, other=0.0).to(tl.float32)
-    elif DECAY == 1:
+    elif DECAY == "static":
         gamma = tl.load(g_ptr + head).to(tl.float32)
         return tl.where(row_mask, gamma, 0.0)
     else:
@@ -88,11 +88,11 @@ def _chunk_decay(b_ptr, chunk, head, H: tl.constexpr, K: tl.constexpr, cols, C: 
     for vector decay, [C] otherwise, and its last row ([len(cols)] or a scalar). Loaded, not scanned: the state walks
     go through the chunks one after another, so a scan per chunk would sit on their critical path."""
     rows = tl.arange(0, C)
-    if DECAY == 3:
+    if DECAY == "vector":
         base = b_ptr + (chunk * C * H + head) * K  # row r at base + r·H·K
         b = tl.load(base + rows[:, None] * H * K + cols[None, :], mask=(cols < K)[None, :], other=0.0)
         return b, tl.load(base + (C - 1) * H * K + cols, mask=cols < K, other=0.0)
-    elif DECAY == 0:
+    elif DECAY == "none":
         b = tl.zeros((C,), dtype=tl.float32)
         return b, tl.sum(b, axis=0)
     else:
@@ -176,7 +176,7 @@ def _intra_scores(q, k, b, b_ptr, chunk, head, H: tl.constexpr, K: tl.constexpr,
     middle row into two factors ≤ 1, one dot per level. Each token with itself has no decay: Σ_c q_ic k_ic."""
     i = tl.arange(0, C)[:, None]
     j = tl.arange(0, C)[None, :]
-    if DECAY == 3:
+    if DECAY == "vector":
         rows = tl.arange(0, C)
         scores = tl.where(i == j, tl.sum(q * k, axis=1)[:, None], 0.0)
         for level in tl.static_range(LEVELS):
@@ -206,7 +206,7 @@ def _cumulative_decay_kernel(g_ptr, b_ptr, cu_seqlens_ptr, chunk_seq_ptr, chunk_
     rows = tl.arange(0, C)
     ck = tl.arange(0, BK)
     b = tl.cumsum(_load_log_decay(g_ptr, token0, rows, token0 + rows < eos, head, H, K, ck, DECAY), axis=0)
-    if DECAY == 3:
+    if DECAY == "vector":
         tl.store(b_ptr + ((chunk * C + rows[:, None]) * H + head) * K + ck[None, :], b, mask=(ck < K)[None, :])
     else:
         tl.store(b_ptr + (chunk * C + rows) * H + head, b)
@@ -229,7 +229,7 @@ def _chunk_states_kernel(k_ptr, v_ptr, b_ptr, initial_ptr, states_ptr, final_ptr
     seq, head = seq_head // H, seq_head % H
     bos, eos = tl.load(cu_seqlens_ptr + seq), tl.load(cu_seqlens_ptr + seq + 1)
     first_chunk = tl.load(chunk_offsets_ptr + seq)
-    VECTOR: tl.constexpr = DECAY == 3
+    VECTOR: tl.constexpr = DECAY == "vector"
     ck = k_block * BK + tl.arange(0, BK)  # key channels evolve independently: split over programs
     cv = v_block * BV + tl.arange(0, BV)
     state_offsets = ck[:, None] * V + cv[None, :]
@@ -375,7 +375,7 @@ def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, states_ptr, o_ptr, scores_p
             b, _ = _chunk_decay(b_ptr, chunk, head, H, K, ck, C, DECAY)
             state = tl.load(chunk_states_ptr + ck[:, None] * V + cv[None, :],
                             mask=(ck < K)[:, None] & (cv < V)[None, :], other=0.0).to(DOT_DTYPE)
-            o += tl.dot((q * _row_decay(b, DECAY == 3)).to(DOT_DTYPE), state, input_precision=PRECISION)
+            o += tl.dot((q * _row_decay(b, DECAY == "vector")).to(DOT_DTYPE), state, input_precision=PRECISION)
         tl.store(o_ptr + ((token0 + rows[:, None]) * H + head) * V + cv[None, :], o.to(o_ptr.dtype.element_ty),
                  mask=row_mask[:, None] & (cv < V)[None, :])
 
@@ -399,7 +399,7 @@ def _chunk_state_grads_kernel(q_ptr, do_ptr, b_ptr, final_grad_ptr, state_grads_
     seq, head = seq_head // H, seq_head % H
     bos, eos = tl.load(cu_seqlens_ptr + seq), tl.load(cu_seqlens_ptr + seq + 1)
     first_chunk = tl.load(chunk_offsets_ptr + seq)
-    VECTOR: tl.constexpr = DECAY == 3
+    VECTOR: tl.constexpr = DECAY == "vector"
     ck = k_block * BK + tl.arange(0, BK)  # key channels evolve independently: split over programs
     cv = v_block * BV + tl.arange(0, BV)
     state_offsets = ck[:, None] * V + cv[None, :]
@@ -459,7 +459,7 @@ def _chunk_value_grads_kernel(k_ptr, v_ptr, b_ptr, do_ptr, scores_ptr, state_gra
         cv = value_block * BV + tl.arange(0, BV)
         v = _tile(v_ptr, token0, rows, row_mask, head, H, V, cv, cv < V).to(DOT_DTYPE)
         do = _tile(do_ptr, token0, rows, row_mask, head, H, V, cv, cv < V).to(DOT_DTYPE)
-        if DECAY == 3:
+        if DECAY == "vector":
             dA += tl.dot(do, tl.trans(v), input_precision=PRECISION)
         dv = tl.dot(scores_t, do, input_precision=PRECISION)
         for key_block in range(tl.cdiv(K, BK)):
@@ -468,10 +468,10 @@ def _chunk_value_grads_kernel(k_ptr, v_ptr, b_ptr, do_ptr, scores_ptr, state_gra
             b, total = _chunk_decay(b_ptr, chunk, head, H, K, ck, C, DECAY)
             dstate = tl.load(chunk_grads_ptr + ck[:, None] * V + cv[None, :],
                              mask=(ck < K)[:, None] & (cv < V)[None, :], other=0.0).to(DOT_DTYPE)
-            dv += tl.dot((k * _to_end(b, total, DECAY == 3)).to(DOT_DTYPE), dstate, input_precision=PRECISION)
+            dv += tl.dot((k * _to_end(b, total, DECAY == "vector")).to(DOT_DTYPE), dstate, input_precision=PRECISION)
         tl.store(dv_ptr + ((token0 + rows[:, None]) * H + head) * V + cv[None, :], dv.to(dv_ptr.dtype.element_ty),
                  mask=row_mask[:, None] & (cv < V)[None, :])
-    if DECAY == 3:
+    if DECAY == "vector":
         tl.store(dA_ptr + (chunk * H + head) * C * C + i * C + j, tl.where(i >= j, dA, 0.0))
 
 
@@ -590,7 +590,7 @@ def _chunk_key_grads_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, states_ptr, stat
     chunk, head, key_block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq, token0 = tl.load(chunk_seq_ptr + chunk), tl.load(chunk_token_ptr + chunk)
     eos = tl.load(cu_seqlens_ptr + seq + 1)
-    VECTOR: tl.constexpr = DECAY == 3
+    VECTOR: tl.constexpr = DECAY == "vector"
     rows = tl.arange(0, C)
     i = rows[:, None]
     j = rows[None, :]
