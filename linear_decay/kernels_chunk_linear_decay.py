@@ -12,7 +12,8 @@ Algorithm (per head; b = cumulative log λ within a chunk of CHUNK tokens, fp32;
 
 - `_cumulative_decay_kernel`: b of every chunk, chunk-major, read by every later kernel (kept for the backward).
 - `_chunk_states_kernel`: walks each sequence in chunks and stores the state at every chunk start
-  (S ← e^{B} ⊙ S + (k ⊙ e^{B − b})ᵀ v, B the chunk's total log-decay), kept for the backward. With few sequences
+  (S ← e^{B} ⊙ S + (k ⊙ e^{B − b})ᵀ v, B the chunk's total log-decay), kept for the backward (in the dot operand
+  dtype, or fp32 where scalar or static decay's d log λ will be summed from them: `_state_dtype`). With few sequences
   × heads the walks (this one and the state gradients') go through segments of a sequence in parallel
   (`_segment_plan`): each segment from zero, `_combine_segments_kernel` joins their ends in order, and each segment
   again from its true start.
@@ -25,7 +26,7 @@ Algorithm (per head; b = cumulative log λ within a chunk of CHUNK tokens, fp32;
   head) (`_chunk_value_grads_kernel`, from the scores the forward kept), and there, for vector decay, the scores'
   gradient dA = do vᵀ (the key-gradient kernel forms it itself for the other decays); for vector decay the chunk's own
   pairs' part of dq and dk per sub-chunk of SUB_CHUNK rows (`_chunk_intra_grads_kernel`: pairs across sub-chunks about
-  an anchor row, pairs within one by halving, small dots at fp32 accuracy); then dq, dk and d log λ per (chunk, head,
+  an anchor row, pairs within one by halving, small dots at near-fp32 accuracy, `_grad_dot`); then dq, dk and d log λ per (chunk, head,
   key block) (`_chunk_key_grads_kernel`). d log λ is summed within the chunk from fp32 terms that are each a part of the
   gradient (the pairs of tokens that straddle a position), never as a difference of sequence-long sums, so that its
   error stays at the level of the other gradients at any decay strength.
@@ -354,7 +355,7 @@ def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, states_ptr, o_ptr, scores_p
     rows = tl.arange(0, C)
     row_mask = token0 + rows < eos
     scores = tl.zeros((C, C), dtype=tl.float32)
-    for key_block in range(tl.cdiv(K, BK)):
+    for key_block in tl.range(0, tl.cdiv(K, BK), num_stages=1):  # not pipelined: six levels' tiles per stage
         ck = key_block * BK + tl.arange(0, BK)
         q = _tile(q_ptr, token0, rows, row_mask, head, H, K, ck, ck < K) * scale
         k = _tile(k_ptr, token0, rows, row_mask, head, H, K, ck, ck < K)
@@ -511,6 +512,23 @@ def _straddling_pairs(q, k, decay, dA, scale, DOT_DTYPE: tl.constexpr, PRECISION
 
 
 @triton.jit
+def _grad_dot(a, b, GRAD_PRECISION: tl.constexpr):
+    """a @ b for fp32 a, b at GRAD_PRECISION: "bf16x3" splits each operand into bf16 high and low parts and sums three
+    bf16 products (the two low parts' product dropped: ~2^-16 relative, on bf16 tensor cores at twice TF32's rate);
+    otherwise tl.dot's own input precisions ("tf32x3", "tf32", "ieee")."""
+    if GRAD_PRECISION == "bf16x3":
+        a_high = a.to(tl.bfloat16)
+        a_low = (a - a_high.to(tl.float32)).to(tl.bfloat16)
+        b_high = b.to(tl.bfloat16)
+        b_low = (b - b_high.to(tl.float32)).to(tl.bfloat16)
+        out = tl.dot(a_low, b_high)
+        out = tl.dot(a_high, b_low, out)
+        return tl.dot(a_high, b_high, out)
+    else:
+        return tl.dot(a, b, input_precision=GRAD_PRECISION)
+
+
+@triton.jit
 def _chunk_intra_grads_kernel(q_ptr, k_ptr, b_ptr, dA_ptr, dq_ptr, dk_ptr, cu_seqlens_ptr, chunk_seq_ptr,
                               chunk_token_ptr, scale, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
                               C: tl.constexpr, SUB: tl.constexpr, SUB_LEVELS: tl.constexpr,
@@ -518,7 +536,7 @@ def _chunk_intra_grads_kernel(q_ptr, k_ptr, b_ptr, dA_ptr, dq_ptr, dk_ptr, cu_se
     """Vector decay: the chunk's own part of dq and dk (`_intra_grads`' sums) for one sub-chunk of SUB rows and BK
     key channels, fp32, without each token with itself. Pairs in different sub-chunks factorise about one row of
     this sub-chunk, its first for dq (e^{b_i − b_n} e^{b_n − b_j}), its last for dk, both factors ≤ 1; pairs within
-    it by halving (`_level_factors`). Every dot is [SUB, SUB] × [SUB, BK] with fp32 operands (GRAD_PRECISION)."""
+    it by halving (`_level_factors`). Every dot is [SUB, SUB] × [SUB, BK] with fp32 operands (`_grad_dot`)."""
     SUBS: tl.constexpr = C // SUB
     chunk_sub, head, key_block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     chunk, sub = chunk_sub // SUBS, chunk_sub % SUBS
@@ -545,7 +563,7 @@ def _chunk_intra_grads_kernel(q_ptr, k_ptr, b_ptr, dA_ptr, dq_ptr, dk_ptr, cu_se
             k_j = _tile(k_ptr, token0, rows_j, token0 + rows_j < eos, head, H, K, ck, ck < K)
             b_j = tl.load(chunk_b_ptr + rows_j[:, None] * H * K + ck[None, :], mask=(ck < K)[None, :], other=0.0)
             dA = tl.load(chunk_dA_ptr + rows[:, None] * C + rows_j[None, :])
-            dq += tl.dot(dA, k_j * tl.exp(b_first[None, :] - b_j), input_precision=GRAD_PRECISION)
+            dq += _grad_dot(dA, k_j * tl.exp(b_first[None, :] - b_j), GRAD_PRECISION)
         dq *= tl.exp(b - b_first[None, :])
     if sub < SUBS - 1:
         b_last = tl.load(chunk_b_ptr + (first + SUB - 1) * H * K + ck, mask=ck < K, other=0.0)
@@ -554,15 +572,15 @@ def _chunk_intra_grads_kernel(q_ptr, k_ptr, b_ptr, dA_ptr, dq_ptr, dk_ptr, cu_se
             q_i = _tile(q_ptr, token0, rows_i, token0 + rows_i < eos, head, H, K, ck, ck < K) * scale
             b_i = tl.load(chunk_b_ptr + rows_i[:, None] * H * K + ck[None, :], mask=(ck < K)[None, :], other=0.0)
             dA_t = tl.load(chunk_dA_ptr + rows_i[None, :] * C + rows[:, None])
-            dk += tl.dot(dA_t, q_i * tl.exp(b_i - b_last[None, :]), input_precision=GRAD_PRECISION)
+            dk += _grad_dot(dA_t, q_i * tl.exp(b_i - b_last[None, :]), GRAD_PRECISION)
         dk *= tl.exp(b_last[None, :] - b)
     dA = tl.load(chunk_dA_ptr + rows[:, None] * C + rows[None, :])
     dA_t = tl.load(chunk_dA_ptr + rows[None, :] * C + rows[:, None])
     for level in tl.static_range(SUB_LEVELS):
         q_factor, k_factor = _level_factors(b, b_ptr, chunk, first, local, head, H, K, ck, C, SUB >> (level + 1))
         same = _same_block(SUB >> (level + 1), SUB)
-        dq += q_factor * tl.dot(tl.where(same, dA, 0.0), k * k_factor, input_precision=GRAD_PRECISION)
-        dk += k_factor * tl.dot(tl.where(same, dA_t, 0.0), q * q_factor, input_precision=GRAD_PRECISION)
+        dq += q_factor * _grad_dot(tl.where(same, dA, 0.0), k * k_factor, GRAD_PRECISION)
+        dk += k_factor * _grad_dot(tl.where(same, dA_t, 0.0), q * q_factor, GRAD_PRECISION)
     offsets = ((token0 + rows[:, None]) * H + head) * K + ck[None, :]
     mask = row_mask[:, None] & (ck < K)[None, :]
     tl.store(dq_ptr + offsets, dq, mask=mask)
@@ -591,6 +609,8 @@ def _chunk_key_grads_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, states_ptr, stat
     seq, token0 = tl.load(chunk_seq_ptr + chunk), tl.load(chunk_token_ptr + chunk)
     eos = tl.load(cu_seqlens_ptr + seq + 1)
     VECTOR: tl.constexpr = DECAY == "vector"
+    # fp32 states with narrower dot operands (`_state_dtype`): the d log λ sums see the states' fp32 values
+    EXACT_STATES: tl.constexpr = DECAY_GRAD and states_ptr.dtype.element_ty != DOT_DTYPE
     rows = tl.arange(0, C)
     i = rows[:, None]
     j = rows[None, :]
@@ -612,8 +632,13 @@ def _chunk_key_grads_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, states_ptr, stat
         do = _tile(do_ptr, token0, rows, row_mask, head, H, V, cv, cv < V).to(DOT_DTYPE)
         state = tl.load(chunk_states_ptr + state_offsets, mask=state_mask, other=0.0)
         dstate = tl.load(chunk_grads_ptr + state_offsets, mask=state_mask, other=0.0)
-        dq += tl.dot(do, tl.trans(state.to(DOT_DTYPE)), input_precision=PRECISION)
-        dk_state += tl.dot(v, tl.trans(dstate.to(DOT_DTYPE)), input_precision=PRECISION)
+        state_dot, dstate_dot = state.to(DOT_DTYPE), dstate.to(DOT_DTYPE)
+        dq += tl.dot(do, tl.trans(state_dot), input_precision=PRECISION)
+        dk_state += tl.dot(v, tl.trans(dstate_dot), input_precision=PRECISION)
+        if EXACT_STATES:  # and what rounding them to DOT_DTYPE left (do and v are exact in it)
+            dq += tl.dot(do, tl.trans((state - state_dot.to(tl.float32)).to(DOT_DTYPE)), input_precision=PRECISION)
+            dk_state += tl.dot(v, tl.trans((dstate - dstate_dot.to(tl.float32)).to(DOT_DTYPE)),
+                               input_precision=PRECISION)
         if not VECTOR:
             dA += tl.dot(do, tl.trans(v), input_precision=PRECISION)
             dA_t += tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -665,11 +690,14 @@ def _dot_settings(dtype):
     accuracy is needed): bf16 operands for bf16 inputs; fp32 otherwise (fp16 cannot hold e^{b}), as TF32 for fp16
     inputs and exact for fp32 inputs. dq and dk of the chunk's own pairs are dots of dA (fp32) with decayed keys /
     queries: TF32 (bf16 and fp16 inputs) is as exact as the bf16 outputs need; for vector decay, whose d log λ is
-    summed from them, they keep fp32 accuracy (three TF32 products)."""
+    summed from them, they keep near-fp32 accuracy (`_grad_dot`): three bf16 products for bf16 inputs (as accurate
+    as three TF32 products at each strength of BENCHMARKS.md and faster), three TF32 products for fp16 inputs (the
+    CPU suite's dtype; Triton's interpreter has no bf16 dot)."""
     if dtype == torch.float32:
         return tl.float32, "ieee", "ieee", "ieee"
-    return (tl.bfloat16 if dtype == torch.bfloat16 else tl.float32), ("ieee" if dtype == torch.bfloat16 else "tf32"), \
-        "tf32", "tf32x3"
+    if dtype == torch.bfloat16:
+        return tl.bfloat16, "ieee", "tf32", "bf16x3"
+    return tl.float32, "tf32", "tf32", "tf32x3"
 
 
 def _chunk_layout(cu_seqlens, batch, length, device):
@@ -710,9 +738,20 @@ def _decay_kind(log_decay, key_dim):
 
 
 def _kept_dtype(dtype):
-    """dtype of the chunk states and scores the forward keeps for the backward: the dot operand dtype
-    (`_dot_settings`)."""
+    """dtype of the chunk scores the forward keeps for the backward, and of the chunk states unless
+    `_state_dtype` says otherwise: the dot operand dtype (`_dot_settings`)."""
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
+def _state_dtype(dtype, exact_states):
+    """dtype of the chunk states (and their gradients): fp32 where `exact_states`, else `_kept_dtype`. Scalar and
+    static decay's d log λ takes e^{B} Σ S ⊙ dS over a head's K·V entries at every chunk: a dot product of two rounded
+    random-signed tensors keeps their rounding's relative error (bf16: up to 2^-8), and for a head whose λ is near 1
+    over thousands of tokens, or an fp32 initial state, that term dominates: 4–8e-3 relative error in d log λ from
+    bf16 states (the GPU acceptance grid), none from fp32 ones. Vector decay's d log λ keeps bf16 states (per channel,
+    within 2× FLA's error at every strength, BENCHMARKS.md; fp32 states would cost it about 0.3 ms in 3 at
+    8×2048×16×128)."""
+    return torch.float32 if exact_states else _kept_dtype(dtype)
 
 
 def _num_chunks(batch, length, num_sequences, packed):
@@ -747,11 +786,11 @@ def _packed_chunk_layout(cu_seqlens, length):
 
 def _chunk_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor | None,
                    initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None, scale: float,
-                   output_final_state: bool, keep: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                  torch.Tensor, torch.Tensor]:
+                   output_final_state: bool, keep: bool,
+                   exact_states: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The chunked recurrence's forward (module docstring): (o, the final states [N, H, K, V] fp32 or, unless
     `output_final_state`, an empty tensor, and for `_chunk_backward` the chunk states [chunks, H, K, V] in
-    `_kept_dtype`, and when `keep` the chunks' scores [chunks, H, C, C] in `_kept_dtype` and the cumulative log λ
+    `_state_dtype`, and when `keep` the chunks' scores [chunks, H, C, C] in `_kept_dtype` and the cumulative log λ
     (`_cumulative_decay`, fp32), else empty; chunks: `_num_chunks`)."""
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
@@ -766,10 +805,10 @@ def _chunk_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay:
     chunks = layout[2].numel()
     states, final = _forward_states(k, v, b, initial, layout, decay, heads, key_dim, value_dim, num_sequences,
                                     cdiv(length, CHUNK), output_final_state,
-                                    _spare_chunks(chunks, length, cu_seqlens is not None))
+                                    _spare_chunks(chunks, length, cu_seqlens is not None), exact_states)
     dot_dtype, precision, _, _ = _dot_settings(q.dtype)
-    scores = states.new_empty(chunks if keep else 0, heads, CHUNK, CHUNK)
-    block_k, block_v, launch = _launch("output", key_dim, value_dim, decay)
+    scores = q.new_empty(chunks if keep else 0, heads, CHUNK, CHUNK, dtype=_kept_dtype(q.dtype))
+    block_k, block_v, launch = _launch("output", key_dim, value_dim, dot_dtype, decay)
     value_blocks = cdiv(value_dim, block_v) if decay == DECAY_VECTOR else 1  # value blocks per program
     _chunk_output_kernel[(chunks, heads, cdiv(cdiv(value_dim, block_v), value_blocks))](
         q, k, v, b, states, o, scores, layout[0], layout[2], layout[3], scale, heads, key_dim, value_dim, block_k,
@@ -778,7 +817,8 @@ def _chunk_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay:
     return o, final if final is not None else g.new_empty(0), states, scores, kept_decay
 
 
-def _chunk_forward_fake(q, k, v, log_decay, initial_state, cu_seqlens, scale, output_final_state, keep):
+def _chunk_forward_fake(q, k, v, log_decay, initial_state, cu_seqlens, scale, output_final_state, keep,
+                        exact_states):
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     num_sequences = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
@@ -789,7 +829,8 @@ def _chunk_forward_fake(q, k, v, log_decay, initial_state, cu_seqlens, scale, ou
     decay = _decay_kind(log_decay, key_dim)
     kept_decay = q.new_empty((chunks, CHUNK, heads, *((key_dim,) if decay == DECAY_VECTOR else ()))
                              if keep and decay != DECAY_NONE else (0,), dtype=torch.float32)
-    return (v.new_empty(v.shape), final, q.new_empty(chunks, heads, key_dim, value_dim, dtype=kept),
+    return (v.new_empty(v.shape), final,
+            q.new_empty(chunks, heads, key_dim, value_dim, dtype=_state_dtype(q.dtype, exact_states)),
             q.new_empty(chunks if keep else 0, heads, CHUNK, CHUNK, dtype=kept), kept_decay)
 
 
@@ -818,7 +859,7 @@ def _chunk_backward(do: torch.Tensor, final_grad: torch.Tensor | None, q: torch.
     initial_grad = (q.new_empty(num_sequences, heads, key_dim, value_dim, dtype=torch.float32)
                     if initial_grad and initial_state is not None else None)
     final_grad = final_grad.float().contiguous() if final_grad is not None else None
-    block_k_split, block_v, launch = _launch("state_grads", key_dim, value_dim, decay)
+    block_k_split, block_v, launch = _launch("state_grads", key_dim, value_dim, dot_dtype, decay)
     blocks = (cdiv(key_dim, block_k_split), cdiv(value_dim, block_v))
 
     def state_grads_walk(walk, segments, segment_chunks, segment_state, segment_decay):
@@ -834,7 +875,7 @@ def _chunk_backward(do: torch.Tensor, final_grad: torch.Tensor | None, q: torch.
     dv = torch.empty_like(v)
     # dA = do vᵀ: stored for vector decay's own-pair kernel; the key-gradient kernel forms it itself for the others
     dA = q.new_empty(chunks, heads, CHUNK, CHUNK, dtype=torch.float32) if vector else None
-    block_k, block_v, launch = _launch("value_grads", key_dim, value_dim)
+    block_k, block_v, launch = _launch("value_grads", key_dim, value_dim, dot_dtype)
     _chunk_value_grads_kernel[(chunks, heads)](
         k, v, b, do, scores, state_grads, dv, dA, layout[0], layout[2], layout[3], heads, key_dim, value_dim,
         block_k, block_v, CHUNK, decay, dot_dtype, precision, **launch)
@@ -842,12 +883,12 @@ def _chunk_backward(do: torch.Tensor, final_grad: torch.Tensor | None, q: torch.
     dq_intra = dk_intra = None
     if vector:  # the chunks' own pairs by sub-chunks, at fp32 accuracy where d log λ is summed from them
         dq_intra, dk_intra = (q.new_empty(q.shape, dtype=torch.float32) for _ in range(2))
-        block_k, _, launch = _launch("intra_grads", key_dim, value_dim)
+        block_k, _, launch = _launch("intra_grads", key_dim, value_dim, dot_dtype)
         _chunk_intra_grads_kernel[(chunks * CHUNK // SUB_CHUNK, heads, cdiv(key_dim, block_k))](
             q, k, b, dA, dq_intra, dk_intra, layout[0], layout[2], layout[3], scale, heads, key_dim, block_k,
             CHUNK, SUB_CHUNK, SUB_CHUNK.bit_length() - 1, exact_precision if needs_decay_grad else fp32_precision,
             **launch)
-    block_k, block_v, launch = _launch("key_grads", key_dim, value_dim, decay)
+    block_k, block_v, launch = _launch("key_grads", key_dim, value_dim, dot_dtype, decay)
     key_blocks = cdiv(key_dim, block_k)
     d_log_decay = None
     if needs_decay_grad:  # scalar and static decay: a partial sum per key block
@@ -890,7 +931,7 @@ chunk_backward.register_fake(_chunk_backward_fake)
 def _save_for_backward(ctx, inputs, output):
     """What the backward reads (the op's setup_context, and `_EagerChunkedRecurrence`'s): the inputs, the chunk
     states (instead of a second walk), the scores and the cumulative log λ."""
-    q, k, v, log_decay, initial_state, cu_seqlens, scale, output_final_state, keep = inputs
+    q, k, v, log_decay, initial_state, cu_seqlens, scale, output_final_state, keep, exact_states = inputs
     _, _, states, scores, kept_decay = output
     ctx.save_for_backward(q, k, v, log_decay, initial_state, states, scores, kept_decay, cu_seqlens)
     ctx.mark_non_differentiable(states, scores, kept_decay)
@@ -908,7 +949,7 @@ def _gradients(ctx, do, final_grad, backward):
         do, final_grad if ctx.output_final_state else None, q, k, v, log_decay, initial_state, states, scores,
         kept_decay, cu_seqlens, ctx.scale, wants_decay_grad, wants_initial_grad)
     return (dq, dk, dv, d_log_decay if wants_decay_grad else None, initial_grad if wants_initial_grad else None,
-            None, None, None, None)
+            None, None, None, None, None)
 
 
 chunk_forward.register_autograd(lambda ctx, do, final_grad, *_: _gradients(ctx, do, final_grad, chunk_backward),
@@ -1002,9 +1043,13 @@ TUNING = {
 SEGMENT_CHUNKS = None  # None: `_segment_plan`'s rule; a number: segments of that many chunks for every walk
 
 
-def _launch(kernel, key_dim, value_dim, decay=None):
-    """(key block, value block, launch kwargs) of one kernel (for decay kind `decay` where its settings differ)."""
+def _launch(kernel, key_dim, value_dim, dot_dtype, decay=None):
+    """(key block, value block, launch kwargs) of one kernel (for decay kind `decay` where its settings differ).
+    `TUNING` is for bf16 dot operands; fp32 operands (fp16 and fp32 inputs) make every pipelined tile twice as large,
+    so they run at most two stages (vector decay's output at K = 128 would need 272 KiB of shared memory at three)."""
     settings = dict(TUNING.get(f"{kernel}_vector" if decay == DECAY_VECTOR else kernel, TUNING[kernel]))
+    if dot_dtype == tl.float32:
+        settings["num_stages"] = min(settings["num_stages"], 2)
     block_k = settings.pop("block_k")
     if key_dim <= settings.pop("whole_key_dim_to", 0):
         block_k = _key_block(key_dim)
@@ -1026,18 +1071,18 @@ def _cumulative_decay(g, layout, decay, heads, key_dim):
 
 
 def _forward_states(k, v, b, initial, layout, decay, heads, key_dim, value_dim, num_sequences, max_chunks,
-                    output_final_state, spare=0):
-    """States at every chunk start ([chunks, H, K, V], in `_kept_dtype`) and the final states (fp32) or None
+                    output_final_state, spare=0, exact_states=False):
+    """States at every chunk start ([chunks, H, K, V], in `_state_dtype`) and the final states (fp32) or None
     (`_state_walk`; max_chunks: a bound on a sequence's chunks, ⌈T / C⌉); the last `spare` chunks zeroed first
     (`_spare_chunks`)."""
     cu_seqlens, chunk_offsets, chunk_seq, _ = layout
     dot_dtype, precision, _, _ = _dot_settings(k.dtype)
-    states = k.new_empty(chunk_seq.numel(), heads, key_dim, value_dim, dtype=_kept_dtype(k.dtype))
+    states = k.new_empty(chunk_seq.numel(), heads, key_dim, value_dim, dtype=_state_dtype(k.dtype, exact_states))
     if spare > 0:
         states[-spare:].zero_()
     final = (k.new_empty(num_sequences, heads, key_dim, value_dim, dtype=torch.float32) if output_final_state
              else None)
-    block_k, block_v, launch = _launch("states", key_dim, value_dim, decay)
+    block_k, block_v, launch = _launch("states", key_dim, value_dim, dot_dtype, decay)
     blocks = (cdiv(key_dim, block_k), cdiv(value_dim, block_v))
 
     def states_walk(walk, segments, segment_chunks, segment_state, segment_decay):
@@ -1067,7 +1112,10 @@ def triton_chunked_recurrence(q, k, v, log_decay=None, scale=1.0, initial_state=
     log_decay = log_decay.float().contiguous() if log_decay is not None else None
     initial_state = initial_state.float().contiguous() if initial_state is not None else None
     forward = chunk_forward if torch.compiler.is_compiling() else _EagerChunkedRecurrence.apply
-    o, final, *_ = forward(q, k, v, log_decay, initial_state, cu_seqlens, float(scale), output_final_state, keep)
+    # scalar and static decay: fp32 chunk states where d log λ will be summed from them (`_state_dtype`)
+    exact_states = keep and log_decay is not None and log_decay.requires_grad and log_decay.dim() != 4
+    o, final, *_ = forward(q, k, v, log_decay, initial_state, cu_seqlens, float(scale), output_final_state, keep,
+                           exact_states)
     return o, final if output_final_state else None
 
 

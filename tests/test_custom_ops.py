@@ -72,24 +72,26 @@ def packed_offsets():
                          ids=[*(f"{kind}-initial-final" for kind in KINDS), "vector-no-states", "none-no-states"])
 def test_chunk_forward_opcheck(kind, states):
     q, k, v, log_decay, initial = make_inputs(kind, 2, CHUNK - 24, seed=1, initial=states)
-    torch.library.opcheck(chunk_forward, (q, k, v, log_decay, initial, None, 0.5, states, True))
+    exact_states = kind in ("scalar", "static")  # fp32 chunk states: their d log λ is summed from them
+    torch.library.opcheck(chunk_forward, (q, k, v, log_decay, initial, None, 0.5, states, True, exact_states))
 
 
 @pytest.mark.parametrize("kind", ["scalar", "static"])
 def test_chunk_forward_opcheck_packed(kind):
     cu_seqlens = packed_offsets()
     q, k, v, log_decay, initial = make_inputs(kind, 1, sum(PACKED_LENGTHS), seed=2, sequences=len(PACKED_LENGTHS))
-    torch.library.opcheck(chunk_forward, (q, k, v, log_decay, initial, cu_seqlens, 0.5, True, True))
+    torch.library.opcheck(chunk_forward, (q, k, v, log_decay, initial, cu_seqlens, 0.5, True, True, True))
 
 
 def test_chunk_forward_opcheck_without_gradients():
     """Nothing requires grad: no scores are kept (`keep` false)."""
     q, k, v, log_decay, initial = make_inputs("scalar", 2, CHUNK - 24, seed=3, grad=False)
-    torch.library.opcheck(chunk_forward, (q, k, v, log_decay, initial, None, 0.5, True, False))
+    torch.library.opcheck(chunk_forward, (q, k, v, log_decay, initial, None, 0.5, True, False, False))
 
 
 @pytest.mark.parametrize("kind,packed,decay_grad,initial_grad", [("vector", False, True, True),
-                                                                  ("static", True, False, False)])
+                                                                  ("static", True, False, False),
+                                                                  ("scalar", False, True, False)])
 def test_chunk_backward_opcheck(kind, packed, decay_grad, initial_grad):
     """The backward op alone (chunk_forward's opcheck runs it through autograd too): every gradient, and none of
     d log λ and ∂L/∂S_0 (empty outputs)."""
@@ -97,7 +99,9 @@ def test_chunk_backward_opcheck(kind, packed, decay_grad, initial_grad):
     batch, length = (1, sum(PACKED_LENGTHS)) if packed else (2, CHUNK - 24)
     q, k, v, log_decay, initial = make_inputs(kind, batch, length, seed=4, sequences=len(PACKED_LENGTHS) if packed
                                               else None, grad=False)
-    o, final, states, scores, kept_decay = chunk_forward(q, k, v, log_decay, initial, cu_seqlens, 0.5, True, True)
+    exact_states = decay_grad and kind in ("scalar", "static")
+    o, final, states, scores, kept_decay = chunk_forward(q, k, v, log_decay, initial, cu_seqlens, 0.5, True, True,
+                                                         exact_states)
     generator = torch.Generator().manual_seed(5)
     do = torch.randn(o.shape, generator=generator).to(DEVICE)
     final_grad = torch.randn(final.shape, generator=generator).to(DEVICE)

@@ -352,7 +352,7 @@ def test_key_blocks(kind, monkeypatch):
         monkeypatch.setitem(kernels.TUNING, kernel, {**kernels.TUNING[kernel], "block_k": 16, "block_v": 16,
                                                      "whole_key_dim_to": 0})
     inputs = make_inputs(kind, 2, CHUNK + 29, 2, 40, 24, seed=23)
-    assert kernels._launch("key_grads", 40, 24, kernels.DECAY_VECTOR)[0] == 16
+    assert kernels._launch("key_grads", 40, 24, kernels._dot_settings(torch.bfloat16)[0], kernels.DECAY_VECTOR)[0] == 16
     actual = outputs_and_grads(triton_chunked_recurrence, inputs, scale=0.5)
     assert_close(actual, oracle(inputs, scale=0.5), NAMES)
 
