@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from linear_decay.recurrence_linear_decay import naive_recurrence  # noqa: E402
+from linear_decay.recurrence import naive_recurrence  # noqa: E402
 
 STRENGTHS = ("mild", "mamba2", "logsigmoid", "u6", "u20")
 SHAPES = ((8, 2048, 16, 128), (2, 16384, 16, 128), (1, 16384, 16, 64))
@@ -68,7 +68,7 @@ def make_inputs(kind, strength, batch, length, heads, dim, seed=0):
 
 
 def implementations():
-    from linear_decay.kernels_chunk_linear_decay import triton_chunked_recurrence
+    from linear_decay.ops_chunk import triton_chunked_recurrence
 
     found = {"ours": lambda kind, q, k, v, g, scale: triton_chunked_recurrence(q, k, v, g, scale=scale)[0]}
     try:

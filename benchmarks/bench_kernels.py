@@ -5,7 +5,7 @@ One run on one GPU (H100 or H200), inputs bf16 unless said otherwise. Sections, 
   ceilings   device-to-device copy GB/s and an 8192³ bf16 matmul TFLOP/s (what the machine can do at best)
   precision  B×T×H×K = 2×1000×3×128 (K = V), no initial or final state, a random bf16 output cotangent: relative
              errors ‖x − ref‖/‖ref‖ of o, dq, dk, dv and d log λ, ours and FLA on the same inputs, against a float64
-             token-by-token oracle (linear_decay.recurrence_linear_decay.naive_recurrence on float64 copies of the
+             token-by-token oracle (linear_decay.recurrence.naive_recurrence on float64 copies of the
              bf16-rounded inputs, gradients by torch.autograd.grad); vector and scalar decay at every decay strength,
              and the static decay; one more line at 2×333×3×64 (T=333, K=V=64) for vector decay, strength mild.
              An FLA op that raises (chunk_simple_gla's backward with g refuses Hopper with Triton >= 3.4, < 3.7.1, see
@@ -177,12 +177,12 @@ class Deadline:
 def load_ours():
     found, errors = {}, {}
     try:
-        from linear_decay.kernels_chunk_linear_decay import triton_chunked_recurrence
+        from linear_decay.ops_chunk import triton_chunked_recurrence
         found["chunk"] = triton_chunked_recurrence
     except Exception as error:  # noqa: BLE001  (any import failure is a result to report)
         errors["chunk"] = err_text(error)
     try:
-        from linear_decay.kernels_recurrent_linear_decay import triton_fused_recurrent
+        from linear_decay.ops_recurrent import triton_fused_recurrent
         found["decode"] = triton_fused_recurrent
     except Exception as error:  # noqa: BLE001
         errors["decode"] = err_text(error)
@@ -382,7 +382,7 @@ def fp32_copy(s):
 def oracle_is_float64(device="cpu"):
     """Whether naive_recurrence computes in float64 when given float64 inputs: 1 + 2^-40 survives float64 but
     rounds to 1 in fp32."""
-    from linear_decay.recurrence_linear_decay import naive_recurrence
+    from linear_decay.recurrence import naive_recurrence
     one = torch.ones(1, 1, 1, 1, dtype=torch.float64, device=device)
     o, _ = naive_recurrence(one + 2.0 ** -40, one, one, None, scale=1.0)
     return bool(o.double().item() != 1.0)
@@ -391,7 +391,7 @@ def oracle_is_float64(device="cpu"):
 def oracle_grads(s):
     """o and gradients (dq, dk, dv, dg) of <o, do> by the token-by-token recurrence on float64 copies of the
     (bf16-rounded) inputs."""
-    from linear_decay.recurrence_linear_decay import naive_recurrence
+    from linear_decay.recurrence import naive_recurrence
     q, k, v = (t.detach().double().requires_grad_() for t in (s.q, s.k, s.v))
     g = s.g.detach().double().requires_grad_(s.g.requires_grad)
     o, _ = naive_recurrence(q, k, v, g, scale=s.scale)
@@ -627,7 +627,7 @@ def section_chunk(results, args, ours, fla, deadline, save=lambda: None):
 def check_chunk(shape_name, kind, s, ours, fla, reference=True):
     """Relative errors (bf16 runs, same inputs incl. an initial state and a final-state cotangent) of ours vs FLA and
     of each vs the fp32 PyTorch chunked path."""
-    from linear_decay.recurrence_linear_decay import chunked_recurrence
+    from linear_decay.recurrence import chunked_recurrence
     batch, _, heads, dim = s.q.shape
     gen = torch.Generator(DEVICE).manual_seed(4242)
     s.h0 = (torch.randn(batch, heads, dim, dim, device=DEVICE, generator=gen) * 0.5).requires_grad_()
@@ -707,7 +707,7 @@ def section_decode(results, args, ours, fla):
             print(f"[decode] {row}", flush=True)
         # Correctness: ours and FLA vs the fp32 PyTorch step on the same (fresh) state.
         try:
-            from linear_decay.recurrence_linear_decay import fused_recurrent
+            from linear_decay.recurrence import fused_recurrent
             s = sets[0]
             h_ref = s["h"].clone()
             o_ref, ht_ref = fused_recurrent(s["q"], s["k"], s["v"], s["g"], scale=scale, initial_state=h_ref,
@@ -762,7 +762,7 @@ def model_child(path, preset, decay):
         decay_type, _, granularity = decay.partition(":")
         import linear_decay  # noqa: F401  (import time is not part of the measurement)
         from linear_decay import LinearDecayConfig, LinearDecayForCausalLM
-        from linear_decay.recurrence_linear_decay import resolve_backend
+        from linear_decay.recurrence import resolve_backend
         row["backend_resolved"] = resolve_backend("cuda")
         config = LinearDecayConfig.from_preset(preset, decay_type=decay_type,
                                                **({"decay_granularity": granularity} if granularity else {}))

@@ -19,7 +19,7 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from linear_decay import LinearDecayConfig, LinearDecayForCausalLM
-from linear_decay.recurrence_linear_decay import chunked_recurrence, naive_recurrence
+from linear_decay.recurrence import chunked_recurrence, naive_recurrence
 
 
 def time_fwd_bwd(model, input_ids, repeats, warmup=1):

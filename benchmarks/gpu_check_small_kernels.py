@@ -80,7 +80,7 @@ def decode_inputs(kind, batch, length, heads, key_dim, value_dim, dtype, seed=0)
 
 
 def check_decode(rows):
-    from linear_decay.kernels_recurrent_linear_decay import triton_fused_recurrent
+    from linear_decay.ops_recurrent import triton_fused_recurrent
 
     ok = True
     for dtype in DTYPES:
@@ -103,7 +103,7 @@ def check_decode(rows):
 
 
 def check_norm(rows):
-    from linear_decay.kernels_norm_linear_decay import gated_rms_norm
+    from linear_decay.ops_norm import gated_rms_norm
 
     ok = True
     eps = 1e-5
@@ -151,8 +151,8 @@ def median_ms(fn, grad_to_none=None):
 
 
 def time_decode():
-    from linear_decay.kernels_recurrent_linear_decay import triton_fused_recurrent
-    from linear_decay.recurrence_linear_decay import fused_recurrent
+    from linear_decay.ops_recurrent import triton_fused_recurrent
+    from linear_decay.recurrence import fused_recurrent
 
     print("\ndecoding step, B=64 H=16 K=V=128 T=1, bf16 q/k/v, fp32 state (median ms)")
     print(f"{'decay':<8} {'torch':>9} {'triton':>9} {'speedup':>8}")
@@ -167,7 +167,7 @@ def time_decode():
 
 
 def time_norm():
-    from linear_decay.kernels_norm_linear_decay import gated_rms_norm
+    from linear_decay.ops_norm import gated_rms_norm
     from linear_decay.modeling_linear_decay import LinearDecayRMSNorm
 
     rows, hidden, dtype = 8 * 2048, 2048, torch.bfloat16
@@ -196,7 +196,7 @@ def time_norm():
 def main():
     if not torch.cuda.is_available():
         sys.exit("gpu_check_small_kernels.py needs a CUDA GPU (on CPU the kernels are tested under TRITON_INTERPRET=1 "
-                 "by tests/test_kernels_recurrent.py and tests/test_kernels_norm.py)")
+                 "by tests/test_ops_recurrent.py and tests/test_ops_norm.py)")
     import triton
 
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}\n")

@@ -22,10 +22,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from linear_decay.kernels_chunk_linear_decay import triton_chunked_recurrence
-from linear_decay.kernels_decay_linear_decay import softplus_decay
-from linear_decay.kernels_norm_linear_decay import _gated_rms_norm_forward_kernel, _launch_options, rms_norm
-from linear_decay.kernels_swiglu_linear_decay import swiglu
+from linear_decay.ops_chunk import triton_chunked_recurrence
+from linear_decay.ops_decay import softplus_decay
+from linear_decay.ops_norm import _gated_rms_norm_forward_kernel, _launch_options, rms_norm
+from linear_decay.ops_swiglu import swiglu
 
 LAYER = dict(tokens=64, hidden=1024, heads=16, head_dim=64, mlp=2816)  # the 410m preset's layer, 1×64 tokens
 QUICK_LAYER = dict(tokens=16, hidden=64, heads=2, head_dim=32, mlp=128)  # --quick: a smoke run of the code paths
@@ -104,7 +104,7 @@ def cases(device, tokens, hidden, heads, head_dim, mlp):
 
 def launch_cases(x, norm_weight, hidden):
     """The norm's forward kernel launched through Triton's JIT path and through the compiled kernel's launcher."""
-    from linear_decay.kernels_norm_linear_decay import _TORCH_TO_TRITON
+    from linear_decay.ops_norm import _TORCH_TO_TRITON
 
     rows = x.view(-1, hidden)
     y = torch.empty_like(rows)
@@ -155,10 +155,10 @@ def block_cases(device, tokens, hidden, heads, head_dim, mlp):
 def instrument_functions():
     """Wrap the forward and backward of our autograd functions with host timers (the backward runs on autograd's
     device thread, which cProfile does not see). Returns ({name: [seconds, calls]}, a function that unwraps them)."""
-    from linear_decay.kernels_chunk_linear_decay import _EagerChunkedRecurrence
-    from linear_decay.kernels_decay_linear_decay import SoftplusDecayFunction
-    from linear_decay.kernels_norm_linear_decay import GatedRMSNormFunction
-    from linear_decay.kernels_swiglu_linear_decay import SwiGLUFunction
+    from linear_decay.ops_chunk import _EagerChunkedRecurrence
+    from linear_decay.ops_decay import SoftplusDecayFunction
+    from linear_decay.ops_norm import GatedRMSNormFunction
+    from linear_decay.ops_swiglu import SwiGLUFunction
 
     totals, originals = {}, []
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .decay_linear_decay import DecayParameterization
+from .decay import DecayParameterization
 
 STATISTICS = ("median", "p25", "p75", "mean", "min", "max")
 

@@ -11,7 +11,7 @@ import math
 
 from transformers import PreTrainedConfig
 
-from .decay_linear_decay import DECAY_REGISTRY
+from .decay import DECAY_REGISTRY
 
 DECAY_TYPES = tuple(DECAY_REGISTRY)
 DECAY_GRANULARITIES = ("vector", "scalar")

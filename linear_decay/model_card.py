@@ -22,7 +22,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCardData
 
 from .configuration_linear_decay import LinearDecayConfig
-from .decay_linear_decay import DECAY_REGISTRY
+from .decay import DECAY_REGISTRY
 
 TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"
 TRAINING_FILE = "linear_decay_training.json"

@@ -1,18 +1,14 @@
 """Decay linear attention language models (DESIGN.md): `LinearDecayModel`, `LinearDecayForCausalLM`.
 
-Read top to bottom: the recurrent cache, norms and position encodings, the token mixer (§1–4), the SwiGLU block, the
-design record that checkpoints carry in their safetensors metadata, the backbone and the causal LM head. The
-recurrence itself lives in `recurrence_linear_decay` (naive oracle, chunked PyTorch path, decoding step, and the seam
-where GPU kernels plug in); the decay parameterizations live in `decay_linear_decay` (one registry, §2).
+Read top to bottom: norms and position encodings, the token mixer (§1–4), the SwiGLU block, the backbone and the
+causal LM head. Beside it: the decay parameterizations (`decay`, one registry, §2), the recurrence (`recurrence`:
+the float64 oracle, the chunked PyTorch path, the decoding step, and the seam where the Triton kernels of `ops_*`
+plug in), the cache and CUDA-graph decoding (`generation`), the chunked loss (`loss`) and the design record that
+checkpoints carry in their safetensors metadata (`checkpoint`).
 """
 
-import contextvars
-import functools
-import json
 import math
 import os
-import re
-import shutil
 import tempfile
 
 import torch
@@ -20,20 +16,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .configuration_linear_decay import DESIGN_FIELDS, DESIGN_METADATA_KEY, LinearDecayConfig
-from .decay_linear_decay import DECAY_REGISTRY, DecayParameterization
-from .recurrence_linear_decay import linear_decay_attention, recurrent_step, resolve_backend
+from .checkpoint import another_design, checkpoint_design_changes, mismatch_error, recording_design
+from .configuration_linear_decay import LinearDecayConfig
+from .decay import DECAY_REGISTRY, DecayParameterization
+from .generation import DecodeGraph, LinearDecayCache
+from .loss import causal_lm_targets, chunked_linear_cross_entropy
+from .recurrence import linear_decay_attention, recurrent_step, resolve_backend
 
 try:  # the fused (gated) RMSNorm, SwiGLU, decay and loss (Triton); CPU-only torch has no Triton and keeps the torch code
-    from .kernels_decay_linear_decay import softplus_decay
-    from .kernels_loss_linear_decay import cross_entropy
-    from .kernels_norm_linear_decay import gated_rms_norm, rms_norm
-    from .kernels_swiglu_linear_decay import swiglu
+    from .ops_decay import softplus_decay
+    from .ops_loss import cross_entropy
+    from .ops_norm import gated_rms_norm, rms_norm
+    from .ops_swiglu import swiglu
 except ImportError:
     cross_entropy = gated_rms_norm = rms_norm = softplus_decay = swiglu = None
 
@@ -58,193 +56,6 @@ CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ 
 
 # A cached forward of at most this many tokens uses the token-by-token decoding step; longer ones the chunked form.
 RECURRENT_MAX_TOKENS = 8
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Recurrent cache (constant memory in context length)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class RecurrentStateLayer:
-    """Batch-first named state tensors of one layer (the recurrent state S, LightNet's normaliser, ...). Once
-    `pinned` (CUDA-graph decoding), updates of the same shape are written into the existing tensors, so every state
-    keeps its address."""
-
-    is_compileable = False
-    is_sliding = False
-    is_croppable = False
-    supports_early_init = False
-
-    def __init__(self):
-        self.tensors = {}
-        self.pinned = False
-
-    def get(self, name):
-        return self.tensors.get(name)
-
-    def set(self, name, value):
-        old = self.tensors.get(name)
-        if (self.pinned and old is not None and old is not value and old.shape == value.shape
-                and old.device == value.device and old.dtype == value.dtype):
-            old.copy_(value)
-        else:
-            self.tensors[name] = value
-
-    def _map(self, fn):
-        for name, t in list(self.tensors.items()):
-            self.set(name, fn(t))
-
-    def reorder_cache(self, beam_idx):
-        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats):
-        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices):
-        self._map(lambda t: t[indices])
-
-    def reset(self):
-        self.tensors = {}
-        self.pinned = False
-
-    def crop(self, tokens_to_remove):
-        raise NotImplementedError("a recurrent state cannot be rolled back: it keeps no per-token history")
-
-    def offload(self):
-        self._map(lambda t: t.to("cpu", non_blocking=True))
-
-    def prefetch(self):
-        pass
-
-    def get_seq_length(self):
-        return 0
-
-    def get_max_length(self):
-        return -1
-
-
-class LinearDecayCache(Cache):
-    """Cache for `generate()`: per layer the fp32 state [B, H, K, V] (+ LightNet's Z), plus model-level state (TPE
-    filter state and each row's count of real tokens, which gives rope/lrpe offsets under left padding)."""
-
-    def __init__(self, config=None, num_layers=None):
-        num_layers = num_layers if num_layers is not None else config.num_hidden_layers
-        super().__init__(layers=[RecurrentStateLayer() for _ in range(num_layers)])
-        self.model_state = RecurrentStateLayer()
-        self.seen_tokens = 0
-        self.decode_graph = None  # the captured decoding step (`DecodeGraph`), when config.decode_cuda_graphs
-
-    def _all_layers(self):
-        return [*self.layers, self.model_state]
-
-    def state_tensors(self):
-        """Every tensor the cache holds, in a fixed order."""
-        return [t for layer in self._all_layers() for _, t in sorted(layer.tensors.items())]
-
-    def pin(self):
-        """From now on state updates are written in place (`RecurrentStateLayer.pinned`)."""
-        for layer in self._all_layers():
-            layer.pinned = True
-
-    def get_seq_length(self, layer_idx=0):
-        return self.seen_tokens
-
-    def get_max_length(self, layer_idx=None):
-        return -1
-
-    def has_previous_state(self, layer_idx=None, state_idx=None):
-        return self.seen_tokens > 0
-
-    def reorder_cache(self, beam_idx):
-        for layer in self._all_layers():
-            layer.reorder_cache(beam_idx)
-
-    def batch_repeat_interleave(self, repeats):
-        for layer in self._all_layers():
-            layer.batch_repeat_interleave(repeats)
-
-    def batch_select_indices(self, indices):
-        for layer in self._all_layers():
-            layer.batch_select_indices(indices)
-
-    def reset(self):
-        for layer in self._all_layers():
-            layer.reset()
-        self.seen_tokens = 0
-        self.decode_graph = None
-
-    def crop(self, tokens_to_remove):
-        raise NotImplementedError("LinearDecayCache keeps no per-token history and cannot be cropped")
-
-    @property
-    def batch_size(self):
-        offsets = self.model_state.get("real_tokens")
-        return -1 if offsets is None else offsets.shape[0]
-
-    @property
-    def is_compileable(self):
-        return False
-
-    @property
-    def is_initialized(self):
-        return self.seen_tokens > 0
-
-    @property
-    def is_croppable(self):
-        return False
-
-    @property
-    def is_linear(self):
-        return [True] * len(self.layers)
-
-    @property
-    def is_sliding(self):
-        return [False] * len(self.layers)
-
-
-def _cache_flatten(cache):
-    """pytree children of a LinearDecayCache: its state tensors (`state_tensors` order); the context holds the
-    layer count, each layer's state names and the token count, everything `_cache_unflatten` needs besides."""
-    names = tuple(tuple(sorted(layer.tensors)) for layer in cache._all_layers())
-    return cache.state_tensors(), (len(cache.layers), names, cache.seen_tokens)
-
-
-def _cache_flatten_with_keys(cache):
-    children, context = _cache_flatten(cache)
-    labels = [f"{'layers.' + str(index) if index < context[0] else 'model_state'}.{name}"
-              for index, names in enumerate(context[1]) for name in names]
-    return [(torch.utils._pytree.MappingKey(label), child) for label, child in zip(labels, children)], context
-
-
-def _cache_unflatten(children, context):
-    num_layers, names, seen_tokens = context
-    cache = LinearDecayCache(num_layers=num_layers)
-    children = iter(children)
-    for layer, layer_names in zip(cache._all_layers(), names):
-        for name in layer_names:
-            layer.tensors[name] = next(children)
-    cache.seen_tokens = seen_tokens
-    return cache
-
-
-def _register_cache_pytree():
-    """Make LinearDecayCache a pytree node, so torch.export (and transformers' DynamoExporter, which keeps a node
-    registered before it) takes it as an input or output; its context is JSON for `torch.export.save`."""
-    try:
-        torch.utils._pytree.register_pytree_node(
-            LinearDecayCache, _cache_flatten, _cache_unflatten,
-            serialized_type_name=f"{LinearDecayCache.__module__}.{LinearDecayCache.__qualname__}",
-            flatten_with_keys_fn=_cache_flatten_with_keys,
-            to_dumpable_context=lambda context: json.dumps([context[0], [list(n) for n in context[1]], context[2]]),
-            from_dumpable_context=lambda dumped: (lambda c: (c[0], tuple(tuple(n) for n in c[1]), c[2]))(
-                json.loads(dumped)),
-        )
-    except ValueError as error:  # registered already (the module imported twice under one name)
-        if "already registered" not in str(error):
-            raise
-
-
-_register_cache_pytree()
 
 
 def run_recurrence(q, k, v, log_decay, scale, state_layer, mask=None, cu_seqlens=None):
@@ -532,184 +343,6 @@ class LinearDecayBlock(GradientCheckpointingLayer):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The design in the safetensors metadata (configuration_linear_decay.DESIGN_FIELDS)
-# ----------------------------------------------------------------------------------------------------------------
-
-# The metadata that weights files written in this context get besides transformers' own (None: none).
-_SAVE_METADATA = contextvars.ContextVar("linear_decay_save_metadata", default=None)
-
-
-def _install_save_metadata_hook():
-    """transformers' save_pretrained writes every safetensors file through `modeling_utils.safe_save_file`, with a
-    metadata dict of its own that it offers no way to extend. Wrap that function once: while `_SAVE_METADATA` is set
-    (by `_save_with_design`, for this thread or task only) the files get its entries too; every other call passes
-    through unchanged."""
-    from transformers import modeling_utils
-
-    current = layer = getattr(modeling_utils, "safe_save_file", None)
-    while layer is not None:
-        if getattr(layer, "linear_decay_metadata", None) is _SAVE_METADATA:
-            return
-        layer = getattr(layer, "__wrapped__", None)
-    if current is None:
-        return
-
-    @functools.wraps(current)
-    def safe_save_file(tensors, filename, metadata=None, *args, **kwargs):
-        extra = _SAVE_METADATA.get()
-        if extra:
-            metadata = {**(metadata or {}), **extra}
-        return current(tensors, filename, metadata, *args, **kwargs)
-
-    safe_save_file.linear_decay_metadata = _SAVE_METADATA
-    modeling_utils.safe_save_file = safe_save_file
-
-
-def _with_variant(name, variant):
-    """transformers' weights file names: model.safetensors -> model.VARIANT.safetensors (likewise the index)."""
-    if not variant:
-        return name
-    parts = name.split(".")
-    return ".".join([*parts[:-1], variant, parts[-1]])
-
-
-def _weight_files(directory, variant=None):
-    """The safetensors files of the checkpoint saved in a local `directory` (all shards), [] if there are none."""
-    index = os.path.join(directory, _with_variant("model.safetensors.index.json", variant))
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            shards = sorted(set(json.load(f).get("weight_map", {}).values()))
-        return [os.path.join(directory, shard) for shard in shards if os.path.isfile(os.path.join(directory, shard))]
-    single = os.path.join(directory, _with_variant("model.safetensors", variant))
-    return [single] if os.path.isfile(single) else []
-
-
-def _read_safetensors_header(path):
-    with open(path, "rb") as f:
-        length = int.from_bytes(f.read(8), "little")
-        return json.loads(f.read(length)), 8 + length
-
-
-def safetensors_metadata(path):
-    """The `__metadata__` of a safetensors file (a {str: str} dict; {} if it has none), read from its header only."""
-    header, _ = _read_safetensors_header(path)
-    return header.get("__metadata__") or {}
-
-
-def _add_safetensors_metadata(path, entries):
-    """Rewrite a safetensors file with `entries` added to its header's metadata (the tensor bytes are copied as they
-    are). Only needed where a transformers version writes weights without going through `safe_save_file`."""
-    header, data_start = _read_safetensors_header(path)
-    header["__metadata__"] = {**(header.get("__metadata__") or {}), **entries}
-    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    encoded += b" " * (-len(encoded) % 8)  # the tensor data stays 8-byte aligned
-    partial = f"{path}.partial"
-    with open(path, "rb") as source, open(partial, "wb") as target:
-        target.write(len(encoded).to_bytes(8, "little"))
-        target.write(encoded)
-        source.seek(data_start)
-        shutil.copyfileobj(source, target, 16 << 20)
-    os.replace(partial, path)
-
-
-def design_metadata(config):
-    """The safetensors metadata entry that records a config's design: {DESIGN_METADATA_KEY: JSON of its fields}."""
-    return {DESIGN_METADATA_KEY: json.dumps(config.design(), sort_keys=True)}
-
-
-def saved_design(files):
-    """The design recorded in the metadata of a checkpoint's weights files, or None (saved without it)."""
-    for path in files:
-        entry = safetensors_metadata(path).get(DESIGN_METADATA_KEY)
-        if entry is not None:
-            return json.loads(entry)
-    return None
-
-
-def design_mismatches(saved, config):
-    """[(field, saved value, config value)] for every design field on which `config` contradicts the saved design;
-    fields the checkpoint did not record are not compared."""
-    return [(field, saved[field], getattr(config, field)) for field in DESIGN_FIELDS
-            if field in saved and saved[field] != getattr(config, field)]
-
-
-# The backbone's modules in every design: a checkpoint key under one of them is a parameter of this model family.
-_BACKBONE_MODULES = ("embed_tokens", "tpe", "layers", "norm", "lower_bound_logits")
-_LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
-
-
-def another_design(missing, unexpected, model_keys):
-    """Whether the keys a checkpoint lacks (`missing`) or holds besides the model's (`unexpected`) show weights of
-    another design (decay type, depth, ...) rather than a partial checkpoint of this one: a backbone parameter the
-    model does not have, a layer of the model absent while others are present, or a layer parameter absent from every
-    present layer (of at least two). The LM head and keys outside the backbone are not evidence."""
-    for key in unexpected:
-        parts = key.split(".")
-        if parts[0] == "model":
-            parts = parts[1:]
-        if parts and parts[0] in _BACKBONE_MODULES:
-            return True
-    missing = set(missing)
-    layers = {}  # layer index -> {parameter name inside the layer: present in the checkpoint}
-    for key in model_keys:
-        match = _LAYER_KEY.search(key)
-        if match:
-            layers.setdefault(int(match.group(1)), {})[match.group(2)] = key not in missing
-    present = [index for index, names in layers.items() if any(names.values())]
-    if not present:  # nothing of the layer stack was loaded: an empty or backbone-less checkpoint, no evidence
-        return False
-    if len(present) < len(layers):
-        return True
-    names = set().union(*(layers[index] for index in present))
-    return len(present) >= 2 and any(not any(layers[index].get(name, False) for index in present) for name in names)
-
-
-def _checkpoint_weight_files(name_or_path, kwargs):
-    """The local safetensors files that `from_pretrained(name_or_path, **kwargs)` read: in the folder, or for a Hub
-    id in the local Hub cache (just filled by from_pretrained; nothing is downloaded here). [] when unknown."""
-    if name_or_path is None or kwargs.get("gguf_file") or kwargs.get("state_dict") is not None:
-        return []
-    name_or_path, subfolder, variant = os.fspath(name_or_path), kwargs.get("subfolder") or "", kwargs.get("variant")
-    if os.path.isdir(name_or_path):
-        return _weight_files(os.path.join(name_or_path, subfolder), variant)
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return []
-
-    def cached(name):
-        path = try_to_load_from_cache(name_or_path, "/".join(filter(None, [subfolder, name])),
-                                      cache_dir=kwargs.get("cache_dir"), revision=kwargs.get("revision"))
-        return path if isinstance(path, str) else None
-
-    try:
-        index = cached(_with_variant("model.safetensors.index.json", variant))
-        if index is not None:
-            return _weight_files(os.path.dirname(index), variant)
-        single = cached(_with_variant("model.safetensors", variant))
-    except ValueError:  # not a valid Hub id
-        return []
-    return [single] if single else []
-
-
-def _mismatch_error(name_or_path, config, changed, missing, unexpected):
-    """The ValueError of a checkpoint whose config does not describe its weights: each design field whose saved value
-    the config contradicts, then the parameters only one of them has."""
-    problems = [f"the weights were saved with {field}={saved!r}, the config has {field}={configured!r}"
-                for field, saved, configured in changed]
-    if missing or unexpected:
-        problems.append(f"parameters the config needs but the checkpoint lacks: {missing or 'none'}; parameters the "
-                        f"checkpoint has but the config does not use: {unexpected or 'none'}")
-    c = config
-    return ValueError(
-        f"The weights at {os.fspath(name_or_path)!r} do not match its config (decay_type={c.decay_type!r}, "
-        f"decay_granularity={c.decay_granularity!r}, share_decay={c.share_decay}, position_encoding="
-        f"{c.position_encoding!r}): {'; '.join(problems)}. Was config.json edited after the weights were saved? Pass "
-        f"ignore_mismatched_sizes=True to load anyway (missing parameters are then freshly initialised, and the "
-        f"config's design is used as it is).")
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -761,24 +394,17 @@ class LinearDecayPreTrainedModel(PreTrainedModel):
             model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         except (RuntimeError, ValueError) as error:  # e.g. a size mismatch: name the design field behind it, if any
             config = cls._requested_config(name_or_path, kwargs) if strict else None
-            changed = cls._design_changes(name_or_path, kwargs, config) if config is not None else []
+            changed = checkpoint_design_changes(name_or_path, kwargs, config) if config is not None else []
             if changed:
-                raise _mismatch_error(name_or_path, config, changed, [], []) from error
+                raise mismatch_error(name_or_path, config, changed, [], []) from error
             raise
         if strict:
-            changed = cls._design_changes(name_or_path, kwargs, model.config)
+            changed = checkpoint_design_changes(name_or_path, kwargs, model.config)
             missing = sorted(k for k in info["missing_keys"] if not k.startswith("lm_head"))
             unexpected = sorted(k for k in info["unexpected_keys"] if not k.startswith("lm_head"))
             if changed or ((missing or unexpected) and another_design(missing, unexpected, model.state_dict())):
-                raise _mismatch_error(model.name_or_path, model.config, changed, missing, unexpected)
+                raise mismatch_error(model.name_or_path, model.config, changed, missing, unexpected)
         return (model, info) if want_info else model
-
-    @staticmethod
-    def _design_changes(name_or_path, kwargs, config):
-        """[(field, saved, configured)] where `config` contradicts the design recorded in the safetensors metadata of
-        the checkpoint `from_pretrained(name_or_path, **kwargs)` reads; [] if it recorded none."""
-        saved = saved_design(_checkpoint_weight_files(name_or_path, kwargs))
-        return design_mismatches(saved, config) if saved is not None else []
 
     @classmethod
     def _requested_config(cls, name_or_path, kwargs):
@@ -801,18 +427,9 @@ class LinearDecayPreTrainedModel(PreTrainedModel):
                          tags=[*(self.model_tags or []), *tags])
 
     def _save_with_design(self, save_directory, is_main_process=True, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained` with the design (`design_metadata`) in every weights file's metadata."""
-        _install_save_metadata_hook()
-        entries = design_metadata(self.config)
-        token = _SAVE_METADATA.set(entries)
-        try:
+        """`PreTrainedModel.save_pretrained` with the design (`checkpoint.design_metadata`) in every weights file."""
+        with recording_design(save_directory, self.config, kwargs.get("variant"), is_main_process):
             super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
-        finally:
-            _SAVE_METADATA.reset(token)
-        if is_main_process:  # a transformers version that wrote around the hook: add the entries afterwards
-            for path in _weight_files(os.fspath(save_directory), kwargs.get("variant")):
-                if safetensors_metadata(path).get(DESIGN_METADATA_KEY) != entries[DESIGN_METADATA_KEY]:
-                    _add_safetensors_metadata(path, entries)
 
     def save_pretrained(self, save_directory, is_main_process=True, *args, push_to_hub=False, **kwargs):
         """`PreTrainedModel.save_pretrained`, plus the design in the safetensors metadata (checked again by
@@ -1011,145 +628,6 @@ class LinearDecayModel(LinearDecayPreTrainedModel):
         return positions
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Chunked linear cross-entropy (config.loss_chunk_size)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Σ_t CE(h_t Wᵀ, y_t) / divisor over rows with y_t ≠ -100, `chunk` rows at a time: each chunk's logits (fp32
-    softmax) exist only inside the loop, and the gradients to h and W are formed there too (∂CE/∂logits =
-    softmax − onehot), so nothing of size [N, vocab] is kept for the backward pass. Ignored rows are computed and
-    zeroed rather than skipped or gathered out, and the divisor stays a tensor: the loss makes no host-device
-    synchronisation, so the host can queue the backward while the GPU still runs the forward."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk, divisor):
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None  # every row written below
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, hidden.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            targets = labels[rows]
-            valid = (targets != -100)[:, None]
-            targets = targets.clamp(min=0)[:, None]  # ignored rows pick class 0, then count nothing
-            h = hidden[rows]
-            logits = (h @ weight.t()).float()
-            log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
-            total += torch.where(valid, log_norm - logits.gather(1, targets), 0.0).sum()
-            if grad_hidden is None and grad_weight is None:
-                continue
-            grad_logits = torch.softmax(logits, dim=-1)
-            grad_logits.scatter_add_(1, targets, torch.full_like(log_norm, -1.0))
-            grad_logits = torch.where(valid, grad_logits / divisor, 0.0).to(weight.dtype)
-            if grad_hidden is not None:
-                grad_hidden[rows] = (grad_logits @ weight).to(hidden.dtype)
-            if grad_weight is not None:
-                grad_weight += (grad_logits.t() @ h).float()
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
-        return total / divisor
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return (grad_hidden * grad_output.to(grad_hidden.dtype) if grad_hidden is not None else None,
-                (grad_weight * grad_output).to(ctx.weight_dtype) if grad_weight is not None else None,
-                None, None, None)
-
-
-def chunked_linear_cross_entropy(hidden_states, weight, labels, chunk, num_items_in_batch=None):
-    """The causal-LM loss of transformers' ForCausalLMLoss (labels shifted left by one, -100 ignored; mean over the
-    labelled tokens, or their sum / `num_items_in_batch` under gradient accumulation) from the last hidden states and
-    the LM head's weight, without materialising the logits (DESIGN §1's head; `config.loss_chunk_size`)."""
-    targets, divisor = causal_lm_targets(labels, num_items_in_batch, hidden_states.device)
-    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk, divisor)
-
-
-def causal_lm_targets(labels, num_items_in_batch, device):
-    """ForCausalLMLoss's targets and divisor: labels shifted left by one (the last position of each row -100), flat;
-    the number of labelled targets, or num_items_in_batch, as an fp32 device tensor (nan where nothing is labelled,
-    as transformers' mean) — no host-device synchronisation."""
-    targets = F.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1).to(device)
-    divisor = (targets != -100).sum() if num_items_in_batch is None else num_items_in_batch
-    divisor = torch.as_tensor(divisor, device=device).to(torch.float32)
-    return targets, torch.where(divisor > 0, divisor, float("nan"))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# CUDA-graph decoding (config.decode_cuda_graphs)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-class DecodeGraph:
-    """One-token decoding steps of a model on one cache, replayed as a CUDA graph.
-
-    The cache is pinned (states updated in place, so their addresses are fixed), the step runs twice on a side
-    stream to compile and warm up every kernel, the states are restored from a snapshot, and the step is captured
-    with a static input buffer. Each call then copies the new tokens into that buffer and replays: the whole step
-    (embedding, every layer, the head) is one launch. `capture=False` keeps all of this but runs the step eagerly on
-    the static buffer (what CPU tests exercise; the graph itself needs CUDA)."""
-
-    @staticmethod
-    def enabled_on(input_ids):
-        """CUDA tensors only: CPU decoding has no launch overhead to remove."""
-        return input_ids is not None and input_ids.is_cuda
-
-    def __init__(self, model, cache, input_ids, capture=True):
-        self.batch_size, self.capture = input_ids.shape[0], capture
-        cache.pin()
-        names_before = [sorted(layer.tensors) for layer in cache._all_layers()]
-        snapshot = [t.clone() for t in cache.state_tensors()]
-        seen = cache.seen_tokens
-        self.static_ids = input_ids.clone()
-        if capture:
-            side = torch.cuda.Stream(device=input_ids.device)
-            side.wait_stream(torch.cuda.current_stream(input_ids.device))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._step(model, cache)
-            torch.cuda.current_stream(input_ids.device).wait_stream(side)
-        else:
-            self._step(model, cache)
-        if [sorted(layer.tensors) for layer in cache._all_layers()] != names_before:
-            raise RuntimeError("a decoding step created cache state that the prefill did not: cannot pin it")
-        for tensor, saved in zip(cache.state_tensors(), snapshot):
-            tensor.copy_(saved)
-        self.addresses = self._addresses(cache)
-        if capture:
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.static_logits = self._step(model, cache)
-        cache.seen_tokens = seen
-
-    def _step(self, model, cache):
-        model.model.tokens_checked = True
-        try:
-            hidden = model.model(input_ids=self.static_ids, cache=cache, use_cache=True).last_hidden_state
-        finally:
-            model.model.tokens_checked = False
-        return model.lm_head(hidden)
-
-    @staticmethod
-    def _addresses(cache):
-        return [t.data_ptr() for t in cache.state_tensors()]
-
-    def matches(self, cache, input_ids):
-        """Whether this graph still reads this cache's tensors for a batch of this size."""
-        return input_ids.shape[0] == self.batch_size and self._addresses(cache) == self.addresses
-
-    def __call__(self, model, cache, input_ids):
-        self.static_ids.copy_(input_ids)
-        if self.capture:
-            self.graph.replay()
-            logits = self.static_logits.clone()
-            cache.seen_tokens += 1
-        else:
-            logits = self._step(model, cache)
-        return logits
-
-
 class LinearDecayForCausalLM(LinearDecayPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -1238,7 +716,7 @@ class LinearDecayForCausalLM(LinearDecayPreTrainedModel, GenerationMixin):
         return classes if classes is not None else self.config.get_text_config().vocab_size
 
     def _loss(self, logits, labels, kwargs):
-        """transformers' causal-LM loss (`self.loss_function`); on the fused cross-entropy kernel (kernels_loss) where
+        """transformers' causal-LM loss (`self.loss_function`); on the fused cross-entropy kernel (`ops_loss`) where
         the kernels run and the loss is that default one with no option but num_items_in_batch — the same numbers
         without the fp32 copies of the logits."""
         if (cross_entropy is None or not use_fused_kernels(logits) or self.loss_function is not ForCausalLMLoss

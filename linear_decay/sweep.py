@@ -339,7 +339,7 @@ def run_environment(device):
     one GPU they are a share of it, not a speed benchmark)."""
     import transformers
 
-    from .recurrence_linear_decay import resolve_backend
+    from .recurrence import resolve_backend
 
     return {"torch": torch.__version__, "transformers": transformers.__version__,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

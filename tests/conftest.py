@@ -45,7 +45,7 @@ def assert_fused_kernel_matches_torch(monkeypatch, config, kernel_name, seed=5, 
     "torch" — and gives the torch backend's logits and gradients. The recurrence under "triton" is pinned to the torch
     path so that only the fused pieces differ between the two runs."""
     import linear_decay.modeling_linear_decay as modeling
-    from linear_decay.recurrence_linear_decay import BACKENDS, chunked_recurrence
+    from linear_decay.recurrence import BACKENDS, chunked_recurrence
 
     monkeypatch.setitem(BACKENDS, "triton", chunked_recurrence)
     kernel, calls = getattr(modeling, kernel_name), []

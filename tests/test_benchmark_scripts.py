@@ -104,7 +104,7 @@ def test_model_benchmark_backward_thread_switch(tmp_path):
 def test_host_overhead_benchmark_runs_on_cpu(tmp_path):
     """benchmarks/host_overhead.py's pieces, blocks and profiles (the kernels under the interpreter): every row timed,
     each block also with the calling-thread backward, and the autograd functions unwrapped after --block-profile."""
-    from linear_decay.kernels_norm_linear_decay import GatedRMSNormFunction
+    from linear_decay.ops_norm import GatedRMSNormFunction
 
     forward, backward = GatedRMSNormFunction.forward, GatedRMSNormFunction.backward
     out = tmp_path / "host.json"
@@ -126,7 +126,7 @@ def test_kernel_benchmark_strengths_and_sections_on_cpu(tmp_path, monkeypatch, c
 
     import torch
 
-    from linear_decay.recurrence_linear_decay import chunked_recurrence
+    from linear_decay.recurrence import chunked_recurrence
 
     bench = load("bench_kernels")
     gen = torch.Generator().manual_seed(0)

@@ -12,7 +12,7 @@ tensors in Triton's interpreter (conftest sets TRITON_INTERPRET=1 without a GPU)
 - torch.export of the model and of the decoding step: the ops in the exported graph, eager's results.
 
 Small shapes: under the interpreter every kernel program runs in Python. The CUDA counterpart (Inductor, bf16) is in
-tests/test_kernels_gpu.py.
+tests/test_ops_gpu.py.
 """
 
 import copy
@@ -23,11 +23,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("triton")
 
-from linear_decay import kernels_chunk_linear_decay as chunk_kernels  # noqa: E402
-from linear_decay import recurrence_linear_decay as recurrence  # noqa: E402
-from linear_decay.kernels_chunk_linear_decay import CHUNK, chunk_backward, chunk_forward  # noqa: E402
-from linear_decay.kernels_chunk_linear_decay import triton_chunked_recurrence  # noqa: E402
-from linear_decay.kernels_recurrent_linear_decay import recurrent_step, triton_fused_recurrent  # noqa: E402
+from linear_decay import ops_chunk as chunk_kernels  # noqa: E402
+from linear_decay import recurrence as recurrence  # noqa: E402
+from linear_decay.ops_chunk import CHUNK, chunk_backward, chunk_forward  # noqa: E402
+from linear_decay.ops_chunk import triton_chunked_recurrence  # noqa: E402
+from linear_decay.ops_recurrent import recurrent_step, triton_fused_recurrent  # noqa: E402
 from linear_decay.modeling_linear_decay import CACHE_FIELD  # noqa: E402
 
 from conftest import perturbed_model, relative_error, tiny_config  # noqa: E402

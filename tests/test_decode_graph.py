@@ -2,7 +2,7 @@
 
 `DecodeGraph(capture=False)` pins the cache, warms the step up, restores the states from the snapshot and then runs
 each step on its static input buffer, exactly the bookkeeping the captured graph relies on; the captured replay is
-tested on the GPU (tests/test_kernels_gpu.py). References: generate() with the option off (the plain eager path).
+tested on the GPU (tests/test_ops_gpu.py). References: generate() with the option off (the plain eager path).
 """
 
 import pytest

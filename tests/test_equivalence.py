@@ -17,7 +17,7 @@ import functools
 import pytest
 import torch
 
-import linear_decay.recurrence_linear_decay as rec
+import linear_decay.recurrence as rec
 from linear_decay import LinearDecayForCausalLM, valid_combinations
 
 from conftest import combo_id, perturbed_model, relative_error, tiny_config

@@ -15,8 +15,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from linear_decay import LinearDecayForCausalLM, LinearDecayModel
-from linear_decay import recurrence_linear_decay as rec
-from linear_decay.modeling_linear_decay import CACHE_FIELD, LinearDecayCache
+from linear_decay import recurrence as rec
+from linear_decay.generation import LinearDecayCache
+from linear_decay.modeling_linear_decay import CACHE_FIELD
 
 from conftest import perturbed_model, relative_error, tiny_config
 

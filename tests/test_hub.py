@@ -34,8 +34,8 @@ REPO_ROOT = Path(linear_decay.__file__).resolve().parent.parent
 REPO_ID = "linear-decay-test/tiny"
 TEXT = "HELENA. Our remedies oft in ourselves do lie,\nWhich we ascribe to heaven."
 PROMPT_TOKENS, NEW_TOKENS = 8, 8
-CODE_FILES = ("configuration_linear_decay.py", "modeling_linear_decay.py", "decay_linear_decay.py",
-              "recurrence_linear_decay.py")
+CODE_FILES = ("configuration_linear_decay.py", "modeling_linear_decay.py", "decay.py", "recurrence.py",
+              "generation.py", "checkpoint.py", "loss.py")
 
 PUSH_SCRIPT = textwrap.dedent(
     """

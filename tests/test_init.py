@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import linear_decay.recurrence_linear_decay as rec
+import linear_decay.recurrence as rec
 from linear_decay import LinearDecayForCausalLM
 
 from conftest import perturbed_model, relative_error, tiny_config

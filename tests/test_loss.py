@@ -130,7 +130,7 @@ def test_chunked_loss_never_reads_the_device(num_items):
     while the forward still runs): no op that reads a value to the host, and no boolean-mask indexing."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from linear_decay.modeling_linear_decay import chunked_linear_cross_entropy
+    from linear_decay.loss import chunked_linear_cross_entropy
 
     reading = {"aten::_local_scalar_dense", "aten::nonzero", "aten::item", "aten::is_nonzero", "aten::masked_select"}
     seen = []

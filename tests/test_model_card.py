@@ -8,7 +8,7 @@ from huggingface_hub import ModelCard
 
 from conftest import tiny_config
 from linear_decay import LinearDecayForCausalLM
-from linear_decay.decay_linear_decay import DECAY_REGISTRY
+from linear_decay.decay import DECAY_REGISTRY
 from linear_decay.model_card import GENERATED_MARKER, LM_EVAL_FILE, TRAINING_FILE, count_parameters, write_model_card
 
 DESIGNS = [

@@ -123,7 +123,7 @@ def test_packing_is_read_to_the_host_once_per_forward(monkeypatch, source):
     a device value to the host does not grow with the depth, and the layout is built once."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    import linear_decay.kernels_chunk_linear_decay as kernels
+    import linear_decay.ops_chunk as kernels
 
     monkeypatch.setenv("LINEAR_DECAY_BACKEND", "triton")
     layouts = []

@@ -7,8 +7,8 @@ against the parallel form written out here in fp64.
 import pytest
 import torch
 
-import linear_decay.recurrence_linear_decay as rec
-from linear_decay.recurrence_linear_decay import (
+import linear_decay.recurrence as rec
+from linear_decay.recurrence import (
     chunked_recurrence,
     fused_recurrent,
     linear_decay_attention,

@@ -23,8 +23,8 @@ from linear_decay.configuration_linear_decay import DESIGN_FIELDS
 from conftest import perturbed_model, relative_error, tiny_config
 
 REPO_ROOT = Path(linear_decay.__file__).resolve().parent.parent
-CODE_FILES = ("configuration_linear_decay.py", "modeling_linear_decay.py", "decay_linear_decay.py",
-              "recurrence_linear_decay.py")
+CODE_FILES = ("configuration_linear_decay.py", "modeling_linear_decay.py", "decay.py", "recurrence.py",
+              "generation.py", "checkpoint.py", "loss.py")
 
 # Diverse points: data-dependent vector decay with HGRN2's learned lower bound, shared keys with LightNet's running
 # normaliser and rope, a learned static decay with TPE, lrpe (doubled key dim) with tied embeddings.
@@ -272,10 +272,10 @@ def test_design_is_added_when_transformers_writes_around_the_hook(tmp_path, monk
     from safetensors.torch import save_file as plain_save_file
     from transformers import modeling_utils
 
-    import linear_decay.modeling_linear_decay as modeling
+    import linear_decay.checkpoint as checkpoint
 
     monkeypatch.setattr(modeling_utils, "safe_save_file", plain_save_file)
-    monkeypatch.setattr(modeling, "_install_save_metadata_hook", lambda: None)
+    monkeypatch.setattr(checkpoint, "install_save_metadata_hook", lambda: None)
     model = make_model("tnl_l-scalar-tpe")
     model.save_pretrained(tmp_path)
     assert recorded_design(tmp_path / "model.safetensors")["position_encoding"] == "tpe"

@@ -1,11 +1,11 @@
-"""The kernel modules' host arithmetic (`kernels_host_linear_decay`) against Python's own integer arithmetic."""
+"""The kernel modules' host arithmetic (`ops_host`) against Python's own integer arithmetic."""
 
 import math
 
 import pytest
 import torch
 
-from linear_decay.kernels_host_linear_decay import cdiv, next_power_of_2, sm_count
+from linear_decay.ops_host import cdiv, next_power_of_2, sm_count
 
 
 @pytest.mark.parametrize("divisor", [1, 2, 3, 16, 64, 1000])
@@ -36,7 +36,7 @@ def test_sm_count_matches_the_device_properties():
 def test_per_tensor_keeps_a_value_while_the_tensor_lives_unchanged():
     import gc
 
-    from linear_decay.kernels_host_linear_decay import _PER_TENSOR, per_tensor
+    from linear_decay.ops_host import _PER_TENSOR, per_tensor
 
     calls = []
 

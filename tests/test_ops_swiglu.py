@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from linear_decay.kernels_swiglu_linear_decay import BLOCK, swiglu, swiglu_reference  # noqa: E402
+from linear_decay.ops_swiglu import BLOCK, swiglu, swiglu_reference  # noqa: E402
 
 from conftest import assert_fused_kernel_matches_torch, relative_error, tiny_config  # noqa: E402
 

@@ -3,7 +3,7 @@
     o, final_state = triton_fused_recurrent(q, k, v, log_decay, scale=1.0, initial_state=None,
                                             output_final_state=False)
 
-Exactly the contract of `recurrence_linear_decay.fused_recurrent` (shapes, decay forms, fp32 state, o in v's dtype):
+Exactly the contract of `recurrence.fused_recurrent` (shapes, decay forms, fp32 state, o in v's dtype):
 
     S_t = diag(λ_t) S_{t-1} + k_t v_tᵀ,   o_t = scale · S_tᵀ q_t   (the current token is not decayed)
 
@@ -34,7 +34,7 @@ except ImportError as error:  # CPU-only torch ships without Triton: the PyTorch
 
 import torch
 
-from .kernels_host_linear_decay import cdiv, next_power_of_2, op_name
+from .ops_host import cdiv, next_power_of_2, op_name
 
 MAX_HEAD_DIM = 256
 # fp32 state elements one program keeps in registers, 32 per thread (K=128 -> BV=64 at 8 warps: 64 registers a
@@ -193,7 +193,7 @@ def triton_fused_recurrent(q, k, v, log_decay=None, scale=1.0, initial_state=Non
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         raise RuntimeError(
             "triton_fused_recurrent is inference-only (no backward): route calls that need gradients to the "
-            "PyTorch path (recurrence_linear_decay.fused_recurrent / chunked_recurrence)"
+            "PyTorch path (recurrence.fused_recurrent / chunked_recurrence)"
         )
     if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"q, k must be [B, T, H, K] and v [B, T, H, V]; got {tuple(q.shape)}, {tuple(k.shape)}, "

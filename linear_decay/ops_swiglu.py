@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .kernels_host_linear_decay import cdiv
+from .ops_host import cdiv
 
 BLOCK = 1024  # elements per program
 

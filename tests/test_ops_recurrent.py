@@ -12,8 +12,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from linear_decay.kernels_recurrent_linear_decay import triton_fused_recurrent  # noqa: E402
-from linear_decay.recurrence_linear_decay import naive_recurrence  # noqa: E402
+from linear_decay.ops_recurrent import triton_fused_recurrent  # noqa: E402
+from linear_decay.recurrence import naive_recurrence  # noqa: E402
 
 from conftest import relative_error  # noqa: E402
 

@@ -1,8 +1,8 @@
-"""The chunked Triton kernels (kernels_chunk_linear_decay) against the float64 token-by-token oracle, in Triton's
+"""The chunked Triton kernels (ops_chunk) against the float64 token-by-token oracle, in Triton's
 interpreter on CPU (conftest sets TRITON_INTERPRET=1 without a GPU): forward, final state and every gradient, for
 vector, scalar, static and no decay; packed sequences; lengths that are not a multiple of the chunk; decays from
 mild to far stronger than trained models reach. fp32 (and fp16 inputs) only on CPU (DESIGN §7: bf16 dots are wrong
-under the interpreter); bf16 is tested on the GPU (test_kernels_gpu.py)."""
+under the interpreter); bf16 is tested on the GPU (test_ops_gpu.py)."""
 
 import pytest
 import torch
@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from linear_decay import recurrence_linear_decay as recurrence  # noqa: E402
-from linear_decay import kernels_chunk_linear_decay as kernels  # noqa: E402
-from linear_decay.kernels_chunk_linear_decay import CHUNK, triton_chunked_recurrence  # noqa: E402
-from linear_decay.recurrence_linear_decay import naive_recurrence  # noqa: E402
+from linear_decay import recurrence as recurrence  # noqa: E402
+from linear_decay import ops_chunk as kernels  # noqa: E402
+from linear_decay.ops_chunk import CHUNK, triton_chunked_recurrence  # noqa: E402
+from linear_decay.recurrence import naive_recurrence  # noqa: E402
 
 from conftest import perturbed_model, relative_error, tiny_config  # noqa: E402
 

@@ -29,7 +29,7 @@ except ImportError as error:  # CPU-only torch ships without Triton: the PyTorch
 import torch
 from torch.autograd.function import once_differentiable
 
-from .kernels_host_linear_decay import next_power_of_2
+from .ops_host import next_power_of_2
 
 BLOCK = 4096  # logits of one row per loop step (16 per thread at 8 warps)
 

@@ -13,9 +13,9 @@ import torch
 pytest.importorskip("triton")
 
 import linear_decay.modeling_linear_decay as modeling  # noqa: E402
-from linear_decay.kernels_norm_linear_decay import gated_rms_norm, gated_rms_norm_reference, rms_norm  # noqa: E402
+from linear_decay.ops_norm import gated_rms_norm, gated_rms_norm_reference, rms_norm  # noqa: E402
 from linear_decay.modeling_linear_decay import LinearDecayRMSNorm  # noqa: E402
-from linear_decay.recurrence_linear_decay import BACKENDS, chunked_recurrence  # noqa: E402
+from linear_decay.recurrence import BACKENDS, chunked_recurrence  # noqa: E402
 
 from conftest import perturbed_model, relative_error, tiny_config  # noqa: E402
 

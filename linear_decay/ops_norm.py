@@ -26,7 +26,7 @@ except ImportError as error:  # CPU-only torch ships without Triton: the PyTorch
 import torch
 from torch.autograd.function import once_differentiable
 
-from .kernels_host_linear_decay import cdiv, next_power_of_2, sm_count
+from .ops_host import cdiv, next_power_of_2, sm_count
 
 MAX_HIDDEN_SIZE = 65536  # one row sits in one program's registers / local memory
 # Backward programs on the GPU (a few per SM: enough parallelism, few weight-gradient partials to sum).

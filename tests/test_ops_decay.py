@@ -8,8 +8,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from linear_decay.decay_linear_decay import DECAY_REGISTRY  # noqa: E402
-from linear_decay.kernels_decay_linear_decay import softplus_decay  # noqa: E402
+from linear_decay.decay import DECAY_REGISTRY  # noqa: E402
+from linear_decay.ops_decay import softplus_decay  # noqa: E402
 
 from conftest import assert_fused_kernel_matches_torch, relative_error, tiny_config  # noqa: E402
 

@@ -35,8 +35,9 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("the Triton kernel tests need a CUDA GPU", allow_module_level=True)
 
-from linear_decay.modeling_linear_decay import CACHE_FIELD, RECURRENT_MAX_TOKENS, DecodeGraph  # noqa: E402
-from linear_decay.recurrence_linear_decay import BACKENDS, naive_recurrence, resolve_backend  # noqa: E402
+from linear_decay.generation import DecodeGraph  # noqa: E402
+from linear_decay.modeling_linear_decay import CACHE_FIELD, RECURRENT_MAX_TOKENS  # noqa: E402
+from linear_decay.recurrence import BACKENDS, naive_recurrence, resolve_backend  # noqa: E402
 
 from conftest import perturbed_model, relative_error, tiny_config  # noqa: E402
 
@@ -47,12 +48,12 @@ KINDS = ("vector", "scalar", "static", "none")
 
 
 def chunk_kernel():
-    from linear_decay.kernels_chunk_linear_decay import triton_chunked_recurrence
+    from linear_decay.ops_chunk import triton_chunked_recurrence
     return triton_chunked_recurrence
 
 
 def decode_kernel():
-    from linear_decay.kernels_recurrent_linear_decay import triton_fused_recurrent
+    from linear_decay.ops_recurrent import triton_fused_recurrent
     return triton_fused_recurrent
 
 
@@ -224,7 +225,7 @@ ACCEPTANCE_TOL = 5e-3
 @pytest.mark.parametrize("length", [63, 2048, 16384])
 @pytest.mark.parametrize("kind", ["vector", "scalar", "static"])
 def test_acceptance_grid_bf16(kind, length, head_dim, walks, monkeypatch):
-    from linear_decay import kernels_chunk_linear_decay as kernels
+    from linear_decay import ops_chunk as kernels
 
     if walks == "whole":
         if length <= kernels.CHUNK:
@@ -260,7 +261,7 @@ def test_chunk_state_flags(flags, kind):
 @pytest.mark.parametrize("dtype", list(DIMS_FOR_DTYPE), ids=DTYPE_NAME.get)
 @pytest.mark.parametrize("kind", KINDS)
 def test_chunk_value_blocks_match_oracle(kind, dtype, block_v, monkeypatch):
-    from linear_decay import kernels_chunk_linear_decay as kernels
+    from linear_decay import ops_chunk as kernels
 
     for kernel in kernels.TUNING:
         monkeypatch.setitem(kernels.TUNING, kernel, {**kernels.TUNING[kernel], "block_v": block_v})
@@ -399,7 +400,7 @@ def test_chunk_inference_mode_matches_autograd():
 
 
 def test_backend_registered_on_cuda():
-    assert "triton" in BACKENDS, "the Triton kernels did not register in recurrence_linear_decay.BACKENDS"
+    assert "triton" in BACKENDS, "the Triton kernels did not register in recurrence.BACKENDS"
     assert resolve_backend("cuda", "auto") == "triton"
 
 

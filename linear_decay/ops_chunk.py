@@ -3,10 +3,10 @@
     o, final_state = triton_chunked_recurrence(q, k, v, log_decay, scale, initial_state, output_final_state,
                                                cu_seqlens=None)
 
-Same contract as `recurrence_linear_decay.chunked_recurrence` (whose docstring gives the shapes), plus `cu_seqlens`:
+Same contract as `recurrence.chunked_recurrence` (whose docstring gives the shapes), plus `cu_seqlens`:
 int32 offsets [N + 1] of N sequences packed along T of a batch of one (varlen); initial/final states are then
 [N, H, K, V]. A regular batch [B, T] runs as B packed sequences of length T, so every kernel below sees packed
-sequences. The oracle is `recurrence_linear_decay.naive_recurrence`; `chunked_recurrence` is the PyTorch twin.
+sequences. The oracle is `recurrence.naive_recurrence`; `chunked_recurrence` is the PyTorch twin.
 
 Algorithm (per head; b = cumulative log λ within a chunk of CHUNK tokens, fp32; q is pre-multiplied by `scale`):
 
@@ -45,12 +45,12 @@ import functools
 
 import torch
 
-from .kernels_host_linear_decay import cdiv, next_power_of_2, op_name, per_tensor, sm_count
+from .ops_host import cdiv, next_power_of_2, op_name, per_tensor, sm_count
 
 try:
     import triton
     import triton.language as tl
-except ImportError as error:  # CPU-only torch ships without Triton: recurrence_linear_decay keeps the PyTorch path
+except ImportError as error:  # CPU-only torch ships without Triton: recurrence keeps the PyTorch path
     raise ImportError("Triton is not installed") from error
 
 CHUNK = 64

@@ -18,7 +18,7 @@
 - `fused_recurrent`: token-by-token state update for decoding (a few tokens per call).
 `linear_decay_attention` (training / prefill, optionally on packed sequences with `cu_seqlens`) and `recurrent_step`
 (decoding) dispatch between backends (`LINEAR_DECAY_BACKEND=torch|triton|naive|auto`; auto: Triton for CUDA tensors,
-PyTorch for CPU tensors). The Triton kernels (`kernels_chunk_linear_decay`, `kernels_recurrent_linear_decay`) register
+PyTorch for CPU tensors). The Triton kernels (`ops_chunk`, `ops_recurrent`) register
 themselves when `triton` imports; `triton` forces them, on CPU tensors too under TRITON_INTERPRET=1.
 """
 
@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from .kernels_host_linear_decay import per_tensor
+from .ops_host import per_tensor
 
 BACKENDS = {}
 
@@ -195,14 +195,14 @@ DECODE_BACKENDS = {"torch": fused_recurrent, "naive": naive_recurrence}
 VARLEN_BACKENDS = set()  # backends that take cu_seqlens themselves; the others run packed sequences one by one
 
 try:  # the Triton kernels (GPU, or CPU tensors under TRITON_INTERPRET=1); absent with CPU-only torch
-    from .kernels_chunk_linear_decay import triton_chunked_recurrence
+    from .ops_chunk import triton_chunked_recurrence
 
     BACKENDS["triton"] = triton_chunked_recurrence  # custom ops: torch.compile / torch.export trace through them
     VARLEN_BACKENDS.add("triton")
 except ImportError:
     pass
 try:
-    from .kernels_recurrent_linear_decay import triton_fused_recurrent
+    from .ops_recurrent import triton_fused_recurrent
 
     DECODE_BACKENDS["triton"] = triton_fused_recurrent
 except ImportError:

@@ -2,7 +2,7 @@
 
     log_decay = softplus_decay(z, coefficient, bias)    Triton forward and backward (autograd)
 
-Its PyTorch reference is the unit itself (`decay_linear_decay.Mamba2Decay.log_decay`, which the tests compare with).
+Its PyTorch reference is the unit itself (`decay.Mamba2Decay.log_decay`, which the tests compare with).
 
 c and b are per channel ([D] fp32, or None for 1 and 0: the ablations without A or dt_bias); z is [..., D] in any
 float dtype, log λ fp32. The units of this form say so (`DecayParameterization.softplus_form`): mamba2 and its three
@@ -27,7 +27,7 @@ except ImportError as error:  # CPU-only torch ships without Triton: the PyTorch
 import torch
 from torch.autograd.function import once_differentiable
 
-from .kernels_host_linear_decay import cdiv, next_power_of_2, sm_count
+from .ops_host import cdiv, next_power_of_2, sm_count
 
 TILE = 2048  # elements of one [rows, channels] tile: 16 per thread at 4 warps (71-116 registers on sm_90, no spills)
 PROGRAMS_PER_SM = 4  # backward: programs that loop over rows, each writing one partial column sum per parameter

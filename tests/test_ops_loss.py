@@ -10,8 +10,8 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 
 pytest.importorskip("triton")
 
-from linear_decay.kernels_loss_linear_decay import BLOCK, cross_entropy  # noqa: E402
-from linear_decay.modeling_linear_decay import causal_lm_targets  # noqa: E402
+from linear_decay.ops_loss import BLOCK, cross_entropy  # noqa: E402
+from linear_decay.loss import causal_lm_targets  # noqa: E402
 
 from conftest import assert_fused_kernel_matches_torch, relative_error, tiny_config  # noqa: E402
 

@@ -45,7 +45,7 @@ class DecayParameterization(nn.Module):
     `mask` ([B, T] bool, True = real token) makes padded positions keep the state untouched: log λ = 0 there (DESIGN §1).
     `normaliser` is only used by LightNet (its running log-sum-exp, carried by the cache); others pass it through.
     Static decays (no logits, `z=None`) return one log λ per head on `device`.
-    `softplus_kernel` (the model passes kernels_decay_linear_decay.softplus_decay on the GPU): units whose log λ has
+    `softplus_kernel` (the model passes ops_decay.softplus_decay on the GPU): units whose log λ has
     the form −c ⊙ softplus(z + b) (`softplus_form`: mamba2 and its ablations) compute it in that one fused kernel
     instead of `log_decay`.
     """
