@@ -44,7 +44,7 @@ def decay_statistics(model, input_ids, attention_mask=None):
     assert all(isinstance(unit, DecayParameterization) for unit in units)
     captured = {}
     hooks = [
-        unit.register_forward_hook(lambda module, args, output, i=i: captured.__setitem__(i, output[0]))
+        unit.register_forward_hook(lambda module, args, output, i=i: captured.__setitem__(i, output))
         for i, unit in enumerate(units)
     ]
     try:

@@ -12,6 +12,7 @@ import re
 import shutil
 
 from .configuration_linear_decay import DESIGN_FIELDS, DESIGN_METADATA_KEY
+from .decay import DECAY_REGISTRY
 
 # The metadata that weights files written in this context get besides transformers' own (None: none).
 SAVE_METADATA = contextvars.ContextVar("linear_decay_save_metadata", default=None)
@@ -112,7 +113,13 @@ def design_mismatches(saved, config):
 
 
 # The backbone's modules in every design: a checkpoint key under one of them is a parameter of this model family.
-_BACKBONE_MODULES = ("embed_tokens", "tpe", "layers", "norm", "lower_bound_logits")
+_BACKBONE_MODULES = ("embed_tokens", "tpe", "layers", "norm")
+
+
+def _backbone_modules():
+    """The backbone's own modules and every registered decay type's model-level parameters (`decay`)."""
+    return (*_BACKBONE_MODULES,
+            *(name for spec in DECAY_REGISTRY.values() for name in spec.module.model_parameter_names))
 _LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
 
 
@@ -125,7 +132,7 @@ def another_design(missing, unexpected, model_keys):
         parts = key.split(".")
         if parts[0] == "model":
             parts = parts[1:]
-        if parts and parts[0] in _BACKBONE_MODULES:
+        if parts and parts[0] in _backbone_modules():
             return True
     missing = set(missing)
     layers = {}  # layer index -> {parameter name inside the layer: present in the checkpoint}

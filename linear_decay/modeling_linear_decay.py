@@ -246,10 +246,9 @@ class LinearDecayAttention(nn.Module):
         self.out_norm = LinearDecayRMSNorm(hidden, eps=config.rms_norm_eps)
         self.o_proj = nn.Linear(hidden, hidden, bias=False)
 
-    def forward(self, x, mask=None, positions=None, lower_bound=None, state_layer=None, cu_seqlens=None):
+    def forward(self, x, mask=None, positions=None, decay_context=None, state_layer=None, cu_seqlens=None):
         batch, length, hidden = x.shape
         heads, head_dim = self.num_heads, self.head_dim
-        normaliser = state_layer.get("normaliser") if state_layer is not None else None
 
         # every projection of x in one matmul: W_q x, W_k x, W_v x, the decay's (its first layer when low-rank) and
         # the gate's first layer
@@ -265,11 +264,11 @@ class LinearDecayAttention(nn.Module):
         q = F.silu(q)
         if self.share_decay:  # DESIGN §3: z = W_k x, k derived from the decay
             z = k.float()
-            log_decay, normaliser = self._decay(z, mask, lower_bound, normaliser, x.device, cu_seqlens)
+            log_decay = self._decay(z, mask, decay_context, state_layer, x.device, cu_seqlens)
             k = self.decay.shared_key(z, log_decay).to(x.dtype)
         else:
             k = F.silu(k)
-            log_decay, normaliser = self._decay(z, mask, lower_bound, normaliser, x.device, cu_seqlens)
+            log_decay = self._decay(z, mask, decay_context, state_layer, x.device, cu_seqlens)
         if mask is not None:
             k = k * mask.unsqueeze(-1).to(k.dtype)
 
@@ -285,8 +284,6 @@ class LinearDecayAttention(nn.Module):
                 log_decay = torch.cat([log_decay, log_decay], dim=-1)
 
         o = run_recurrence(q, k, v, log_decay, self.scale, state_layer, mask=mask, cu_seqlens=cu_seqlens)
-        if state_layer is not None and normaliser is not None:
-            state_layer.set("normaliser", normaliser)
 
         o = o.reshape(batch, length, hidden)
         if self.gate_proj is not None:
@@ -296,17 +293,18 @@ class LinearDecayAttention(nn.Module):
             o = o * torch.sigmoid(gate_logits)
         return self.o_proj(self.out_norm(o))
 
-    def _decay(self, z, mask, lower_bound, normaliser, device, cu_seqlens):
-        """The decay unit's (log λ, normaliser); with packed documents a position-dependent unit (LightNet's running
-        normaliser) restarts at every document, so it runs document by document."""
+    def _decay(self, z, mask, context, state_layer, device, cu_seqlens):
+        """The decay unit's log λ (its state, if any, read from and written to `state_layer`); with packed documents a
+        position-dependent unit (LightNet's running normaliser) restarts at every document, so it runs document by
+        document (packed documents keep no cache)."""
         if cu_seqlens is None or not self.decay.position_dependent:
             kernel = softplus_decay if z is not None and use_fused_kernels(z) else None
-            return self.decay(z, mask=mask, lower_bound=lower_bound, normaliser=normaliser, device=device,
+            return self.decay(z, mask=mask, context=context, state_layer=state_layer, device=device,
                               softplus_kernel=kernel)
         flat = z.reshape(1, -1, z.shape[-1])
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-        pieces = [self.decay(piece, lower_bound=lower_bound, device=device)[0] for piece in flat.split(lengths, dim=1)]
-        return torch.cat(pieces, dim=1).reshape(z.shape), None
+        pieces = [self.decay(piece, context=context, device=device) for piece in flat.split(lengths, dim=1)]
+        return torch.cat(pieces, dim=1).reshape(z.shape)
 
 
 class LinearDecayMLP(nn.Module):
@@ -334,9 +332,10 @@ class LinearDecayBlock(GradientCheckpointingLayer):
         self.mlp_norm = LinearDecayRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = LinearDecayMLP(config)
 
-    def forward(self, hidden_states, mask=None, positions=None, lower_bound=None, state_layer=None, cu_seqlens=None):
+    def forward(self, hidden_states, mask=None, positions=None, decay_context=None, state_layer=None,
+                cu_seqlens=None):
         hidden_states = hidden_states + self.attn(
-            self.attn_norm(hidden_states), mask=mask, positions=positions, lower_bound=lower_bound,
+            self.attn_norm(hidden_states), mask=mask, positions=positions, decay_context=decay_context,
             state_layer=state_layer, cu_seqlens=cu_seqlens,
         )
         return hidden_states + self.mlp(self.mlp_norm(hidden_states))
@@ -371,8 +370,8 @@ class LinearDecayPreTrainedModel(PreTrainedModel):
             module.reset_parameters(self.config)
         elif isinstance(module, LinearDecayTPE):
             module.reset_parameters()
-        elif isinstance(module, LinearDecayModel) and module.lower_bound_logits is not None:
-            init.ones_(module.lower_bound_logits)
+        elif isinstance(module, LinearDecayModel):
+            DECAY_REGISTRY[self.config.decay_type].module.reset_model_parameters(module, self.config)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -470,11 +469,9 @@ class LinearDecayModel(LinearDecayPreTrainedModel):
         self.tpe = LinearDecayTPE(config) if config.position_encoding == "tpe" else None
         self.layers = nn.ModuleList([LinearDecayBlock(config, i) for i in range(config.num_hidden_layers)])
         self.norm = LinearDecayRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        if config.decay_type == "hgrn2" and config.hgrn2_lower_bound:
-            width = config.hidden_size if config.decay_granularity == "vector" else config.num_heads
-            self.lower_bound_logits = nn.Parameter(torch.empty(config.num_hidden_layers, width))
-        else:
-            self.lower_bound_logits = None
+        self.decay_unit = DECAY_REGISTRY[config.decay_type].module
+        for name, parameter in self.decay_unit.model_parameters(config).items():  # e.g. HGRN2's lower bounds
+            self.register_parameter(name, parameter)
         self.gradient_checkpointing = False
         self.tokens_checked = False  # set while a CUDA graph is captured: the caller has range-checked input_ids
         self.post_init()
@@ -491,14 +488,10 @@ class LinearDecayModel(LinearDecayPreTrainedModel):
         rows = getattr(embeddings, "num_embeddings", None)
         return rows if rows is not None else embeddings.weight.shape[0]
 
-    def decay_lower_bounds(self):
-        """HGRN2's γ_l = cumsum_l softmax_l(P) − its layer-0 value: γ_0 = 0, γ_l = l/L at init (DESIGN §2).
-        Returns one [D] tensor per layer, None where γ is identically 0."""
-        if self.lower_bound_logits is None:
-            return [None] * len(self.layers)
-        cumulative = self.lower_bound_logits.float().softmax(dim=0).cumsum(dim=0)
-        gamma = cumulative - cumulative[:1]
-        return [None] + list(gamma[1:].unbind(0))
+    def decay_contexts(self):
+        """Each layer's decay `context` from the backbone's decay parameters (`DecayParameterization.layer_contexts`:
+        HGRN2's lower bounds γ_l, one [D] tensor per layer, None where γ is identically 0); None for most types."""
+        return self.decay_unit.layer_contexts(self)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, cache=None,
                 inputs_embeds=None, use_cache=None, output_hidden_states=None, return_dict=None, **kwargs):
@@ -535,9 +528,9 @@ class LinearDecayModel(LinearDecayPreTrainedModel):
             hidden_states = self.tpe(hidden_states, mask, cache.model_state if cache is not None else None,
                                      cu_seqlens=cu_seqlens)
         all_hidden_states = (hidden_states,) if output_hidden_states else None
-        for layer, lower_bound in zip(self.layers, self.decay_lower_bounds()):
+        for layer, decay_context in zip(self.layers, self.decay_contexts()):
             state_layer = cache.layers[layer.attn.layer_idx] if cache is not None else None
-            hidden_states = layer(hidden_states, mask=mask, positions=positions, lower_bound=lower_bound,
+            hidden_states = layer(hidden_states, mask=mask, positions=positions, decay_context=decay_context,
                                   state_layer=state_layer, cu_seqlens=cu_seqlens)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)

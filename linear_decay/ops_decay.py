@@ -13,7 +13,7 @@ model's training step measured 154 ms without and 126 ms with it at 8×2048 (two
 gla and simple (logsigmoid, two or three elementwise kernels each) stay in PyTorch: fused the same way (−softplus(−x))
 they measured slower in two separate whole-model runs on the H200. Their steps are
 host-bound, and this autograd function (0.65–0.79 ms of host time per forward + backward call at 1×64 tokens on the
-H200 machines, benchmarks/host_overhead.py) costs more than the two or three torch ops it would replace; mamba2's
+H200 machines, tools/host_overhead.py) costs more than the two or three torch ops it would replace; mamba2's
 twelve do not.
 No `tl.dot`: fp32 / fp16 / bf16 z all run on CPU under TRITON_INTERPRET=1.
 """

@@ -1,6 +1,6 @@
 """Host-side arithmetic shared by the kernel modules.
 
-Eager training steps of the 410m model are host-bound on an H200 (benchmarks/host_overhead.py), and these run tens
+Eager training steps of the 410m model are host-bound on an H200 (tools/host_overhead.py), and these run tens
 of times per layer and step: `triton.cdiv` and `triton.next_power_of_2` are constexpr functions in Triton 3.5+ (each
 host call goes through their wrapper), and `torch.cuda.get_device_properties` is
 looked up once per device here instead of per call; `per_tensor` keeps what the host derives from a tensor every layer

@@ -19,6 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # accelerate launches in subprocesses
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "examples" / "accelerate"
 SMALL_MODEL = "decay_type=gla,hidden_size=32,num_hidden_layers=2,num_heads=2,intermediate_size=64,decay_rank=8"

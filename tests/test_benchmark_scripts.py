@@ -1,5 +1,5 @@
 """The GPU benchmark scripts' code paths, run small on CPU so that a GPU run does not find their bugs: every model,
-section and ratio of benchmarks/model.py and the pieces of benchmarks/host_overhead.py. (The numbers themselves mean
+section and ratio of benchmarks/model.py and the pieces of tools/host_overhead.py. (The numbers themselves mean
 nothing on CPU.)"""
 
 import importlib.util
@@ -7,12 +7,15 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+pytestmark = pytest.mark.slow  # the benchmark scripts end to end
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def load(name):
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+def load(name, folder="benchmarks"):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", REPO_ROOT / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -102,13 +105,13 @@ def test_model_benchmark_backward_thread_switch(tmp_path):
 
 
 def test_host_overhead_benchmark_runs_on_cpu(tmp_path):
-    """benchmarks/host_overhead.py's pieces, blocks and profiles (the kernels under the interpreter): every row timed,
+    """tools/host_overhead.py's pieces, blocks and profiles (the kernels under the interpreter): every row timed,
     each block also with the calling-thread backward, and the autograd functions unwrapped after --block-profile."""
     from linear_decay.ops_norm import GatedRMSNormFunction
 
     forward, backward = GatedRMSNormFunction.forward, GatedRMSNormFunction.backward
     out = tmp_path / "host.json"
-    rows = load("host_overhead").main(["--device", "cpu", "--quick", "--calls", "1", "--block-profile", "--json", str(out)])
+    rows = load("host_overhead", "tools").main(["--device", "cpu", "--quick", "--calls", "1", "--block-profile", "--json", str(out)])
     pieces = [row["piece"] for row in rows]
     assert pieces == [row["piece"] for row in json.loads(out.read_text())]
     assert all(row["wall_us"] > 0 and row["issued_us"] > 0 for row in rows)

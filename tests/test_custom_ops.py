@@ -32,6 +32,8 @@ from linear_decay.modeling_linear_decay import CACHE_FIELD  # noqa: E402
 
 from conftest import perturbed_model, relative_error, tiny_config  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the Triton kernels in the interpreter
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KINDS = ["vector", "scalar", "static", "none"]
 KEY_DIM, VALUE_DIM = 16, 24

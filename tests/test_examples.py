@@ -18,6 +18,8 @@ import torch
 
 from linear_decay.quickstart import CORPUS
 
+pytestmark = pytest.mark.slow  # the example scripts in subprocesses
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO_ROOT / "examples"
 SMALL_MODEL = "hidden_size=32,num_hidden_layers=2,num_heads=2,intermediate_size=64,decay_rank=8"

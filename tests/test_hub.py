@@ -30,6 +30,8 @@ if shutil.which("git") is None:
 
 from hub_server import local_hub  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a local Hub server and clients in subprocesses
+
 REPO_ROOT = Path(linear_decay.__file__).resolve().parent.parent
 REPO_ID = "linear-decay-test/tiny"
 TEXT = "HELENA. Our remedies oft in ourselves do lie,\nWhich we ascribe to heaven."

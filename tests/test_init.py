@@ -1,7 +1,8 @@
 """Initialisation (DESIGN §1–2) and the decay formulas of §2–3, measured on the decay units of freshly built models.
 
 log λ is captured with forward hooks on each layer's `DecayParameterization` (`layers[i].attn.decay`), whose forward
-gets the decay logits z and returns (log λ, normaliser). Expected values are the DESIGN formulas written out here.
+gets the decay logits z (and HGRN2's lower bound as `context`) and returns log λ. Expected values are the DESIGN
+formulas written out here.
 """
 
 import math
@@ -34,8 +35,8 @@ def capture_decays(model, input_ids=None):
     for index, layer in enumerate(model.model.layers):
         def hook(module, args, kwargs, output, index=index):
             z = args[0] if args else kwargs.get("z")
-            records[index] = dict(z=None if z is None else z.detach().double(), log_decay=output[0].detach().double(),
-                                  lower_bound=kwargs.get("lower_bound"))
+            records[index] = dict(z=None if z is None else z.detach().double(), log_decay=output.detach().double(),
+                                  lower_bound=kwargs.get("context"))
 
         handles.append(layer.attn.decay.register_forward_hook(hook, with_kwargs=True))
     try:
@@ -159,7 +160,7 @@ def test_hgrn2_lower_bounds_at_init(granularity):
     model = build(decay_type="hgrn2", decay_granularity=granularity, num_hidden_layers=layers)
     width = 32 if granularity == "vector" else 2
     assert model.model.lower_bound_logits.shape == (layers, width)
-    bounds = model.model.decay_lower_bounds()
+    bounds = model.model.decay_contexts()
     assert len(bounds) == layers
     for index, gamma in enumerate(bounds):
         expected = torch.full((width,), index / layers, dtype=torch.float64)
@@ -180,7 +181,7 @@ def test_hgrn2_decay_respects_lower_bound(granularity):
         for layer in model.model.layers:
             for param in layer.attn.decay_proj.parameters():
                 param.mul_(60.0)
-    bounds = model.model.decay_lower_bounds()
+    bounds = model.model.decay_contexts()
     for index, (record, gamma) in enumerate(zip(capture_decays(model), bounds)):
         decay = record["log_decay"].exp()
         gamma = torch.zeros(decay.shape[-1], dtype=torch.float64) if gamma is None else gamma.detach().double()
@@ -209,7 +210,7 @@ def test_hgrn2_without_lower_bound():
     model = build(decay_type="hgrn2", hgrn2_lower_bound=False, num_hidden_layers=3)
     assert model.model.lower_bound_logits is None
     assert not any("lower_bound" in name for name, _ in model.named_parameters())
-    assert all(gamma is None for gamma in model.model.decay_lower_bounds())
+    assert all(gamma is None for gamma in model.model.decay_contexts())
     for record in capture_decays(model):
         assert abs(median_decay(record) - 0.5) <= 2e-2  # λ = σ(z), z ≈ 0
         torch.testing.assert_close(record["log_decay"], F.logsigmoid(record["z"]), rtol=1e-6, atol=1e-7)

@@ -30,6 +30,8 @@ from transformers import AutoTokenizer  # noqa: E402
 from linear_decay import LinearDecayConfig, LinearDecayForCausalLM  # noqa: E402
 from linear_decay.quickstart import CORPUS, load_bundled_tokens  # noqa: E402
 
+pytestmark = pytest.mark.slow  # lm-eval in subprocesses
+
 REPO = Path(__file__).resolve().parents[1]
 TASKS_DIR = REPO / "linear_decay" / "eval_tasks"
 EVALUATE = REPO / "examples" / "evaluate.py"

@@ -17,6 +17,8 @@ from linear_decay.recurrence import naive_recurrence  # noqa: E402
 
 from conftest import perturbed_model, relative_error, tiny_config  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the Triton kernels in the interpreter
+
 # fp32 kernels against the float64 oracle: a few hundred units of fp32 roundoff (2^-24) for sums over a chunk
 FP32_UNIT = 2.0 ** -24
 TOLERANCE = 2e-5

@@ -15,6 +15,8 @@ from linear_decay.loss import causal_lm_targets  # noqa: E402
 
 from conftest import assert_fused_kernel_matches_torch, relative_error, tiny_config  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the Triton kernels in the interpreter
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

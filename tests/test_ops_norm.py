@@ -19,6 +19,8 @@ from linear_decay.recurrence import BACKENDS, chunked_recurrence  # noqa: E402
 
 from conftest import perturbed_model, relative_error, tiny_config  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the Triton kernels in the interpreter
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-5
 

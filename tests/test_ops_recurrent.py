@@ -3,7 +3,7 @@
     S_t = diag(λ_t) S_{t-1} + k_t v_tᵀ,   o_t = scale · S_tᵀ q_t
 
 On CPU the kernel runs in Triton's interpreter (conftest sets TRITON_INTERPRET=1): fp32 and fp16 only, bf16 on the GPU
-(DESIGN §7; benchmarks/gpu_check_small_kernels.py). With a GPU the same tests run on CUDA tensors. Head dims are not
+(DESIGN §7; tools/gpu_check_small_kernels.py). With a GPU the same tests run on CUDA tensors. Head dims are not
 powers of two, so every load is masked.
 """
 
@@ -16,6 +16,8 @@ from linear_decay.ops_recurrent import triton_fused_recurrent  # noqa: E402
 from linear_decay.recurrence import naive_recurrence  # noqa: E402
 
 from conftest import relative_error  # noqa: E402
+
+pytestmark = pytest.mark.slow  # the Triton kernels in the interpreter
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 B, H, K, V = 2, 3, 24, 40  # K != V, neither a power of two

@@ -11,6 +11,8 @@ from linear_decay.ops_swiglu import BLOCK, swiglu, swiglu_reference  # noqa: E40
 
 from conftest import assert_fused_kernel_matches_torch, relative_error, tiny_config  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the Triton kernels in the interpreter
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

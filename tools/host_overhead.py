@@ -12,7 +12,7 @@ each block also with its backward on the calling thread (`torch.autograd.set_mul
 of autograd's CUDA worker thread — then cProfile of the blocks' forwards. `--block-profile` adds the host time inside each of our autograd functions per block and torch.profiler's
 CPU table. `--device cpu --quick` is a smoke run of the code paths (the kernels under TRITON_INTERPRET=1).
 
-    PYTHONPATH=. python3 benchmarks/host_overhead.py [--calls 300] [--block-profile] [--json host.json]
+    PYTHONPATH=. python3 tools/host_overhead.py [--calls 300] [--block-profile] [--json host.json]
 """
 
 import argparse

@@ -11,7 +11,7 @@
    - output gate + norm at [8·2048, 2048] bf16, forward and forward+backward: the kernel vs the model's two-step
      torch code (o * sigmoid(z), then LinearDecayRMSNorm).
 
-    PYTHONPATH=. python3 benchmarks/gpu_check_small_kernels.py    (from the repository root)
+    PYTHONPATH=. python3 tools/gpu_check_small_kernels.py    (from the repository root)
 
 Exits with status 1 if any check fails.
 """
