@@ -32,7 +32,10 @@ PRESETS = {
 # `from_pretrained` refuses a config that contradicts them. Left out: sizes (hidden_size, num_hidden_layers,
 # vocab_size, intermediate_size, decay_rank), which the weights record themselves; initialisation-only fields
 # (simple_decay_init, the mamba2_* ranges, initializer_range), which trained weights no longer depend on; run-time
-# switches (loss_chunk_size, decode_cuda_graphs, use_cache) and token ids, which change no logit.
+# switches (loss_chunk_size, decode_cuda_graphs, kernel_backend, the fuse_* kernels, use_cache) and token ids, which
+# change no logit beyond rounding.
+KERNEL_BACKENDS = ("auto", "triton", "torch", "naive")  # `kernel_backend` (recurrence.resolve_backend)
+
 DESIGN_FIELDS = (
     "decay_type", "decay_granularity", "share_decay", "position_encoding", "hgrn2_lower_bound", "gla_denominator",
     "num_heads", "rope_theta", "rope_fraction", "use_output_gate", "attention_scale", "rms_norm_eps",
@@ -106,6 +109,12 @@ class LinearDecayConfig(PreTrainedConfig):
         loss_chunk_size: 0, or the number of tokens per chunk of a chunked linear cross-entropy: a training-mode
             forward with labels then computes the loss and its gradients chunk by chunk and never holds the
             [B, T, vocab] logits (the output's `logits` is None); evaluation and generation are unaffected.
+        kernel_backend: where the recurrence runs: "auto" (the Triton kernels on CUDA tensors, the chunked PyTorch
+            path on CPU), "triton" (also on CPU tensors, in Triton's interpreter), "torch", or "naive" (the
+            step-by-step oracle; slow). $LINEAR_DECAY_BACKEND overrides it, for debugging.
+        fuse_norm, fuse_swiglu, fuse_decay, fuse_cross_entropy: where the recurrence runs on the Triton kernels, also
+            run the (gated) RMSNorms, the SwiGLU, mamba2's decay and the training loss as fused Triton kernels; each
+            False keeps that piece's torch code (what torch.compile traces anyway).
         decode_cuda_graphs: replay one-token decoding steps on CUDA as a captured CUDA graph (one capture per
             generate() call and batch size), so that the per-step launch overhead of the layers disappears (7–12×
             the eager generate() on the H200, BENCHMARKS.md); on by default. CPU decoding, a model split over
@@ -141,6 +150,11 @@ class LinearDecayConfig(PreTrainedConfig):
         attention_scale=1.0,
         rms_norm_eps=1e-5,
         loss_chunk_size=0,
+        kernel_backend="auto",
+        fuse_norm=True,
+        fuse_swiglu=True,
+        fuse_decay=True,
+        fuse_cross_entropy=True,
         decode_cuda_graphs=True,
         initializer_range=0.02,
         tie_word_embeddings=False,
@@ -176,6 +190,11 @@ class LinearDecayConfig(PreTrainedConfig):
         self.attention_scale = attention_scale
         self.rms_norm_eps = rms_norm_eps
         self.loss_chunk_size = loss_chunk_size
+        self.kernel_backend = kernel_backend
+        self.fuse_norm = fuse_norm
+        self.fuse_swiglu = fuse_swiglu
+        self.fuse_decay = fuse_decay
+        self.fuse_cross_entropy = fuse_cross_entropy
         self.decode_cuda_graphs = decode_cuda_graphs
         self.initializer_range = initializer_range
         self.use_cache = use_cache
@@ -253,7 +272,10 @@ class LinearDecayConfig(PreTrainedConfig):
                            f"must satisfy 0 < mamba2_dt_min <= mamba2_dt_max={self.mamba2_dt_max}")
         if not (_is_real(self.mamba2_dt_init_floor) and self.mamba2_dt_init_floor > 0):
             raise _invalid("mamba2_dt_init_floor", self.mamba2_dt_init_floor, "must be a positive number")
-        for field in ("hgrn2_lower_bound", "use_output_gate", "use_cache", "decode_cuda_graphs"):
+        if self.kernel_backend not in KERNEL_BACKENDS:
+            raise _invalid("kernel_backend", self.kernel_backend, f"allowed: {', '.join(KERNEL_BACKENDS)}")
+        for field in ("hgrn2_lower_bound", "use_output_gate", "use_cache", "decode_cuda_graphs", "fuse_norm",
+                      "fuse_swiglu", "fuse_decay", "fuse_cross_entropy"):
             if not isinstance(getattr(self, field), bool):
                 raise _invalid(field, getattr(self, field), "allowed: True or False")
         if not (_is_real(self.rope_theta) and self.rope_theta > 1):

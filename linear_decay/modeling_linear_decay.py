@@ -43,13 +43,14 @@ def _outside(ids, low, high):
     return smallest < low or largest >= high
 
 
-def use_fused_kernels(x):
-    """Whether the fused norm, SwiGLU and decay kernels run on `x`: where the recurrence runs on the Triton kernels
-    (`resolve_backend`: auto on CUDA tensors; triton always, CPU tensors in Triton's interpreter). Under torch.compile
+def use_fused_kernels(x, enabled=True, backend=None):
+    """Whether a fused kernel (norm, SwiGLU, decay, loss) that the config has `enabled` (`fuse_norm`, ...) runs on
+    `x`: where the recurrence runs on the Triton kernels (`resolve_backend` of `x`'s device and `backend`, the config's
+    `kernel_backend`: auto on CUDA tensors; triton always, CPU tensors in Triton's interpreter). Under torch.compile
     the torch code is traced instead (Inductor fuses it)."""
-    if gated_rms_norm is None or torch.compiler.is_compiling():
+    if not enabled or gated_rms_norm is None or torch.compiler.is_compiling():
         return False
-    return resolve_backend(x.device.type) == "triton"
+    return resolve_backend(x.device.type, backend) == "triton"
 
 # transformers renamed `past_key_values` to `cache` in 5.2x; read both, return the one the installed version uses.
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -58,25 +59,25 @@ CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ 
 RECURRENT_MAX_TOKENS = 8
 
 
-def run_recurrence(q, k, v, log_decay, scale, state_layer, mask=None, cu_seqlens=None):
+def run_recurrence(q, k, v, log_decay, scale, state_layer, mask=None, cu_seqlens=None, backend=None):
     """One recurrence call for a mixer or the TPE filter: the decoding step for short cached calls, else the chunked
     form; reads and writes the state in `state_layer` (a RecurrentStateLayer, or None without a cache).
     `cu_seqlens` (packed documents, see `document_boundaries`): the rows are flattened into one packed batch and
-    every document starts from a zero state."""
+    every document starts from a zero state. `backend`: the config's `kernel_backend`."""
     if cu_seqlens is not None:
         batch, length = q.shape[:2]
         flat = [t.reshape(1, batch * length, *t.shape[2:]) for t in (q, k, v)]
         if log_decay is not None and log_decay.dim() > 1:
             log_decay = log_decay.reshape(1, batch * length, *log_decay.shape[2:])
-        o, _ = linear_decay_attention(*flat, log_decay, scale=scale, cu_seqlens=cu_seqlens)
+        o, _ = linear_decay_attention(*flat, log_decay, scale=scale, cu_seqlens=cu_seqlens, backend=backend)
         return o.reshape(batch, length, *o.shape[2:])
     initial_state = state_layer.get("recurrent") if state_layer is not None else None
     if state_layer is not None and q.shape[1] <= RECURRENT_MAX_TOKENS:
         o, state = recurrent_step(q, k, v, log_decay, scale=scale, initial_state=initial_state,
-                                  output_final_state=True)
+                                  output_final_state=True, backend=backend)
     else:
         o, state = linear_decay_attention(q, k, v, log_decay, scale=scale, initial_state=initial_state,
-                                          output_final_state=state_layer is not None, mask=mask)
+                                          output_final_state=state_layer is not None, mask=mask, backend=backend)
     if state_layer is not None:
         state_layer.set("recurrent", state)
     return o
@@ -101,13 +102,17 @@ def document_boundaries(position_ids, batch, length):
 
 
 class LinearDecayRMSNorm(nn.Module):
-    def __init__(self, dim, eps=1e-5):
+    """RMSNorm; on the fused kernel where the recurrence runs on the Triton kernels, unless `fused` is False
+    (`config.fuse_norm`; `backend`: `config.kernel_backend`)."""
+
+    def __init__(self, dim, eps=1e-5, fused=True, backend=None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.fused, self.backend = fused, backend
 
     def forward(self, x):
-        if use_fused_kernels(x):
+        if use_fused_kernels(x, self.fused, self.backend):
             return rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
@@ -158,6 +163,7 @@ class LinearDecayTPE(nn.Module):
         self.query = nn.Parameter(torch.empty(self.num_heads, self.head_dim))
         self.key = nn.Parameter(torch.empty(self.num_heads, self.head_dim))
         self.out_proj = ZeroInitLinear(config.hidden_size, config.hidden_size, bias=False)
+        self.kernel_backend = config.kernel_backend
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -174,7 +180,8 @@ class LinearDecayTPE(nn.Module):
         if mask is not None:
             k = k * mask[:, :, None, None].to(x.dtype)
             log_decay = log_decay.expand(batch, length, -1).masked_fill(~mask[:, :, None], 0.0)
-        o = run_recurrence(q, k, x.view(shape), log_decay, 1.0, state_layer, mask=mask, cu_seqlens=cu_seqlens)
+        o = run_recurrence(q, k, x.view(shape), log_decay, 1.0, state_layer, mask=mask, cu_seqlens=cu_seqlens,
+                           backend=self.kernel_backend)
         return x + self.out_proj(o.reshape(batch, length, -1))
 
 
@@ -220,6 +227,7 @@ class LinearDecayAttention(nn.Module):
         self.position_encoding = config.position_encoding
         self.rope_theta, self.rope_fraction = config.rope_theta, config.rope_fraction
         self.vector_decay = config.decay_granularity == "vector"
+        self.kernel_backend, self.fuse_decay = config.kernel_backend, config.fuse_decay
         hidden = config.hidden_size
         spec = DECAY_REGISTRY[config.decay_type]
 
@@ -243,7 +251,8 @@ class LinearDecayAttention(nn.Module):
             )
         else:
             self.gate_proj = None
-        self.out_norm = LinearDecayRMSNorm(hidden, eps=config.rms_norm_eps)
+        self.out_norm = LinearDecayRMSNorm(hidden, eps=config.rms_norm_eps, fused=config.fuse_norm,
+                                           backend=config.kernel_backend)
         self.o_proj = nn.Linear(hidden, hidden, bias=False)
 
     def forward(self, x, mask=None, positions=None, decay_context=None, state_layer=None, cu_seqlens=None):
@@ -283,12 +292,13 @@ class LinearDecayAttention(nn.Module):
             if log_decay.dim() == 4:
                 log_decay = torch.cat([log_decay, log_decay], dim=-1)
 
-        o = run_recurrence(q, k, v, log_decay, self.scale, state_layer, mask=mask, cu_seqlens=cu_seqlens)
+        o = run_recurrence(q, k, v, log_decay, self.scale, state_layer, mask=mask, cu_seqlens=cu_seqlens,
+                           backend=self.kernel_backend)
 
         o = o.reshape(batch, length, hidden)
         if self.gate_proj is not None:
             gate_logits = self.gate_proj[1](gate_inner)
-            if use_fused_kernels(o):
+            if use_fused_kernels(o, self.out_norm.fused, self.kernel_backend):
                 return self.o_proj(gated_rms_norm(o, gate_logits, self.out_norm.weight, self.out_norm.eps))
             o = o * torch.sigmoid(gate_logits)
         return self.o_proj(self.out_norm(o))
@@ -298,7 +308,8 @@ class LinearDecayAttention(nn.Module):
         position-dependent unit (LightNet's running normaliser) restarts at every document, so it runs document by
         document (packed documents keep no cache)."""
         if cu_seqlens is None or not self.decay.position_dependent:
-            kernel = softplus_decay if z is not None and use_fused_kernels(z) else None
+            fused = z is not None and use_fused_kernels(z, self.fuse_decay, self.kernel_backend)
+            kernel = softplus_decay if fused else None
             return self.decay(z, mask=mask, context=context, state_layer=state_layer, device=device,
                               softplus_kernel=kernel)
         flat = z.reshape(1, -1, z.shape[-1])
@@ -315,9 +326,10 @@ class LinearDecayMLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = ZeroInitLinear(config.intermediate_size, config.hidden_size, bias=False)
+        self.fuse_swiglu, self.kernel_backend = config.fuse_swiglu, config.kernel_backend
 
     def forward(self, x):
-        if use_fused_kernels(x):
+        if use_fused_kernels(x, self.fuse_swiglu, self.kernel_backend):
             return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
@@ -327,9 +339,11 @@ class LinearDecayBlock(GradientCheckpointingLayer):
 
     def __init__(self, config, layer_idx):
         super().__init__()
-        self.attn_norm = LinearDecayRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.attn_norm = LinearDecayRMSNorm(config.hidden_size, eps=config.rms_norm_eps, fused=config.fuse_norm,
+                                            backend=config.kernel_backend)
         self.attn = LinearDecayAttention(config, layer_idx)
-        self.mlp_norm = LinearDecayRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp_norm = LinearDecayRMSNorm(config.hidden_size, eps=config.rms_norm_eps, fused=config.fuse_norm,
+                                           backend=config.kernel_backend)
         self.mlp = LinearDecayMLP(config)
 
     def forward(self, hidden_states, mask=None, positions=None, decay_context=None, state_layer=None,
@@ -468,7 +482,8 @@ class LinearDecayModel(LinearDecayPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.tpe = LinearDecayTPE(config) if config.position_encoding == "tpe" else None
         self.layers = nn.ModuleList([LinearDecayBlock(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = LinearDecayRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = LinearDecayRMSNorm(config.hidden_size, eps=config.rms_norm_eps, fused=config.fuse_norm,
+                                       backend=config.kernel_backend)
         self.decay_unit = DECAY_REGISTRY[config.decay_type].module
         for name, parameter in self.decay_unit.model_parameters(config).items():  # e.g. HGRN2's lower bounds
             self.register_parameter(name, parameter)
@@ -712,7 +727,8 @@ class LinearDecayForCausalLM(LinearDecayPreTrainedModel, GenerationMixin):
         """transformers' causal-LM loss (`self.loss_function`); on the fused cross-entropy kernel (`ops_loss`) where
         the kernels run and the loss is that default one with no option but num_items_in_batch — the same numbers
         without the fp32 copies of the logits."""
-        if (cross_entropy is None or not use_fused_kernels(logits) or self.loss_function is not ForCausalLMLoss
+        fused = use_fused_kernels(logits, self.config.fuse_cross_entropy, self.config.kernel_backend)
+        if (cross_entropy is None or not fused or self.loss_function is not ForCausalLMLoss
                 or not set(kwargs) <= {"num_items_in_batch"}):
             return self.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1], **kwargs)
         targets, divisor = causal_lm_targets(labels, kwargs.get("num_items_in_batch"), logits.device)

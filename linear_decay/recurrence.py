@@ -17,8 +17,8 @@
 - `chunked_recurrence`: the vectorised chunkwise form, the CPU training/prefill path.
 - `fused_recurrent`: token-by-token state update for decoding (a few tokens per call).
 `linear_decay_attention` (training / prefill, optionally on packed sequences with `cu_seqlens`) and `recurrent_step`
-(decoding) dispatch between backends (`LINEAR_DECAY_BACKEND=torch|triton|naive|auto`; auto: Triton for CUDA tensors,
-PyTorch for CPU tensors). The Triton kernels (`ops_chunk`, `ops_recurrent`) register
+(decoding) dispatch between backends (torch | triton | naive | auto, a model's `config.kernel_backend`, which
+$LINEAR_DECAY_BACKEND overrides; auto: Triton for CUDA tensors, PyTorch for CPU tensors). The Triton kernels (`ops_chunk`, `ops_recurrent`) register
 themselves when `triton` imports; `triton` forces them, on CPU tensors too under TRITON_INTERPRET=1.
 """
 
@@ -210,14 +210,18 @@ except ImportError:
 
 
 def resolve_backend(device_type, backend=None):
-    """Pick the implementation: `backend` or $LINEAR_DECAY_BACKEND (torch | triton | naive | auto, default auto)."""
-    backend = backend or os.environ.get("LINEAR_DECAY_BACKEND", "auto")
+    """Pick the implementation (torch | triton | naive | auto): $LINEAR_DECAY_BACKEND where set (the one environment
+    override, for debugging), else `backend` (a model's `config.kernel_backend`), else auto: Triton for CUDA tensors
+    where it is installed, PyTorch otherwise."""
+    override = os.environ.get("LINEAR_DECAY_BACKEND")
+    source = "LINEAR_DECAY_BACKEND" if override else "kernel_backend"
+    backend = override or backend or "auto"
     if backend == "auto":
         return "triton" if device_type == "cuda" and "triton" in BACKENDS else "torch"
     if backend not in ("torch", "triton", "naive"):
-        raise ValueError(f"LINEAR_DECAY_BACKEND={backend!r}; allowed: torch, triton, naive, auto")
+        raise ValueError(f"{source}={backend!r}; allowed: torch, triton, naive, auto")
     if backend not in BACKENDS:
-        raise RuntimeError(f"LINEAR_DECAY_BACKEND={backend!r} was requested but its kernels are not available here "
+        raise RuntimeError(f"{source}={backend!r} was requested but its kernels are not available here "
                            "(the Triton kernels need the `triton` package)")
     return backend
 

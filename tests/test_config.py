@@ -165,6 +165,10 @@ BAD_FIELDS = [
     ("loss_chunk_negative", dict(loss_chunk_size=-1), "loss_chunk_size", -1),
     ("loss_chunk_float", dict(loss_chunk_size=0.5), "loss_chunk_size", 0.5),
     ("init_range_zero", dict(initializer_range=0.0), "initializer_range", 0.0),
+    # fast paths
+    ("kernel_backend_unknown", dict(kernel_backend="cuda"), "kernel_backend", "cuda"),
+    ("fuse_norm_int", dict(fuse_norm=1), "fuse_norm", 1),
+    ("fuse_cross_entropy_none", dict(fuse_cross_entropy=None), "fuse_cross_entropy", None),
 ]
 
 
@@ -291,7 +295,8 @@ FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "head_d
           "decay_granularity", "share_decay", "decay_rank", "simple_decay_init", "gla_denominator",
           "mamba2_a_init_range", "mamba2_dt_min", "mamba2_dt_max", "mamba2_dt_init_floor", "hgrn2_lower_bound",
           "position_encoding", "rope_theta", "rope_fraction", "use_output_gate", "attention_scale", "rms_norm_eps",
-          "loss_chunk_size", "initializer_range", "tie_word_embeddings", "use_cache")
+          "loss_chunk_size", "initializer_range", "tie_word_embeddings", "use_cache", "kernel_backend", "fuse_norm",
+          "fuse_swiglu", "fuse_decay", "fuse_cross_entropy")
 
 
 def field_values(config):
@@ -307,7 +312,8 @@ NON_DEFAULT = dict(
     mamba2_dt_init_floor=2e-4, hgrn2_lower_bound=False, position_encoding="rope", rope_theta=500.0,
     rope_fraction=0.5, use_output_gate=False, attention_scale=0.125, rms_norm_eps=1e-6, loss_chunk_size=96,
     initializer_range=0.01,
-    tie_word_embeddings=True, use_cache=False,
+    tie_word_embeddings=True, use_cache=False, kernel_backend="torch", fuse_norm=False, fuse_swiglu=False,
+    fuse_decay=False, fuse_cross_entropy=False,
 )
 
 

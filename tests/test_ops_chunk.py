@@ -220,18 +220,23 @@ def test_dispatch(monkeypatch):
 
 
 def test_fused_kernels_follow_the_backend(monkeypatch):
-    """The fused norm / SwiGLU / decay / loss kernels run exactly where the recurrence runs on the Triton kernels: the
-    one backend rule, and a misspelt override is an error, not a silent fallback."""
+    """The fused norm / SwiGLU / decay / loss kernels run exactly where the recurrence runs on the Triton kernels (the
+    config's kernel_backend, which $LINEAR_DECAY_BACKEND overrides) and the config enables them; a misspelt override is
+    an error, not a silent fallback."""
     from linear_decay.modeling_linear_decay import use_fused_kernels
 
     x = torch.zeros(2)
     monkeypatch.delenv("LINEAR_DECAY_BACKEND", raising=False)
     assert not use_fused_kernels(x)
     for backend, expected in (("triton", True), ("torch", False), ("naive", False), ("auto", False)):
+        assert use_fused_kernels(x, backend=backend) is expected
+        assert not use_fused_kernels(x, enabled=False, backend=backend)
         monkeypatch.setenv("LINEAR_DECAY_BACKEND", backend)
         assert use_fused_kernels(x) is expected
+        assert use_fused_kernels(x, backend="torch" if expected else "triton") is expected  # the override wins
+        monkeypatch.delenv("LINEAR_DECAY_BACKEND")
     monkeypatch.setenv("LINEAR_DECAY_BACKEND", "tritn")
-    with pytest.raises(ValueError, match="allowed: torch, triton, naive, auto"):
+    with pytest.raises(ValueError, match="LINEAR_DECAY_BACKEND='tritn'; allowed: torch, triton, naive, auto"):
         use_fused_kernels(x)
 
 
@@ -255,6 +260,50 @@ def test_whole_model_on_the_kernels(monkeypatch, decay_type, granularity):
     assert grads.keys() == expected_grads.keys()
     for name, grad in grads.items():
         assert relative_error(grad, expected_grads[name]) <= 1e-4, name
+
+
+FUSED_PIECES = {"rms_norm": "fuse_norm", "gated_rms_norm": "fuse_norm", "swiglu": "fuse_swiglu",
+                "softplus_decay": "fuse_decay", "cross_entropy": "fuse_cross_entropy"}
+
+
+@pytest.mark.parametrize("switched_off", [None, *sorted(set(FUSED_PIECES.values()))])
+def test_config_chooses_the_fast_paths(monkeypatch, switched_off):
+    """Without any environment variable, `kernel_backend="triton"` runs the recurrence and every fused piece on the
+    Triton kernels, each `fuse_*` set to False keeps its piece's torch code, and the loss and logits equal the
+    `kernel_backend="torch"` model's (same weights)."""
+    import linear_decay.modeling_linear_decay as modeling
+    from linear_decay import recurrence
+
+    monkeypatch.delenv("LINEAR_DECAY_BACKEND", raising=False)
+    calls = {}
+    for name in [*FUSED_PIECES, "triton"]:
+        table = recurrence.BACKENDS if name == "triton" else None
+        original = table[name] if table is not None else getattr(modeling, name)
+
+        def counted(*args, original=original, name=name, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return original(*args, **kwargs)
+
+        if table is not None:
+            monkeypatch.setitem(table, name, counted)
+        else:
+            monkeypatch.setattr(modeling, name, counted)
+    overrides = dict(decay_type="mamba2", decay_granularity="vector")
+    ids = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(3))
+    results = {}
+    for backend in ("torch", "triton"):
+        flags = {switched_off: False} if switched_off and backend == "triton" else {}
+        model = perturbed_model(tiny_config(kernel_backend=backend, **overrides, **flags), seed=13)
+        calls.clear()
+        out = model(ids, labels=ids, use_cache=False)
+        results[backend] = (out.loss.detach(), out.logits.detach(), dict(calls))
+    assert not results["torch"][2], f"kernel_backend='torch' ran Triton kernels: {results['torch'][2]}"
+    ran = results["triton"][2]
+    assert ran.get("triton", 0) == 2, ran  # the recurrence of each layer
+    for piece, flag in FUSED_PIECES.items():
+        assert (piece in ran) == (flag != switched_off), (piece, ran)
+    assert relative_error(results["triton"][1], results["torch"][1]) <= 1e-5
+    assert abs(float(results["triton"][0]) - float(results["torch"][0])) <= 1e-5
 
 
 @pytest.mark.parametrize("decay_type,granularity,position", [("gla", "vector", "none"), ("lightnet", "vector", "tpe"),
