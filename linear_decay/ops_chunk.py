@@ -983,9 +983,6 @@ def _segment_plan(programs, max_chunks, device):
     finishing pass): whole sequences while they give at least half as many programs as the GPU has SMs (the shapes
     of BENCHMARKS.md's kernel tables, measured so), else segments for about two programs per SM — one 16k-token
     sequence of 16 heads: 16 segments of 16 chunks instead of 16 walks of 256 chunks."""
-    if SEGMENT_CHUNKS is not None:  # forced (tests)
-        segment_chunks = max(1, min(SEGMENT_CHUNKS, max_chunks))
-        return cdiv(max(max_chunks, 1), segment_chunks), segment_chunks
     sms = _multiprocessors(device)
     if 2 * programs >= sms or max_chunks < 2:
         return 1, max(max_chunks, 1)
@@ -1040,7 +1037,6 @@ TUNING = {
     "key_grads": dict(block_k=64, block_v=64, num_warps=4, num_stages=2),
     "key_grads_vector": dict(block_k=32, block_v=64, num_warps=8, num_stages=2),
 }
-SEGMENT_CHUNKS = None  # None: `_segment_plan`'s rule; a number: segments of that many chunks for every walk
 
 
 def _launch(kernel, key_dim, value_dim, dot_dtype, decay=None):

@@ -383,15 +383,21 @@ def test_walks_in_segments(kind, packed):
 
 @pytest.mark.parametrize("segment_chunks", [1, 2, 100])
 def test_forced_segment_lengths(segment_chunks, monkeypatch):
-    """SEGMENT_CHUNKS overrides `_segment_plan`'s rule for every walk: segments of one chunk, of two (the last one
-    short) or longer than the sequence (one whole walk) all give the oracle's outputs and gradients."""
-    monkeypatch.setattr(kernels, "SEGMENT_CHUNKS", segment_chunks)
+    """Every walk in segments of one chunk, of two (the last one short) or longer than the sequence (one whole walk),
+    whatever `_segment_plan`'s rule would pick: all give the oracle's outputs and gradients."""
+    plans = []
+
+    def forced_plan(programs, max_chunks, device):
+        chunks = max(1, min(segment_chunks, max_chunks))
+        plans.append((-(-max(max_chunks, 1) // chunks), chunks))
+        return plans[-1]
+
+    monkeypatch.setattr(kernels, "_segment_plan", forced_plan)
     length = 3 * CHUNK + 7
-    assert kernels._segment_plan(64, 4, torch.device("cpu")) == (-(-4 // min(segment_chunks, 4)),
-                                                                  min(segment_chunks, 4))
     inputs = make_inputs("vector", 2, length, 2, 16, 24, seed=21)
     actual = outputs_and_grads(triton_chunked_recurrence, inputs, scale=0.5)
     assert_close(actual, oracle(inputs, scale=0.5), NAMES)
+    assert plans and all(plan == (-(-4 // min(segment_chunks, 4)), min(segment_chunks, 4)) for plan in plans), plans
 
 
 @pytest.mark.parametrize("kind", ["vector", "scalar"])
