@@ -1,0 +1,156 @@
+"""The chunk kernels' forward stages (`ops_chunk`'s docstring has the algorithm): the cumulative log λ of every
+chunk, the state walk to every chunk start (with its segment join), and the output."""
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as error:  # CPU-only torch ships without Triton: recurrence keeps the PyTorch path
+    raise ImportError("Triton is not installed") from error
+
+from .ops_chunk_common import (_advance_state, _chunk_decay, _intra_scores, _load_log_decay, _row_decay,
+                               _store_segment, _tile, _walk_start)
+
+
+@triton.jit
+def _cumulative_decay_kernel(g_ptr, b_ptr, cu_seqlens_ptr, chunk_seq_ptr, chunk_token_ptr, H: tl.constexpr,
+                             K: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr):
+    """log λ cumulated within each chunk (inclusive), chunk-major: b [chunks, C, H, K] for vector decay, [chunks, C, H]
+    for scalar and static decay; rows past a sequence's end repeat its last value."""
+    chunk, head = tl.program_id(0), tl.program_id(1)
+    seq, token0 = tl.load(chunk_seq_ptr + chunk), tl.load(chunk_token_ptr + chunk)
+    eos = tl.load(cu_seqlens_ptr + seq + 1)
+    rows = tl.arange(0, C)
+    ck = tl.arange(0, BK)
+    b = tl.cumsum(_load_log_decay(g_ptr, token0, rows, token0 + rows < eos, head, H, K, ck, DECAY), axis=0)
+    if DECAY == "vector":
+        tl.store(b_ptr + ((chunk * C + rows[:, None]) * H + head) * K + ck[None, :], b, mask=(ck < K)[None, :])
+    else:
+        tl.store(b_ptr + (chunk * C + rows) * H + head, b)
+
+
+@triton.jit
+def _chunk_states_kernel(k_ptr, v_ptr, b_ptr, initial_ptr, states_ptr, final_ptr, segment_state_ptr,
+                         segment_decay_ptr, cu_seqlens_ptr, chunk_offsets_ptr, segments, segment_chunks,
+                         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                         C: tl.constexpr, DECAY: tl.constexpr, HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr,
+                         WALK: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """The state at the start of every chunk of one (sequence, head, value block), and the final state.
+
+    WALK (`_segment_plan`): 0 — a whole sequence per program; with segments of `segment_chunks` chunks, 1 — each
+    segment from zero (the first from the initial state), storing only its end state and total log-decay for
+    `_combine_segments_kernel`, then 2 — each segment again from the state the combination gave it, storing the
+    chunk states."""
+    k_block, v_block, program = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq_head, segment = program // segments, program % segments
+    seq, head = seq_head // H, seq_head % H
+    bos, eos = tl.load(cu_seqlens_ptr + seq), tl.load(cu_seqlens_ptr + seq + 1)
+    first_chunk = tl.load(chunk_offsets_ptr + seq)
+    VECTOR: tl.constexpr = DECAY == "vector"
+    ck = k_block * BK + tl.arange(0, BK)  # key channels evolve independently: split over programs
+    cv = v_block * BV + tl.arange(0, BV)
+    state_offsets = ck[:, None] * V + cv[None, :]
+    state_mask = (ck < K)[:, None] & (cv < V)[None, :]
+    num_chunks = tl.cdiv(eos - bos, C)
+    first, last, state = _walk_start(initial_ptr, segment_state_ptr, program, seq_head, segment, segment_chunks,
+                                     num_chunks, state_offsets, state_mask, K, V, BK, BV, HAS_INITIAL, WALK, False)
+    if WALK == 1:
+        decay_sum = tl.zeros((BK,) if VECTOR else (1,), dtype=tl.float32)
+    rows = tl.arange(0, C)
+    for n in range(first, last):
+        if WALK != 1:
+            tl.store(states_ptr + ((first_chunk + n) * H + head) * K * V + state_offsets,
+                     state.to(states_ptr.dtype.element_ty), mask=state_mask)
+        token0 = bos + n * C
+        row_mask = token0 + rows < eos
+        k = _tile(k_ptr, token0, rows, row_mask, head, H, K, ck, ck < K)
+        v = _tile(v_ptr, token0, rows, row_mask, head, H, V, cv, cv < V)
+        b, total = _chunk_decay(b_ptr, first_chunk + n, head, H, K, ck, C, DECAY)
+        state = _advance_state(state, k, v, b, total, VECTOR, DOT_DTYPE, PRECISION)
+        if WALK == 1:
+            decay_sum += total
+    if WALK == 0 and STORE_FINAL:
+        tl.store(final_ptr + seq_head * K * V + state_offsets, state, mask=state_mask)
+    if WALK == 1:
+        _store_segment(segment_state_ptr, segment_decay_ptr, program, state, state_offsets, state_mask, decay_sum,
+                       ck, K, V, VECTOR)
+
+
+@triton.jit
+def _combine_segments_kernel(segment_state_ptr, segment_decay_ptr, start_ptr, end_ptr, cu_seqlens_ptr, segments,
+                             segment_chunks, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                             BV: tl.constexpr, C: tl.constexpr, VECTOR: tl.constexpr, HAS_START: tl.constexpr,
+                             STORE_END: tl.constexpr, REVERSE: tl.constexpr):
+    """Between the two segment walks of a state walk (forward: the states; REVERSE: their gradients): the walk's
+    value X where each segment starts, X ← e^{D_p} ⊙ X + E_p segment by segment (E_p: segment p's end value from
+    zero, the first segment's from the start value; D_p: its total log-decay), written over E_p for the second walk;
+    the first segment gets the start value (initial state / final-state gradient), and the last X is the end value
+    (final state / initial-state gradient)."""
+    k_block, v_block, seq_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq = seq_head // H
+    bos, eos = tl.load(cu_seqlens_ptr + seq), tl.load(cu_seqlens_ptr + seq + 1)
+    own = tl.maximum(tl.cdiv(tl.cdiv(eos - bos, C), segment_chunks), 1)  # a packed sequence's own segments
+    ck = k_block * BK + tl.arange(0, BK)
+    cv = v_block * BV + tl.arange(0, BV)
+    state_offsets = ck[:, None] * V + cv[None, :]
+    state_mask = (ck < K)[:, None] & (cv < V)[None, :]
+    base = seq_head * segments
+    walked_first = own - 1 if REVERSE else 0
+    value = tl.load(segment_state_ptr + (base + walked_first) * K * V + state_offsets, mask=state_mask, other=0.0)
+    start = tl.zeros((BK, BV), dtype=tl.float32)
+    if HAS_START:
+        start += tl.load(start_ptr + seq_head * K * V + state_offsets, mask=state_mask, other=0.0).to(tl.float32)
+    tl.store(segment_state_ptr + (base + walked_first) * K * V + state_offsets, start, mask=state_mask)
+    for t in range(1, own):
+        segment = base + (own - 1 - t if REVERSE else t)
+        end_value = tl.load(segment_state_ptr + segment * K * V + state_offsets, mask=state_mask, other=0.0)
+        tl.store(segment_state_ptr + segment * K * V + state_offsets, value, mask=state_mask)
+        if VECTOR:
+            decay = tl.exp(tl.load(segment_decay_ptr + segment * K + ck, mask=ck < K, other=0.0))[:, None]
+        else:
+            decay = tl.exp(tl.sum(tl.load(segment_decay_ptr + segment + tl.arange(0, 1)), axis=0))
+        value = value * decay + end_value
+    if STORE_END:
+        tl.store(end_ptr + seq_head * K * V + state_offsets, value, mask=state_mask)
+
+
+
+@triton.jit
+def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, states_ptr, o_ptr, scores_ptr, cu_seqlens_ptr, chunk_seq_ptr,
+                         chunk_token_ptr, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                         BV: tl.constexpr, C: tl.constexpr, LEVELS: tl.constexpr, DECAY: tl.constexpr,
+                         STORE_SCORES: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                         VALUE_BLOCKS: tl.constexpr):
+    """o of one (chunk, head, VALUE_BLOCKS blocks of BV value channels): o = (q ⊙ e^{b}) S + A v, the scores A first
+    (`_intra_scores`, summed over key blocks of BK channels; kept for the backward when STORE_SCORES), then each value
+    block. Vector decay's scores cost six dots per key block: one program takes every value block; the others' one
+    dot is recomputed per value block, which spreads a chunk over more programs."""
+    chunk, head, value_program = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq, token0 = tl.load(chunk_seq_ptr + chunk), tl.load(chunk_token_ptr + chunk)
+    eos = tl.load(cu_seqlens_ptr + seq + 1)
+    rows = tl.arange(0, C)
+    row_mask = token0 + rows < eos
+    scores = tl.zeros((C, C), dtype=tl.float32)
+    for key_block in tl.range(0, tl.cdiv(K, BK), num_stages=1):  # not pipelined: six levels' tiles per stage
+        ck = key_block * BK + tl.arange(0, BK)
+        q = _tile(q_ptr, token0, rows, row_mask, head, H, K, ck, ck < K) * scale
+        k = _tile(k_ptr, token0, rows, row_mask, head, H, K, ck, ck < K)
+        b, _ = _chunk_decay(b_ptr, chunk, head, H, K, ck, C, DECAY)
+        scores += _intra_scores(q, k, b, b_ptr, chunk, head, H, K, ck, C, LEVELS, DECAY, DOT_DTYPE, PRECISION)
+    scores = scores.to(DOT_DTYPE)
+    if STORE_SCORES and value_program == 0:
+        tl.store(scores_ptr + (chunk * H + head) * C * C + rows[:, None] * C + rows[None, :], scores)
+    chunk_states_ptr = states_ptr + (chunk * H + head) * K * V
+    for value_block in range(value_program * VALUE_BLOCKS, tl.minimum((value_program + 1) * VALUE_BLOCKS,
+                                                                       tl.cdiv(V, BV))):
+        cv = value_block * BV + tl.arange(0, BV)
+        v = _tile(v_ptr, token0, rows, row_mask, head, H, V, cv, cv < V).to(DOT_DTYPE)
+        o = tl.dot(scores, v, input_precision=PRECISION)
+        for key_block in range(tl.cdiv(K, BK)):
+            ck = key_block * BK + tl.arange(0, BK)
+            q = _tile(q_ptr, token0, rows, row_mask, head, H, K, ck, ck < K) * scale
+            b, _ = _chunk_decay(b_ptr, chunk, head, H, K, ck, C, DECAY)
+            state = tl.load(chunk_states_ptr + ck[:, None] * V + cv[None, :],
+                            mask=(ck < K)[:, None] & (cv < V)[None, :], other=0.0).to(DOT_DTYPE)
+            o += tl.dot((q * _row_decay(b, DECAY == "vector")).to(DOT_DTYPE), state, input_precision=PRECISION)
+        tl.store(o_ptr + ((token0 + rows[:, None]) * H + head) * V + cv[None, :], o.to(o_ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & (cv < V)[None, :])
