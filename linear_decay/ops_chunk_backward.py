@@ -20,19 +20,11 @@ def _chunk_state_grads_kernel(q_ptr, do_ptr, b_ptr, final_grad_ptr, state_grads_
                               PRECISION: tl.constexpr):
     """∂L/∂S at the end of every chunk (reverse walk): dS ← e^{B} ⊙ dS + (q ⊙ e^{b})ᵀ do; ∂L/∂S_0 last. WALK as in
     `_chunk_states_kernel`, segments walked last to first (the sequence's last segment from ∂L/∂S_T)."""
-    k_block, v_block, program = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    seq_head, segment = program // segments, program % segments
-    seq, head = seq_head // H, seq_head % H
-    bos, eos = tl.load(cu_seqlens_ptr + seq), tl.load(cu_seqlens_ptr + seq + 1)
-    first_chunk = tl.load(chunk_offsets_ptr + seq)
     VECTOR: tl.constexpr = DECAY == "vector"
-    ck = k_block * BK + tl.arange(0, BK)  # key channels evolve independently: split over programs
-    cv = v_block * BV + tl.arange(0, BV)
-    state_offsets = ck[:, None] * V + cv[None, :]
-    state_mask = (ck < K)[:, None] & (cv < V)[None, :]
-    num_chunks = tl.cdiv(eos - bos, C)
-    first, last, dstate = _walk_start(final_grad_ptr, segment_state_ptr, program, seq_head, segment, segment_chunks,
-                                      num_chunks, state_offsets, state_mask, K, V, BK, BV, HAS_FINAL_GRAD, WALK, True)
+    (program, seq_head, head, bos, eos, first_chunk, ck, cv, state_offsets, state_mask, first, last,
+     dstate) = _walk_start(
+        final_grad_ptr, segment_state_ptr, cu_seqlens_ptr, chunk_offsets_ptr, segments, segment_chunks, H, K, V, BK,
+        BV, C, HAS_FINAL_GRAD, WALK, True)
     if WALK == 1:
         decay_sum = tl.zeros((BK,) if VECTOR else (1,), dtype=tl.float32)
     rows = tl.arange(0, C)

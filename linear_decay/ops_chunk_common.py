@@ -142,13 +142,25 @@ def _intra_scores(q, k, b, b_ptr, chunk, head, H: tl.constexpr, K: tl.constexpr,
 
 
 @triton.jit
-def _walk_start(boundary_ptr, segment_state_ptr, program, seq_head, segment, segment_chunks, num_chunks, state_offsets,
-                state_mask, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                HAS_BOUNDARY: tl.constexpr, WALK: tl.constexpr, REVERSE: tl.constexpr):
-    """(first chunk, end chunk, starting value) of a state walk (`_chunk_states_kernel`, `_chunk_state_grads_kernel`):
-    WALK 0 the whole sequence from its boundary value (the initial state, or ∂L/∂S_T when REVERSE) or zero; else one
-    segment, from the combined start (WALK 2) or from zero, the boundary value added on the segment at the walk's
-    starting end (the first segment; REVERSE: the last, or an empty sequence's only one)."""
+def _walk_start(boundary_ptr, segment_state_ptr, cu_seqlens_ptr, chunk_offsets_ptr, segments, segment_chunks,
+                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                C: tl.constexpr, HAS_BOUNDARY: tl.constexpr, WALK: tl.constexpr, REVERSE: tl.constexpr):
+    """What a state walk's program (`_chunk_states_kernel`, `_chunk_state_grads_kernel`; grid: key blocks, value
+    blocks, sequences × heads × segments) walks: (program, sequence × head, head, the sequence's first token and end,
+    its first chunk in the layout, the key and value channels, the state tile's offsets and mask, first chunk, end
+    chunk, starting value). WALK 0 the whole sequence from its boundary value (the initial state, or ∂L/∂S_T when REVERSE) or zero;
+    else one segment, from the combined start (WALK 2) or from zero, the boundary value added on the segment at the
+    walk's starting end (the first segment; REVERSE: the last, or an empty sequence's only one)."""
+    k_block, v_block, program = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq_head, segment = program // segments, program % segments
+    seq, head = seq_head // H, seq_head % H
+    bos, eos = tl.load(cu_seqlens_ptr + seq), tl.load(cu_seqlens_ptr + seq + 1)
+    first_chunk = tl.load(chunk_offsets_ptr + seq)
+    ck = k_block * BK + tl.arange(0, BK)  # key channels evolve independently: split over programs
+    cv = v_block * BV + tl.arange(0, BV)
+    state_offsets = ck[:, None] * V + cv[None, :]
+    state_mask = (ck < K)[:, None] & (cv < V)[None, :]
+    num_chunks = tl.cdiv(eos - bos, C)
     if WALK == 0:  # kept apart: the whole-sequence walk keeps the code it had before segments
         first, last = 0, num_chunks
         if HAS_BOUNDARY:
@@ -166,7 +178,7 @@ def _walk_start(boundary_ptr, segment_state_ptr, program, seq_head, segment, seg
             if (last == num_chunks) if REVERSE else (segment == 0):
                 state += tl.load(boundary_ptr + seq_head * K * V + state_offsets, mask=state_mask,
                                  other=0.0).to(tl.float32)
-    return first, last, state
+    return program, seq_head, head, bos, eos, first_chunk, ck, cv, state_offsets, state_mask, first, last, state
 
 
 @triton.jit

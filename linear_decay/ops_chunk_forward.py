@@ -40,19 +40,11 @@ def _chunk_states_kernel(k_ptr, v_ptr, b_ptr, initial_ptr, states_ptr, final_ptr
     segment from zero (the first from the initial state), storing only its end state and total log-decay for
     `_combine_segments_kernel`, then 2 — each segment again from the state the combination gave it, storing the
     chunk states."""
-    k_block, v_block, program = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    seq_head, segment = program // segments, program % segments
-    seq, head = seq_head // H, seq_head % H
-    bos, eos = tl.load(cu_seqlens_ptr + seq), tl.load(cu_seqlens_ptr + seq + 1)
-    first_chunk = tl.load(chunk_offsets_ptr + seq)
     VECTOR: tl.constexpr = DECAY == "vector"
-    ck = k_block * BK + tl.arange(0, BK)  # key channels evolve independently: split over programs
-    cv = v_block * BV + tl.arange(0, BV)
-    state_offsets = ck[:, None] * V + cv[None, :]
-    state_mask = (ck < K)[:, None] & (cv < V)[None, :]
-    num_chunks = tl.cdiv(eos - bos, C)
-    first, last, state = _walk_start(initial_ptr, segment_state_ptr, program, seq_head, segment, segment_chunks,
-                                     num_chunks, state_offsets, state_mask, K, V, BK, BV, HAS_INITIAL, WALK, False)
+    (program, seq_head, head, bos, eos, first_chunk, ck, cv, state_offsets, state_mask, first, last,
+     state) = _walk_start(
+        initial_ptr, segment_state_ptr, cu_seqlens_ptr, chunk_offsets_ptr, segments, segment_chunks, H, K, V, BK, BV,
+        C, HAS_INITIAL, WALK, False)
     if WALK == 1:
         decay_sum = tl.zeros((BK,) if VECTOR else (1,), dtype=tl.float32)
     rows = tl.arange(0, C)
