@@ -126,7 +126,7 @@ def section_train(args, rows):
     for name, builder in models(args):
         for batch, length in args.train_shapes:
             row = dict(section="train", model=name, batch=batch, length=length, compiled=args.compile,
-                       autograd_multithreading=torch._C._is_multithreading_enabled())
+                       autograd_multithreading=not args.single_thread_backward)
             model = step = None
             try:
                 model, step = training_setup(args, builder, batch, length)

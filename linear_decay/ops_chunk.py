@@ -19,11 +19,11 @@ Algorithm (per head; b = cumulative log λ within a chunk of CHUNK tokens, fp32;
   × heads the walks (this one and the state gradients') go through segments of a sequence in parallel
   (`_segment_plan`): each segment from zero, `_combine_segments_kernel` joins their ends in order, and each segment
   again from its true start.
-- `_chunk_output_kernel`: one program per (chunk, head; for scalar, static and no decay also per value block):
-  o = (q ⊙ e^{b}) S + A v, A the causal decayed scores of the chunk (`_intra_scores`). The cost does not depend on
-  the decay's strength: for vector decay the chunk is halved log2(CHUNK) times, and each pair of tokens factorises
-  about the middle row of the one block that has them in different halves, both factors e^{≤ 0}: one dot per level,
-  no pair summed one by one.
+- `_chunk_output_kernel`: one program per (chunk, head; for scalar, static and no decay also per block of 128 value
+  channels): o = (q ⊙ e^{b}) S + A v, A the causal decayed scores of the chunk (`_intra_scores`). The cost does not
+  depend on the decay's strength: for vector decay the chunk is halved log2(CHUNK) times, and each pair of tokens
+  factorises about the middle row of the one block that has them in different halves, both factors e^{≤ 0}: one dot
+  per level, no pair summed one by one.
 - backward: the state gradient at every chunk end (`_chunk_state_grads_kernel`, reverse walk), then dv per (chunk,
   head) (`_chunk_value_grads_kernel`, from the scores the forward kept), and there, for vector decay, the scores'
   gradient dA = do vᵀ (the key-gradient kernel forms it itself for the other decays); for vector decay the chunk's own
@@ -44,6 +44,7 @@ of chunks from shapes alone (`_num_chunks`), so that no shape depends on cu_seql
 """
 
 import functools
+from types import MappingProxyType
 
 import torch
 import triton.language as tl
@@ -181,8 +182,9 @@ def _chunk_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay:
     dot_dtype, precision, _, _ = _dot_settings(q.dtype)
     scores = q.new_empty(chunks if keep else 0, heads, CHUNK, CHUNK, dtype=_kept_dtype(q.dtype))
     block_k, block_v, launch = _launch("output", key_dim, value_dim, dot_dtype, decay)
-    value_blocks = cdiv(value_dim, block_v) if decay == DECAY_VECTOR else 1  # value blocks per program
-    _chunk_output_kernel[(chunks, heads, cdiv(cdiv(value_dim, block_v), value_blocks))](
+    whole_value = launch.pop("whole_value")
+    value_blocks = cdiv(value_dim, block_v) if whole_value else 1  # value blocks per program
+    _chunk_output_kernel[(chunks * cdiv(cdiv(value_dim, block_v), value_blocks), heads)](
         q, k, v, b, states, o, scores, layout[0], layout[2], layout[3], scale, heads, key_dim, value_dim, block_k,
         block_v, CHUNK, CHUNK_LEVELS, decay, keep, dot_dtype, precision, value_blocks, **launch)
     kept_decay = b if keep and decay != DECAY_NONE else g.new_empty(0)
@@ -256,7 +258,7 @@ def _chunk_backward(do: torch.Tensor, final_grad: torch.Tensor | None, q: torch.
     if vector:  # the chunks' own pairs by sub-chunks, at fp32 accuracy where d log λ is summed from them
         dq_intra, dk_intra = (q.new_empty(q.shape, dtype=torch.float32) for _ in range(2))
         block_k, _, launch = _launch("intra_grads", key_dim, value_dim, dot_dtype)
-        _chunk_intra_grads_kernel[(chunks * CHUNK // SUB_CHUNK, heads, cdiv(key_dim, block_k))](
+        _chunk_intra_grads_kernel[(chunks * CHUNK // SUB_CHUNK * cdiv(key_dim, block_k), heads)](
             q, k, b, dA, dq_intra, dk_intra, layout[0], layout[2], layout[3], scale, heads, key_dim, block_k,
             CHUNK, SUB_CHUNK, SUB_CHUNK.bit_length() - 1, exact_precision if needs_decay_grad else fp32_precision,
             **launch)
@@ -266,7 +268,7 @@ def _chunk_backward(do: torch.Tensor, final_grad: torch.Tensor | None, q: torch.
     if needs_decay_grad:  # scalar and static decay: a partial sum per key block
         d_log_decay = q.new_empty(*(() if vector else (key_blocks,)), batch, length, heads,
                                   *((key_dim,) if vector else ()), dtype=torch.float32)
-    _chunk_key_grads_kernel[(chunks, heads, key_blocks)](
+    _chunk_key_grads_kernel[(chunks * key_blocks, heads)](
         q, k, v, b, do, states, state_grads, dA, dq_intra, dk_intra, dq, dk, d_log_decay, layout[0], layout[2],
         layout[3], scale, batch * length, heads, key_dim, value_dim, block_k, block_v, CHUNK, decay,
         needs_decay_grad, dot_dtype, precision, fp32_precision, **launch)
@@ -391,24 +393,23 @@ def _key_block(key_dim):
 
 # Launch settings per kernel (and, where vector decay differs, per kernel for vector decay): key and value blocks
 # (capped by the head dims; the state walks and the gradient kernels split the key dim over programs, the output and
-# value-gradient kernels loop over its blocks), warps, pipeline stages. Chosen by sweeps on an H100 at the three
-# shapes of BENCHMARKS.md's kernel table: e.g. the scalar / static state walks at 4 warps and 3 stages, 0.76 ms
-# forward at 2×16384×16×128 against 0.88 at 8 warps and 2 stages (vector decay's walks stay at 8 warps, 2 stages: 1.05
-# against 1.09 ms at 8×2048×16×128); vector decay's output at 3 stages, 0.94 ms forward against 1.05 at 2; its
-# own-pair gradients in sub-chunks × 32 channels at 4 warps, 3.63 ms forward+backward against 3.71 at 64 channels and
-# 8 warps.
-TUNING = {
-    "states": dict(block_k=64, block_v=64, num_warps=4, num_stages=3),
-    "states_vector": dict(block_k=64, block_v=64, num_warps=8, num_stages=2),
-    "output": dict(block_k=128, block_v=64, num_warps=4, num_stages=2),
-    "output_vector": dict(block_k=128, block_v=64, num_warps=8, num_stages=3),
-    "state_grads": dict(block_k=64, block_v=64, num_warps=4, num_stages=3),
-    "state_grads_vector": dict(block_k=64, block_v=64, num_warps=8, num_stages=2),
-    "value_grads": dict(block_k=64, block_v=64, num_warps=8, num_stages=2),
-    "intra_grads": dict(block_k=32, block_v=64, num_warps=4, num_stages=3),
-    "key_grads": dict(block_k=64, block_v=64, num_warps=4, num_stages=2),
-    "key_grads_vector": dict(block_k=32, block_v=64, num_warps=8, num_stages=2),
-}
+# value-gradient kernels loop over its blocks), warps, pipeline stages, and for the output whether one program takes
+# every value block (`whole_value`: vector decay's scores cost six dots per key block, so they are formed once). Chosen
+# by sweeps on an H100 at the three shapes of BENCHMARKS.md's kernel table, whose launch-settings table has the
+# measurements: e.g. the value gradients at 4 warps and 3 stages, 2.74 / 5.64 ms vector forward+backward at
+# 8×2048×16×128 / 2×16384×16×128 against 2.91 / 6.00 at 8 warps and 2 stages.
+TUNING = MappingProxyType({  # read-only: the kernels' one source of launch settings
+    "states": MappingProxyType(dict(block_k=64, block_v=64, num_warps=4, num_stages=3)),
+    "states_vector": MappingProxyType(dict(block_k=64, block_v=64, num_warps=4, num_stages=2)),
+    "output": MappingProxyType(dict(block_k=128, block_v=128, num_warps=4, num_stages=2, whole_value=False)),
+    "output_vector": MappingProxyType(dict(block_k=128, block_v=64, num_warps=8, num_stages=3, whole_value=True)),
+    "state_grads": MappingProxyType(dict(block_k=64, block_v=64, num_warps=4, num_stages=3)),
+    "state_grads_vector": MappingProxyType(dict(block_k=64, block_v=64, num_warps=4, num_stages=2)),
+    "value_grads": MappingProxyType(dict(block_k=64, block_v=64, num_warps=4, num_stages=3)),
+    "intra_grads": MappingProxyType(dict(block_k=32, block_v=64, num_warps=4, num_stages=3)),
+    "key_grads": MappingProxyType(dict(block_k=64, block_v=64, num_warps=4, num_stages=2)),
+    "key_grads_vector": MappingProxyType(dict(block_k=32, block_v=64, num_warps=8, num_stages=2)),
+})
 
 
 def _launch(kernel, key_dim, value_dim, dot_dtype, decay=None):
@@ -418,10 +419,7 @@ def _launch(kernel, key_dim, value_dim, dot_dtype, decay=None):
     settings = dict(TUNING.get(f"{kernel}_vector" if decay == DECAY_VECTOR else kernel, TUNING[kernel]))
     if dot_dtype == tl.float32:
         settings["num_stages"] = min(settings["num_stages"], 2)
-    block_k = settings.pop("block_k")
-    if key_dim <= settings.pop("whole_key_dim_to", 0):
-        block_k = _key_block(key_dim)
-    block_k = min(block_k, _key_block(key_dim))
+    block_k = min(settings.pop("block_k"), _key_block(key_dim))
     block_v = min(settings.pop("block_v"), _key_block(value_dim))
     return block_k, block_v, settings
 

@@ -155,8 +155,9 @@ def _chunk_intra_grads_kernel(q_ptr, k_ptr, b_ptr, dA_ptr, dq_ptr, dk_ptr, cu_se
     this sub-chunk, its first for dq (e^{b_i − b_n} e^{b_n − b_j}), its last for dk, both factors ≤ 1; pairs within
     it by halving (`_level_factors`). Every dot is [SUB, SUB] × [SUB, BK] with fp32 operands (`_grad_dot`)."""
     SUBS: tl.constexpr = C // SUB
-    chunk_sub, head, key_block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    chunk, sub = chunk_sub // SUBS, chunk_sub % SUBS
+    KEY_BLOCKS: tl.constexpr = (K + BK - 1) // BK
+    program, head = tl.program_id(0), tl.program_id(1)  # a chunk's programs adjacent: they share its tiles in L2
+    chunk, sub, key_block = program // (SUBS * KEY_BLOCKS), program // KEY_BLOCKS % SUBS, program % KEY_BLOCKS
     seq, token0 = tl.load(chunk_seq_ptr + chunk), tl.load(chunk_token_ptr + chunk)
     eos = tl.load(cu_seqlens_ptr + seq + 1)
     first = sub * SUB
@@ -222,7 +223,9 @@ def _chunk_key_grads_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, states_ptr, stat
     dk_intra here without each token's pair with itself, which has no decay to differentiate. Scalar and static
     decay sum it over the block's channels, the chunk's own pairs straddling r directly (`_straddling_pairs`): one
     partial sum per key block, [T, H] each, added on the host."""
-    chunk, head, key_block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    KEY_BLOCKS: tl.constexpr = (K + BK - 1) // BK
+    program, head = tl.program_id(0), tl.program_id(1)  # a chunk's key blocks adjacent: they share v, do in L2
+    chunk, key_block = program // KEY_BLOCKS, program % KEY_BLOCKS
     seq, token0 = tl.load(chunk_seq_ptr + chunk), tl.load(chunk_token_ptr + chunk)
     eos = tl.load(cu_seqlens_ptr + seq + 1)
     VECTOR: tl.constexpr = DECAY == "vector"

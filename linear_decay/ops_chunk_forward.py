@@ -114,9 +114,10 @@ def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, states_ptr, o_ptr, scores_p
                          VALUE_BLOCKS: tl.constexpr):
     """o of one (chunk, head, VALUE_BLOCKS blocks of BV value channels): o = (q ⊙ e^{b}) S + A v, the scores A first
     (`_intra_scores`, summed over key blocks of BK channels; kept for the backward when STORE_SCORES), then each value
-    block. Vector decay's scores cost six dots per key block: one program takes every value block; the others' one
-    dot is recomputed per value block, which spreads a chunk over more programs."""
-    chunk, head, value_program = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    block. The programs of one chunk are adjacent in the grid, so that they share its q and k in L2."""
+    VALUE_PROGRAMS: tl.constexpr = ((V + BV - 1) // BV + VALUE_BLOCKS - 1) // VALUE_BLOCKS
+    program, head = tl.program_id(0), tl.program_id(1)  # a chunk's programs adjacent: they share q, k in L2
+    chunk, value_program = program // VALUE_PROGRAMS, program % VALUE_PROGRAMS
     seq, token0 = tl.load(chunk_seq_ptr + chunk), tl.load(chunk_token_ptr + chunk)
     eos = tl.load(cu_seqlens_ptr + seq + 1)
     rows = tl.arange(0, C)

@@ -93,12 +93,12 @@ def test_model_benchmark_backward_thread_switch(tmp_path):
     import torch
 
     out = tmp_path / "rows.json"
-    assert torch._C._is_multithreading_enabled()
+    assert torch.autograd.is_multithreading_enabled()
     assert load("model").main(["--device", "cpu", "--quick", "--sections", "train", "--decays", "simple:scalar",
                                "--single-thread-backward", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert [r["autograd_multithreading"] for r in rows] == [False] * 4  # ours and the Llama, two shapes each
-    assert torch._C._is_multithreading_enabled()
+    assert torch.autograd.is_multithreading_enabled()
     assert load("model").main(["--device", "cpu", "--quick", "--sections", "train", "--decays", "simple:scalar",
                                "--no-llama", "--json", str(out)]) == 0
     assert [r["autograd_multithreading"] for r in json.loads(out.read_text())] == [True] * 2

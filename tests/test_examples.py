@@ -136,7 +136,7 @@ def test_training_runs_the_backward_on_the_calling_thread(small_corpus, tmp_path
     original = run_clm.Trainer.training_step
 
     def training_step(self, *args, **kwargs):
-        seen.append(torch._C._is_multithreading_enabled())
+        seen.append(torch.autograd.is_multithreading_enabled())
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(run_clm.Trainer, "training_step", training_step)
@@ -147,7 +147,7 @@ def test_training_runs_the_backward_on_the_calling_thread(small_corpus, tmp_path
                                  "--block_size", "64", "--validation_split_percentage", "0", "--save_strategy", "no",
                                  "--config_overrides", SMALL_MODEL, *flag))
         assert seen == [expected, expected]
-        assert torch._C._is_multithreading_enabled()
+        assert torch.autograd.is_multithreading_enabled()
 
 
 def test_training_with_document_boundaries_feeds_the_restarts_to_the_model(small_corpus, tmp_path):

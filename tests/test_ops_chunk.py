@@ -401,15 +401,17 @@ def test_forced_segment_lengths(segment_chunks, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["vector", "scalar"])
-def test_key_blocks(kind, monkeypatch):
+def test_key_and_value_blocks(kind):
     """Every kernel takes the key and value dims in blocks (TUNING's block_k and block_v: the walks split them over
-    programs, the others loop over them or spread them over programs): K = 40 and V = 24 in blocks of 16, the last
-    ones ragged, give the oracle's outputs and gradients."""
-    for kernel in kernels.TUNING:
-        monkeypatch.setitem(kernels.TUNING, kernel, {**kernels.TUNING[kernel], "block_k": 16, "block_v": 16,
-                                                     "whole_key_dim_to": 0})
-    inputs = make_inputs(kind, 2, CHUNK + 29, 2, 40, 24, seed=23)
-    assert kernels._launch("key_grads", 40, 24, kernels._dot_settings(torch.bfloat16)[0], kernels.DECAY_VECTOR)[0] == 16
+    programs, the others loop over them or spread them over programs): at K = 200 and V = 136 every kernel has
+    several of each, the last ones ragged, and the outputs and gradients are the oracle's."""
+    key_dim, value_dim = 200, 136
+    for kernel in {name.removesuffix("_vector") for name in kernels.TUNING}:
+        for decay in (kernels.DECAY_VECTOR, kernels.DECAY_SCALAR):
+            block_k, block_v, _ = kernels._launch(kernel, key_dim, value_dim, kernels._dot_settings(torch.float16)[0],
+                                                  decay)
+            assert key_dim % block_k and value_dim % block_v, (kernel, decay, block_k, block_v)
+    inputs = make_inputs(kind, 2, CHUNK + 29, 2, key_dim, value_dim, seed=23)
     actual = outputs_and_grads(triton_chunked_recurrence, inputs, scale=0.5)
     assert_close(actual, oracle(inputs, scale=0.5), NAMES)
 
