@@ -483,13 +483,13 @@ def section_ceilings(results, args):
         y = torch.empty_like(x)
         ms = do_bench(lambda _: y.copy_(x), [None], rep=300)
         out["copy_GBps"] = 2 * x.numel() * x.element_size() / (ms * 1e-3) / 1e9
-        del x, y
+        x = y = None  # free the GiB buffers
         n = 8192
         a = torch.randn(n, n, dtype=DTYPE, device="cuda")
         b = torch.randn(n, n, dtype=DTYPE, device="cuda")
         ms = do_bench(lambda _: a @ b, [None], rep=300)
         out["matmul_bf16_TFLOPs"] = 2 * n ** 3 / (ms * 1e-3) / 1e12
-        del a, b
+        a = b = None
     except Exception as error:  # noqa: BLE001
         out["error"] = err_text(error)
         traceback.print_exc()
@@ -619,7 +619,7 @@ def section_chunk(results, args, ours, fla, deadline, save=lambda: None):
                 line["strength"] = label
                 results.setdefault("correctness", []).append(line)
                 print(f"[check] {line}", flush=True)
-            del sets
+            sets = None
             torch.cuda.empty_cache()
             save()
 
@@ -726,7 +726,7 @@ def section_decode(results, args, ours, fla):
         except Exception as error:  # noqa: BLE001
             results.setdefault("correctness", []).append(dict(section="decode", decay=kind, error=err_text(error)))
             traceback.print_exc()
-        del sets
+        sets = None
         torch.cuda.empty_cache()
 
 
@@ -736,9 +736,10 @@ def section_model(results, args):
     out = results.setdefault("model", [])
     for backend in args.model_backends.split(","):
         with tempfile.TemporaryDirectory() as cache_dir, tempfile.NamedTemporaryFile(suffix=".json") as result_file:
-            env = dict(os.environ, TRITON_CACHE_DIR=cache_dir, LINEAR_DECAY_BACKEND=backend)
+            env = dict(os.environ, TRITON_CACHE_DIR=cache_dir)
             command = [sys.executable, os.path.abspath(__file__), "--model-child", result_file.name,
-                       "--model-preset", args.model_preset, "--model-decay", args.model_decay]
+                       "--model-preset", args.model_preset, "--model-decay", args.model_decay,
+                       "--model-backends", backend]
             start = time.perf_counter()
             proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.model_timeout)
             row = dict(backend=backend, preset=args.model_preset, decay=args.model_decay,
@@ -755,16 +756,17 @@ def section_model(results, args):
         print(f"[model] {row}", flush=True)
 
 
-def model_child(path, preset, decay):
-    """Runs in a fresh process: model creation -> first forward+backward (cold) -> more steps."""
+def model_child(path, preset, decay, backend):
+    """Runs in a fresh process: model creation -> first forward+backward (cold) -> more steps, on the recurrence
+    backend `backend` (the config's `kernel_backend`)."""
     row = {}
     try:
         decay_type, _, granularity = decay.partition(":")
         import linear_decay  # noqa: F401  (import time is not part of the measurement)
         from linear_decay import LinearDecayConfig, LinearDecayForCausalLM
         from linear_decay.recurrence import resolve_backend
-        row["backend_resolved"] = resolve_backend("cuda")
-        config = LinearDecayConfig.from_preset(preset, decay_type=decay_type,
+        row["backend_resolved"] = resolve_backend("cuda", backend)
+        config = LinearDecayConfig.from_preset(preset, decay_type=decay_type, kernel_backend=backend,
                                                **({"decay_granularity": granularity} if granularity else {}))
         torch.manual_seed(0)
         ids = torch.randint(0, config.vocab_size, (MODEL_BATCH, MODEL_LENGTH), device="cuda")
@@ -1082,7 +1084,7 @@ def parse_args(argv=None):
                         help="seconds after the start past which no new precision / chunk case starts")
     parser.add_argument("--model-preset", default="410m")
     parser.add_argument("--model-decay", default="mamba2:vector", help="decay_type[:granularity] of the model")
-    parser.add_argument("--model-backends", default="triton,torch", help="comma list of LINEAR_DECAY_BACKEND values")
+    parser.add_argument("--model-backends", default="triton,torch", help="comma list of kernel_backend values (the config's)")
     parser.add_argument("--model-timeout", type=float, default=900)
     parser.add_argument("--model-child", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -1093,7 +1095,7 @@ def main(argv=None):
     deadline = Deadline(args.deadline)
 
     if args.model_child:
-        model_child(args.model_child, args.model_preset, args.model_decay)
+        model_child(args.model_child, args.model_preset, args.model_decay, args.model_backends)
         return
     if args.from_json:
         with open(args.from_json) as handle:
