@@ -1,6 +1,8 @@
-"""Shared fixtures: a tiny config factory and a way to move weights away from their initialisation."""
+"""Shared fixtures: a tiny config factory, a way to move weights away from their initialisation, and the start of
+subprocess scripts that must not import the package."""
 
 import os
+import textwrap
 
 import pytest
 import torch
@@ -68,6 +70,25 @@ def assert_fused_kernel_matches_torch(monkeypatch, config, kernel_name, seed=5, 
     assert grads_triton.keys() == grads_torch.keys()
     bad = {n: relative_error(grads_triton[n], grads_torch[n]) for n in grads_torch}
     assert all(error <= 1e-4 for error in bad.values()), bad
+
+
+# The start of a script run in a fresh interpreter (`python script.py REPO_ROOT ...`) that must not reach the package,
+# only what transformers' remote-code loader copies: it drops the repository from sys.path and any editable-install
+# finder, and exits with 3 if `linear_decay` is still importable. Imports os and sys for the rest of the script.
+WITHOUT_PACKAGE = textwrap.dedent(
+    """
+    import importlib.util, os, sys
+
+    repo_root = os.path.realpath(sys.argv[1])
+    sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != repo_root]
+    sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in repr(f) and "editable" not in
+                        type(f).__module__]
+    if importlib.util.find_spec("linear_decay") is not None:
+        print("LINEAR_DECAY_IMPORTABLE", importlib.util.find_spec("linear_decay").origin)
+        sys.exit(3)
+    print("LINEAR_DECAY_NOT_IMPORTABLE")
+    """
+)
 
 
 def relative_error(actual, expected):

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import linear_decay
 
-from conftest import relative_error
+from conftest import WITHOUT_PACKAGE, relative_error
 
 pytest.importorskip("olah", reason="the local Hub needs olah (pip install -e '.[test]')")
 if shutil.which("git") is None:
@@ -55,19 +55,9 @@ PUSH_SCRIPT = textwrap.dedent(
     """
 )
 
-PULL_SCRIPT = textwrap.dedent(
+PULL_SCRIPT = WITHOUT_PACKAGE + textwrap.dedent(
     """
-    import importlib.util, json, os, sys
-
-    repo_root = os.path.realpath(sys.argv[1])
-    # Nothing may reach the package: drop the repository from sys.path and any editable-install finder.
-    sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != repo_root]
-    sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in repr(f) and "editable" not in
-                        type(f).__module__]
-    if importlib.util.find_spec("linear_decay") is not None:
-        print("LINEAR_DECAY_IMPORTABLE", importlib.util.find_spec("linear_decay").origin)
-        sys.exit(3)
-    print("LINEAR_DECAY_NOT_IMPORTABLE")
+    import json
 
     import torch
     from huggingface_hub import HfApi, hf_hub_download

@@ -20,7 +20,7 @@ import linear_decay
 from linear_decay import LinearDecayConfig, LinearDecayForCausalLM, LinearDecayModel
 from linear_decay.configuration_linear_decay import DESIGN_FIELDS
 
-from conftest import perturbed_model, relative_error, tiny_config
+from conftest import WITHOUT_PACKAGE, perturbed_model, relative_error, tiny_config
 
 REPO_ROOT = Path(linear_decay.__file__).resolve().parent.parent
 CODE_FILES = ("configuration_linear_decay.py", "modeling_linear_decay.py", "decay.py", "recurrence.py",
@@ -336,20 +336,8 @@ def test_a_hub_checkpoint_is_checked_from_the_local_hub_cache(tmp_path, monkeypa
 # Remote code: a fresh interpreter that cannot import the package
 # ---------------------------------------------------------------------------------------------------------------
 
-REMOTE_SCRIPT = textwrap.dedent(
+REMOTE_SCRIPT = WITHOUT_PACKAGE + textwrap.dedent(
     """
-    import importlib.util, os, sys
-
-    repo_root = os.path.realpath(sys.argv[1])
-    # Nothing may reach the package: drop the repository from sys.path and any editable-install finder.
-    sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != repo_root]
-    sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in repr(f) and "editable" not in
-                        type(f).__module__]
-    if importlib.util.find_spec("linear_decay") is not None:
-        print("LINEAR_DECAY_IMPORTABLE", importlib.util.find_spec("linear_decay").origin)
-        sys.exit(3)
-    print("LINEAR_DECAY_NOT_IMPORTABLE")
-
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
