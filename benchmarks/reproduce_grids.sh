@@ -1,21 +1,40 @@
 #!/usr/bin/env bash
-# The design-space reproduction behind RESULTS.md on one GPU: grids T1 and T3 (DESIGN §6), every variant, two
-# seeds, on the bundled corpus (held-out perplexity) and on MQAR (recall accuracy). Small models use little of an
-# H200, so each sweep runs as several processes on the same GPU (`--processes`). Sweeps resume: run it again with the
-# same OUTPUT to finish what a time limit interrupted (or copy results/sweep_t1_t3, the records of the runs behind
-# RESULTS.md, to OUTPUT first); the last step of each sweep writes OUTPUT/{corpus,mqar}/results.md, results.csv and
-# decay.png. Usage: benchmarks/reproduce_grids.sh OUTPUT [GRIDS] [SECONDS]
-#   GRIDS   grids joined by commas, one sweep (default "T1,T3": a configuration in both is trained once)
-#   SECONDS wall-clock limit for all training (default: none); the summaries are written either way
+# The design-space grids (DESIGN §6) on one GPU, on text (held-out perplexity) and on MQAR (recall accuracy), at one
+# of two scales. Small models use little of a GPU, so each sweep runs as several processes on the same GPU
+# (`--processes`). Sweeps resume: run it again with the same OUTPUT to finish what a time limit interrupted; the
+# last step of each sweep writes OUTPUT/{corpus,mqar}/results.md (with the paired comparisons), results.csv and
+# decay.png. A configuration that several grids share is trained once.
+#
+# Usage: benchmarks/reproduce_grids.sh OUTPUT [GRIDS] [SECONDS] [SCALE]
+#   GRIDS   grids joined by commas, one sweep per data kind (default "T1,T3")
+#   SECONDS wall-clock limit for all training (default 0: none); the summaries are written either way
+#   SCALE   small  — the runs behind RESULTS.md's first tables: 4 layers × 256 wide, 4M tokens of 256-token
+#                    blocks of the bundled corpus, MQAR of 64 tokens with 8 pairs, two seeds;
+#           medium — 8 layers × 512 wide (8 heads of 64, 36.7M parameters), 21M tokens of 1024-token blocks of the
+#                    bundled corpus and the fetched Gutenberg selections (linear_decay/texts.py), MQAR of 512
+#                    tokens with 64 pairs and queries anywhere after the context (20M tokens), three seeds, bf16,
+#                    learning rate 1e-3 (the sweep's default of 3e-3 is tuned for the small scale)
+#   PROCESSES (environment) shard processes per sweep (default 8); the text and the MQAR sweep run at once
 set -u
-OUTPUT=${1:?usage: reproduce_grids.sh OUTPUT [GRIDS] [SECONDS]}
+OUTPUT=${1:?usage: reproduce_grids.sh OUTPUT [GRIDS] [SECONDS] [SCALE]}
 GRIDS=${2:-T1,T3}
 LIMIT=${3:-0}
-PROCESSES=${PROCESSES:-8}             # per sweep; the corpus and the MQAR sweep run at once
-MODEL="hidden_size=256,num_hidden_layers=4,num_heads=4"
-CORPUS=(--data corpus --seq_len 256 --batch_size 32 --steps 500)
-MQAR=(--data mqar --mqar_vocab_size 256 --mqar_num_pairs 8 --seq_len 64 --batch_size 128 --steps 800)
-COMMON=(--size tiny --model_overrides "$MODEL" --seeds 0,1)
+SCALE=${4:-small}
+PROCESSES=${PROCESSES:-8}
+case "$SCALE" in
+  small)
+    COMMON=(--size tiny --model_overrides "hidden_size=256,num_hidden_layers=4,num_heads=4" --seeds 0,1)
+    TEXT=(--data corpus --seq_len 256 --batch_size 32 --steps 500)
+    MQAR=(--data mqar --mqar_vocab_size 256 --mqar_num_pairs 8 --seq_len 64 --batch_size 128 --steps 800)
+    ;;
+  medium)
+    COMMON=(--size tiny --model_overrides "hidden_size=512,num_hidden_layers=8,num_heads=8" --seeds 0,1,2 --bf16)
+    TEXT=(--data gutenberg --seq_len 1024 --batch_size 32 --steps 640 --learning_rate 1e-3)
+    MQAR=(--data mqar --mqar_vocab_size 8192 --mqar_num_pairs 64 --mqar_query_gaps uniform --seq_len 512
+          --batch_size 64 --steps 610 --learning_rate 1e-3)
+    ;;
+  *) echo "SCALE must be small or medium, got $SCALE" >&2; exit 2 ;;
+esac
 
 run_limited() {  # run "$@" under the remaining time limit, if any
   if [ "$LIMIT" -gt 0 ]; then
@@ -27,11 +46,11 @@ run_limited() {  # run "$@" under the remaining time limit, if any
   fi
 }
 
-run_limited python -m linear_decay.sweep --grid "$GRIDS" "${COMMON[@]}" "${CORPUS[@]}" --processes "$PROCESSES" \
+run_limited python -m linear_decay.sweep --grid "$GRIDS" "${COMMON[@]}" "${TEXT[@]}" --processes "$PROCESSES" \
     --output_dir "$OUTPUT/corpus" &
 run_limited python -m linear_decay.sweep --grid "$GRIDS" "${COMMON[@]}" "${MQAR[@]}" --processes "$PROCESSES" \
     --output_dir "$OUTPUT/mqar" &
 wait
 # summaries of whatever finished (a no-op rewrite when the sweeps completed)
-python -m linear_decay.sweep --grid "$GRIDS" "${COMMON[@]}" "${CORPUS[@]}" --summarize_only --output_dir "$OUTPUT/corpus"
+python -m linear_decay.sweep --grid "$GRIDS" "${COMMON[@]}" "${TEXT[@]}" --summarize_only --output_dir "$OUTPUT/corpus"
 python -m linear_decay.sweep --grid "$GRIDS" "${COMMON[@]}" "${MQAR[@]}" --summarize_only --output_dir "$OUTPUT/mqar"

@@ -9,8 +9,10 @@
 seed and the same token budget (steps × batch × sequence length); only the config overrides differ. The optimizer is
 the paper's (AdamW 0.9 / 0.95, weight decay 0.1, clip 1.0; DESIGN §6) with a cosine schedule.
 
-Data: `corpus` — the bundled corpus, its last 2 % of characters held out for evaluation (perplexity); `mqar` —
-multi-query associative recall (linear_decay/mqar.py), a held-out set generated with another seed (accuracy).
+Data: `corpus` — the bundled corpus, its last 2 % of characters held out for evaluation (perplexity); `gutenberg` —
+the bundled corpus and public-domain texts fetched and verified at run time (linear_decay/texts.py), each work's last
+2 % held out; `mqar` — multi-query associative recall (linear_decay/mqar.py), a held-out set generated with another
+seed (accuracy), its queries close to the context (`--mqar_query_gaps power`) or anywhere after it (`uniform`).
 
 Output: DIR/<name>-seed<s>/ holds the final model — its model card (README.md) filled from the training record beside
 it, linear_decay_training.json — and result.json (final train loss, eval loss and perplexity or accuracy, tokens/s,
@@ -143,27 +145,52 @@ def bundled_tokenizer():
     return AutoTokenizer.from_pretrained(TOKENIZER)
 
 
+def _held_out_cut(text, fraction=0.02):
+    """Where the last `fraction` of `text`'s characters start, moved back to a line start."""
+    return text.rindex("\n", 0, int(len(text) * (1 - fraction))) + 1
+
+
 def corpus_data(args, budget_examples, tokenizer):
-    """(train, eval, decay_probe_ids): train blocks from the head of the bundled corpus (only as many works as the
-    token budget needs are tokenized), eval blocks and the decay probe (DESIGN §5: one 2048-token text) from its
-    held-out last 2 % of characters."""
+    """(train, eval, decay_probe_ids). `corpus`: train blocks from the head of the bundled corpus (only as many works
+    as the token budget needs are tokenized), eval blocks and the decay probe (DESIGN §5: one 2048-token text) from its
+    held-out last 2 % of characters. `gutenberg`: the bundled works and the texts of `texts.GUTENBERG_SELECTIONS`
+    (fetched and verified at run time), each work's last 2 % held out, eval blocks drawn from all of them, the
+    probe from the first; the budget passes over the training text as often as it needs (a run's `train_passes`)."""
     from .quickstart import CORPUS, TokenBlocks
 
     text = CORPUS.read_text(encoding="utf-8")
-    cut = text.rindex("\n", 0, int(len(text) * 0.98)) + 1
     needed = budget_examples * args.seq_len
+    if args.data == "corpus":
+        cut = _held_out_cut(text)
+        works, held_out_texts = text[:cut].split("\n\n\n"), [text[cut:]]
+    else:
+        from .texts import GUTENBERG_SELECTIONS, TextSourceError, fetch_texts
+
+        try:
+            fetched = [work for _, work in fetch_texts(GUTENBERG_SELECTIONS, args.text_cache)]
+        except TextSourceError as error:
+            raise SweepError(str(error)) from None
+        everything = [work for work in text.split("\n\n\n") + fetched if work.strip()]
+        works = [work[:_held_out_cut(work)] for work in everything]
+        held_out_texts = [work[_held_out_cut(work):] for work in everything]
+        needed = None  # every work: the mixture, not the budget, decides what is tokenized
     train_tokens = []
-    for work in text[:cut].split("\n\n\n"):
-        if len(train_tokens) >= needed:
+    for work in works:
+        if needed is not None and len(train_tokens) >= needed:
             break
         train_tokens += tokenizer(work, add_special_tokens=False, verbose=False)["input_ids"] + [tokenizer.eos_token_id]
-    held_out = tokenizer(text[cut:], add_special_tokens=False, verbose=False)["input_ids"]
+    held_out = [tokenizer(part, add_special_tokens=False, verbose=False)["input_ids"] for part in held_out_texts]
     train = TokenBlocks(train_tokens, args.seq_len)
-    evaluation = TokenBlocks(held_out, args.seq_len)
-    evaluation.blocks = evaluation.blocks[: args.eval_examples]
+    if args.data == "corpus":
+        evaluation = TokenBlocks(held_out[0], args.seq_len)
+        evaluation.blocks = evaluation.blocks[: args.eval_examples]
+    else:  # blocks spread evenly over every work's held-out part
+        evaluation = TokenBlocks([token for ids in held_out for token in ids + [tokenizer.eos_token_id]], args.seq_len)
+        if len(evaluation) > args.eval_examples:
+            evaluation.blocks = evaluation.blocks[torch.linspace(0, len(evaluation) - 1, args.eval_examples).long()]
     if len(train) == 0 or len(evaluation) == 0:
         raise SweepError(f"--seq_len {args.seq_len} leaves no training or held-out block")
-    return train, evaluation, torch.tensor([held_out[:2048]])
+    return train, evaluation, torch.tensor([held_out[0][:2048]])
 
 
 class ArrayExamples(torch.utils.data.Dataset):
@@ -187,7 +214,7 @@ def mqar_data(args, budget_examples, tokenizer=None):
     from .mqar import mqar_examples
 
     knobs = dict(vocab_size=args.mqar_vocab_size, num_pairs=args.mqar_num_pairs, num_queries=args.mqar_num_queries,
-                 seq_len=args.seq_len)
+                 seq_len=args.seq_len, query_gap_power=None if args.mqar_query_gaps == "uniform" else 0.01)
 
     def examples(count, seed):
         return ArrayExamples(**dict(zip(("input_ids", "labels"), mqar_examples(count, **knobs, seed=seed))))
@@ -268,6 +295,7 @@ def train_one(entry, seed, config, data, tokenizer, args, run_dir):
         "run": run_dir.name, "config": entry["name"], "seed": seed, "overrides": entry["overrides"],
         "size": args.size, "model_overrides": args.model_overrides, "data": args.data, "steps": trainer.state.global_step, "batch_size": args.batch_size,
         "seq_len": args.seq_len, "train_tokens": tokens,
+        "train_passes": trainer.state.global_step * args.batch_size / len(train),
         "final_train_loss": losses[-1] if losses else trained.training_loss,
         "eval_loss": metrics["eval_loss"],
         "eval_perplexity": None if is_mqar else math.exp(min(metrics["eval_loss"], 50.0)),
@@ -306,10 +334,17 @@ def training_record(entry, seed, args, training_args, result):
     if args.data == "corpus":
         data = {"data_files": ["bundled Shakespeare corpus (linear_decay/data/corpus.txt, public domain), "
                                "its last 2 % held out"]}
+    elif args.data == "gutenberg":
+        from .texts import GUTENBERG_SELECTIONS as source
+
+        data = {"data_files": ["bundled Shakespeare corpus (linear_decay/data/corpus.txt, public domain)",
+                               f"{source.provenance} ({source.url}, sha512 {source.sha512}; {source.licence})"],
+                "data": f"each work's last 2 % held out; {result['train_passes']:.2f} passes over the training text"}
     else:
+        gaps = "uniform" if args.mqar_query_gaps == "uniform" else "power-law (0.01)"
         data = {"data": f"multi-query associative recall (linear_decay/mqar.py): vocabulary {args.mqar_vocab_size}, "
-                        f"{args.mqar_num_pairs} key-value pairs, {args.mqar_num_queries} queries, seed "
-                        f"{args.data_seed}"}
+                        f"{args.mqar_num_pairs} key-value pairs, {args.mqar_num_queries} queries ({gaps} gaps), "
+                        f"seed {args.data_seed}"}
     optimizer = getattr(training_args.optim, "value", training_args.optim)
     warmup, device = training_args.warmup_steps, result["environment"]["device"]
     return {
@@ -375,9 +410,53 @@ def by_configuration(results):
     return grouped
 
 
+# Design fields whose one-at-a-time changes the grids test (DESIGN §6: T3, T2, T4), each with its values in the order
+# in which a paired comparison subtracts them (the first is the reference).
+PAIRED_FIELDS = {"decay_granularity": ("vector", "scalar"), "share_decay": (False, True),
+                 "position_encoding": ("none", "rope", "lrpe", "tpe")}
+
+
+def paired_comparisons(grouped, key):
+    """[(field, reference, other, [per-seed differences other − reference of `key`])] for every two configurations
+    whose model configs differ in exactly one of PAIRED_FIELDS, over the seeds both ran."""
+    configs = {name: runs[0]["model_config"] for name, runs in grouped.items()}
+    rows = []
+    for field, order in PAIRED_FIELDS.items():
+        for reference, ref_config in configs.items():
+            for other, other_config in configs.items():
+                if ref_config.get(field) not in order or other_config.get(field) not in order:
+                    continue
+                if order.index(ref_config[field]) >= order.index(other_config[field]):
+                    continue
+                if any(ref_config.get(f) != other_config.get(f) for f in set(ref_config) | set(other_config)
+                       if f != field):
+                    continue
+                by_seed = {run["seed"]: run[key] for run in grouped[reference] if run.get(key) is not None}
+                differences = [run[key] - by_seed[run["seed"]] for run in grouped[other]
+                               if run["seed"] in by_seed and run.get(key) is not None]
+                if differences:
+                    rows.append((field, reference, other, differences))
+    return rows
+
+
+def _paired_lines(grouped, key, metric, lower_is_better):
+    rows = paired_comparisons(grouped, key)
+    if not rows:
+        return []
+    better = "lower" if lower_is_better else "higher"
+    lines = ["", f"Paired comparisons (configurations that differ in one design field, same seeds): B − A of the "
+                 f"{metric}, mean ± std over seeds; B better in: seeds where B's {metric} is {better}.", "",
+             "| differs in | A | B | seeds | B − A | B better in |", "|---|---|---|---|---|---|"]
+    for field, reference, other, differences in rows:
+        wins = sum((d < 0) if lower_is_better else (d > 0) for d in differences)
+        lines.append(f"| {field} | {reference} | {other} | {len(differences)} | {_mean_std(differences)} | "
+                     f"{wins}/{len(differences)} |")
+    return lines
+
+
 def write_summaries(results, invalid, output_dir, title, aliases=()):
-    """results.csv (one row per run), results.md (per configuration, mean ± std over seeds, and the invalid
-    entries), decay.png (median λ vs layer per configuration, averaged over seeds; DESIGN §5)."""
+    """results.csv (one row per run), results.md (per configuration, mean ± std over seeds; the paired comparisons of
+    `paired_comparisons`; the invalid entries), decay.png (median λ vs layer per configuration, averaged over seeds; DESIGN §5)."""
     with open(output_dir / "results.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
@@ -403,6 +482,7 @@ def write_summaries(results, invalid, output_dir, title, aliases=()):
         size = first["size"] + (f" ({first['model_overrides']})" if first.get("model_overrides") else "")
         lines += ["", f"{size} preset, {first['data']} data, {first['steps']} steps × "
                       f"{first['batch_size']} × {first['seq_len']} tokens = {first['train_tokens']:,} training tokens per run."]
+    lines += _paired_lines(grouped, key, metric, lower_is_better=not recall)
     if aliases:
         lines += ["", "Same configuration under two names (trained once): "
                   + ", ".join(f"{alias} = {name}" for alias, name in aliases) + "."]
@@ -460,7 +540,11 @@ def parse_args(argv):
                         help="run the plan in this many shard processes (over the visible GPUs), then summarise")
     parser.add_argument("--shard", default=None, metavar="K/N",
                         help="train only runs K, K+N, ... of the plan (N processes sharing --output_dir)")
-    parser.add_argument("--data", choices=("corpus", "mqar"), default="corpus")
+    parser.add_argument("--data", choices=("corpus", "gutenberg", "mqar"), default="corpus",
+                        help="corpus: the bundled corpus; gutenberg: it and public-domain texts fetched at run time "
+                             "(linear_decay/texts.py); mqar: synthetic recall")
+    parser.add_argument("--text_cache", default=None,
+                        help="folder for fetched texts (default ~/.cache/linear_decay/texts)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds (model init and data order)")
     parser.add_argument("--output_dir", required=True)
@@ -474,6 +558,9 @@ def parse_args(argv):
     parser.add_argument("--mqar_vocab_size", type=int, default=8192)
     parser.add_argument("--mqar_num_pairs", type=int, default=16)
     parser.add_argument("--mqar_num_queries", type=int, default=None, help="default: --mqar_num_pairs")
+    parser.add_argument("--mqar_query_gaps", choices=("power", "uniform"), default="power",
+                        help="where queries sit after the context: mostly close to it (Zoology's power law, 0.01) or "
+                             "uniformly over the rest of the sequence")
     args = parser.parse_args(argv)
     try:
         args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -513,7 +600,7 @@ def run_sweep(args):
     output_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    tokenizer = bundled_tokenizer() if args.data == "corpus" else None
+    tokenizer = bundled_tokenizer() if args.data != "mqar" else None
     if tokenizer is not None:
         data_fields = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
