@@ -454,9 +454,63 @@ def _paired_lines(grouped, key, metric, lower_is_better):
     return lines
 
 
+def _ranks(values):
+    """Ranks 1..n of `values`, ties sharing their mean rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for position in range(start, end + 1):
+            ranks[order[position]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def spearman(xs, ys):
+    """Spearman's rank correlation of two equally long lists (None when it is undefined)."""
+    if len(xs) < 3:
+        return None
+    rx, ry = _ranks(xs), _ranks(ys)
+    mx, my = statistics.mean(rx), statistics.mean(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else None
+
+
+def decay_relation(grouped, key):
+    """[(configuration, mean median λ, [metric per seed])] sorted by the mean median λ (each run's per-layer medians
+    averaged over layers, then over seeds: DESIGN §5's statistic), and Spearman's ρ between that λ and the metric's
+    mean over the configurations (DESIGN §6, claim 1: good configurations sit near a median λ of about 0.8)."""
+    rows = []
+    for name, runs in grouped.items():
+        values = [run[key] for run in runs if run.get(key) is not None]
+        if values:
+            rows.append((name, statistics.mean(statistics.mean(run["median_decay_per_layer"]) for run in runs),
+                         values))
+    rows.sort(key=lambda row: row[1])
+    rho = spearman([row[1] for row in rows], [statistics.mean(row[2]) for row in rows])
+    return rows, rho
+
+
+def _decay_relation_lines(grouped, key, metric):
+    rows, rho = decay_relation(grouped, key)
+    if not rows:
+        return []
+    lines = ["", f"Median λ and {metric}, by mean median λ (per-layer medians averaged over layers and seeds); "
+                 f"Spearman's ρ between the two over {len(rows)} configurations: "
+                 + ("undefined" if rho is None else f"{rho:+.2f}") + ".", "",
+             f"| configuration | mean median λ | {metric} |", "|---|---|---|"]
+    lines += [f"| {name} | {decay:.3f} | {_mean_std(values)} |" for name, decay, values in rows]
+    return lines
+
+
 def write_summaries(results, invalid, output_dir, title, aliases=()):
     """results.csv (one row per run), results.md (per configuration, mean ± std over seeds; the paired comparisons of
-    `paired_comparisons`; the invalid entries), decay.png (median λ vs layer per configuration, averaged over seeds; DESIGN §5)."""
+    `paired_comparisons`; median λ against the metric, `decay_relation`; the invalid entries), decay.png (median λ vs
+    layer per configuration, averaged over seeds; DESIGN §5)."""
     with open(output_dir / "results.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
@@ -483,6 +537,7 @@ def write_summaries(results, invalid, output_dir, title, aliases=()):
         lines += ["", f"{size} preset, {first['data']} data, {first['steps']} steps × "
                       f"{first['batch_size']} × {first['seq_len']} tokens = {first['train_tokens']:,} training tokens per run."]
     lines += _paired_lines(grouped, key, metric, lower_is_better=not recall)
+    lines += _decay_relation_lines(grouped, key, metric)
     if aliases:
         lines += ["", "Same configuration under two names (trained once): "
                   + ", ".join(f"{alias} = {name}" for alias, name in aliases) + "."]
