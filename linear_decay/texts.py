@@ -67,10 +67,13 @@ def _verified(data, source):
 
 def fetch_archive(source, cache_dir=None, timeout=120):
     """The source's archive bytes, from the cache or downloaded into it; checked against the pinned checksum either
-    way."""
+    way (a cached copy that fails it is downloaded again)."""
     path = Path(cache_dir or default_cache_dir()) / source.archive_name
     if path.exists():
-        return _verified(path.read_bytes(), source)
+        try:
+            return _verified(path.read_bytes(), source)
+        except TextSourceError:
+            path.unlink()
     try:
         with urllib.request.urlopen(source.url, timeout=timeout) as response:
             data = response.read()

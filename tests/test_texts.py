@@ -51,6 +51,15 @@ def test_texts_are_verified_decoded_filtered_and_cached(tmp_path):
     assert texts.fetch_texts(source, cache) == fetched
 
 
+def test_a_damaged_cached_copy_is_fetched_again(tmp_path):
+    source = make_source(tmp_path)
+    cache = tmp_path / "cache"
+    fetched = texts.fetch_texts(source, cache)
+    (cache / source.archive_name).write_bytes(b"truncated")
+    assert texts.fetch_texts(source, cache) == fetched
+    assert (cache / source.archive_name).read_bytes() == (tmp_path / "archive.tgz").read_bytes()
+
+
 def test_a_checksum_mismatch_is_refused_and_not_cached(tmp_path):
     source = make_source(tmp_path, sha512=base64.b64encode(b"\0" * 64).decode())
     with pytest.raises(texts.TextSourceError, match="does not match the pinned"):
