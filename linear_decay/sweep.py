@@ -155,7 +155,7 @@ def corpus_data(args, budget_examples, tokenizer):
     as the token budget needs are tokenized), eval blocks and the decay probe (DESIGN §5: one 2048-token text) from its
     held-out last 2 % of characters. `gutenberg`: the bundled works and the texts of `texts.GUTENBERG_SELECTIONS`
     (fetched and verified at run time), each work's last 2 % held out, eval blocks drawn from all of them, the
-    probe from the first; the budget passes over the training text as often as it needs (a run's `train_passes`)."""
+    probe from the longest; the budget passes over the training text as often as it needs (a run's `train_passes`)."""
     from .quickstart import CORPUS, TokenBlocks
 
     text = CORPUS.read_text(encoding="utf-8")
@@ -190,7 +190,7 @@ def corpus_data(args, budget_examples, tokenizer):
             evaluation.blocks = evaluation.blocks[torch.linspace(0, len(evaluation) - 1, args.eval_examples).long()]
     if len(train) == 0 or len(evaluation) == 0:
         raise SweepError(f"--seq_len {args.seq_len} leaves no training or held-out block")
-    return train, evaluation, torch.tensor([held_out[0][:2048]])
+    return train, evaluation, torch.tensor([max(held_out, key=len)[:2048]])
 
 
 class ArrayExamples(torch.utils.data.Dataset):
