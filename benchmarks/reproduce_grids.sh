@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The design-space grids (DESIGN §6) on one GPU, on text (held-out perplexity) and on MQAR (recall accuracy), at one
 # of two scales. Small models use little of a GPU, so each sweep runs as several processes on the same GPU
-# (`--processes`). Sweeps resume: run it again with the same OUTPUT to finish what a time limit interrupted; the
-# last step of each sweep writes OUTPUT/{corpus,mqar}/results.md (with the paired comparisons), results.csv and
+# (`--processes`). Sweeps resume: run it again with the same OUTPUT to finish what a time limit interrupted (or copy
+# results/sweep_t1_t3, the records of the small-scale runs behind RESULTS.md, to OUTPUT first); the last step of each
+# sweep writes OUTPUT/{corpus,mqar}/results.md (with the paired comparisons), results.csv and
 # decay.png. A configuration that several grids share is trained once.
 #
 # Usage: benchmarks/reproduce_grids.sh OUTPUT [GRIDS] [SECONDS] [SCALE]

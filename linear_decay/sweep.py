@@ -170,9 +170,9 @@ def corpus_data(args, budget_examples, tokenizer):
             fetched = [work for _, work in fetch_texts(GUTENBERG_SELECTIONS, args.text_cache)]
         except TextSourceError as error:
             raise SweepError(str(error)) from None
-        everything = [work for work in text.split("\n\n\n") + fetched if work.strip()]
-        works = [work[:_held_out_cut(work)] for work in everything]
-        held_out_texts = [work[_held_out_cut(work):] for work in everything]
+        split = [(work, _held_out_cut(work)) for work in text.split("\n\n\n") + fetched if work.strip()]
+        works = [work[:cut] for work, cut in split]
+        held_out_texts = [work[cut:] for work, cut in split]
         needed = None  # every work: the mixture, not the budget, decides what is tokenized
     train_tokens = []
     for work in works:
