@@ -2,7 +2,8 @@
 
     python benchmarks/bench_decay_strengths.py precision [--kinds vector,scalar,static]
     python benchmarks/bench_decay_strengths.py speed [--kinds vector,static] [--strengths mild,u6,u20]
-        [--grads accumulate|fresh] [--impls ours,fla]
+        [--grads accumulate|fresh] [--impls ours,fla] [--shapes 2x16384x16x128]
+    python benchmarks/bench_decay_strengths.py profile [--kinds ...] [--strengths u6] [--shapes ...]
 
 Inputs (bf16): q, k = silu(randn), v = randn, scale K^-1/2, a random bf16 output cotangent, no initial or final state;
 log λ in fp32 by strength (vector [B, T, H, K], scalar [B, T, H]):
@@ -18,6 +19,8 @@ precision  B×T×H×K = 2×1000×3×128: ‖x − ref‖ / ‖ref‖ of o, dq, d
 speed      forward and forward+backward ms (median of triton.testing.do_bench) and the peak memory of a
            forward+backward above the inputs, ours and FLA, at 8×2048×16×128, 2×16384×16×128 and 1×16384×16×64; then
            torch's SDPA (causal, default backend selection) forward+backward at the same shapes. One JSON line per case.
+profile    device time of each kernel in one forward+backward (`.grad = None`), the mean of 10 under torch.profiler,
+           ours and FLA, at the same shapes: where the time goes. One JSON line per case.
 
 FLA is optional (`pip install flash-linear-attention==0.6.0`); a case FLA refuses (chunk_simple_gla with a data-dependent
 g on Hopper with Triton < 3.7.1) prints its message instead of numbers.
@@ -127,7 +130,7 @@ def precision(args, impls):
 def speed(args, impls):
     import triton
 
-    for shape in SHAPES:
+    for shape in args.shapes:
         for kind in args.kinds:
             for strength in (args.strengths if kind != "static" else ["tnl"]):
                 inputs = make_inputs(kind, strength, *shape)
@@ -154,7 +157,7 @@ def speed(args, impls):
                     except Exception as error:  # noqa: BLE001
                         row[name] = str(error).splitlines()[0][:120]
                 print("speed", json.dumps(row), flush=True)
-    for batch, length, heads, dim in SHAPES:
+    for batch, length, heads, dim in args.shapes:
         q, k, v = (torch.randn(batch, heads, length, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                    for _ in range(3))
 
@@ -167,21 +170,71 @@ def speed(args, impls):
         print("sdpa", json.dumps({"shape": [batch, length, heads, dim], "fwd+bwd ms": round(ms, 3)}), flush=True)
 
 
+PROFILED_STEPS = 10
+
+
+def profile(args, impls):
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiled
+
+    for shape in args.shapes:
+        for kind in args.kinds:
+            for strength in (args.strengths if kind != "static" else ["tnl"]):
+                inputs = make_inputs(kind, strength, *shape)
+                scale, do = shape[-1] ** -0.5, inputs[-1]
+                row = {"shape": list(shape), "kind": kind, "strength": strength}
+                for name, fn in impls.items():
+                    xs = leaves(kind, *inputs[:4])
+
+                    def forward_backward():
+                        for x in xs:
+                            x.grad = None
+                        fn(kind, *xs, scale).backward(do)
+
+                    try:
+                        for _ in range(3):  # compile and warm up outside the profile
+                            forward_backward()
+                        torch.cuda.synchronize()
+                        with profiled(activities=[ProfilerActivity.CUDA]) as prof:
+                            for _ in range(PROFILED_STEPS):
+                                forward_backward()
+                            torch.cuda.synchronize()
+                    except Exception as error:  # noqa: BLE001 (a refusal is a result)
+                        row[name] = str(error).splitlines()[0][:120]
+                        continue
+                    kernels = sorted(((event.key, event.device_time_total / PROFILED_STEPS / 1000)
+                                      for event in prof.key_averages() if event.device_time_total > 0),
+                                     key=lambda item: -item[1])
+                    row[name] = {"total ms": round(sum(ms for _, ms in kernels), 3),
+                                 "kernels": [[kernel[:60], round(ms, 3)] for kernel, ms in kernels]}
+                print("profile", json.dumps(row), flush=True)
+
+
+def parse_shapes(text):
+    """'8x2048x16x128,1x16384x16x64' → ((8, 2048, 16, 128), (1, 16384, 16, 64)): B×T×H×D."""
+    shapes = tuple(tuple(int(n) for n in item.split("x")) for item in text.split(","))
+    if any(len(shape) != 4 for shape in shapes):
+        raise argparse.ArgumentTypeError(f"shapes are BxTxHxD, comma-separated; got {text!r}")
+    return shapes
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("section", choices=("precision", "speed"))
+    parser.add_argument("section", choices=("precision", "speed", "profile"))
     parser.add_argument("--kinds", default="vector,scalar,static")
     parser.add_argument("--strengths", default=",".join(STRENGTHS))
     parser.add_argument("--impls", default="ours,fla", help="which of ours, fla to run")
     parser.add_argument("--grads", default="accumulate", choices=("accumulate", "fresh"),
                         help="speed: each timed backward adds into the inputs' .grad (accumulate), or starts from "
                              ".grad = None as after zero_grad(set_to_none=True) in a training step (fresh)")
+    parser.add_argument("--shapes", type=parse_shapes, default=SHAPES,
+                        help="speed, profile: BxTxHxD, comma-separated (default: the three shapes above)")
     args = parser.parse_args(argv)
     args.kinds, args.strengths = args.kinds.split(","), args.strengths.split(",")
     if not torch.cuda.is_available():
         sys.exit("bench_decay_strengths.py needs a CUDA GPU")
     impls = {name: fn for name, fn in implementations().items() if name in args.impls.split(",")}
-    (precision if args.section == "precision" else speed)(args, impls)
+    {"precision": precision, "speed": speed, "profile": profile}[args.section](args, impls)
 
 
 if __name__ == "__main__":
