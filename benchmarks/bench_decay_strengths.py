@@ -127,36 +127,41 @@ def precision(args, impls):
             print("precision", json.dumps(row), flush=True)
 
 
-def speed(args, impls):
-    import triton
-
+def cases(args):
+    """(shape, kind, strength, inputs) of the speed and profile sections: every shape × kind × strength (static decay:
+    TNL's slopes only)."""
     for shape in args.shapes:
         for kind in args.kinds:
             for strength in (args.strengths if kind != "static" else ["tnl"]):
-                inputs = make_inputs(kind, strength, *shape)
-                scale, do = shape[-1] ** -0.5, inputs[-1]
-                row = {"shape": shape, "kind": kind, "strength": strength, "columns": ["fwd ms", "fwd+bwd ms", "MiB"]}
-                for name, fn in impls.items():
-                    xs = leaves(kind, *inputs[:4])
+                yield shape, kind, strength, make_inputs(kind, strength, *shape)
 
-                    def forward_backward():
-                        fn(kind, *xs, scale).backward(do)
 
-                    fresh = dict(grad_to_none=[x for x in xs if x.requires_grad]) if args.grads == "fresh" else {}
+def speed(args, impls):
+    import triton
 
-                    try:
-                        torch.cuda.synchronize()
-                        torch.cuda.reset_peak_memory_stats()
-                        base = torch.cuda.memory_allocated()
-                        forward = triton.testing.do_bench(lambda: fn(kind, *xs, scale), warmup=25, rep=100,
-                                                          return_mode="median")
-                        both = triton.testing.do_bench(forward_backward, warmup=25, rep=100, return_mode="median",
-                                                       **fresh)
-                        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-                        row[name] = [round(forward, 3), round(both, 3), round(peak)]
-                    except Exception as error:  # noqa: BLE001
-                        row[name] = str(error).splitlines()[0][:120]
-                print("speed", json.dumps(row), flush=True)
+    for shape, kind, strength, inputs in cases(args):
+        scale, do = shape[-1] ** -0.5, inputs[-1]
+        row = {"shape": shape, "kind": kind, "strength": strength, "columns": ["fwd ms", "fwd+bwd ms", "MiB"]}
+        for name, fn in impls.items():
+            xs = leaves(kind, *inputs[:4])
+
+            def forward_backward():
+                fn(kind, *xs, scale).backward(do)
+
+            fresh = dict(grad_to_none=[x for x in xs if x.requires_grad]) if args.grads == "fresh" else {}
+
+            try:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                forward = triton.testing.do_bench(lambda: fn(kind, *xs, scale), warmup=25, rep=100,
+                                                  return_mode="median")
+                both = triton.testing.do_bench(forward_backward, warmup=25, rep=100, return_mode="median", **fresh)
+                peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+                row[name] = [round(forward, 3), round(both, 3), round(peak)]
+            except Exception as error:  # noqa: BLE001
+                row[name] = str(error).splitlines()[0][:120]
+        print("speed", json.dumps(row), flush=True)
     for batch, length, heads, dim in args.shapes:
         q, k, v = (torch.randn(batch, heads, length, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                    for _ in range(3))
@@ -177,37 +182,34 @@ def profile(args, impls):
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as profiled
 
-    for shape in args.shapes:
-        for kind in args.kinds:
-            for strength in (args.strengths if kind != "static" else ["tnl"]):
-                inputs = make_inputs(kind, strength, *shape)
-                scale, do = shape[-1] ** -0.5, inputs[-1]
-                row = {"shape": list(shape), "kind": kind, "strength": strength}
-                for name, fn in impls.items():
-                    xs = leaves(kind, *inputs[:4])
+    for shape, kind, strength, inputs in cases(args):
+        scale, do = shape[-1] ** -0.5, inputs[-1]
+        row = {"shape": shape, "kind": kind, "strength": strength}
+        for name, fn in impls.items():
+            xs = leaves(kind, *inputs[:4])
 
-                    def forward_backward():
-                        for x in xs:
-                            x.grad = None
-                        fn(kind, *xs, scale).backward(do)
+            def forward_backward():
+                for x in xs:
+                    x.grad = None
+                fn(kind, *xs, scale).backward(do)
 
-                    try:
-                        for _ in range(3):  # compile and warm up outside the profile
-                            forward_backward()
-                        torch.cuda.synchronize()
-                        with profiled(activities=[ProfilerActivity.CUDA]) as prof:
-                            for _ in range(PROFILED_STEPS):
-                                forward_backward()
-                            torch.cuda.synchronize()
-                    except Exception as error:  # noqa: BLE001 (a refusal is a result)
-                        row[name] = str(error).splitlines()[0][:120]
-                        continue
-                    kernels = sorted(((event.key, event.device_time_total / PROFILED_STEPS / 1000)
-                                      for event in prof.key_averages() if event.device_time_total > 0),
-                                     key=lambda item: -item[1])
-                    row[name] = {"total ms": round(sum(ms for _, ms in kernels), 3),
-                                 "kernels": [[kernel[:60], round(ms, 3)] for kernel, ms in kernels]}
-                print("profile", json.dumps(row), flush=True)
+            try:
+                for _ in range(3):  # compile and warm up outside the profile
+                    forward_backward()
+                torch.cuda.synchronize()
+                with profiled(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(PROFILED_STEPS):
+                        forward_backward()
+                    torch.cuda.synchronize()
+            except Exception as error:  # noqa: BLE001 (a refusal is a result)
+                row[name] = str(error).splitlines()[0][:120]
+                continue
+            kernels = sorted(((event.key, event.device_time_total / PROFILED_STEPS / 1000)
+                              for event in prof.key_averages() if event.device_time_total > 0),
+                             key=lambda item: -item[1])
+            row[name] = {"total ms": round(sum(ms for _, ms in kernels), 3),
+                         "kernels": [[kernel[:60], round(ms, 3)] for kernel, ms in kernels]}
+        print("profile", json.dumps(row), flush=True)
 
 
 def parse_shapes(text):
