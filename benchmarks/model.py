@@ -16,7 +16,7 @@ Sections (`--sections`, default all):
             halves the batch where a model runs out of memory and runs every model at the batch that fits.
   decode    our models' one-token decoding step at batch 16 after a 2048-token prompt: median ms per step (50 steps)
             against its memory floor (the weights read once, the recurrent states read and written, at the device's
-            measured copy bandwidth).
+            measured copy bandwidth), and what one step launches (CUDA kernels: count, device time, the longest).
   profile   one training step of each model at the first training shape under torch.profiler (after the warm-up
             steps): the operators / kernels with the most device time, the table that says where a step's time goes.
   cold      time from a cold process (empty Triton cache) to the end of the first training step: runs
@@ -32,6 +32,7 @@ error and the run goes on.
 """
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -305,12 +306,35 @@ def section_decode(args, rows):
             step = statistics.median(times)
             row.update(step_ms=step * 1e3, floor_ms=floor * 1e3, step_over_floor=step / floor,
                        weight_GB=weights / 1e9, state_GB=states / 1e9)
+            with torch.no_grad():
+                one_step = functools.partial(model, input_ids=token, use_cache=True, **{CACHE_FIELD: cache})
+                row.update(step_launches(one_step, args.device))
         except Exception as error:  # noqa: BLE001
             row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
             traceback.print_exc()
         del model
         rows.append(row)
         print(f"[decode] {row}", flush=True)
+
+
+def step_launches(run, device, top=6):
+    """What one decoding step launches, under torch.profiler: on CUDA its kernels (count, device ms, the `top` longest
+    by name), on CPU its ATen operators — the step's count of launches is what its time over the floor is made of."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        run()
+        synchronize(device)
+    if cuda:
+        events = [(e.key, e.count, e.self_device_time_total / 1e3) for e in prof.key_averages()
+                  if e.self_device_time_total > 0]
+    else:
+        events = [(e.key, e.count, e.self_cpu_time_total / 1e3) for e in prof.key_averages()
+                  if e.key.startswith("aten::")]
+    events.sort(key=lambda event: -event[2])
+    return dict(launches=sum(count for _, count, _ in events), launched_ms=sum(ms for _, _, ms in events),
+                top_launches=[[name[:60], count, round(ms, 4)] for name, count, ms in events[:top]])
 
 
 def section_cold(args, rows):
@@ -369,7 +393,8 @@ def print_table(args, rows):
         elif row["section"] == "decode":
             floor = "" if "error" in row else (f"  floor {row['floor_ms']:.3f} ms ({row['weight_GB']:.2f} GB weights, "
                                                f"{row['state_GB']:.3f} GB states at {row['bandwidth_GBps']:,.0f} GB/s)"
-                                               f"  step / floor {row['step_over_floor']:.1f}×")
+                                               f"  step / floor {row['step_over_floor']:.1f}×"
+                                               f"  {row['launches']} launches, {row['launched_ms']:.3f} ms in them")
             print(f"decode   {row['model']:22s} B={row['batch']:<3d} prompt={row['prompt']:<6d} "
                   f"{value(row, 'step_ms', '.3f')} ms per step{floor}")
         elif row["section"] == "cold":

@@ -35,6 +35,7 @@ def test_model_benchmark_runs_every_row(tmp_path, capsys):
             assert row["generated"] == row["new_tokens"] == 4  # exactly the asked number of new tokens
         elif row["section"] == "decode":
             assert row["step_ms"] > 0 and row["floor_ms"] > 0 and row["state_GB"] > 0
+            assert row["launches"] >= len(row["top_launches"]) > 0  # the step's ATen operators on CPU
         else:
             assert row["tokens_per_s"] > 0 and row["params_M"] > 0
     printed = capsys.readouterr().out
