@@ -204,8 +204,8 @@ def profile(args, impls):
             except Exception as error:  # noqa: BLE001 (a refusal is a result)
                 row[name] = str(error).splitlines()[0][:120]
                 continue
-            kernels = sorted(((event.key, event.device_time_total / PROFILED_STEPS / 1000)
-                              for event in prof.key_averages() if event.device_time_total > 0),
+            kernels = sorted(((event.key, event.self_device_time_total / PROFILED_STEPS / 1000)
+                              for event in prof.key_averages() if event.self_device_time_total > 0),
                              key=lambda item: -item[1])
             row[name] = {"total ms": round(sum(ms for _, ms in kernels), 3),
                          "kernels": [[kernel[:60], round(ms, 3)] for kernel, ms in kernels]}
