@@ -148,9 +148,9 @@ def _walk_start(boundary_ptr, segment_state_ptr, cu_seqlens_ptr, chunk_offsets_p
     """What a state walk's program (`_chunk_states_kernel`, `_chunk_state_grads_kernel`; grid: key blocks, value
     blocks, sequences × heads × segments) walks: (program, sequence × head, head, the sequence's first token and end,
     its first chunk in the layout, the key and value channels, the state tile's offsets and mask, first chunk, end
-    chunk, starting value). WALK 0 the whole sequence from its boundary value (the initial state, or ∂L/∂S_T when REVERSE) or zero;
-    else one segment, from the combined start (WALK 2) or from zero, the boundary value added on the segment at the
-    walk's starting end (the first segment; REVERSE: the last, or an empty sequence's only one)."""
+    chunk, starting value). WALK 0 the whole sequence from its boundary value (the initial state, or ∂L/∂S_T when
+    REVERSE) or zero; else one segment, from the combined start (WALK 2) or from zero, the boundary value added on the
+    segment at the walk's starting end (the first segment; REVERSE: the last, or an empty sequence's only one)."""
     k_block, v_block, program = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_head, segment = program // segments, program % segments
     seq, head = seq_head // H, seq_head % H
