@@ -190,19 +190,27 @@ class LinearDecayTPE(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def fused_projections(x, layers):
+def fused_projections(x, layers, stacked=None):
     """[layer(x) for layer in layers]. While gradients are recorded (training), the layers that are plain bias-free
     `nn.Linear`s (`_plain_linear`) run as one matmul on their stacked weights: one GEMM, one weight-gradient GEMM and
     one input gradient instead of one each per projection plus their sum. Every other layer runs as itself, so that
     what it adds to its weight's product is kept: a LoRA / DoRA adapter (peft replaces the projection by a wrapper
     whose forward adds the adapter's output to the base layer's), a quantised, parametrised, subclassed or hooked
-    layer. Inference (no weight copy per step) runs each layer on its own."""
-    plain = [i for i, layer in enumerate(layers) if _plain_linear(layer)] if torch.is_grad_enabled() else []
-    if len(plain) < 2:
+    layer. Inference runs each layer on its own (no weight copy per step), unless `stacked` holds those weights
+    stacked already (`stacked_weight`, made once for the steps `DecodeGraph` replays)."""
+    plain = [i for i, layer in enumerate(layers) if _plain_linear(layer)]
+    if len(plain) < 2 or (stacked is None and not torch.is_grad_enabled()):
         return [layer(x) for layer in layers]
-    weight = torch.cat([layers[i].weight for i in plain])
+    weight = stacked if stacked is not None else stacked_weight(layers)
     fused = dict(zip(plain, F.linear(x, weight).split([layers[i].out_features for i in plain], dim=-1)))
     return [fused[i] if i in fused else layer(x) for i, layer in enumerate(layers)]
+
+
+def stacked_weight(layers):
+    """The weights of the `_plain_linear` layers among `layers`, stacked in their order (what `fused_projections`
+    multiplies by), or None where fewer than two are."""
+    plain = [layer.weight for layer in layers if _plain_linear(layer)]
+    return torch.cat(plain) if len(plain) >= 2 else None
 
 
 def _plain_linear(layer):
@@ -254,22 +262,30 @@ class LinearDecayAttention(nn.Module):
         self.out_norm = LinearDecayRMSNorm(hidden, eps=config.rms_norm_eps, fused=config.fuse_norm,
                                            backend=config.kernel_backend)
         self.o_proj = nn.Linear(hidden, hidden, bias=False)
+        self.stacked_input_weight = None  # `input_projections`' weights stacked, while `DecodeGraph` runs a step
+
+    def input_projections(self):
+        """The layers that read x: W_q, W_k, W_v, the decay's (its first when low-rank) and the gate's first."""
+        decay_first = self.decay_proj[0] if isinstance(self.decay_proj, nn.Sequential) else self.decay_proj
+        gate_first = self.gate_proj[0] if self.gate_proj is not None else None
+        return [self.q_proj, self.k_proj, self.v_proj] + [layer for layer in (decay_first, gate_first)
+                                                          if layer is not None]
+
+    def stacked_weight_of_inputs(self):
+        """`input_projections`' weights stacked (`stacked_weight`): a copy, made once for `DecodeGraph`'s steps."""
+        with torch.no_grad():
+            return stacked_weight(self.input_projections())
 
     def forward(self, x, mask=None, positions=None, decay_context=None, state_layer=None, cu_seqlens=None):
         batch, length, hidden = x.shape
         heads, head_dim = self.num_heads, self.head_dim
 
-        # every projection of x in one matmul: W_q x, W_k x, W_v x, the decay's (its first layer when low-rank) and
-        # the gate's first layer
-        decay_first, decay_second = (self.decay_proj if isinstance(self.decay_proj, nn.Sequential)  # its two layers
-                                     else (self.decay_proj, None))
-        gate_first = self.gate_proj[0] if self.gate_proj is not None else None
-        outputs = iter(fused_projections(x, [self.q_proj, self.k_proj, self.v_proj]
-                                         + [layer for layer in (decay_first, gate_first) if layer is not None]))
+        # every projection of x in one matmul (`fused_projections`)
+        outputs = iter(fused_projections(x, self.input_projections(), self.stacked_input_weight))
         q, k, v = next(outputs), next(outputs), next(outputs)
-        z = next(outputs) if decay_first is not None else None
-        z = decay_second(z) if decay_second is not None else z
-        gate_inner = next(outputs) if gate_first is not None else None
+        z = next(outputs) if self.decay_proj is not None else None
+        z = self.decay_proj[1](z) if isinstance(self.decay_proj, nn.Sequential) else z
+        gate_inner = next(outputs) if self.gate_proj is not None else None
         q = F.silu(q)
         if self.share_decay:  # DESIGN §3: z = W_k x, k derived from the decay
             z = k.float()

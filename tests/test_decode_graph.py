@@ -134,3 +134,47 @@ def test_graph_decoding_is_the_default():
 def test_invalid_option_is_a_clear_error():
     with pytest.raises(ValueError, match="decode_cuda_graphs"):
         tiny_config(decode_cuda_graphs="yes")
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=combo_id)
+def test_graph_step_runs_each_mixers_input_projections_as_one_matmul(graphs_on_cpu, combo):
+    """The graph's step multiplies by each mixer's input projections stacked once (one matmul instead of one per
+    projection), and the next generate() call stacks the weights as they are then: a weight changed between calls is
+    seen, as the eager path sees it."""
+    model = model_for(combo, graphs=True)
+    ids, mask = prompt(model.config.vocab_size, seed=3)
+
+    class CountMatmuls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        cache = out.past_key_values if hasattr(out, "past_key_values") else out.cache
+        step_ids = out.logits[:, -1:].argmax(-1)
+        model(input_ids=step_ids, attention_mask=torch.cat([mask, torch.ones_like(step_ids)], 1), cache=cache)
+        graph = cache.decode_graph
+        with CountMatmuls() as stacked:
+            graph._step(model, cache)
+        model.config.decode_cuda_graphs = False
+        with CountMatmuls() as separate:
+            model(input_ids=step_ids, cache=cache)
+    mixers = [layer.attn for layer in model.model.layers]
+    saved = sum(len(mixer.input_projections()) - 1 for mixer in mixers)
+    assert saved > 0 and stacked.count == separate.count - saved
+    assert all(mixer.stacked_input_weight is None for mixer in mixers)  # only while a step runs
+
+    with torch.no_grad():
+        mixers[0].q_proj.weight.mul_(-1.5)
+    expected = generate(model, ids, mask)
+    model.config.decode_cuda_graphs = True
+    actual = generate(model, ids, mask)
+    assert torch.equal(actual.sequences, expected.sequences)
+    for a, e in zip(actual.scores, expected.scores):
+        finite = torch.isfinite(e)
+        assert torch.equal(finite, torch.isfinite(a)) and relative_error(a[finite], e[finite]) <= 1e-6
