@@ -317,7 +317,7 @@ def section_decode(args, rows):
         print(f"[decode] {row}", flush=True)
 
 
-def step_launches(run, device, top=6):
+def step_launches(run, device, top=16):
     """What one decoding step launches, under torch.profiler: on CUDA its kernels (count, device ms, the `top` longest
     by name), on CPU its ATen operators — the step's count of launches is what its time over the floor is made of."""
     from torch.profiler import ProfilerActivity, profile
