@@ -116,9 +116,9 @@ class LinearDecayConfig(PreTrainedConfig):
             run the (gated) RMSNorms, the SwiGLU, mamba2's decay and the training loss as fused Triton kernels; each
             False keeps that piece's torch code (what torch.compile traces anyway).
         decode_cuda_graphs: replay one-token decoding steps on CUDA as a captured CUDA graph (one capture per
-            generate() call and batch size), so that the per-step launch overhead of the layers disappears (7–12×
-            the eager generate() on the H200, BENCHMARKS.md); on by default. CPU decoding, a model split over
-            devices and decoding inside torch.compile run eagerly either way.
+            generate() call and batch size), so that the host's per-step launch overhead of the layers disappears
+            (BENCHMARKS.md, generation); on by default. CPU decoding, a model split over devices and decoding
+            inside torch.compile run eagerly either way.
     """
 
     model_type = "linear_decay"
