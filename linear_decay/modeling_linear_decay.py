@@ -201,7 +201,7 @@ def fused_projections(x, layers, stacked=None):
     plain = [i for i, layer in enumerate(layers) if _plain_linear(layer)]
     if len(plain) < 2 or (stacked is None and not torch.is_grad_enabled()):
         return [layer(x) for layer in layers]
-    weight = stacked if stacked is not None else stacked_weight(layers)
+    weight = stacked if stacked is not None else torch.cat([layers[i].weight for i in plain])
     fused = dict(zip(plain, F.linear(x, weight).split([layers[i].out_features for i in plain], dim=-1)))
     return [fused[i] if i in fused else layer(x) for i, layer in enumerate(layers)]
 
