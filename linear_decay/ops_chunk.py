@@ -15,23 +15,23 @@ Algorithm (per head; b = cumulative log λ within a chunk of CHUNK tokens, fp32;
 - `_cumulative_decay_kernel`: b of every chunk, chunk-major, read by every later kernel (kept for the backward).
 - `_chunk_states_kernel`: walks each sequence in chunks and stores the state at every chunk start
   (S ← e^{B} ⊙ S + (k ⊙ e^{B − b})ᵀ v, B the chunk's total log-decay), kept for the backward (in the dot operand
-  dtype, or fp32 where scalar or static decay's d log λ will be summed from them: `_state_dtype`). With few sequences
-  × heads the walks (this one and the state gradients') go through segments of a sequence in parallel
-  (`_segment_plan`): each segment from zero, `_combine_segments_kernel` joins their ends in order, and each segment
-  again from its true start.
+  dtype, or exact where scalar or static decay's d log λ will be summed from them: fp32, `_state_dtype`, or two bf16
+  planes, `_state_planes`). With few sequences × heads the walks (this one and the state gradients') go through
+  segments of a sequence in parallel (`_segment_plan`): each segment from zero, `_combine_segments_kernel` joins
+  their ends in order, and each segment again from its true start.
 - `_chunk_output_kernel`: one program per (chunk, head; for scalar, static and no decay also per block of 128 value
-  channels): o = (q ⊙ e^{b}) S + A v, A the causal decayed scores of the chunk (`_intra_scores`). The cost does not
-  depend on the decay's strength: for vector decay the chunk is halved log2(CHUNK) times, and each pair of tokens
-  factorises about the middle row of the one block that has them in different halves, both factors e^{≤ 0}: one dot
-  per level, no pair summed one by one.
+  channels): o = (q ⊙ e^{b}) S + A v, A the causal decayed scores of the chunk (vector decay: `_intra_scores`; the
+  others: q kᵀ and q S in one pass). The cost does not depend on the decay's strength: for vector decay the chunk is
+  halved log2(CHUNK) times, and each pair of tokens factorises about the middle row of the one block that has them in
+  different halves, both factors e^{≤ 0}: one dot per level, no pair summed one by one.
 - backward: the state gradient at every chunk end (`_chunk_state_grads_kernel`, reverse walk), then dv per (chunk,
   head) (`_chunk_value_grads_kernel`, from the scores the forward kept), and there, for vector decay, the scores'
   gradient dA = do vᵀ (the key-gradient kernel forms it itself for the other decays); for vector decay the chunk's own
   pairs' part of dq and dk per sub-chunk of SUB_CHUNK rows (`_chunk_intra_grads_kernel`: pairs across sub-chunks about
-  an anchor row, pairs within one by halving, small dots at near-fp32 accuracy, `_grad_dot`); then dq, dk and d log λ per (chunk, head,
-  key block) (`_chunk_key_grads_kernel`). d log λ is summed within the chunk from fp32 terms that are each a part of the
-  gradient (the pairs of tokens that straddle a position), never as a difference of sequence-long sums, so that its
-  error stays at the level of the other gradients at any decay strength.
+  an anchor row, pairs within one by halving, small dots at near-fp32 accuracy, `_grad_dot`); then dq, dk and
+  d log λ per (chunk, head, key block) (`_chunk_key_grads_kernel`). d log λ is summed within the chunk from fp32
+  terms that are each a part of the gradient (the pairs of tokens that straddle a position), never as a difference of
+  sequence-long sums, so that its error stays at the level of the other gradients at any decay strength.
 
 Triton ≥ 3.4 and < 3.7.1 miscompiles `tl.dot(tl.trans(x), y)` on Hopper when x is a down-cast dot result (DESIGN §7):
 transposed operands here are always loaded or elementwise tensors; results wanted transposed are computed as
@@ -127,6 +127,40 @@ def _state_dtype(dtype, exact_states):
     return torch.float32 if exact_states else _kept_dtype(dtype)
 
 
+# From this head dim on, exact chunk states of bf16 inputs are kept as two bf16 planes (`_state_planes`); below it
+# they stay fp32 (BENCHMARKS.md's launch-settings table has both).
+PLANES_FROM_HEAD_DIM = 128
+
+
+# From this head dim on, scalar and static decay's key gradients take dk's own pairs from dq's pairs transposed
+# instead of a second dot for dA's transpose (`_intra_grads`; measured with the planes, BENCHMARKS.md).
+TRANSPOSED_PAIRS_FROM_HEAD_DIM = 128
+
+
+def _state_planes(dtype, exact_states, key_dim):
+    """Whether the exact chunk states (`_state_dtype`) are two planes of bf16, [2, chunks, H, K, V]: the state rounded
+    to bf16 and what the rounding left, together as exact as fp32 to about 2^-16. The output and the value gradients
+    read the first plane alone (the dot operand they would round fp32 states to), half the bytes of fp32; the key
+    gradients read both."""
+    return exact_states and dtype == torch.bfloat16 and key_dim >= PLANES_FROM_HEAD_DIM
+
+
+def _new_states(like, chunks, heads, key_dim, value_dim, exact_states):
+    """An empty tensor for the chunk states (or their gradients) of inputs like `like`: [2, chunks, H, K, V] bf16
+    where `_state_planes`, else [chunks, H, K, V] in `_state_dtype`."""
+    if _state_planes(like.dtype, exact_states, key_dim):
+        return like.new_empty(2, chunks, heads, key_dim, value_dim, dtype=torch.bfloat16)
+    return like.new_empty(chunks, heads, key_dim, value_dim, dtype=_state_dtype(like.dtype, exact_states))
+
+
+def _planes(states):
+    """(first plane, second plane, whether there are two) of `_new_states`' tensor; without planes the states
+    themselves twice (the second never read)."""
+    if states.dim() == 5:
+        return states[0], states[1], True
+    return states, states, False
+
+
 def _num_chunks(batch, length, num_sequences, packed):
     """Chunks of the layout, from shapes alone (so the fake implementations give the real shapes): B·⌈T/C⌉ for a
     regular batch; for N packed sequences of T tokens in all the bound ⌊(T + (C − 1)·N) / C⌋ ≥ Σ ⌈n_i / C⌉ (each
@@ -185,8 +219,8 @@ def _chunk_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay:
     whole_value = launch.pop("whole_value")
     value_blocks = cdiv(value_dim, block_v) if whole_value else 1  # value blocks per program
     _chunk_output_kernel[(chunks * cdiv(cdiv(value_dim, block_v), value_blocks), heads)](
-        q, k, v, b, states, o, scores, layout[0], layout[2], layout[3], scale, heads, key_dim, value_dim, block_k,
-        block_v, CHUNK, CHUNK_LEVELS, decay, keep, dot_dtype, precision, value_blocks, **launch)
+        q, k, v, b, _planes(states)[0], o, scores, layout[0], layout[2], layout[3], scale, heads, key_dim,
+        value_dim, block_k, block_v, CHUNK, CHUNK_LEVELS, decay, keep, dot_dtype, precision, value_blocks, **launch)
     kept_decay = b if keep and decay != DECAY_NONE else g.new_empty(0)
     return o, final if final is not None else g.new_empty(0), states, scores, kept_decay
 
@@ -204,7 +238,7 @@ def _chunk_forward_fake(q, k, v, log_decay, initial_state, cu_seqlens, scale, ou
     kept_decay = q.new_empty((chunks, CHUNK, heads, *((key_dim,) if decay == DECAY_VECTOR else ()))
                              if keep and decay != DECAY_NONE else (0,), dtype=torch.float32)
     return (v.new_empty(v.shape), final,
-            q.new_empty(chunks, heads, key_dim, value_dim, dtype=_state_dtype(q.dtype, exact_states)),
+            _new_states(q, chunks, heads, key_dim, value_dim, exact_states),
             q.new_empty(chunks if keep else 0, heads, CHUNK, CHUNK, dtype=kept), kept_decay)
 
 
@@ -227,9 +261,11 @@ def _chunk_backward(do: torch.Tensor, final_grad: torch.Tensor | None, q: torch.
     b = kept_decay if decay != DECAY_NONE else q.new_zeros(1, dtype=torch.float32)  # no kernel reads it then
     dot_dtype, precision, fp32_precision, exact_precision = _dot_settings(q.dtype)
     state_grads = torch.empty_like(states)
-    spare = _spare_chunks(states.shape[0], length, cu_seqlens is not None)
+    grads_high, grads_low, planes = _planes(state_grads)
+    spare = _spare_chunks(grads_high.shape[0], length, cu_seqlens is not None)
     if spare > 0:
-        state_grads[-spare:].zero_()
+        grads_high[-spare:].zero_()
+        grads_low[-spare:].zero_()
     initial_grad = (q.new_empty(num_sequences, heads, key_dim, value_dim, dtype=torch.float32)
                     if initial_grad and initial_state is not None else None)
     final_grad = final_grad.float().contiguous() if final_grad is not None else None
@@ -238,9 +274,9 @@ def _chunk_backward(do: torch.Tensor, final_grad: torch.Tensor | None, q: torch.
 
     def state_grads_walk(walk, segments, segment_chunks, segment_state, segment_decay):
         _chunk_state_grads_kernel[(*blocks, num_sequences * heads * segments)](
-            q, do, b, final_grad, state_grads, initial_grad, segment_state, segment_decay, layout[0], layout[1],
-            scale, segments, segment_chunks, heads, key_dim, value_dim, block_k_split, block_v, CHUNK, decay,
-            final_grad is not None, initial_grad is not None, walk, dot_dtype, precision, **launch)
+            q, do, b, final_grad, grads_high, grads_low, initial_grad, segment_state, segment_decay, layout[0],
+            layout[1], scale, segments, segment_chunks, heads, key_dim, value_dim, block_k_split, block_v, CHUNK, decay,
+            final_grad is not None, initial_grad is not None, walk, planes, dot_dtype, precision, **launch)
 
     _state_walk(state_grads_walk, blocks, block_k_split, block_v, num_sequences, heads, cdiv(length, CHUNK), key_dim,
                 value_dim, decay, final_grad, initial_grad, layout[0], q.device, reverse=True)
@@ -251,7 +287,7 @@ def _chunk_backward(do: torch.Tensor, final_grad: torch.Tensor | None, q: torch.
     dA = q.new_empty(chunks, heads, CHUNK, CHUNK, dtype=torch.float32) if vector else None
     block_k, block_v, launch = _launch("value_grads", key_dim, value_dim, dot_dtype)
     _chunk_value_grads_kernel[(chunks, heads)](
-        k, v, b, do, scores, state_grads, dv, dA, layout[0], layout[2], layout[3], heads, key_dim, value_dim,
+        k, v, b, do, scores, grads_high, dv, dA, layout[0], layout[2], layout[3], heads, key_dim, value_dim,
         block_k, block_v, CHUNK, decay, dot_dtype, precision, **launch)
     dq, dk = torch.empty_like(q), torch.empty_like(k)
     dq_intra = dk_intra = None
@@ -269,9 +305,10 @@ def _chunk_backward(do: torch.Tensor, final_grad: torch.Tensor | None, q: torch.
         d_log_decay = q.new_empty(*(() if vector else (key_blocks,)), batch, length, heads,
                                   *((key_dim,) if vector else ()), dtype=torch.float32)
     _chunk_key_grads_kernel[(chunks * key_blocks, heads)](
-        q, k, v, b, do, states, state_grads, dA, dq_intra, dk_intra, dq, dk, d_log_decay, layout[0], layout[2],
-        layout[3], scale, batch * length, heads, key_dim, value_dim, block_k, block_v, CHUNK, decay,
-        needs_decay_grad, dot_dtype, precision, fp32_precision, **launch)
+        q, k, v, b, do, *_planes(states)[:2], grads_high, grads_low, dA, dq_intra, dk_intra, dq, dk, d_log_decay,
+        layout[0], layout[2], layout[3], scale, batch * length, heads, key_dim, value_dim, block_k, block_v, CHUNK,
+        decay, needs_decay_grad, planes, key_dim >= TRANSPOSED_PAIRS_FROM_HEAD_DIM, dot_dtype, precision,
+        fp32_precision, **launch)
     if d_log_decay is None:
         d_log_decay = q.new_empty(0, dtype=log_decay.dtype if log_decay is not None else torch.float32)
     else:
@@ -438,14 +475,16 @@ def _cumulative_decay(g, layout, decay, heads, key_dim):
 
 def _forward_states(k, v, b, initial, layout, decay, heads, key_dim, value_dim, num_sequences, max_chunks,
                     output_final_state, spare=0, exact_states=False):
-    """States at every chunk start ([chunks, H, K, V], in `_state_dtype`) and the final states (fp32) or None
+    """States at every chunk start (`_new_states`) and the final states (fp32) or None
     (`_state_walk`; max_chunks: a bound on a sequence's chunks, ⌈T / C⌉); the last `spare` chunks zeroed first
     (`_spare_chunks`)."""
     cu_seqlens, chunk_offsets, chunk_seq, _ = layout
     dot_dtype, precision, _, _ = _dot_settings(k.dtype)
-    states = k.new_empty(chunk_seq.numel(), heads, key_dim, value_dim, dtype=_state_dtype(k.dtype, exact_states))
+    states = _new_states(k, chunk_seq.numel(), heads, key_dim, value_dim, exact_states)
+    high, low, planes = _planes(states)
     if spare > 0:
-        states[-spare:].zero_()
+        high[-spare:].zero_()
+        low[-spare:].zero_()
     final = (k.new_empty(num_sequences, heads, key_dim, value_dim, dtype=torch.float32) if output_final_state
              else None)
     block_k, block_v, launch = _launch("states", key_dim, value_dim, dot_dtype, decay)
@@ -453,9 +492,9 @@ def _forward_states(k, v, b, initial, layout, decay, heads, key_dim, value_dim, 
 
     def states_walk(walk, segments, segment_chunks, segment_state, segment_decay):
         _chunk_states_kernel[(*blocks, num_sequences * heads * segments)](
-            k, v, b, initial, states, final, segment_state, segment_decay, cu_seqlens, chunk_offsets, segments,
+            k, v, b, initial, high, low, final, segment_state, segment_decay, cu_seqlens, chunk_offsets, segments,
             segment_chunks, heads, key_dim, value_dim, block_k, block_v, CHUNK, decay, initial is not None,
-            output_final_state, walk, dot_dtype, precision, **launch)
+            output_final_state, walk, planes, dot_dtype, precision, **launch)
 
     _state_walk(states_walk, blocks, block_k, block_v, num_sequences, heads, max_chunks, key_dim, value_dim, decay,
                 initial, final, cu_seqlens, k.device, reverse=False)
@@ -478,7 +517,7 @@ def triton_chunked_recurrence(q, k, v, log_decay=None, scale=1.0, initial_state=
     log_decay = log_decay.float().contiguous() if log_decay is not None else None
     initial_state = initial_state.float().contiguous() if initial_state is not None else None
     forward = chunk_forward if torch.compiler.is_compiling() else _EagerChunkedRecurrence.apply
-    # scalar and static decay: fp32 chunk states where d log λ will be summed from them (`_state_dtype`)
+    # scalar and static decay: exact chunk states where d log λ is summed from them (`_state_dtype`, `_state_planes`)
     exact_states = keep and log_decay is not None and log_decay.requires_grad and log_decay.dim() != 4
     o, final, *_ = forward(q, k, v, log_decay, initial_state, cu_seqlens, float(scale), output_final_state, keep,
                            exact_states)

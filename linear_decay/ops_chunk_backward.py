@@ -7,19 +7,19 @@ try:
 except ImportError as error:  # CPU-only torch ships without Triton: recurrence keeps the PyTorch path
     raise ImportError("Triton is not installed") from error
 
-from .ops_chunk_common import (_chunk_decay, _level_factors, _row_decay, _same_block, _store_segment, _tile, _to_end,
-                               _walk_start)
+from .ops_chunk_common import (_chunk_decay, _level_factors, _row_decay, _same_block, _store_chunk_state,
+                               _store_segment, _tile, _to_end, _walk_start)
 
 
 @triton.jit
-def _chunk_state_grads_kernel(q_ptr, do_ptr, b_ptr, final_grad_ptr, state_grads_ptr, initial_grad_ptr,
-                              segment_state_ptr, segment_decay_ptr, cu_seqlens_ptr, chunk_offsets_ptr, scale, segments,
-                              segment_chunks, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                              BV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr, HAS_FINAL_GRAD: tl.constexpr,
-                              STORE_INITIAL_GRAD: tl.constexpr, WALK: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                              PRECISION: tl.constexpr):
-    """∂L/∂S at the end of every chunk (reverse walk): dS ← e^{B} ⊙ dS + (q ⊙ e^{b})ᵀ do; ∂L/∂S_0 last. WALK as in
-    `_chunk_states_kernel`, segments walked last to first (the sequence's last segment from ∂L/∂S_T)."""
+def _chunk_state_grads_kernel(q_ptr, do_ptr, b_ptr, final_grad_ptr, state_grads_ptr, state_grads_low_ptr,
+                              initial_grad_ptr, segment_state_ptr, segment_decay_ptr, cu_seqlens_ptr, chunk_offsets_ptr,
+                              scale, segments, segment_chunks, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                              BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
+                              HAS_FINAL_GRAD: tl.constexpr, STORE_INITIAL_GRAD: tl.constexpr, WALK: tl.constexpr,
+                              PLANES: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """∂L/∂S at the end of every chunk (reverse walk): dS ← e^{B} ⊙ dS + (q ⊙ e^{b})ᵀ do; ∂L/∂S_0 last. WALK and
+    PLANES as in `_chunk_states_kernel`, segments walked last to first (the sequence's last segment from ∂L/∂S_T)."""
     VECTOR: tl.constexpr = DECAY == "vector"
     (program, seq_head, head, bos, eos, first_chunk, ck, cv, state_offsets, state_mask, first, last,
      dstate) = _walk_start(
@@ -31,8 +31,8 @@ def _chunk_state_grads_kernel(q_ptr, do_ptr, b_ptr, final_grad_ptr, state_grads_
     for r in range(last - first):
         n = last - 1 - r
         if WALK != 1:
-            tl.store(state_grads_ptr + ((first_chunk + n) * H + head) * K * V + state_offsets,
-                     dstate.to(state_grads_ptr.dtype.element_ty), mask=state_mask)
+            _store_chunk_state(state_grads_ptr, state_grads_low_ptr,
+                               ((first_chunk + n) * H + head) * K * V + state_offsets, dstate, state_mask, PLANES)
         token0 = bos + n * C
         row_mask = token0 + rows < eos
         q = _tile(q_ptr, token0, rows, row_mask, head, H, K, ck, ck < K) * scale
@@ -102,28 +102,32 @@ def _pair_decay(b):
 
 
 @triton.jit
-def _intra_grads(q, k, b, decay, dA, dA_t, GRAD_PRECISION: tl.constexpr):
+def _intra_grads(q, k, b, pairs, dA_t, TRANSPOSED_PAIRS: tl.constexpr, GRAD_PRECISION: tl.constexpr):
     """Scalar, static and no decay: the chunk's own part of dq and dk, fp32, without the diagonal (each token with
-    itself): dq_i = Σ_{j < i} dA_ij k_j e^{b_i − b_j}, dk_j = Σ_{i > j} dA_ij q_i e^{b_i − b_j}; decay from
-    `_pair_decay`, dA [C, C] causal, dA_t its transpose (both loaded). Vector decay: `_chunk_intra_grads_kernel`."""
-    i = tl.arange(0, dA.shape[0])[:, None]
-    j = tl.arange(0, dA.shape[0])[None, :]
-    decay_t = tl.exp(tl.where(i < j, b[None, :] - b[:, None], float("-inf")))  # `decay` at row j, column i
-    dq = tl.dot(dA * decay, k, input_precision=GRAD_PRECISION)
-    dk = tl.dot(dA_t * decay_t, q, input_precision=GRAD_PRECISION)
+    itself): dq_i = Σ_{j < i} dA_ij k_j e^{b_i − b_j}, dk_j = Σ_{i > j} dA_ij q_i e^{b_i − b_j}; pairs = dA ⊙
+    `_pair_decay` [C, C]. dk from the transpose of pairs where TRANSPOSED_PAIRS, else from dA_t (dA transposed,
+    formed by its own dot) and the transposed decay. Vector decay: `_chunk_intra_grads_kernel`."""
+    dq = tl.dot(pairs, k, input_precision=GRAD_PRECISION)
+    if TRANSPOSED_PAIRS:
+        dk = tl.dot(tl.trans(pairs), q, input_precision=GRAD_PRECISION)
+    else:
+        i = tl.arange(0, pairs.shape[0])[:, None]
+        j = tl.arange(0, pairs.shape[0])[None, :]
+        decay_t = tl.exp(tl.where(i < j, b[None, :] - b[:, None], float("-inf")))  # `_pair_decay` at row j, column i
+        dk = tl.dot(tl.where(i < j, dA_t, 0.0) * decay_t, q, input_precision=GRAD_PRECISION)
     return dq, dk
 
 
 @triton.jit
-def _straddling_pairs(q, k, decay, dA, scale, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+def _straddling_pairs(q, k, pairs, scale, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """Scalar and static decay: the chunk's own pairs' part of d log λ, [C] — at position r, Σ over the pairs
     s < r ≤ t of dA_ts A_ts (A_ts = q_t·k_s e^{b_t − b_s}: the scores summed over the channels of q and k, given
-    unscaled and bf16-exact; decay from `_pair_decay`), each pair counted where its decay spans r. All terms fp32,
+    unscaled and bf16-exact; pairs = dA ⊙ `_pair_decay`), each pair counted where its decay spans r. All terms fp32,
     none cancels another."""
-    i = tl.arange(0, dA.shape[0])[:, None]
-    j = tl.arange(0, dA.shape[0])[None, :]
+    i = tl.arange(0, pairs.shape[0])[:, None]
+    j = tl.arange(0, pairs.shape[0])[None, :]
     scores = tl.dot(q.to(DOT_DTYPE), tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION) * scale
-    pairs = dA * scores * decay
+    pairs = pairs * scores
     before = tl.cumsum(pairs, axis=1) - pairs  # [t, r]: Σ_{s < r} of row t
     return tl.sum(tl.where(i >= j, before, 0.0), axis=0)  # [r]: Σ_{t ≥ r}
 
@@ -206,38 +210,39 @@ def _chunk_intra_grads_kernel(q_ptr, k_ptr, b_ptr, dA_ptr, dq_ptr, dk_ptr, cu_se
 
 
 @triton.jit
-def _chunk_key_grads_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, states_ptr, state_grads_ptr, dA_ptr, dq_intra_ptr,
-                            dk_intra_ptr, dq_ptr, dk_ptr, dg_ptr, cu_seqlens_ptr, chunk_seq_ptr, chunk_token_ptr, scale,
-                            T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                            C: tl.constexpr, DECAY: tl.constexpr, DECAY_GRAD: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                            PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr):
+def _chunk_key_grads_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, states_ptr, states_low_ptr, state_grads_ptr,
+                            state_grads_low_ptr, dA_ptr, dq_intra_ptr, dk_intra_ptr, dq_ptr, dk_ptr, dg_ptr,
+                            cu_seqlens_ptr, chunk_seq_ptr, chunk_token_ptr, scale, T, H: tl.constexpr, K: tl.constexpr,
+                            V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
+                            DECAY_GRAD: tl.constexpr, PLANES: tl.constexpr, TRANSPOSED_PAIRS: tl.constexpr,
+                            DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr):
     """dq, dk and (DECAY_GRAD) d log λ of one (chunk, head, block of BK key channels), from the state S at the chunk's
     start, ∂L/∂S at its end (dS) and dA = do vᵀ (vector decay: from `_chunk_value_grads_kernel`; the others form it
     here, beside do Sᵀ, from the same tiles): dq = e^{b} ⊙ (do Sᵀ) + intra,
     dk = e^{B − b} ⊙ (v dSᵀ) + intra; the intra parts from `_chunk_intra_grads_kernel` (vector decay) or
-    `_intra_grads`, then each token with itself (dA_ii, undecayed).
+    `_intra_grads` (TRANSPOSED_PAIRS as there), then each token with itself (dA_ii, undecayed).
 
     d log λ within the chunk, from fp32 terms that are each a part of the gradient (nothing cancels across chunks):
     d log λ_r = Σ_{t ≥ r} (q ⊙ dq − k ⊙ dk_intra)_t + Σ_{s < r} (k ⊙ dk_state)_s + e^{B} ⊙ Σ_v S ⊙ dS, the pairs of
     tokens (s < r ≤ t) inside the chunk, from before it to inside, from inside to after it, and across it; dq and
     dk_intra here without each token's pair with itself, which has no decay to differentiate. Scalar and static
     decay sum it over the block's channels, the chunk's own pairs straddling r directly (`_straddling_pairs`): one
-    partial sum per key block, [T, H] each, added on the host."""
+    partial sum per key block, [T, H] each, added on the host. S and dS are exact where d log λ is summed from them:
+    fp32, or two planes (PLANES, `_store_chunk_state`), each dot taken with both parts."""
     KEY_BLOCKS: tl.constexpr = (K + BK - 1) // BK
     program, head = tl.program_id(0), tl.program_id(1)  # a chunk's key blocks adjacent: they share v, do in L2
     chunk, key_block = program // KEY_BLOCKS, program % KEY_BLOCKS
     seq, token0 = tl.load(chunk_seq_ptr + chunk), tl.load(chunk_token_ptr + chunk)
     eos = tl.load(cu_seqlens_ptr + seq + 1)
     VECTOR: tl.constexpr = DECAY == "vector"
-    # fp32 states with narrower dot operands (`_state_dtype`): the d log λ sums see the states' fp32 values
-    EXACT_STATES: tl.constexpr = DECAY_GRAD and states_ptr.dtype.element_ty != DOT_DTYPE
+    # exact states (`ops_chunk._state_dtype`, `_state_planes`) with narrower dot operands: d log λ sees their values
+    EXACT_STATES: tl.constexpr = DECAY_GRAD and (PLANES or states_ptr.dtype.element_ty != DOT_DTYPE)
     rows = tl.arange(0, C)
     i = rows[:, None]
     j = rows[None, :]
     row_mask = token0 + rows < eos
     ck = key_block * BK + tl.arange(0, BK)
-    chunk_states_ptr = states_ptr + (chunk * H + head) * K * V
-    chunk_grads_ptr = state_grads_ptr + (chunk * H + head) * K * V
+    chunk_offset = (chunk * H + head) * K * V
     dq = tl.zeros((C, BK), dtype=tl.float32)
     dk_state = tl.zeros((C, BK), dtype=tl.float32)
     across = tl.zeros((BK,), dtype=tl.float32)
@@ -246,23 +251,32 @@ def _chunk_key_grads_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, states_ptr, stat
         dA_t = tl.zeros((C, C), dtype=tl.float32)
     for value_block in range(tl.cdiv(V, BV)):
         cv = value_block * BV + tl.arange(0, BV)
-        state_offsets = ck[:, None] * V + cv[None, :]
+        state_offsets = chunk_offset + ck[:, None] * V + cv[None, :]
         state_mask = (ck < K)[:, None] & (cv < V)[None, :]
         v = _tile(v_ptr, token0, rows, row_mask, head, H, V, cv, cv < V).to(DOT_DTYPE)
         do = _tile(do_ptr, token0, rows, row_mask, head, H, V, cv, cv < V).to(DOT_DTYPE)
-        state = tl.load(chunk_states_ptr + state_offsets, mask=state_mask, other=0.0)
-        dstate = tl.load(chunk_grads_ptr + state_offsets, mask=state_mask, other=0.0)
+        state = tl.load(states_ptr + state_offsets, mask=state_mask, other=0.0)
+        dstate = tl.load(state_grads_ptr + state_offsets, mask=state_mask, other=0.0)
         state_dot, dstate_dot = state.to(DOT_DTYPE), dstate.to(DOT_DTYPE)
         dq += tl.dot(do, tl.trans(state_dot), input_precision=PRECISION)
         dk_state += tl.dot(v, tl.trans(dstate_dot), input_precision=PRECISION)
         if EXACT_STATES:  # and what rounding them to DOT_DTYPE left (do and v are exact in it)
-            dq += tl.dot(do, tl.trans((state - state_dot.to(tl.float32)).to(DOT_DTYPE)), input_precision=PRECISION)
-            dk_state += tl.dot(v, tl.trans((dstate - dstate_dot.to(tl.float32)).to(DOT_DTYPE)),
-                               input_precision=PRECISION)
+            if PLANES:
+                state_low = tl.load(states_low_ptr + state_offsets, mask=state_mask, other=0.0)
+                dstate_low = tl.load(state_grads_low_ptr + state_offsets, mask=state_mask, other=0.0)
+            else:
+                state_low = (state - state_dot.to(tl.float32)).to(DOT_DTYPE)
+                dstate_low = (dstate - dstate_dot.to(tl.float32)).to(DOT_DTYPE)
+            dq += tl.dot(do, tl.trans(state_low), input_precision=PRECISION)
+            dk_state += tl.dot(v, tl.trans(dstate_low), input_precision=PRECISION)
+            if PLANES:
+                across += tl.sum((state.to(tl.float32) + state_low.to(tl.float32))
+                                 * (dstate.to(tl.float32) + dstate_low.to(tl.float32)), axis=1)
         if not VECTOR:
             dA += tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            dA_t += tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        if DECAY_GRAD:
+            if not TRANSPOSED_PAIRS:
+                dA_t += tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        if DECAY_GRAD and not (EXACT_STATES and PLANES):
             across += tl.sum(state.to(tl.float32) * dstate.to(tl.float32), axis=1)
     q_unscaled = _tile(q_ptr, token0, rows, row_mask, head, H, K, ck, ck < K)
     q = q_unscaled * scale
@@ -275,10 +289,11 @@ def _chunk_key_grads_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, states_ptr, stat
         dk_intra = tl.load(dk_intra_ptr + offsets, mask=mask, other=0.0)
         own = tl.load(dA_ptr + (chunk * H + head) * C * C + rows * (C + 1))[:, None]  # dA_ii, undecayed
     else:
-        dA = tl.where(i >= j, dA, 0.0)
-        decay = _pair_decay(b)
-        dq_intra, dk_intra = _intra_grads(q, k, b, decay, dA, tl.where(i <= j, dA_t, 0.0), GRAD_PRECISION)
         own = tl.sum(tl.where(i == j, dA, 0.0), axis=1)[:, None]
+        pairs = dA * _pair_decay(b)
+        dq_intra, dk_intra = _intra_grads(q, k, b, pairs, dA_t, TRANSPOSED_PAIRS, GRAD_PRECISION)
+        if DECAY_GRAD:
+            straddling = _straddling_pairs(q_unscaled, k, pairs, scale, DOT_DTYPE, PRECISION)
     dq_state = dq * _row_decay(b, VECTOR)
     dk_state = dk_state * _to_end(b, total, VECTOR)
     tl.store(dq_ptr + offsets, ((dq_state + dq_intra + own * k) * scale).to(dq_ptr.dtype.element_ty), mask=mask)
@@ -296,5 +311,5 @@ def _chunk_key_grads_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, states_ptr, stat
             dg = tl.sum(tl.where(j >= i, later_sum[None, :], 0.0), axis=1)
             dg += tl.sum(tl.where(j < i, earlier_sum[None, :], 0.0), axis=1)
             dg += tl.sum(across, axis=0) * tl.exp(total)
-            dg += _straddling_pairs(q_unscaled, k, decay, dA, scale, DOT_DTYPE, PRECISION)
+            dg += straddling
             tl.store(dg_ptr + (key_block * T + token0 + rows) * H + head, dg, mask=row_mask)

@@ -81,6 +81,16 @@ def _tile(ptr, token0, rows, row_mask, head, H: tl.constexpr, D: tl.constexpr, c
 
 
 @triton.jit
+def _store_chunk_state(high_ptr, low_ptr, offsets, state, mask, PLANES: tl.constexpr):
+    """A walk's value at one chunk (a state or its gradient) into what the backward keeps: in high_ptr's dtype, or
+    with PLANES as two planes of it (`ops_chunk._state_planes`), the value rounded and what the rounding left."""
+    high = state.to(high_ptr.dtype.element_ty)
+    tl.store(high_ptr + offsets, high, mask=mask)
+    if PLANES:
+        tl.store(low_ptr + offsets, (state - high.to(tl.float32)).to(low_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _advance_state(state, k, v, b, total, VECTOR: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """The state after a block of tokens (k, v, cumulative log λ b, its sum B): e^{B} ⊙ S + (k ⊙ e^{B − b})ᵀ v."""
     if VECTOR:
@@ -118,26 +128,21 @@ def _same_block(HALF: tl.constexpr, R: tl.constexpr):
 
 @triton.jit
 def _intra_scores(q, k, b, b_ptr, chunk, head, H: tl.constexpr, K: tl.constexpr, cols, C: tl.constexpr,
-                  LEVELS: tl.constexpr, DECAY: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """A[i, j] = Σ_c q_ic k_jc e^{b_ic − b_jc} for j ≤ i, else 0: the chunk's causal decayed scores [C, C], fp32.
-
-    Scalar (and static, and no) decay: (q kᵀ) ⊙ e^{b_i − b_j}. Vector decay (DESIGN §1, "chunked form") whatever the
-    decay's strength, by halving: every pair j < i is split by exactly one level (`_level_factors`, C = 2^LEVELS), the
-    one whose block holds both with j in its first half and i in its second; there it factorises about the block's
-    middle row into two factors ≤ 1, one dot per level. Each token with itself has no decay: Σ_c q_ic k_ic."""
+                  LEVELS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """Vector decay: A[i, j] = Σ_c q_ic k_jc e^{b_ic − b_jc} for j ≤ i, else 0, the chunk's causal decayed scores
+    [C, C], fp32, whatever the decay's strength (DESIGN §1, "chunked form"), by halving: every pair j < i is split by
+    exactly one level (`_level_factors`, C = 2^LEVELS), the one whose block holds both with j in its first half and i
+    in its second; there it factorises about the block's middle row into two factors ≤ 1, one dot per level. Each token
+    with itself has no decay: Σ_c q_ic k_ic. (Scalar and static decay's scores are (q kᵀ) ⊙ e^{b_i − b_j}, formed in
+    `_chunk_output_kernel` itself.)"""
     i = tl.arange(0, C)[:, None]
     j = tl.arange(0, C)[None, :]
-    if DECAY == "vector":
-        rows = tl.arange(0, C)
-        scores = tl.where(i == j, tl.sum(q * k, axis=1)[:, None], 0.0)
-        for level in tl.static_range(LEVELS):
-            q_factor, k_factor = _level_factors(b, b_ptr, chunk, 0, rows, head, H, K, cols, C, C >> (level + 1))
-            part = tl.dot((q * q_factor).to(DOT_DTYPE), tl.trans((k * k_factor).to(DOT_DTYPE)),
-                          input_precision=PRECISION)
-            scores += tl.where(_same_block(C >> (level + 1), C), part, 0.0)
-    else:
-        scores = tl.dot(q.to(DOT_DTYPE), tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION)
-        scores = tl.where(i >= j, scores * tl.exp(tl.where(i >= j, b[:, None] - b[None, :], float("-inf"))), 0.0)
+    rows = tl.arange(0, C)
+    scores = tl.where(i == j, tl.sum(q * k, axis=1)[:, None], 0.0)
+    for level in tl.static_range(LEVELS):
+        q_factor, k_factor = _level_factors(b, b_ptr, chunk, 0, rows, head, H, K, cols, C, C >> (level + 1))
+        part = tl.dot((q * q_factor).to(DOT_DTYPE), tl.trans((k * k_factor).to(DOT_DTYPE)), input_precision=PRECISION)
+        scores += tl.where(_same_block(C >> (level + 1), C), part, 0.0)
     return scores
 
 

@@ -8,7 +8,7 @@ except ImportError as error:  # CPU-only torch ships without Triton: recurrence 
     raise ImportError("Triton is not installed") from error
 
 from .ops_chunk_common import (_advance_state, _chunk_decay, _intra_scores, _load_log_decay, _row_decay,
-                               _store_segment, _tile, _walk_start)
+                               _store_chunk_state, _store_segment, _tile, _walk_start)
 
 
 @triton.jit
@@ -29,12 +29,13 @@ def _cumulative_decay_kernel(g_ptr, b_ptr, cu_seqlens_ptr, chunk_seq_ptr, chunk_
 
 
 @triton.jit
-def _chunk_states_kernel(k_ptr, v_ptr, b_ptr, initial_ptr, states_ptr, final_ptr, segment_state_ptr,
+def _chunk_states_kernel(k_ptr, v_ptr, b_ptr, initial_ptr, states_ptr, states_low_ptr, final_ptr, segment_state_ptr,
                          segment_decay_ptr, cu_seqlens_ptr, chunk_offsets_ptr, segments, segment_chunks,
                          H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                          C: tl.constexpr, DECAY: tl.constexpr, HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr,
-                         WALK: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """The state at the start of every chunk of one (sequence, head, value block), and the final state.
+                         WALK: tl.constexpr, PLANES: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """The state at the start of every chunk of one (sequence, head, value block), and the final state; the states
+    kept as `_store_chunk_state` says (PLANES: the second plane at states_low_ptr).
 
     WALK (`_segment_plan`): 0 — a whole sequence per program; with segments of `segment_chunks` chunks, 1 — each
     segment from zero (the first from the initial state), storing only its end state and total log-decay for
@@ -50,8 +51,8 @@ def _chunk_states_kernel(k_ptr, v_ptr, b_ptr, initial_ptr, states_ptr, final_ptr
     rows = tl.arange(0, C)
     for n in range(first, last):
         if WALK != 1:
-            tl.store(states_ptr + ((first_chunk + n) * H + head) * K * V + state_offsets,
-                     state.to(states_ptr.dtype.element_ty), mask=state_mask)
+            _store_chunk_state(states_ptr, states_low_ptr, ((first_chunk + n) * H + head) * K * V + state_offsets,
+                               state, state_mask, PLANES)
         token0 = bos + n * C
         row_mask = token0 + rows < eos
         k = _tile(k_ptr, token0, rows, row_mask, head, H, K, ck, ck < K)
@@ -112,9 +113,13 @@ def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, states_ptr, o_ptr, scores_p
                          BV: tl.constexpr, C: tl.constexpr, LEVELS: tl.constexpr, DECAY: tl.constexpr,
                          STORE_SCORES: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                          VALUE_BLOCKS: tl.constexpr):
-    """o of one (chunk, head, VALUE_BLOCKS blocks of BV value channels): o = (q ⊙ e^{b}) S + A v, the scores A first
-    (`_intra_scores`, summed over key blocks of BK channels; kept for the backward when STORE_SCORES), then each value
-    block. The programs of one chunk are adjacent in the grid, so that they share its q and k in L2."""
+    """o of one (chunk, head, VALUE_BLOCKS blocks of BV value channels): o = (q ⊙ e^{b}) S + A v, A the causal decayed
+    scores (kept for the backward when STORE_SCORES). The programs of one chunk are adjacent in the grid, so that they
+    share its q and k in L2.
+
+    Vector decay: A first (`_intra_scores`), summed over key blocks of BK channels, then each value block. Scalar,
+    static and no decay (one value block per program): q kᵀ and q S in one pass over the key channels, e^{b},
+    e^{b_i − b_j} and the scale applied to the fp32 sums."""
     VALUE_PROGRAMS: tl.constexpr = ((V + BV - 1) // BV + VALUE_BLOCKS - 1) // VALUE_BLOCKS
     program, head = tl.program_id(0), tl.program_id(1)  # a chunk's programs adjacent: they share q, k in L2
     chunk, value_program = program // VALUE_PROGRAMS, program % VALUE_PROGRAMS
@@ -122,28 +127,52 @@ def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, states_ptr, o_ptr, scores_p
     eos = tl.load(cu_seqlens_ptr + seq + 1)
     rows = tl.arange(0, C)
     row_mask = token0 + rows < eos
-    scores = tl.zeros((C, C), dtype=tl.float32)
-    for key_block in tl.range(0, tl.cdiv(K, BK), num_stages=1):  # not pipelined: six levels' tiles per stage
-        ck = key_block * BK + tl.arange(0, BK)
-        q = _tile(q_ptr, token0, rows, row_mask, head, H, K, ck, ck < K) * scale
-        k = _tile(k_ptr, token0, rows, row_mask, head, H, K, ck, ck < K)
-        b, _ = _chunk_decay(b_ptr, chunk, head, H, K, ck, C, DECAY)
-        scores += _intra_scores(q, k, b, b_ptr, chunk, head, H, K, ck, C, LEVELS, DECAY, DOT_DTYPE, PRECISION)
-    scores = scores.to(DOT_DTYPE)
-    if STORE_SCORES and value_program == 0:
-        tl.store(scores_ptr + (chunk * H + head) * C * C + rows[:, None] * C + rows[None, :], scores)
     chunk_states_ptr = states_ptr + (chunk * H + head) * K * V
-    for value_block in range(value_program * VALUE_BLOCKS, tl.minimum((value_program + 1) * VALUE_BLOCKS,
-                                                                       tl.cdiv(V, BV))):
-        cv = value_block * BV + tl.arange(0, BV)
-        v = _tile(v_ptr, token0, rows, row_mask, head, H, V, cv, cv < V).to(DOT_DTYPE)
-        o = tl.dot(scores, v, input_precision=PRECISION)
-        for key_block in range(tl.cdiv(K, BK)):
+    if DECAY == "vector":
+        scores = tl.zeros((C, C), dtype=tl.float32)
+        for key_block in tl.range(0, tl.cdiv(K, BK), num_stages=1):  # not pipelined: six levels' tiles per stage
             ck = key_block * BK + tl.arange(0, BK)
             q = _tile(q_ptr, token0, rows, row_mask, head, H, K, ck, ck < K) * scale
+            k = _tile(k_ptr, token0, rows, row_mask, head, H, K, ck, ck < K)
             b, _ = _chunk_decay(b_ptr, chunk, head, H, K, ck, C, DECAY)
+            scores += _intra_scores(q, k, b, b_ptr, chunk, head, H, K, ck, C, LEVELS, DOT_DTYPE, PRECISION)
+        scores = scores.to(DOT_DTYPE)
+        if STORE_SCORES and value_program == 0:
+            tl.store(scores_ptr + (chunk * H + head) * C * C + rows[:, None] * C + rows[None, :], scores)
+        for value_block in range(value_program * VALUE_BLOCKS, tl.minimum((value_program + 1) * VALUE_BLOCKS,
+                                                                           tl.cdiv(V, BV))):
+            cv = value_block * BV + tl.arange(0, BV)
+            v = _tile(v_ptr, token0, rows, row_mask, head, H, V, cv, cv < V).to(DOT_DTYPE)
+            o = tl.dot(scores, v, input_precision=PRECISION)
+            for key_block in range(tl.cdiv(K, BK)):
+                ck = key_block * BK + tl.arange(0, BK)
+                q = _tile(q_ptr, token0, rows, row_mask, head, H, K, ck, ck < K) * scale
+                b, _ = _chunk_decay(b_ptr, chunk, head, H, K, ck, C, DECAY)
+                state = tl.load(chunk_states_ptr + ck[:, None] * V + cv[None, :],
+                                mask=(ck < K)[:, None] & (cv < V)[None, :], other=0.0).to(DOT_DTYPE)
+                o += tl.dot((q * _row_decay(b, True)).to(DOT_DTYPE), state, input_precision=PRECISION)
+            tl.store(o_ptr + ((token0 + rows[:, None]) * H + head) * V + cv[None, :], o.to(o_ptr.dtype.element_ty),
+                     mask=row_mask[:, None] & (cv < V)[None, :])
+    else:
+        cv = value_program * BV + tl.arange(0, BV)
+        qk = tl.zeros((C, C), dtype=tl.float32)
+        qs = tl.zeros((C, BV), dtype=tl.float32)
+        for key_block in range(tl.cdiv(K, BK)):
+            ck = key_block * BK + tl.arange(0, BK)
+            q = _tile(q_ptr, token0, rows, row_mask, head, H, K, ck, ck < K).to(DOT_DTYPE)
+            k = _tile(k_ptr, token0, rows, row_mask, head, H, K, ck, ck < K).to(DOT_DTYPE)
             state = tl.load(chunk_states_ptr + ck[:, None] * V + cv[None, :],
                             mask=(ck < K)[:, None] & (cv < V)[None, :], other=0.0).to(DOT_DTYPE)
-            o += tl.dot((q * _row_decay(b, DECAY == "vector")).to(DOT_DTYPE), state, input_precision=PRECISION)
+            qk = tl.dot(q, tl.trans(k), qk, input_precision=PRECISION)
+            qs = tl.dot(q, state, qs, input_precision=PRECISION)
+        b, _ = _chunk_decay(b_ptr, chunk, head, H, K, rows, C, DECAY)
+        i = rows[:, None]
+        j = rows[None, :]
+        scores = tl.where(i >= j, qk * scale * tl.exp(tl.where(i >= j, b[:, None] - b[None, :], float("-inf"))), 0.0)
+        scores = scores.to(DOT_DTYPE)
+        if STORE_SCORES and value_program == 0:
+            tl.store(scores_ptr + (chunk * H + head) * C * C + i * C + j, scores)
+        v = _tile(v_ptr, token0, rows, row_mask, head, H, V, cv, cv < V).to(DOT_DTYPE)
+        o = tl.dot(scores, v, qs * (scale * tl.exp(b))[:, None], input_precision=PRECISION)
         tl.store(o_ptr + ((token0 + rows[:, None]) * H + head) * V + cv[None, :], o.to(o_ptr.dtype.element_ty),
                  mask=row_mask[:, None] & (cv < V)[None, :])

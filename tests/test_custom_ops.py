@@ -111,6 +111,25 @@ def test_chunk_backward_opcheck(kind, packed, decay_grad, initial_grad):
                                            cu_seqlens, 0.5, decay_grad, initial_grad))
 
 
+def test_chunk_ops_opcheck_two_state_planes():
+    """bf16 scalar decay with d log λ from head dim 128: the forward keeps its chunk states as two bf16 planes
+    [2, chunks, H, K, V] (`_state_planes`), and both ops' fake implementations, autograd and the backward agree with
+    that layout. (Under Triton's interpreter bf16 values are not exact, DESIGN §7; the GPU tests check them.)"""
+    key_dim = chunk_kernels.PLANES_FROM_HEAD_DIM
+    generator = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, CHUNK + 6, 2, key_dim, generator=generator).bfloat16().to(DEVICE) for _ in range(3))
+    log_decay = -torch.rand(1, CHUNK + 6, 2, generator=generator).to(DEVICE)
+    initial = torch.randn(1, 2, key_dim, key_dim, generator=generator).to(DEVICE)
+    args = (q, k, v, log_decay, initial, None, key_dim ** -0.5, True, True, True)
+    o, final, states, scores, kept_decay = chunk_forward(*args)
+    assert states.shape == (2, 2, 2, key_dim, key_dim) and states.dtype == torch.bfloat16
+    torch.library.opcheck(chunk_forward, args)
+    do = torch.randn(o.shape, generator=generator).bfloat16().to(DEVICE)
+    final_grad = torch.randn(final.shape, generator=generator).to(DEVICE)
+    torch.library.opcheck(chunk_backward, (do, final_grad, q, k, v, log_decay, initial, states, scores, kept_decay,
+                                           None, key_dim ** -0.5, True, True))
+
+
 @pytest.mark.parametrize("kind,state", [(kind, "in-place") for kind in KINDS] + [("vector", "new"),
                                                                                  ("vector", "read-only")])
 def test_recurrent_step_opcheck(kind, state):

@@ -416,6 +416,18 @@ def test_key_and_value_blocks(kind):
     assert_close(actual, oracle(inputs, scale=0.5), NAMES)
 
 
+@pytest.mark.parametrize("kind", ["scalar", "static"])
+def test_wide_heads_take_transposed_pairs(kind):
+    """From head dim 128 on, scalar and static decay's key gradients take dk's own pairs from dq's pairs transposed
+    (`_intra_grads`); at K = 128, with strong decays and d log λ, every gradient is the oracle's."""
+    assert 128 >= kernels.TRANSPOSED_PAIRS_FROM_HEAD_DIM
+    inputs = make_inputs(kind, 1, CHUNK + 19, 2, 128, 16, seed=27)
+    with torch.no_grad():
+        inputs[3].copy_(trained_like_log_decay(kind, 1, CHUNK + 19, 2, 128, -6.0, torch.Generator().manual_seed(8)))
+    actual = outputs_and_grads(triton_chunked_recurrence, inputs, scale=128 ** -0.5)
+    assert_close(actual, oracle(inputs, scale=128 ** -0.5), NAMES, tolerance=cumulative_tolerance(inputs[3]))
+
+
 @pytest.mark.parametrize("kind", ["scalar", "static", "vector"])
 def test_gradients_without_decay_gradient(kind):
     """A fixed or frozen decay: no d log λ is computed, the other gradients still match the oracle. V = 80 makes two

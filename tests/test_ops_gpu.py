@@ -241,6 +241,27 @@ def test_acceptance_grid_bf16(kind, length, head_dim, walks, monkeypatch):
           + " ".join(f"{k} {v:.1e}" for k, v in errors.items()))
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_exact_states_as_two_planes(head_dim):
+    """Scalar decay with d log λ, bf16: from head dim 128 the forward keeps its chunk states as two bf16 planes whose
+    first is the state rounded and whose second is what the rounding left (|low| ≤ half a bf16 unit of high, so
+    rounding high + low gives high back), below it as fp32. How exact they are is the acceptance grid's part."""
+    from linear_decay import ops_chunk as kernels
+
+    gen = cpu_generator("planes", head_dim)
+    inputs = make_inputs("scalar", 2, 200, HEADS, head_dim, head_dim, torch.bfloat16, "mixed", gen, True, True,
+                         head_dim ** -0.5)
+    states = kernels.chunk_forward(*(inputs[name] for name in ("q", "k", "v", "g", "h0")), None, head_dim ** -0.5,
+                                   True, True, True)[2]
+    if head_dim >= kernels.PLANES_FROM_HEAD_DIM:
+        assert states.shape[0] == 2 and states.dtype == torch.bfloat16
+        high, low = states[0].float(), states[1].float()
+        assert torch.equal(high, (high + low).bfloat16().float())
+        assert low.abs().max() > 0  # the fp32 states are not all bf16 values
+    else:
+        assert states.dtype == torch.float32 and states.dim() == 4
+
+
 # Without an initial state and/or without the final state (training runs with neither), bf16 at the model's dims.
 STATE_FLAGS = [(flags, kind) for flags in [(False, False), (True, False), (False, True)] for kind in KINDS
                if flags == (False, False) or kind in ("vector", "scalar")]
