@@ -269,15 +269,16 @@ def _chunk_key_grads_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, states_ptr, stat
                 dstate_low = (dstate - dstate_dot.to(tl.float32)).to(DOT_DTYPE)
             dq += tl.dot(do, tl.trans(state_low), input_precision=PRECISION)
             dk_state += tl.dot(v, tl.trans(dstate_low), input_precision=PRECISION)
-            if PLANES:
-                across += tl.sum((state.to(tl.float32) + state_low.to(tl.float32))
-                                 * (dstate.to(tl.float32) + dstate_low.to(tl.float32)), axis=1)
         if not VECTOR:
             dA += tl.dot(do, tl.trans(v), input_precision=PRECISION)
             if not TRANSPOSED_PAIRS:
                 dA_t += tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        if DECAY_GRAD and not (EXACT_STATES and PLANES):
-            across += tl.sum(state.to(tl.float32) * dstate.to(tl.float32), axis=1)
+        if DECAY_GRAD:
+            if EXACT_STATES and PLANES:  # the planes' sums: the states as the walks had them
+                across += tl.sum((state.to(tl.float32) + state_low.to(tl.float32))
+                                 * (dstate.to(tl.float32) + dstate_low.to(tl.float32)), axis=1)
+            else:
+                across += tl.sum(state.to(tl.float32) * dstate.to(tl.float32), axis=1)
     q_unscaled = _tile(q_ptr, token0, rows, row_mask, head, H, K, ck, ck < K)
     q = q_unscaled * scale
     k = _tile(k_ptr, token0, rows, row_mask, head, H, K, ck, ck < K)
