@@ -153,6 +153,12 @@ def _new_states(like, chunks, heads, key_dim, value_dim, exact_states):
     return like.new_empty(chunks, heads, key_dim, value_dim, dtype=_state_dtype(like.dtype, exact_states))
 
 
+def _zero_spare(states, spare):
+    """Zero the last `spare` chunks (`_spare_chunks`) of `_new_states`' tensor, in every plane."""
+    if spare > 0:
+        (states[:, -spare:] if states.dim() == 5 else states[-spare:]).zero_()
+
+
 def _planes(states):
     """(first plane, second plane, whether there are two) of `_new_states`' tensor; without planes the states
     themselves twice (the second never read)."""
@@ -262,10 +268,7 @@ def _chunk_backward(do: torch.Tensor, final_grad: torch.Tensor | None, q: torch.
     dot_dtype, precision, fp32_precision, exact_precision = _dot_settings(q.dtype)
     state_grads = torch.empty_like(states)
     grads_high, grads_low, planes = _planes(state_grads)
-    spare = _spare_chunks(grads_high.shape[0], length, cu_seqlens is not None)
-    if spare > 0:
-        grads_high[-spare:].zero_()
-        grads_low[-spare:].zero_()
+    _zero_spare(state_grads, _spare_chunks(grads_high.shape[0], length, cu_seqlens is not None))
     initial_grad = (q.new_empty(num_sequences, heads, key_dim, value_dim, dtype=torch.float32)
                     if initial_grad and initial_state is not None else None)
     final_grad = final_grad.float().contiguous() if final_grad is not None else None
@@ -481,10 +484,8 @@ def _forward_states(k, v, b, initial, layout, decay, heads, key_dim, value_dim, 
     cu_seqlens, chunk_offsets, chunk_seq, _ = layout
     dot_dtype, precision, _, _ = _dot_settings(k.dtype)
     states = _new_states(k, chunk_seq.numel(), heads, key_dim, value_dim, exact_states)
+    _zero_spare(states, spare)
     high, low, planes = _planes(states)
-    if spare > 0:
-        high[-spare:].zero_()
-        low[-spare:].zero_()
     final = (k.new_empty(num_sequences, heads, key_dim, value_dim, dtype=torch.float32) if output_final_state
              else None)
     block_k, block_v, launch = _launch("states", key_dim, value_dim, dot_dtype, decay)
