@@ -210,3 +210,34 @@ def test_kernel_benchmark_strengths_and_sections_on_cpu(tmp_path, monkeypatch, c
     bench.section_chunk(skipped, args_deadline, ours, fla, bench.Deadline(0.0, start=0.0))
     assert skipped["chunk"] and all(r.get("skipped") == "deadline" for r in skipped["chunk"])
     assert "Skipped after --deadline" in bench.markdown_tables(skipped)
+
+
+# the most shared memory one program may use on the GPUs BENCHMARKS.md measures (H100, H200: 227 KiB)
+HOPPER_SHARED_BYTES = 227 * 1024
+
+
+@pytest.mark.parametrize("dtype,kinds", [("bf16", "vector,scalar,static,none"), ("fp32", "vector")])
+def test_kernel_resources_every_launch_fits_hopper(tmp_path, dtype, kinds):
+    """Every chunk-kernel launch the host code makes at the widest head dim, in the segmented walks too (two
+    sequences × heads for 132 SMs), compiles for sm_90 and fits its shared memory: a launch that does not fails only
+    on the GPU ("out of resources"), which the interpreter never sees."""
+    pytest.importorskip("triton.backends.nvidia")
+    import os
+    import subprocess
+    import sys
+    out = tmp_path / "launches.json"
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "kernel_resources.py"), "--kinds", kinds,
+                             "--shapes", "1x4096x2x256", "--dtype", dtype, "--json", str(out)],
+                            env=env, capture_output=True, text=True)
+    if result.returncode != 0 and "cuobjdump" in result.stderr and "No such file" in result.stderr:
+        pytest.skip("this Triton ships no cuobjdump")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    kernels = {row["kernel"] for row in rows}
+    assert {"_chunk_states_kernel", "_combine_segments_kernel", "_chunk_output_kernel", "_chunk_key_grads_kernel",
+            "_chunk_state_grads_kernel", "_chunk_value_grads_kernel"} <= kernels
+    assert {row["kind"] for row in rows} == set(kinds.split(","))
+    assert {row["constants"].get("WALK") for row in rows if row["kernel"] == "_chunk_states_kernel"} == {1, 2}
+    for row in rows:
+        assert 0 < row["registers"] <= 255 and row["shared_bytes"] <= HOPPER_SHARED_BYTES, row
