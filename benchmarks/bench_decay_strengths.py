@@ -22,8 +22,8 @@ speed      forward and forward+backward ms (median of triton.testing.do_bench) a
 profile    device time of each kernel in one forward+backward (`.grad = None`), the mean of 10 under torch.profiler,
            ours and FLA, at the same shapes: where the time goes. One JSON line per case.
 
-FLA is optional (`pip install flash-linear-attention==0.6.0`); a case FLA refuses (chunk_simple_gla with a data-dependent
-g on Hopper with Triton < 3.7.1) prints its message instead of numbers.
+FLA is optional (`pip install flash-linear-attention==0.6.0`); a case FLA refuses (chunk_simple_gla with a
+data-dependent g on Hopper with Triton < 3.7.1) prints its message instead of numbers.
 """
 
 import argparse
@@ -57,17 +57,18 @@ def log_decay(strength, shape, generator):
     return {"u6": -6.0, "u20": -20.0}[strength] * torch.rand(shape, generator=generator)
 
 
-def make_inputs(kind, strength, batch, length, heads, dim, seed=0):
+def make_inputs(kind, strength, batch, length, heads, dim, seed=0, device="cuda", dtype=torch.bfloat16):
+    """[q, k, v, log λ, output cotangent] on `device`: q, k, v and the cotangent in `dtype`, log λ fp32."""
     generator = torch.Generator().manual_seed(seed)
-    q = F.silu(torch.randn(batch, length, heads, dim, generator=generator)).bfloat16()
-    k = F.silu(torch.randn(batch, length, heads, dim, generator=generator)).bfloat16()
-    v = torch.randn(batch, length, heads, dim, generator=generator).bfloat16()
+    q = F.silu(torch.randn(batch, length, heads, dim, generator=generator)).to(dtype)
+    k = F.silu(torch.randn(batch, length, heads, dim, generator=generator)).to(dtype)
+    v = torch.randn(batch, length, heads, dim, generator=generator).to(dtype)
     if kind == "static":
         g = -(1 / (2 * 128 ** (torch.arange(heads) / (heads - 1))))
     else:
         g = log_decay(strength, (batch, length, heads, dim) if kind == "vector" else (batch, length, heads), generator)
-    do = torch.randn(batch, length, heads, dim, generator=generator).bfloat16()
-    return [x.cuda() for x in (q, k, v, g, do)]
+    do = torch.randn(batch, length, heads, dim, generator=generator).to(dtype)
+    return [x.to(device) for x in (q, k, v, g, do)]
 
 
 def implementations():
@@ -108,22 +109,34 @@ def output_and_grads(fn, kind, inputs, scale, dtype=None):
 
 
 def relative_error(actual, expected):
-    return float((actual.double() - expected.double()).norm() / expected.double().norm())
+    actual, expected = actual.detach().double(), expected.detach().double()
+    return float((actual - expected).norm() / expected.norm())
+
+
+PRECISION_SHAPE = (2, 1000, 3, 128)
+
+
+def errors(impls, kind, strength, device="cuda", dtype=torch.bfloat16, shape=PRECISION_SHAPE):
+    """{name: [‖x − ref‖ / ‖ref‖ of o, dq, dk, dv(, d log λ)], or the message of a refusal} of each implementation,
+    ref the float64 token-by-token oracle on the same inputs."""
+    oracle = lambda kind, q, k, v, g, scale: naive_recurrence(q, k, v, g, scale=scale)[0]  # noqa: E731
+    inputs = make_inputs(kind, strength, *shape, seed=1, device=device, dtype=dtype)
+    scale = shape[-1] ** -0.5
+    reference = output_and_grads(oracle, kind, inputs, scale, dtype=torch.float64)
+    found = {}
+    for name, fn in impls.items():
+        try:
+            found[name] = [relative_error(a, e) for a, e in zip(output_and_grads(fn, kind, inputs, scale), reference)]
+        except Exception as error:  # noqa: BLE001 (a refusal is a result)
+            found[name] = str(error).splitlines()[0][:120]
+    return found
 
 
 def precision(args, impls):
-    oracle = lambda kind, q, k, v, g, scale: naive_recurrence(q, k, v, g, scale=scale)[0]  # noqa: E731
     for kind in args.kinds:
         for strength in (args.strengths if kind != "static" else ["tnl"]):
-            inputs = make_inputs(kind, strength, 2, 1000, 3, 128, seed=1)
-            reference = output_and_grads(oracle, kind, inputs, 128 ** -0.5, dtype=torch.float64)
-            row = {"kind": kind, "strength": strength, "columns": ["o", "dq", "dk", "dv", "dlogλ"][:len(reference)]}
-            for name, fn in impls.items():
-                try:
-                    row[name] = [relative_error(a, e) for a, e in
-                                 zip(output_and_grads(fn, kind, inputs, 128 ** -0.5), reference)]
-                except Exception as error:  # noqa: BLE001 (a refusal is a result)
-                    row[name] = str(error).splitlines()[0][:120]
+            columns = ["o", "dq", "dk", "dv"] + (["dlogλ"] if kind != "static" else [])  # static: no gradient
+            row = {"kind": kind, "strength": strength, "columns": columns, **errors(impls, kind, strength)}
             print("precision", json.dumps(row), flush=True)
 
 

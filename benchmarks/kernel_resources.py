@@ -3,13 +3,14 @@ machine, no GPU needed: the first screen of a kernel change (spills and shared m
 holds) before a GPU times it. BENCHMARKS.md's kernel section cites it.
 
     python benchmarks/kernel_resources.py [--kinds vector,scalar,static] [--shapes 2x16384x16x128]
-        [--dtype bf16] [--arch 90] [--sms 132] [--json FILE]
+        [--dtype bf16] [--arch 90] [--sms 132] [--version VERSION] [--json FILE]
 
 The chunk kernels' host code (`ops_chunk._chunk_forward`, `_chunk_backward`) runs on meta tensors with every kernel
 launch recorded instead of run, so the launches are exactly the host code's (grid aside: segment plans use `--sms`
 multiprocessors); each distinct launch is then compiled by Triton for sm_<arch> and its cubin read with the
 `cuobjdump` Triton ships. One JSON line per launch: kernel, decay, warps, stages, registers per thread, stack bytes
-per thread (spills), shared memory bytes. Needs a Triton whose NVIDIA backend carries ptxas and cuobjdump (PyPI's
+per thread (spills), shared memory bytes. `--version` screens another version of the kernels instead of this
+checkout's (a directory or launch-setting overrides, as `compare_kernels.py` takes them). Needs a Triton whose NVIDIA backend carries ptxas and cuobjdump (PyPI's
 wheels do); numbers are for that Triton's code generation, which may differ from another version's.
 """
 
@@ -28,8 +29,9 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from linear_decay import ops_chunk  # noqa: E402
+from linear_decay import ops_chunk as checkout_kernels  # noqa: E402
 
 POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32",
                  torch.int64: "*i64"}
@@ -46,9 +48,9 @@ class LaunchRecorder:
         return lambda *args, **kwargs: self.launches.append((self.kernel, args, kwargs))
 
 
-def record_launches(kind, shape, dtype, sms):
+def record_launches(ops_chunk, kind, shape, dtype, sms):
     """The launches of one forward and one backward (every input requiring a gradient) of the chunk kernels' host
-    code at `shape` (B, T, H, D) for decay `kind`."""
+    code (module `ops_chunk`) at `shape` (B, T, H, D) for decay `kind`."""
     batch, length, heads, dim = shape
     launches = []
     saved = dict(vars(ops_chunk))
@@ -121,13 +123,21 @@ def main(argv=None):
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for Hopper")
     parser.add_argument("--sms", type=int, default=132, help="multiprocessors the segment plans assume")
+    parser.add_argument("--version", help="another version of the kernels, as compare_kernels.py takes it")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
+    kernels = checkout_kernels
+    if args.version:
+        import compare_kernels
+
+        root = tempfile.mkdtemp()
+        sys.path.insert(0, root)
+        kernels = compare_kernels.load_version(args.version, root)[1]
     target = GPUTarget("cuda", args.arch, 32)
     rows, compiled = [], {}
     for shape in (tuple(int(n) for n in text.split("x")) for text in args.shapes.split(",")):
         for kind in args.kinds.split(","):
-            for kernel, launch_args, kwargs in record_launches(kind, shape, DTYPES[args.dtype], args.sms):
+            for kernel, launch_args, kwargs in record_launches(kernels, kind, shape, DTYPES[args.dtype], args.sms):
                 src, options = source(kernel, launch_args, kwargs)
                 key = src.hash() + json.dumps(options, sort_keys=True)
                 if key not in compiled:

@@ -216,11 +216,14 @@ def test_kernel_benchmark_strengths_and_sections_on_cpu(tmp_path, monkeypatch, c
 HOPPER_SHARED_BYTES = 227 * 1024
 
 
-@pytest.mark.parametrize("dtype,kinds", [("bf16", "vector,scalar,static,none"), ("fp32", "vector")])
-def test_kernel_resources_every_launch_fits_hopper(tmp_path, dtype, kinds):
+@pytest.mark.parametrize("dtype,kinds,version", [
+    ("bf16", "vector,scalar,static,none", []),
+    ("fp32", "vector", ["--version", "worktree:key_grads_vector.block_k=64"])])
+def test_kernel_resources_every_launch_fits_hopper(tmp_path, dtype, kinds, version):
     """Every chunk-kernel launch the host code makes at the widest head dim, in the segmented walks too (two
     sequences × heads for 132 SMs), compiles for sm_90 and fits its shared memory: a launch that does not fails only
-    on the GPU ("out of resources"), which the interpreter never sees."""
+    on the GPU ("out of resources"), which the interpreter never sees. A version with a launch-setting override is
+    screened with it."""
     pytest.importorskip("triton.backends.nvidia")
     import os
     import subprocess
@@ -228,7 +231,7 @@ def test_kernel_resources_every_launch_fits_hopper(tmp_path, dtype, kinds):
     out = tmp_path / "launches.json"
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "kernel_resources.py"), "--kinds", kinds,
-                             "--shapes", "1x4096x2x256", "--dtype", dtype, "--json", str(out)],
+                             "--shapes", "1x4096x2x256", "--dtype", dtype, "--json", str(out), *version],
                             env=env, capture_output=True, text=True)
     if result.returncode != 0 and "cuobjdump" in result.stderr and "No such file" in result.stderr:
         pytest.skip("this Triton ships no cuobjdump")
@@ -241,3 +244,41 @@ def test_kernel_resources_every_launch_fits_hopper(tmp_path, dtype, kinds):
     assert {row["constants"].get("WALK") for row in rows if row["kernel"] == "_chunk_states_kernel"} == {1, 2}
     for row in rows:
         assert 0 < row["registers"] <= 255 and row["shared_bytes"] <= HOPPER_SHARED_BYTES, row
+    key_blocks = {row["constants"]["BK"] for row in rows if row["kernel"] == "_chunk_key_grads_kernel"}
+    assert key_blocks == ({64} if version else {32, 64})  # vector's own 32, or the override
+
+
+def test_compare_kernels_versions_side_by_side(tmp_path, capsys, monkeypatch):
+    """Two versions of the kernels (a git snapshot and the working tree with a launch-setting override) load as
+    packages of their own and run through the same comparison on CPU; their errors against the float64 oracle are
+    fp32's (test_ops_chunk.py's 2e-5 at a mild decay); an override of a setting TUNING lacks is refused."""
+    compare = load("compare_kernels")
+    if subprocess_ok(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"]):
+        snapshot = tmp_path / "head"
+        assert compare.main(["snapshot", "HEAD", str(snapshot)]) == 0
+        assert (snapshot / "ops_chunk.py").exists() and (snapshot / "ops_host.py").exists()
+    else:  # a copy of the tree without git: the working tree's modules stand in
+        snapshot = "worktree"
+    capsys.readouterr()
+    assert compare.main(["run", str(snapshot), "worktree:key_grads.block_k=32;key_grads.num_warps=8", "--device",
+                         "cpu", "--no-fla", "--kinds", "scalar@mild", "--shapes", "1x70x2x32", "--rounds", "1",
+                         "--precision", "--precision-shape", "1x70x2x32"]) == 0
+    timing, errors = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    labels = [str(snapshot), "worktree:key_grads.block_k=32;key_grads.num_warps=8"]
+    assert sorted(timing["fwd+bwd ms"]) == sorted(labels) and all(ms[0] > 0 for ms in timing["fwd+bwd ms"].values())
+    assert errors["columns"] == ["o", "dq", "dk", "dv", "dlogλ"]
+    for label in labels:
+        assert len(errors[label]) == 5 and max(errors[label]) <= 2e-5, errors
+    from linear_decay import ops_chunk
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _, module = compare.load_version("worktree:key_grads.block_k=32", tmp_path)  # in force for its backward too
+    assert module is not ops_chunk and module.TUNING["key_grads"]["block_k"] == 32
+    assert ops_chunk.TUNING["key_grads"]["block_k"] == 64
+    with pytest.raises(SystemExit, match="no launch setting"):
+        compare.main(["run", "worktree:key_grads.blocks=32", "--device", "cpu", "--no-fla", "--kinds", "scalar",
+                      "--shapes", "1x70x2x32", "--rounds", "1"])
+
+
+def subprocess_ok(command):
+    import subprocess
+    return subprocess.run(command, capture_output=True).returncode == 0
