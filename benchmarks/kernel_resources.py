@@ -31,6 +31,8 @@ from triton.compiler import ASTSource  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import bench_decay_strengths as strengths  # noqa: E402
+import compare_kernels  # noqa: E402
 from linear_decay import ops_chunk as checkout_kernels  # noqa: E402
 
 POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32",
@@ -76,7 +78,7 @@ def record_launches(ops_chunk, kind, shape, dtype, sms):
 
 
 def source(kernel, args, kwargs):
-    """(ASTSource, launch options) of one recorded launch, specialised as Triton's launcher would: constexprs and
+    """(ASTSource, launch options) of one recorded launch, specialised much as Triton's launcher does: constexprs and
     None arguments as constants, tensors by dtype and 16-byte alignment, integers divisible by 16 marked so."""
     options = {key: kwargs[key] for key in ("num_warps", "num_stages") if key in kwargs}
     signature, constants, attrs = {}, {}, {}
@@ -126,16 +128,23 @@ def main(argv=None):
     parser.add_argument("--version", help="another version of the kernels, as compare_kernels.py takes it")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
-    kernels = checkout_kernels
-    if args.version:
-        import compare_kernels
+    with tempfile.TemporaryDirectory() as root:
+        kernels = checkout_kernels
+        if args.version:
+            sys.path.insert(0, root)
+            kernels = compare_kernels.load_version(args.version, root)[1]
+        rows = screen(kernels, args)
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(rows, file, indent=1)
+    return 0
 
-        root = tempfile.mkdtemp()
-        sys.path.insert(0, root)
-        kernels = compare_kernels.load_version(args.version, root)[1]
+
+def screen(kernels, args):
+    """One row per launch of module `kernels`' host code at every shape and kind of `args`, printed as it comes."""
     target = GPUTarget("cuda", args.arch, 32)
     rows, compiled = [], {}
-    for shape in (tuple(int(n) for n in text.split("x")) for text in args.shapes.split(",")):
+    for shape in strengths.parse_shapes(args.shapes):
         for kind in args.kinds.split(","):
             for kernel, launch_args, kwargs in record_launches(kernels, kind, shape, DTYPES[args.dtype], args.sms):
                 src, options = source(kernel, launch_args, kwargs)
@@ -151,10 +160,7 @@ def main(argv=None):
                        "constants": constants}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    if args.json:
-        with open(args.json, "w") as file:
-            json.dump(rows, file, indent=1)
-    return 0
+    return rows
 
 
 if __name__ == "__main__":
