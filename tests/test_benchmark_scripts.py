@@ -4,7 +4,10 @@ nothing on CPU.)"""
 
 import importlib.util
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -225,9 +228,6 @@ def test_kernel_resources_every_launch_fits_hopper(tmp_path, dtype, kinds, versi
     on the GPU ("out of resources"), which the interpreter never sees. A version with a launch-setting override is
     screened with it."""
     pytest.importorskip("triton.backends.nvidia")
-    import os
-    import subprocess
-    import sys
     out = tmp_path / "launches.json"
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "kernel_resources.py"), "--kinds", kinds,
@@ -253,7 +253,7 @@ def test_compare_kernels_versions_side_by_side(tmp_path, capsys, monkeypatch):
     packages of their own and run through the same comparison on CPU; their errors against the float64 oracle are
     fp32's (test_ops_chunk.py's 2e-5 at a mild decay); an override of a setting TUNING lacks is refused."""
     compare = load("compare_kernels")
-    if subprocess_ok(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"]):
+    if subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True).returncode == 0:
         snapshot = tmp_path / "head"
         assert compare.main(["snapshot", "HEAD", str(snapshot)]) == 0
         assert (snapshot / "ops_chunk.py").exists() and (snapshot / "ops_host.py").exists()
@@ -277,8 +277,3 @@ def test_compare_kernels_versions_side_by_side(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit, match="no launch setting"):
         compare.main(["run", "worktree:key_grads.blocks=32", "--device", "cpu", "--no-fla", "--kinds", "scalar",
                       "--shapes", "1x70x2x32", "--rounds", "1"])
-
-
-def subprocess_ok(command):
-    import subprocess
-    return subprocess.run(command, capture_output=True).returncode == 0
