@@ -2,7 +2,7 @@
 machine, no GPU needed: the first screen of a kernel change (spills and shared memory decide how many programs an SM
 holds) before a GPU times it. BENCHMARKS.md's kernel section cites it.
 
-    python benchmarks/kernel_resources.py [--kinds vector,scalar,static] [--shapes 2x16384x16x128]
+    python benchmarks/kernel_resources.py [--kinds vector,scalar,static,static_learned,none] [--shapes 2x16384x16x128]
         [--dtype bf16] [--arch 90] [--sms 132] [--version VERSION] [--json FILE]
 
 The chunk kernels' host code (`ops_chunk._chunk_forward`, `_chunk_backward`) runs on meta tensors with every kernel
@@ -10,8 +10,9 @@ launch recorded instead of run, so the launches are exactly the host code's (gri
 multiprocessors); each distinct launch is then compiled by Triton for sm_<arch> and its cubin read with the
 `cuobjdump` Triton ships. One JSON line per launch: kernel, decay, warps, stages, registers per thread, stack bytes
 per thread (spills), shared memory bytes. `--version` screens another version of the kernels instead of this
-checkout's (a directory or launch-setting overrides, as `compare_kernels.py` takes them). Needs a Triton whose NVIDIA backend carries ptxas and cuobjdump (PyPI's
-wheels do); numbers are for that Triton's code generation, which may differ from another version's.
+checkout's (a directory or launch-setting overrides, as `compare_kernels.py` takes them). Needs a Triton whose
+NVIDIA backend carries ptxas and cuobjdump (PyPI's wheels do); numbers are for that Triton's code generation, which
+may differ from another version's.
 """
 
 import argparse
@@ -52,7 +53,8 @@ class LaunchRecorder:
 
 def record_launches(ops_chunk, kind, shape, dtype, sms):
     """The launches of one forward and one backward (every input requiring a gradient) of the chunk kernels' host
-    code (module `ops_chunk`) at `shape` (B, T, H, D) for decay `kind`."""
+    code (module `ops_chunk`) at `shape` (B, T, H, D) for decay `kind`: `static` as in the timing scripts, TNL's
+    fixed slopes without d log λ; `static_learned` with it (a learned rate, `tnl_l`, `simple`)."""
     batch, length, heads, dim = shape
     launches = []
     saved = dict(vars(ops_chunk))
@@ -64,12 +66,14 @@ def record_launches(ops_chunk, kind, shape, dtype, sms):
         q, k, v, do = (torch.empty(batch, length, heads, dim, device="meta", dtype=dtype) for _ in range(4))
         log_decay = {"vector": torch.empty(batch, length, heads, dim, device="meta"),
                      "scalar": torch.empty(batch, length, heads, device="meta"),
-                     "static": torch.empty(heads, device="meta"), "none": None}[kind]
-        exact_states = log_decay is not None and kind != "vector"
+                     "static": torch.empty(heads, device="meta"), "static_learned": torch.empty(heads, device="meta"),
+                     "none": None}[kind]
+        decay_grad = log_decay is not None and kind != "static"
+        exact_states = decay_grad and kind != "vector"  # as `triton_chunked_recurrence` chooses them
         _, _, states, scores, kept_decay = ops_chunk._chunk_forward(q, k, v, log_decay, None, None, dim ** -0.5,
                                                                     False, True, exact_states)
         ops_chunk._chunk_backward(do, None, q, k, v, log_decay, None, states, scores, kept_decay, None, dim ** -0.5,
-                                  log_decay is not None, False)
+                                  decay_grad, False)
     finally:
         for name in kernels:
             setattr(ops_chunk, name, saved[name])
@@ -120,7 +124,7 @@ def constant_text(value):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kinds", default="vector,scalar,static")
+    parser.add_argument("--kinds", default="vector,scalar,static,static_learned")
     parser.add_argument("--shapes", default="2x16384x16x128")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for Hopper")

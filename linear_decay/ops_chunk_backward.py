@@ -127,9 +127,22 @@ def _straddling_pairs(q, k, pairs, scale, DOT_DTYPE: tl.constexpr, PRECISION: tl
     i = tl.arange(0, pairs.shape[0])[:, None]
     j = tl.arange(0, pairs.shape[0])[None, :]
     scores = tl.dot(q.to(DOT_DTYPE), tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION) * scale
-    pairs = pairs * scores
-    before = tl.cumsum(pairs, axis=1) - pairs  # [t, r]: Σ_{s < r} of row t
+    before = _masked_sum_dot(pairs * scores, i < j, DOT_DTYPE, PRECISION)  # [t, r]: Σ_{s < r} of row t
     return tl.sum(tl.where(i >= j, before, 0.0), axis=0)  # [r]: Σ_{t ≥ r}
+
+
+@triton.jit
+def _masked_sum_dot(a, mask, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """a @ mask for fp32 a and a 0/1 mask, at fp32 accuracy on tensor cores: for bf16 operands a's bf16 high part and
+    what it leaves, two products (the mask is exact in bf16); for fp32 operands three TF32 products unless PRECISION
+    is already exact."""
+    if DOT_DTYPE == tl.bfloat16:
+        ones = tl.where(mask, 1.0, 0.0).to(tl.bfloat16)
+        a_high = a.to(tl.bfloat16)
+        out = tl.dot((a - a_high.to(tl.float32)).to(tl.bfloat16), ones)
+        return tl.dot(a_high, ones, out)
+    else:
+        return tl.dot(a, tl.where(mask, 1.0, 0.0), input_precision="ieee" if PRECISION == "ieee" else "tf32x3")
 
 
 @triton.jit

@@ -220,7 +220,7 @@ HOPPER_SHARED_BYTES = 227 * 1024
 
 
 @pytest.mark.parametrize("dtype,kinds,version", [
-    ("bf16", "vector,scalar,static,none", []),
+    ("bf16", "vector,scalar,static,static_learned,none", []),
     ("fp32", "vector", ["--version", "worktree:key_grads_vector.block_k=64"])])
 def test_kernel_resources_every_launch_fits_hopper(tmp_path, dtype, kinds, version):
     """Every chunk-kernel launch the host code makes at the widest head dim, in the segmented walks too (two
