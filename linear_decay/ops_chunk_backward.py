@@ -7,7 +7,7 @@ try:
 except ImportError as error:  # CPU-only torch ships without Triton: recurrence keeps the PyTorch path
     raise ImportError("Triton is not installed") from error
 
-from .ops_chunk_common import (_chunk_decay, _level_factors, _row_decay, _same_block, _store_chunk_state,
+from .ops_chunk_common import (_bf16_parts, _chunk_decay, _level_factors, _row_decay, _same_block, _store_chunk_state,
                                _store_segment, _tile, _to_end, _walk_start)
 
 
@@ -138,9 +138,8 @@ def _masked_sum_dot(a, mask, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     is already exact."""
     if DOT_DTYPE == tl.bfloat16:
         ones = tl.where(mask, 1.0, 0.0).to(tl.bfloat16)
-        a_high = a.to(tl.bfloat16)
-        out = tl.dot((a - a_high.to(tl.float32)).to(tl.bfloat16), ones)
-        return tl.dot(a_high, ones, out)
+        a_high, a_low = _bf16_parts(a)
+        return tl.dot(a_high, ones, tl.dot(a_low, ones))
     else:
         return tl.dot(a, tl.where(mask, 1.0, 0.0), input_precision="ieee" if PRECISION == "ieee" else "tf32x3")
 
@@ -151,10 +150,8 @@ def _grad_dot(a, b, GRAD_PRECISION: tl.constexpr):
     bf16 products (the two low parts' product dropped: ~2^-16 relative, on bf16 tensor cores at twice TF32's rate);
     otherwise tl.dot's own input precisions ("tf32x3", "tf32", "ieee")."""
     if GRAD_PRECISION == "bf16x3":
-        a_high = a.to(tl.bfloat16)
-        a_low = (a - a_high.to(tl.float32)).to(tl.bfloat16)
-        b_high = b.to(tl.bfloat16)
-        b_low = (b - b_high.to(tl.float32)).to(tl.bfloat16)
+        a_high, a_low = _bf16_parts(a)
+        b_high, b_low = _bf16_parts(b)
         out = tl.dot(a_low, b_high)
         out = tl.dot(a_high, b_low, out)
         return tl.dot(a_high, b_high, out)

@@ -81,12 +81,19 @@ def _tile(ptr, token0, rows, row_mask, head, H: tl.constexpr, D: tl.constexpr, c
 
 
 @triton.jit
+def _bf16_parts(a):
+    """(fp32 a rounded to bf16, what the rounding left, in bf16): together exact to about 2^-16 of a."""
+    high = a.to(tl.bfloat16)
+    return high, (a - high.to(tl.float32)).to(tl.bfloat16)
+
+
+@triton.jit
 def _store_chunk_state(high_ptr, low_ptr, offsets, state, mask, PLANES: tl.constexpr):
     """A walk's value at one chunk (a state or its gradient) into what the backward keeps: in high_ptr's dtype, or
     with PLANES as two planes of it (`ops_chunk._state_planes`), the value rounded and what the rounding left."""
     high = state.to(high_ptr.dtype.element_ty)
     tl.store(high_ptr + offsets, high, mask=mask)
-    if PLANES:
+    if PLANES:  # as `_bf16_parts`, the first plane stored before the second is formed
         tl.store(low_ptr + offsets, (state - high.to(tl.float32)).to(low_ptr.dtype.element_ty), mask=mask)
 
 
