@@ -132,12 +132,16 @@ def errors(impls, kind, strength, device="cuda", dtype=torch.bfloat16, shape=PRE
     return found
 
 
+def precision_row(impls, kind, strength, *args):
+    """`errors` (same arguments) as one row: kind, strength, the columns' names and each implementation's errors."""
+    columns = ["o", "dq", "dk", "dv"] + (["dlogλ"] if kind != "static" else [])  # static: no gradient
+    return {"kind": kind, "strength": strength, "columns": columns, **errors(impls, kind, strength, *args)}
+
+
 def precision(args, impls):
     for kind in args.kinds:
         for strength in (args.strengths if kind != "static" else ["tnl"]):
-            columns = ["o", "dq", "dk", "dv"] + (["dlogλ"] if kind != "static" else [])  # static: no gradient
-            row = {"kind": kind, "strength": strength, "columns": columns, **errors(impls, kind, strength)}
-            print("precision", json.dumps(row), flush=True)
+            print("precision", json.dumps(precision_row(impls, kind, strength)), flush=True)
 
 
 def cases(args):

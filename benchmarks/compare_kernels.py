@@ -145,9 +145,7 @@ def compare(versions, args):
             print(json.dumps(row), flush=True)
     if args.precision:
         for kind, strength in args.kinds:
-            columns = ["o", "dq", "dk", "dv"] + (["dlogλ"] if kind != "static" else [])  # static: no gradient
-            print(json.dumps({"kind": kind, "strength": strength, "columns": columns,
-                              **strengths.errors(impls, kind, strength, args.device, dtype, args.precision_shape)}),
+            print(json.dumps(strengths.precision_row(impls, kind, strength, args.device, dtype, args.precision_shape)),
                   flush=True)
 
 
