@@ -220,6 +220,20 @@ def _chunk_intra_grads_kernel(q_ptr, k_ptr, b_ptr, dA_ptr, dq_ptr, dk_ptr, cu_se
 
 
 @triton.jit
+def _key_block_tiles(q_ptr, k_ptr, b_ptr, chunk, token0, rows, row_mask, head, ck, scale, H: tl.constexpr,
+                     K: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr):
+    """`_chunk_key_grads_kernel`'s tiles of its key block: (q, q scaled, k, b, total, offsets and mask of a [C, BK]
+    tile of q's layout)."""
+    q_unscaled = _tile(q_ptr, token0, rows, row_mask, head, H, K, ck, ck < K)
+    q = q_unscaled * scale
+    k = _tile(k_ptr, token0, rows, row_mask, head, H, K, ck, ck < K)
+    b, total = _chunk_decay(b_ptr, chunk, head, H, K, ck, C, DECAY)
+    offsets = ((token0 + rows[:, None]) * H + head) * K + ck[None, :]
+    mask = row_mask[:, None] & (ck < K)[None, :]
+    return q_unscaled, q, k, b, total, offsets, mask
+
+
+@triton.jit
 def _chunk_key_grads_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, states_ptr, states_low_ptr, state_grads_ptr,
                             state_grads_low_ptr, dA_ptr, dq_intra_ptr, dk_intra_ptr, dq_ptr, dk_ptr, dg_ptr,
                             cu_seqlens_ptr, chunk_seq_ptr, chunk_token_ptr, scale, T, H: tl.constexpr, K: tl.constexpr,
@@ -256,7 +270,12 @@ def _chunk_key_grads_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, states_ptr, stat
     dq = tl.zeros((C, BK), dtype=tl.float32)
     dk_state = tl.zeros((C, BK), dtype=tl.float32)
     across = tl.zeros((BK,), dtype=tl.float32)
-    if not VECTOR:
+    if VECTOR:  # before the value loop, which hides their loads' latency (the others' registers are full there)
+        q_unscaled, q, k, b, total, offsets, mask = _key_block_tiles(q_ptr, k_ptr, b_ptr, chunk, token0, rows, row_mask,
+                                                                     head, ck, scale, H, K, C, DECAY)
+        dq_intra = tl.load(dq_intra_ptr + offsets, mask=mask, other=0.0)
+        dk_intra = tl.load(dk_intra_ptr + offsets, mask=mask, other=0.0)
+    else:
         dA = tl.zeros((C, C), dtype=tl.float32)
         dA_t = tl.zeros((C, C), dtype=tl.float32)
     for value_block in range(tl.cdiv(V, BV)):
@@ -289,17 +308,11 @@ def _chunk_key_grads_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, states_ptr, stat
                                  * (dstate.to(tl.float32) + dstate_low.to(tl.float32)), axis=1)
             else:
                 across += tl.sum(state.to(tl.float32) * dstate.to(tl.float32), axis=1)
-    q_unscaled = _tile(q_ptr, token0, rows, row_mask, head, H, K, ck, ck < K)
-    q = q_unscaled * scale
-    k = _tile(k_ptr, token0, rows, row_mask, head, H, K, ck, ck < K)
-    b, total = _chunk_decay(b_ptr, chunk, head, H, K, ck, C, DECAY)
-    offsets = ((token0 + rows[:, None]) * H + head) * K + ck[None, :]
-    mask = row_mask[:, None] & (ck < K)[None, :]
     if VECTOR:
-        dq_intra = tl.load(dq_intra_ptr + offsets, mask=mask, other=0.0)
-        dk_intra = tl.load(dk_intra_ptr + offsets, mask=mask, other=0.0)
         own = tl.load(dA_ptr + (chunk * H + head) * C * C + rows * (C + 1))[:, None]  # dA_ii, undecayed
     else:
+        q_unscaled, q, k, b, total, offsets, mask = _key_block_tiles(q_ptr, k_ptr, b_ptr, chunk, token0, rows, row_mask,
+                                                                     head, ck, scale, H, K, C, DECAY)
         own = tl.sum(tl.where(i == j, dA, 0.0), axis=1)[:, None]
         pairs = dA * _pair_decay(b)
         dq_intra, dk_intra = _intra_grads(q, k, b, pairs, dA_t, TRANSPOSED_PAIRS, GRAD_PRECISION)
