@@ -14,9 +14,10 @@ of its launch settings (`ops_chunk.TUNING`), e.g. `worktree:key_grads.block_k=32
 package of its own (its custom ops get their own names, `ops_host.op_name`); the versions and FLA take turns in every
 round, so that a drift of the machine's speed reaches them alike. A kind is `vector`, `scalar` or `static`,
 optionally `@strength` (`bench_decay_strengths.STRENGTHS`; static decay: TNL's slopes). One JSON line per case:
-fwd+bwd ms per round (median of `triton.testing.do_bench`, `.grad = None` each time); with `--precision` one more per
-kind, the relative errors of o, dq, dk, dv and d log λ against the float64 oracle. `--device cpu` (fp32 inputs, with
-TRITON_INTERPRET=1) times one wall-clock call, which means nothing: it is for testing this script.
+fwd+bwd ms per round (median of `triton.testing.do_bench`, `.grad = None` each time; each time also on stderr as soon
+as it is measured); with `--precision` one more per kind, the relative errors of o, dq, dk, dv and d log λ against the
+float64 oracle. `--device cpu` (fp32 inputs, with TRITON_INTERPRET=1) times one wall-clock call, which means nothing:
+it is for testing this script.
 """
 
 import argparse
@@ -131,7 +132,7 @@ def compare(versions, args):
             *tensors, do = strengths.make_inputs(kind, strength, *shape, device=args.device, dtype=dtype)
             scale = shape[-1] ** -0.5
             row = {"shape": list(shape), "kind": kind, "strength": strength, "fwd+bwd ms": {}}
-            for _ in range(args.rounds):
+            for round_index in range(args.rounds):
                 for label, fn in impls.items():
                     if label == "fla" and kind == "scalar":  # FLA 0.6 refuses it on Hopper with Triton < 3.7.1
                         continue
@@ -142,6 +143,8 @@ def compare(versions, args):
 
                     ms = bench(forward_backward, [x for x in xs if x.requires_grad])
                     row["fwd+bwd ms"].setdefault(label, []).append(round(ms, 3))
+                    print(f"{'x'.join(map(str, shape))} {kind}@{strength} round {round_index + 1} {label}: {ms:.3f} ms",
+                          file=sys.stderr, flush=True)  # as it comes: a run stopped by a time limit keeps it
             print(json.dumps(row), flush=True)
     if args.precision:
         for kind, strength in args.kinds:

@@ -18,8 +18,9 @@
 - `fused_recurrent`: token-by-token state update for decoding (a few tokens per call).
 `linear_decay_attention` (training / prefill, optionally on packed sequences with `cu_seqlens`) and `recurrent_step`
 (decoding) dispatch between backends (torch | triton | naive | auto, a model's `config.kernel_backend`, which
-$LINEAR_DECAY_BACKEND overrides; auto: Triton for CUDA tensors, PyTorch for CPU tensors). The Triton kernels (`ops_chunk`, `ops_recurrent`) register
-themselves when `triton` imports; `triton` forces them, on CPU tensors too under TRITON_INTERPRET=1.
+$LINEAR_DECAY_BACKEND overrides; auto: Triton for CUDA tensors, PyTorch for CPU tensors). The Triton kernels
+(`ops_chunk`, `ops_recurrent`) register themselves when `triton` imports; `triton` forces them, on CPU tensors too
+under TRITON_INTERPRET=1.
 """
 
 import os

@@ -115,7 +115,8 @@ def test_host_overhead_benchmark_runs_on_cpu(tmp_path):
 
     forward, backward = GatedRMSNormFunction.forward, GatedRMSNormFunction.backward
     out = tmp_path / "host.json"
-    rows = load("host_overhead", "tools").main(["--device", "cpu", "--quick", "--calls", "1", "--block-profile", "--json", str(out)])
+    rows = load("host_overhead", "tools").main(["--device", "cpu", "--quick", "--calls", "1", "--block-profile",
+                                                "--json", str(out)])
     pieces = [row["piece"] for row in rows]
     assert pieces == [row["piece"] for row in json.loads(out.read_text())]
     assert all(row["wall_us"] > 0 and row["issued_us"] > 0 for row in rows)
@@ -250,8 +251,9 @@ def test_kernel_resources_every_launch_fits_hopper(tmp_path, dtype, kinds, versi
 
 def test_compare_kernels_versions_side_by_side(tmp_path, capsys, monkeypatch):
     """Two versions of the kernels (a git snapshot and the working tree with a launch-setting override) load as
-    packages of their own and run through the same comparison on CPU; their errors against the float64 oracle are
-    fp32's (test_ops_chunk.py's 2e-5 at a mild decay); an override of a setting TUNING lacks is refused."""
+    packages of their own and run through the same comparison on CPU, each time also reported as it comes; their
+    errors against the float64 oracle are fp32's (test_ops_chunk.py's 2e-5 at a mild decay); an override of a setting
+    TUNING lacks is refused."""
     compare = load("compare_kernels")
     if subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True).returncode == 0:
         snapshot = tmp_path / "head"
@@ -263,8 +265,11 @@ def test_compare_kernels_versions_side_by_side(tmp_path, capsys, monkeypatch):
     assert compare.main(["run", str(snapshot), "worktree:key_grads.block_k=32;key_grads.num_warps=8", "--device",
                          "cpu", "--no-fla", "--kinds", "scalar@mild", "--shapes", "1x70x2x32", "--rounds", "1",
                          "--precision", "--precision-shape", "1x70x2x32"]) == 0
-    timing, errors = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    output = capsys.readouterr()
+    timing, errors = (json.loads(line) for line in output.out.splitlines())
     labels = [str(snapshot), "worktree:key_grads.block_k=32;key_grads.num_warps=8"]
+    progress = [line for line in output.err.splitlines() if line.startswith("1x70x2x32 scalar@mild round 1 ")]
+    assert [line.split(" round 1 ")[1].rsplit(": ", 1)[0] for line in progress] == labels  # each time as it came
     assert sorted(timing["fwd+bwd ms"]) == sorted(labels) and all(ms[0] > 0 for ms in timing["fwd+bwd ms"].values())
     assert errors["columns"] == ["o", "dq", "dk", "dv", "dlogλ"]
     for label in labels:
