@@ -129,13 +129,17 @@ def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, states_ptr, o_ptr, scores_p
     row_mask = token0 + rows < eos
     chunk_states_ptr = states_ptr + (chunk * H + head) * K * V
     if DECAY == "vector":
+        ONE_KEY_BLOCK: tl.constexpr = BK >= K  # q ⊙ e^{b} then formed once, for every value block
         scores = tl.zeros((C, C), dtype=tl.float32)
+        q_decayed = tl.zeros((C, BK), dtype=DOT_DTYPE)
         for key_block in tl.range(0, tl.cdiv(K, BK), num_stages=1):  # not pipelined: six levels' tiles per stage
             ck = key_block * BK + tl.arange(0, BK)
             q = _tile(q_ptr, token0, rows, row_mask, head, H, K, ck, ck < K) * scale
             k = _tile(k_ptr, token0, rows, row_mask, head, H, K, ck, ck < K)
             b, _ = _chunk_decay(b_ptr, chunk, head, H, K, ck, C, DECAY)
             scores += _intra_scores(q, k, b, b_ptr, chunk, head, H, K, ck, C, LEVELS, DOT_DTYPE, PRECISION)
+            if ONE_KEY_BLOCK:
+                q_decayed = (q * _row_decay(b, True)).to(DOT_DTYPE)
         scores = scores.to(DOT_DTYPE)
         if STORE_SCORES and value_program == 0:
             tl.store(scores_ptr + (chunk * H + head) * C * C + rows[:, None] * C + rows[None, :], scores)
@@ -146,11 +150,13 @@ def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, states_ptr, o_ptr, scores_p
             o = tl.dot(scores, v, input_precision=PRECISION)
             for key_block in range(tl.cdiv(K, BK)):
                 ck = key_block * BK + tl.arange(0, BK)
-                q = _tile(q_ptr, token0, rows, row_mask, head, H, K, ck, ck < K) * scale
-                b, _ = _chunk_decay(b_ptr, chunk, head, H, K, ck, C, DECAY)
+                if not ONE_KEY_BLOCK:
+                    q = _tile(q_ptr, token0, rows, row_mask, head, H, K, ck, ck < K) * scale
+                    b, _ = _chunk_decay(b_ptr, chunk, head, H, K, ck, C, DECAY)
+                    q_decayed = (q * _row_decay(b, True)).to(DOT_DTYPE)
                 state = tl.load(chunk_states_ptr + ck[:, None] * V + cv[None, :],
                                 mask=(ck < K)[:, None] & (cv < V)[None, :], other=0.0).to(DOT_DTYPE)
-                o += tl.dot((q * _row_decay(b, True)).to(DOT_DTYPE), state, input_precision=PRECISION)
+                o += tl.dot(q_decayed, state, input_precision=PRECISION)
             tl.store(o_ptr + ((token0 + rows[:, None]) * H + head) * V + cv[None, :], o.to(o_ptr.dtype.element_ty),
                      mask=row_mask[:, None] & (cv < V)[None, :])
     else:
