@@ -10,7 +10,8 @@ Alternating forward+backward timings and errors against the float64 oracle, on t
 
 A VERSION is `worktree` (this checkout's linear_decay/ops_*.py) or a directory holding such files (`snapshot` writes
 one, for a machine whose copy of the tree has no git), optionally followed by `:kernel.field=value;...`, overrides
-of its launch settings (`ops_chunk.TUNING`), e.g. `worktree:key_grads.block_k=32`. Each version is loaded as a
+of its launch settings (`ops_chunk.TUNING`), e.g. `worktree:key_grads.block_k=32`, or a register cap a kernel's
+settings lack (Triton's `maxnreg` launch option, e.g. `worktree:intra_grads.maxnreg=72`). Each version is loaded as a
 package of its own (its custom ops get their own names, `ops_host.op_name`); the versions and FLA take turns in every
 round, so that a drift of the machine's speed reaches them alike. A kind is `vector`, `scalar` or `static`,
 optionally `@strength` (`bench_decay_strengths.STRENGTHS`; static decay: TNL's slopes). One JSON line per case:
@@ -42,6 +43,7 @@ import bench_decay_strengths as strengths  # noqa: E402
 
 KERNEL_MODULES = "linear_decay/ops_*.py"
 PACKAGE_NUMBERS = itertools.count()
+LAUNCH_OPTIONS = {"maxnreg"}  # Triton launch options a version may set beyond TUNING's own fields
 
 
 def snapshot(revision, directory):
@@ -84,7 +86,7 @@ def with_settings(module, settings):
     """`module.TUNING` with `settings` ({kernel: {field: value}}) applied over it; only its own kernels and fields."""
     tuning = {name: dict(values) for name, values in module.TUNING.items()}
     for kernel, fields in settings.items():
-        if kernel not in tuning or set(fields) - set(tuning[kernel]):
+        if kernel not in tuning or set(fields) - set(tuning[kernel]) - LAUNCH_OPTIONS:
             raise SystemExit(f"no launch setting {kernel}.{sorted(fields)}; TUNING has "
                              + ", ".join(f"{name}.{field}" for name, values in tuning.items() for field in values))
         tuning[kernel].update(fields)

@@ -222,12 +222,12 @@ HOPPER_SHARED_BYTES = 227 * 1024
 
 @pytest.mark.parametrize("dtype,kinds,version", [
     ("bf16", "vector,scalar,static,static_learned,none", []),
-    ("fp32", "vector", ["--version", "worktree:key_grads_vector.block_k=64"])])
+    ("fp32", "vector", ["--version", "worktree:key_grads_vector.block_k=64;key_grads_vector.maxnreg=128"])])
 def test_kernel_resources_every_launch_fits_hopper(tmp_path, dtype, kinds, version):
     """Every chunk-kernel launch the host code makes at the widest head dim, in the segmented walks too (two
     sequences × heads for 132 SMs), compiles for sm_90 and fits its shared memory: a launch that does not fails only
     on the GPU ("out of resources"), which the interpreter never sees. A version with a launch-setting override is
-    screened with it."""
+    screened with it, a register cap (Triton's `maxnreg`) included."""
     pytest.importorskip("triton.backends.nvidia")
     out = tmp_path / "launches.json"
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
@@ -245,15 +245,17 @@ def test_kernel_resources_every_launch_fits_hopper(tmp_path, dtype, kinds, versi
     assert {row["constants"].get("WALK") for row in rows if row["kernel"] == "_chunk_states_kernel"} == {1, 2}
     for row in rows:
         assert 0 < row["registers"] <= 255 and row["shared_bytes"] <= HOPPER_SHARED_BYTES, row
-    key_blocks = {row["constants"]["BK"] for row in rows if row["kernel"] == "_chunk_key_grads_kernel"}
-    assert key_blocks == ({64} if version else {32, 64})  # vector's own 32, or the override
+    key_grads = [row for row in rows if row["kernel"] == "_chunk_key_grads_kernel"]
+    assert {row["constants"]["BK"] for row in key_grads} == ({64} if version else {32, 64})  # vector's 32, or 64
+    if version:  # the cap reaches the compiler
+        assert all(row["maxnreg"] == 128 and row["registers"] <= 128 for row in key_grads), key_grads
 
 
 def test_compare_kernels_versions_side_by_side(tmp_path, capsys, monkeypatch):
     """Two versions of the kernels (a git snapshot and the working tree with a launch-setting override) load as
     packages of their own and run through the same comparison on CPU, each time also reported as it comes; their
-    errors against the float64 oracle are fp32's (test_ops_chunk.py's 2e-5 at a mild decay); an override of a setting
-    TUNING lacks is refused."""
+    errors against the float64 oracle are fp32's (test_ops_chunk.py's 2e-5 at a mild decay); a register cap (`maxnreg`)
+    may be added, an override of any other setting TUNING lacks is refused."""
     compare = load("compare_kernels")
     if subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True).returncode == 0:
         snapshot = tmp_path / "head"
@@ -279,6 +281,8 @@ def test_compare_kernels_versions_side_by_side(tmp_path, capsys, monkeypatch):
     _, module = compare.load_version("worktree:key_grads.block_k=32", tmp_path)  # in force for its backward too
     assert module is not ops_chunk and module.TUNING["key_grads"]["block_k"] == 32
     assert ops_chunk.TUNING["key_grads"]["block_k"] == 64
+    _, capped = compare.load_version("worktree:intra_grads.maxnreg=72", tmp_path)  # a launch option beyond TUNING's
+    assert capped.TUNING["intra_grads"]["maxnreg"] == 72 and "maxnreg" not in ops_chunk.TUNING["intra_grads"]
     with pytest.raises(SystemExit, match="no launch setting"):
         compare.main(["run", "worktree:key_grads.blocks=32", "--device", "cpu", "--no-fla", "--kinds", "scalar",
                       "--shapes", "1x70x2x32", "--rounds", "1"])
