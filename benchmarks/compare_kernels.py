@@ -83,7 +83,8 @@ def load_version(spec, root):
 
 
 def with_settings(module, settings):
-    """`module.TUNING` with `settings` ({kernel: {field: value}}) applied over it; only its own kernels and fields."""
+    """`module.TUNING` with `settings` ({kernel: {field: value}}) applied over it; only its own kernels, and their own
+    fields or `LAUNCH_OPTIONS`."""
     tuning = {name: dict(values) for name, values in module.TUNING.items()}
     for kernel, fields in settings.items():
         if kernel not in tuning or set(fields) - set(tuning[kernel]) - LAUNCH_OPTIONS:
