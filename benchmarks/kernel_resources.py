@@ -84,7 +84,8 @@ def record_launches(ops_chunk, kind, shape, dtype, sms):
 def source(kernel, args, kwargs):
     """(ASTSource, launch options) of one recorded launch, specialised much as Triton's launcher does: constexprs and
     None arguments as constants, tensors by dtype and 16-byte alignment, integers divisible by 16 marked so."""
-    options = {key: kwargs[key] for key in ("num_warps", "num_stages", "maxnreg") if key in kwargs}
+    options = {key: kwargs[key] for key in ("num_warps", "num_stages", *compare_kernels.LAUNCH_OPTIONS)
+               if key in kwargs}
     signature, constants, attrs = {}, {}, {}
     for index, param in enumerate(kernel.params):
         value = args[index] if index < len(args) else kwargs[param.name]
