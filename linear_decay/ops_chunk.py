@@ -434,7 +434,9 @@ def _key_block(key_dim):
 # Launch settings per kernel (and, where vector decay differs, per kernel for vector decay): key and value blocks
 # (capped by the head dims; the state walks and the gradient kernels split the key dim over programs, the output and
 # value-gradient kernels loop over its blocks), warps, pipeline stages, and for the output whether one program takes
-# every value block (`whole_value`: vector decay's scores cost six dots per key block, so they are formed once). Chosen
+# every value block (`whole_value`: vector decay's scores cost six dots per key block, so they are formed once), and
+# where set a cap on registers per thread (Triton's `maxnreg`: vector key gradients at 80 hold three programs an SM
+# instead of two, for 64 bytes of spilled stack at K = 128). Chosen
 # by sweeps on an H100 at the three shapes of BENCHMARKS.md's kernel table, whose launch-settings table has the
 # measurements: e.g. the value gradients at 4 warps and 3 stages, 2.74 / 5.64 ms vector forward+backward at
 # 8×2048×16×128 / 2×16384×16×128 against 2.91 / 6.00 at 8 warps and 2 stages.
@@ -448,17 +450,19 @@ TUNING = MappingProxyType({  # read-only: the kernels' one source of launch sett
     "value_grads": MappingProxyType(dict(block_k=64, block_v=64, num_warps=4, num_stages=3)),
     "intra_grads": MappingProxyType(dict(block_k=32, block_v=64, num_warps=4, num_stages=3)),
     "key_grads": MappingProxyType(dict(block_k=64, block_v=64, num_warps=4, num_stages=2)),
-    "key_grads_vector": MappingProxyType(dict(block_k=32, block_v=64, num_warps=8, num_stages=2)),
+    "key_grads_vector": MappingProxyType(dict(block_k=32, block_v=64, num_warps=8, num_stages=2, maxnreg=80)),
 })
 
 
 def _launch(kernel, key_dim, value_dim, dot_dtype, decay=None):
     """(key block, value block, launch kwargs) of one kernel (for decay kind `decay` where its settings differ).
     `TUNING` is for bf16 dot operands; fp32 operands (fp16 and fp32 inputs) make every pipelined tile twice as large,
-    so they run at most two stages (vector decay's output at K = 128 would need 272 KiB of shared memory at three)."""
+    so they run at most two stages (vector decay's output at K = 128 would need 272 KiB of shared memory at three)
+    and without a register cap (`maxnreg`: vector key gradients would spill 400–800 bytes a thread under it)."""
     settings = dict(TUNING.get(f"{kernel}_vector" if decay == DECAY_VECTOR else kernel, TUNING[kernel]))
     if dot_dtype == tl.float32:
         settings["num_stages"] = min(settings["num_stages"], 2)
+        settings.pop("maxnreg", None)
     block_k = min(settings.pop("block_k"), _key_block(key_dim))
     block_v = min(settings.pop("block_v"), _key_block(value_dim))
     return block_k, block_v, settings
