@@ -8,7 +8,8 @@
 #
 # Usage: benchmarks/reproduce_grids.sh OUTPUT [GRIDS] [SECONDS] [SCALE]
 #   GRIDS   grids joined by commas, one sweep per data kind (default "T1,T3")
-#   SECONDS wall-clock limit for all training (default 0: none); the summaries are written either way
+#   SECONDS wall-clock limit for all training (default 0: none): each sweep process starts no run that would end after
+#           it (`--time_budget`), and one still running at the limit is stopped; the summaries are written either way
 #   SCALE   small  — the runs behind RESULTS.md's first tables: 4 layers × 256 wide, 4M tokens of 256-token
 #                    blocks of the bundled corpus, MQAR of 64 tokens with 8 pairs, two seeds;
 #           medium — 8 layers × 512 wide (8 heads of 64, 36.7M parameters), 21M tokens of 1024-token blocks of the
@@ -47,10 +48,12 @@ run_limited() {  # run "$@" under the remaining time limit, if any
   fi
 }
 
+BUDGET=()
+[ "$LIMIT" -gt 0 ] && BUDGET=(--time_budget "$LIMIT")
 run_limited python -m linear_decay.sweep --grid "$GRIDS" "${COMMON[@]}" "${TEXT[@]}" --processes "$PROCESSES" \
-    --output_dir "$OUTPUT/corpus" &
+    "${BUDGET[@]}" --output_dir "$OUTPUT/corpus" &
 run_limited python -m linear_decay.sweep --grid "$GRIDS" "${COMMON[@]}" "${MQAR[@]}" --processes "$PROCESSES" \
-    --output_dir "$OUTPUT/mqar" &
+    "${BUDGET[@]}" --output_dir "$OUTPUT/mqar" &
 wait
 # summaries of whatever finished (a no-op rewrite when the sweeps completed)
 python -m linear_decay.sweep --grid "$GRIDS" "${COMMON[@]}" "${TEXT[@]}" --summarize_only --output_dir "$OUTPUT/corpus"

@@ -18,7 +18,8 @@ Output: DIR/<name>-seed<s>/ holds the final model — its model card (README.md)
 it, linear_decay_training.json — and result.json (final train loss, eval loss and perplexity or accuracy, tokens/s,
 per-layer decay statistics); DIR/results.csv, DIR/results.md and DIR/decay.png (median λ per
 layer, one line per configuration, averaged over seeds) summarise every finished run. A run whose result.json exists
-is skipped, so an interrupted sweep continues where it stopped; a configuration the config rejects is reported and
+is skipped, so an interrupted sweep continues where it stopped, and `--time_budget SECONDS` starts no run that would
+end after the budget (judged by the runs before it), leaving it for the next sweep; a configuration the config rejects is reported and
 skipped. `--model_overrides` changes the preset for every run (the grid's own overrides win). `--shard K/N` trains
 only runs K, K+N, K+2N, ... of the plan, so N processes (on one GPU or several) can share one output directory; a
 last run without `--shard` then finds everything done and writes the summaries (`--summarize_only` writes them for
@@ -591,6 +592,10 @@ def parse_args(argv):
                         help="FIELD=VALUE,... applied to the preset for every run, e.g. hidden_size=256,num_heads=4")
     parser.add_argument("--summarize_only", action="store_true",
                         help="write results.csv/.md and decay.png for the finished runs; train nothing")
+    parser.add_argument("--time_budget", type=float, default=None, metavar="SECONDS",
+                        help="start no run that would end after this many seconds from the sweep's start, judged "
+                             "by the mean time of the runs it has trained so far (its first run always starts); "
+                             "the rest stay for a later sweep into the same --output_dir")
     parser.add_argument("--processes", type=int, default=1,
                         help="run the plan in this many shard processes (over the visible GPUs), then summarise")
     parser.add_argument("--shard", default=None, metavar="K/N",
@@ -630,6 +635,8 @@ def parse_args(argv):
         args.mqar_num_queries = args.mqar_num_pairs
     if args.processes < 1:
         parser.error("--processes must be positive")
+    if args.time_budget is not None and args.time_budget <= 0:
+        parser.error("--time_budget must be positive")
     if args.processes > 1 and (args.shard is not None or args.summarize_only):
         parser.error("--processes starts its own shards: not with --shard or --summarize_only")
     if args.shard is not None:
@@ -700,8 +707,9 @@ def run_sweep(args):
             print(f"--summarize_only: {len(missing)} run(s) not finished: {', '.join(missing)}", flush=True)
 
     data = None  # built when the first run needs it, so that a finished sweep only rewrites its summaries
-    results, trained_seconds, trained_runs = [], 0.0, 0
+    results, trained_seconds, trained_runs, deferred = [], 0.0, 0, []
     to_train = sum(not (output_dir / f"{e['name']}-seed{s}" / RESULT_FILE).is_file() for e, s, _ in planned)
+    sweep_started = time.time()
     for index, (entry, seed, config) in enumerate(planned, start=1):
         run_dir = output_dir / f"{entry['name']}-seed{seed}"
         tag = f"[{index}/{len(planned)}] {run_dir.name}"
@@ -713,6 +721,10 @@ def run_sweep(args):
                 print(f"{tag}: warning: its result.json was trained with {', '.join(differing)} (delete the folder "
                       "to retrain it with this sweep's settings)", flush=True)
             results.append(result)
+            continue
+        if (args.time_budget is not None and trained_runs
+                and time.time() - sweep_started + trained_seconds / trained_runs > args.time_budget):
+            deferred.append(run_dir.name)
             continue
         print(f"{tag}: start ({', '.join(f'{k}={v}' for k, v in entry['overrides'].items()) or 'preset defaults'})",
               flush=True)
@@ -730,6 +742,9 @@ def run_sweep(args):
               f"eval loss {result['eval_loss']:.4f}, {score}, {result['tokens_per_second']:,.0f} tokens/s; "
               f"{remaining} to go, ETA {_duration(trained_seconds / trained_runs * remaining)}", flush=True)
 
+    if deferred:
+        print(f"--time_budget {args.time_budget:g} s: {len(deferred)} run(s) not started, left for a later sweep "
+              f"into {output_dir}: {', '.join(deferred)}", flush=True)
     if args.shard is not None and not args.summarize_only:  # the other shards may still be running: one run without --shard summarises
         print(f"shard {args.shard[0]}/{args.shard[1]}: {len(results)} runs finished in {output_dir}", flush=True)
         return results

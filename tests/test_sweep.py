@@ -283,3 +283,27 @@ def test_joined_grids_train_a_shared_configuration_once(tmp_path, capsys):
         assert f"same configuration: {alias} = {name}" in printed
     assert "34 run(s) not finished" in printed  # (11 + 10 - 4) configurations x 2 seeds
     assert "lightnet-vector = lightnet" in (out / "results.md").read_text()
+
+
+def test_time_budget_defers_runs_to_the_next_sweep(tmp_path, capsys):
+    """With a budget shorter than one run, the first run trains and the others wait, reported by name; a later sweep
+    into the same folder trains exactly those."""
+    grid_file = tmp_path / "grid.json"
+    grid_file.write_text(json.dumps([GRID[0], GRID[2]]))
+    out = tmp_path / "budgeted"
+    common = ["--grid", str(grid_file), "--output_dir", str(out), *SMALL_RUN, "--seeds", "0,1", "--cpu",
+              "--model_overrides", "hidden_size=32,num_heads=2,num_hidden_layers=1"]
+    assert main([*common, "--time_budget", "0.001"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count(": start (") == 1 and "[1/4] gla-scalar-seed0: start (" in printed
+    assert ("--time_budget 0.001 s: 3 run(s) not started, left for a later sweep into "
+            f"{out}: gla-scalar-seed1, simple-p0.9-seed0, simple-p0.9-seed1") in printed
+    with open(out / "results.csv", newline="") as f:
+        assert [row["run"] for row in csv.DictReader(f)] == ["gla-scalar-seed0"]
+    assert main(common) == 0
+    printed = capsys.readouterr().out
+    assert printed.count(": skip") == 1 and printed.count(": start (") == 3 and "not started" not in printed
+    with open(out / "results.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 4
+    with pytest.raises(SystemExit):
+        main([*common, "--time_budget", "0"])
