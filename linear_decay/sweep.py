@@ -19,8 +19,8 @@ it, linear_decay_training.json — and result.json (final train loss, eval loss 
 per-layer decay statistics); DIR/results.csv, DIR/results.md and DIR/decay.png (median λ per
 layer, one line per configuration, averaged over seeds) summarise every finished run. A run whose result.json exists
 is skipped, so an interrupted sweep continues where it stopped, and `--time_budget SECONDS` starts no run that would
-end after the budget (judged by the runs before it), leaving it for the next sweep; a configuration the config rejects is reported and
-skipped. `--model_overrides` changes the preset for every run (the grid's own overrides win). `--shard K/N` trains
+end after the budget (judged by the runs before it), leaving it for the next sweep; a configuration the config
+rejects is reported and skipped. `--model_overrides` changes the preset for every run (the grid's own overrides win). `--shard K/N` trains
 only runs K, K+N, K+2N, ... of the plan, so N processes (on one GPU or several) can share one output directory; a
 last run without `--shard` then finds everything done and writes the summaries (`--summarize_only` writes them for
 the runs finished so far and trains nothing). `--processes N` does the sharding itself: it starts N shard processes
