@@ -436,10 +436,10 @@ def _key_block(key_dim):
 # value-gradient kernels loop over its blocks), warps, pipeline stages, and for the output whether one program takes
 # every value block (`whole_value`: vector decay's scores cost six dots per key block, so they are formed once), and
 # where set a cap on registers per thread (Triton's `maxnreg`: vector key gradients at 80 hold three programs an SM
-# instead of two, for 64 bytes of spilled stack at K = 128). Chosen
-# by sweeps on an H100 at the three shapes of BENCHMARKS.md's kernel table, whose launch-settings table has the
-# measurements: e.g. the value gradients at 4 warps and 3 stages, 2.74 / 5.64 ms vector forward+backward at
-# 8×2048×16×128 / 2×16384×16×128 against 2.91 / 6.00 at 8 warps and 2 stages.
+# instead of two, for 64 bytes of spilled stack at K = 128; the own-pair gradients at 80 six instead of four, for 16
+# bytes). Chosen by sweeps on an H100 at the three shapes of BENCHMARKS.md's kernel table, whose launch-settings
+# table has the measurements: e.g. the value gradients at 4 warps and 3 stages, 2.74 / 5.64 ms vector
+# forward+backward at 8×2048×16×128 / 2×16384×16×128 against 2.91 / 6.00 at 8 warps and 2 stages.
 TUNING = MappingProxyType({  # read-only: the kernels' one source of launch settings
     "states": MappingProxyType(dict(block_k=64, block_v=64, num_warps=4, num_stages=3)),
     "states_vector": MappingProxyType(dict(block_k=64, block_v=64, num_warps=4, num_stages=2)),
@@ -448,7 +448,7 @@ TUNING = MappingProxyType({  # read-only: the kernels' one source of launch sett
     "state_grads": MappingProxyType(dict(block_k=64, block_v=64, num_warps=4, num_stages=3)),
     "state_grads_vector": MappingProxyType(dict(block_k=64, block_v=64, num_warps=4, num_stages=2)),
     "value_grads": MappingProxyType(dict(block_k=64, block_v=64, num_warps=4, num_stages=3)),
-    "intra_grads": MappingProxyType(dict(block_k=32, block_v=64, num_warps=4, num_stages=3)),
+    "intra_grads": MappingProxyType(dict(block_k=32, block_v=64, num_warps=4, num_stages=3, maxnreg=80)),
     "key_grads": MappingProxyType(dict(block_k=64, block_v=64, num_warps=4, num_stages=2)),
     "key_grads_vector": MappingProxyType(dict(block_k=32, block_v=64, num_warps=8, num_stages=2, maxnreg=80)),
 })
