@@ -6,7 +6,7 @@
 # sweep writes OUTPUT/{corpus,mqar}/results.md (with the paired comparisons), results.csv and
 # decay.png. A configuration that several grids share is trained once.
 #
-# Usage: benchmarks/reproduce_grids.sh OUTPUT [GRIDS] [SECONDS] [SCALE]
+# Usage: benchmarks/reproduce_grids.sh OUTPUT [GRIDS] [SECONDS] [SCALE] [DATA]
 #   GRIDS   grids joined by commas, one sweep per data kind (default "T1,T3")
 #   SECONDS wall-clock limit for all training (default 0: none): each sweep process starts no run that would end after
 #           it (`--time_budget`), and one still running at the limit is stopped; the summaries are written either way
@@ -16,12 +16,18 @@
 #                    bundled corpus and the fetched Gutenberg selections (linear_decay/texts.py), MQAR of 512
 #                    tokens with 64 pairs and queries anywhere after the context (20M tokens), three seeds, bf16,
 #                    learning rate 1e-3 (the sweep's default of 3e-3 is tuned for the small scale)
+#   DATA    corpus, mqar or both (default both): which of the two sweeps to run
 #   PROCESSES (environment) shard processes per sweep (default 8); the text and the MQAR sweep run at once
 set -u
-OUTPUT=${1:?usage: reproduce_grids.sh OUTPUT [GRIDS] [SECONDS] [SCALE]}
+OUTPUT=${1:?usage: reproduce_grids.sh OUTPUT [GRIDS] [SECONDS] [SCALE] [DATA]}
 GRIDS=${2:-T1,T3}
 LIMIT=${3:-0}
 SCALE=${4:-small}
+DATA=${5:-both}
+case "$DATA" in
+  corpus|mqar|both) ;;
+  *) echo "DATA must be corpus, mqar or both, got $DATA" >&2; exit 2 ;;
+esac
 PROCESSES=${PROCESSES:-8}
 case "$SCALE" in
   small)
@@ -50,11 +56,17 @@ run_limited() {  # run "$@" under the remaining time limit, if any
 
 BUDGET=()
 [ "$LIMIT" -gt 0 ] && BUDGET=(--time_budget "$LIMIT")
-run_limited python -m linear_decay.sweep --grid "$GRIDS" "${COMMON[@]}" "${TEXT[@]}" --processes "$PROCESSES" \
-    "${BUDGET[@]}" --output_dir "$OUTPUT/corpus" &
-run_limited python -m linear_decay.sweep --grid "$GRIDS" "${COMMON[@]}" "${MQAR[@]}" --processes "$PROCESSES" \
-    "${BUDGET[@]}" --output_dir "$OUTPUT/mqar" &
+SWEEPS=()
+[ "$DATA" != mqar ] && SWEEPS+=(corpus)
+[ "$DATA" != corpus ] && SWEEPS+=(mqar)
+for sweep in "${SWEEPS[@]}"; do
+  if [ "$sweep" = corpus ]; then ARGS=("${TEXT[@]}"); else ARGS=("${MQAR[@]}"); fi
+  run_limited python -m linear_decay.sweep --grid "$GRIDS" "${COMMON[@]}" "${ARGS[@]}" --processes "$PROCESSES" \
+      "${BUDGET[@]}" --output_dir "$OUTPUT/$sweep" &
+done
 wait
 # summaries of whatever finished (a no-op rewrite when the sweeps completed)
-python -m linear_decay.sweep --grid "$GRIDS" "${COMMON[@]}" "${TEXT[@]}" --summarize_only --output_dir "$OUTPUT/corpus"
-python -m linear_decay.sweep --grid "$GRIDS" "${COMMON[@]}" "${MQAR[@]}" --summarize_only --output_dir "$OUTPUT/mqar"
+for sweep in "${SWEEPS[@]}"; do
+  if [ "$sweep" = corpus ]; then ARGS=("${TEXT[@]}"); else ARGS=("${MQAR[@]}"); fi
+  python -m linear_decay.sweep --grid "$GRIDS" "${COMMON[@]}" "${ARGS[@]}" --summarize_only --output_dir "$OUTPUT/$sweep"
+done

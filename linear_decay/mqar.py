@@ -13,6 +13,10 @@ A decay forgets; MQAR measures what is still recallable. Every example is one se
   even offset of the region after the context and followed by its value. As in Zoology, the slot j (0 = right after
   the context) is chosen with probability ∝ (j + 1)^(a − 1), a = `query_gap_power` (0.01: mostly short gaps, with a
   long tail); `query_gap_power=None` places queries uniformly.
+- Mixed difficulty (`min_pairs`): each example draws its own number of pairs n uniformly from [min_pairs,
+  num_pairs] and asks min(num_queries, n) of them, the rest of its sequence after its 2n context tokens. Zoology
+  trains on such a mixture (few pairs up to many); easy examples let a model find the recall mechanism that the hard
+  ones need. Held-out sets are usually made at the full `num_pairs`.
 - Filler: every other position holds noise, as in Zoology's `random_non_queries`: a token drawn uniformly from the
   whole vocabulary (`noise="random"`, the default), or token 0 (`noise="zero"`). Noise is never labelled.
 
@@ -60,29 +64,36 @@ def _query_slot_probabilities(num_slots, query_gap_power):
 
 
 def mqar_examples(num_examples, *, vocab_size, num_pairs, num_queries, seq_len, seed, query_gap_power=0.01,
-                  noise="random"):
-    """(input_ids, labels): two int64 arrays [num_examples, seq_len] in the format of the module docstring."""
+                  noise="random", min_pairs=None):
+    """(input_ids, labels): two int64 arrays [num_examples, seq_len] in the format of the module docstring;
+    `min_pairs` mixes pair counts (module docstring)."""
     check_mqar_knobs(vocab_size, num_pairs, num_queries, seq_len)
+    if min_pairs is not None and not 1 <= min_pairs <= num_pairs:
+        raise ValueError(f"mqar: min_pairs={min_pairs} must lie in [1, num_pairs={num_pairs}]")
     if noise not in ("random", "zero"):
         raise ValueError(f"mqar: noise={noise!r}; allowed: 'random', 'zero'")
     rng = np.random.default_rng(seed)
     (key_start, key_stop), (value_start, value_stop) = mqar_token_ranges(vocab_size)
-    context = 2 * num_pairs
-    num_slots = (seq_len - context) // 2
-    slot_probabilities = _query_slot_probabilities(num_slots, query_gap_power)
+    slot_probabilities = {}  # pair count -> the query slots' probabilities after its context
 
     if noise == "random":
         input_ids = rng.integers(0, vocab_size, size=(num_examples, seq_len), dtype=np.int64)
     else:
         input_ids = np.full((num_examples, seq_len), FILLER_TOKEN, dtype=np.int64)
     labels = np.full((num_examples, seq_len), IGNORE_INDEX, dtype=np.int64)
-    for row in range(num_examples):
-        keys = rng.choice(np.arange(key_start, key_stop), size=num_pairs, replace=False)
-        values = rng.integers(value_start, value_stop, size=num_pairs)
+    pair_counts = (np.full(num_examples, num_pairs) if min_pairs is None
+                   else rng.integers(min_pairs, num_pairs + 1, size=num_examples))
+    for row, pairs in enumerate(pair_counts.tolist()):
+        context, queries = 2 * pairs, min(num_queries, pairs)
+        if pairs not in slot_probabilities:
+            slot_probabilities[pairs] = _query_slot_probabilities((seq_len - context) // 2, query_gap_power)
+        keys = rng.choice(np.arange(key_start, key_stop), size=pairs, replace=False)
+        values = rng.integers(value_start, value_stop, size=pairs)
         input_ids[row, 0:context:2] = keys
         input_ids[row, 1:context:2] = values
-        asked = rng.choice(num_pairs, size=num_queries, replace=False)
-        slots = rng.choice(num_slots, size=num_queries, replace=False, p=slot_probabilities)
+        asked = rng.choice(pairs, size=queries, replace=False)
+        slots = rng.choice(len(slot_probabilities[pairs]), size=queries, replace=False,
+                           p=slot_probabilities[pairs])
         key_positions = context + 2 * slots
         input_ids[row, key_positions] = keys[asked]
         input_ids[row, key_positions + 1] = values[asked]
@@ -91,7 +102,7 @@ def mqar_examples(num_examples, *, vocab_size, num_pairs, num_queries, seq_len, 
 
 
 def mqar_dataset(num_examples, *, vocab_size, num_pairs, num_queries=None, seq_len, seed, query_gap_power=0.01,
-                 noise="random"):
+                 noise="random", min_pairs=None):
     """A `datasets.Dataset` of MQAR examples with `input_ids` and `labels` (module docstring); `num_queries`
     defaults to `num_pairs` (every key asked once, as in Zoology)."""
     from datasets import Dataset  # only here: mqar_examples and the scoring need no `datasets`
@@ -99,7 +110,7 @@ def mqar_dataset(num_examples, *, vocab_size, num_pairs, num_queries=None, seq_l
     num_queries = num_pairs if num_queries is None else num_queries
     input_ids, labels = mqar_examples(num_examples, vocab_size=vocab_size, num_pairs=num_pairs,
                                       num_queries=num_queries, seq_len=seq_len, seed=seed,
-                                      query_gap_power=query_gap_power, noise=noise)
+                                      query_gap_power=query_gap_power, noise=noise, min_pairs=min_pairs)
     return Dataset.from_dict({"input_ids": input_ids.tolist(), "labels": labels.tolist()})
 
 

@@ -12,7 +12,8 @@ the paper's (AdamW 0.9 / 0.95, weight decay 0.1, clip 1.0; DESIGN §6) with a co
 Data: `corpus` — the bundled corpus, its last 2 % of characters held out for evaluation (perplexity); `gutenberg` —
 the bundled corpus and public-domain texts fetched and verified at run time (linear_decay/texts.py), each work's last
 2 % held out; `mqar` — multi-query associative recall (linear_decay/mqar.py), a held-out set generated with another
-seed (accuracy), its queries close to the context (`--mqar_query_gaps power`) or anywhere after it (`uniform`).
+seed (accuracy), its queries close to the context (`--mqar_query_gaps power`) or anywhere after it (`uniform`), its
+training examples at one pair count or a mixture of counts (`--mqar_min_pairs`).
 
 Output: DIR/<name>-seed<s>/ holds the final model — its model card (README.md) filled from the training record beside
 it, linear_decay_training.json — and result.json (final train loss, eval loss and perplexity or accuracy, tokens/s,
@@ -84,7 +85,10 @@ def _grid_t4():
 
 GRIDS = {"T1": _grid_t1(), "T2": _grid_t2(), "T3": _grid_t3(), "T4": _grid_t4()}
 RESULT_FILE = "result.json"
-BUDGET_KEYS = ("size", "model_overrides", "data", "steps", "batch_size", "seq_len")  # what a resumed run must share with the sweep
+# what a resumed run must share with the sweep: its budget and every setting that shapes its training or data
+RUN_KEYS = ("size", "model_overrides", "data", "steps", "batch_size", "seq_len", "learning_rate", "bf16", "data_seed",
+            "eval_examples")
+MQAR_KEYS = ("mqar_vocab_size", "mqar_num_pairs", "mqar_min_pairs", "mqar_num_queries", "mqar_query_gaps")
 CSV_FIELDS = ("run", "config", "seed", "decay_type", "decay_granularity", "share_decay", "position_encoding",
               "overrides", "steps", "train_tokens", "final_train_loss", "eval_loss", "eval_perplexity",
               "eval_accuracy", "tokens_per_second", "train_seconds", "median_decay_per_layer")
@@ -209,19 +213,20 @@ class ArrayExamples(torch.utils.data.Dataset):
 
 
 def mqar_data(args, budget_examples, tokenizer=None):
-    """(train, eval, decay_probe_ids): exactly one epoch of MQAR examples for the budget (seed --data_seed)
-    and a held-out set from another seed (linear_decay/mqar.py, the arrays of `mqar_dataset`); the decay probe is 8
-    held-out examples."""
+    """(train, eval, decay_probe_ids): exactly one epoch of MQAR examples for the budget (seed --data_seed; pair
+    counts mixed from --mqar_min_pairs up where it is given) and a held-out set from another seed at the full
+    --mqar_num_pairs (linear_decay/mqar.py, the arrays of `mqar_dataset`); the decay probe is 8 held-out examples."""
     from .mqar import mqar_examples
 
     knobs = dict(vocab_size=args.mqar_vocab_size, num_pairs=args.mqar_num_pairs, num_queries=args.mqar_num_queries,
                  seq_len=args.seq_len, query_gap_power=None if args.mqar_query_gaps == "uniform" else 0.01)
 
-    def examples(count, seed):
-        return ArrayExamples(**dict(zip(("input_ids", "labels"), mqar_examples(count, **knobs, seed=seed))))
+    def examples(count, seed, min_pairs=None):
+        arrays = mqar_examples(count, **knobs, seed=seed, min_pairs=min_pairs)
+        return ArrayExamples(**dict(zip(("input_ids", "labels"), arrays)))
 
     try:
-        train = examples(budget_examples, args.data_seed)
+        train = examples(budget_examples, args.data_seed, args.mqar_min_pairs)
         evaluation = examples(args.eval_examples, args.data_seed + 1_000_003)
     except ValueError as error:
         raise SweepError(str(error)) from None
@@ -343,9 +348,12 @@ def training_record(entry, seed, args, training_args, result):
                 "data": f"each work's last 2 % held out; {result['train_passes']:.2f} passes over the training text"}
     else:
         gaps = "uniform" if args.mqar_query_gaps == "uniform" else "power-law (0.01)"
+        mixed = ("" if args.mqar_min_pairs is None else
+                 f" (training examples: {args.mqar_min_pairs} to {args.mqar_num_pairs}, uniformly; held out: "
+                 f"{args.mqar_num_pairs})")
         data = {"data": f"multi-query associative recall (linear_decay/mqar.py): vocabulary {args.mqar_vocab_size}, "
-                        f"{args.mqar_num_pairs} key-value pairs, {args.mqar_num_queries} queries ({gaps} gaps), "
-                        f"seed {args.data_seed}"}
+                        f"{args.mqar_num_pairs} key-value pairs{mixed}, {args.mqar_num_queries} queries ({gaps} "
+                        f"gaps), seed {args.data_seed}"}
     optimizer = getattr(training_args.optim, "value", training_args.optim)
     warmup, device = training_args.warmup_steps, result["environment"]["device"]
     return {
@@ -508,6 +516,19 @@ def _decay_relation_lines(grouped, key, metric):
     return lines
 
 
+def _mqar_task(result):
+    """' (vocabulary V, N pairs, ...)' from an MQAR run's recorded settings; '' for text or an older record."""
+    settings = result.get("sweep_settings", {})
+    if result["data"] != "mqar" or "mqar_num_pairs" not in settings:
+        return ""
+    low = settings.get("mqar_min_pairs")
+    pairs = (f"{settings['mqar_num_pairs']} key-value pairs" if low is None else
+             f"training examples of {low} to {settings['mqar_num_pairs']} key-value pairs, held-out ones of "
+             f"{settings['mqar_num_pairs']}")
+    return (f" (vocabulary {settings['mqar_vocab_size']}, {pairs}, {settings['mqar_num_queries']} queries, "
+            f"{settings.get('mqar_query_gaps', 'power')} gaps)")
+
+
 def write_summaries(results, invalid, output_dir, title, aliases=()):
     """results.csv (one row per run), results.md (per configuration, mean ± std over seeds; the paired comparisons of
     `paired_comparisons`; median λ against the metric, `decay_relation`; the invalid entries), decay.png (median λ vs
@@ -535,7 +556,7 @@ def write_summaries(results, invalid, output_dir, title, aliases=()):
     if results:
         first = results[0]
         size = first["size"] + (f" ({first['model_overrides']})" if first.get("model_overrides") else "")
-        lines += ["", f"{size} preset, {first['data']} data, {first['steps']} steps × "
+        lines += ["", f"{size} preset, {first['data']} data{_mqar_task(first)}, {first['steps']} steps × "
                       f"{first['batch_size']} × {first['seq_len']} tokens = {first['train_tokens']:,} training tokens per run."]
     lines += _paired_lines(grouped, key, metric, lower_is_better=not recall)
     lines += _decay_relation_lines(grouped, key, metric)
@@ -617,6 +638,9 @@ def parse_args(argv):
     parser.add_argument("--data_seed", type=int, default=1234, help="MQAR generation seed (the same for every run)")
     parser.add_argument("--mqar_vocab_size", type=int, default=8192)
     parser.add_argument("--mqar_num_pairs", type=int, default=16)
+    parser.add_argument("--mqar_min_pairs", type=int, default=None,
+                        help="each training example draws its pair count uniformly from this to --mqar_num_pairs "
+                             "(Zoology's mixture of easy and hard examples); held-out examples have --mqar_num_pairs")
     parser.add_argument("--mqar_num_queries", type=int, default=None, help="default: --mqar_num_pairs")
     parser.add_argument("--mqar_query_gaps", choices=("power", "uniform"), default="power",
                         help="where queries sit after the context: mostly close to it (Zoology's power law, 0.01) or "
@@ -633,6 +657,8 @@ def parse_args(argv):
             parser.error(f"--{flag} must be positive")
     if args.mqar_num_queries is None:
         args.mqar_num_queries = args.mqar_num_pairs
+    if args.mqar_min_pairs is not None and not 1 <= args.mqar_min_pairs <= args.mqar_num_pairs:
+        parser.error(f"--mqar_min_pairs must lie in [1, --mqar_num_pairs={args.mqar_num_pairs}]")
     if args.processes < 1:
         parser.error("--processes must be positive")
     if args.time_budget is not None and args.time_budget <= 0:
@@ -648,6 +674,14 @@ def parse_args(argv):
             parser.error(f"--shard {args.shard}: need 0 <= K < N")
         args.shard = (index, count)
     return args
+
+
+def differing_settings(result, args):
+    """["key=recorded value", ...] for each of RUN_KEYS (and MQAR_KEYS for MQAR) in which a finished run's record
+    differs from this sweep's arguments; a setting the record does not hold (an older record) is not compared."""
+    recorded = {**result.get("sweep_settings", {}), **{key: result[key] for key in RUN_KEYS if key in result}}
+    keys = RUN_KEYS + (MQAR_KEYS if args.data == "mqar" else ())
+    return [f"{key}={recorded[key]!r}" for key in keys if key in recorded and recorded[key] != getattr(args, key)]
 
 
 def run_sweep(args):
@@ -716,7 +750,7 @@ def run_sweep(args):
         if (run_dir / RESULT_FILE).is_file():
             print(f"{tag}: skip (result.json exists)", flush=True)
             result = json.loads((run_dir / RESULT_FILE).read_text(encoding="utf-8"))
-            differing = [f"{key}={result.get(key)!r}" for key in BUDGET_KEYS if result.get(key) != getattr(args, key)]
+            differing = differing_settings(result, args)
             if differing:
                 print(f"{tag}: warning: its result.json was trained with {', '.join(differing)} (delete the folder "
                       "to retrain it with this sweep's settings)", flush=True)

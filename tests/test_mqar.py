@@ -55,6 +55,33 @@ def test_labels_are_the_values_bound_to_the_queried_keys(noise):
             assert filler and all(token == FILLER_TOKEN for token in filler)
 
 
+def test_mixed_pair_counts():
+    """min_pairs: every pair count from min_pairs to num_pairs occurs, each example asks min(num_queries, its count)
+    keys, and each label is the value bound to its key in that example's own context (recomputed from the tokens:
+    a key's first occurrence is its context slot); min_pairs = num_pairs is a single count."""
+    vocab, length = 64, 48
+    input_ids, labels = mqar_examples(400, vocab_size=vocab, num_pairs=6, num_queries=4, seq_len=length, seed=5,
+                                      min_pairs=2)
+    asked_per_row = (labels != IGNORE_INDEX).sum(axis=1)
+    assert set(asked_per_row.tolist()) == {2, 3, 4}
+    for tokens, row_labels in zip(input_ids.tolist(), labels.tolist()):
+        for t, label in enumerate(row_labels):
+            if label == IGNORE_INDEX:
+                continue
+            key = tokens[t - 1]
+            first = tokens.index(key)
+            assert 1 <= key < vocab // 2 and first % 2 == 0 and first + 1 < t - 1
+            assert tokens[first + 1] == label == tokens[t]
+    # rows asking 2 or 3 keys hold that many pairs: their queries start after a context of that length
+    short = np.flatnonzero(asked_per_row == 2)
+    assert short.size and all(np.flatnonzero(labels[row] != IGNORE_INDEX).min() >= 2 * 2 + 1 for row in short)
+
+    full = mqar_examples(50, **KNOBS, seed=7, min_pairs=KNOBS["num_pairs"])
+    assert ((full[1] != IGNORE_INDEX).sum(axis=1) == KNOBS["num_queries"]).all()
+    with pytest.raises(ValueError, match="min_pairs"):
+        mqar_examples(5, **KNOBS, seed=0, min_pairs=KNOBS["num_pairs"] + 1)
+
+
 def test_knobs_change_what_they_name():
     input_ids, labels = mqar_examples(200, vocab_size=1000, num_pairs=20, num_queries=7, seq_len=100, seed=1)
     assert input_ids.shape == (200, 100) and input_ids.min() >= 0 and input_ids.max() < 1000

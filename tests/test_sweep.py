@@ -116,6 +116,15 @@ def test_mqar_sweep_reports_recall_accuracy(tmp_path, capsys):
     assert abs(result["final_train_loss"] - math.log(64)) < 1.0
     with open(out / "results.csv", newline="") as f:
         assert float(next(csv.DictReader(f))["eval_accuracy"]) == pytest.approx(result["eval_accuracy"])
+    assert "mqar data (vocabulary 64, 4 key-value pairs, 4 queries, power gaps)," in (out / "results.md").read_text()
+
+    # Resumed with another task, the finished run is named as trained with the old one (pair counts mixed now).
+    main(["--grid", str(grid_file), "--output_dir", str(out), "--data", "mqar", "--mqar_vocab_size", "64",
+          "--mqar_num_pairs", "4", "--mqar_min_pairs", "2", *SMALL_RUN])
+    assert "warning: its result.json was trained with mqar_min_pairs=None" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--grid", str(grid_file), "--output_dir", str(out), "--data", "mqar", "--mqar_num_pairs", "4",
+              "--mqar_min_pairs", "5", *SMALL_RUN])
 
 
 def test_mqar_queries_spread_over_the_sequence(tmp_path):
