@@ -59,14 +59,17 @@ BUDGET=()
 SWEEPS=()
 [ "$DATA" != mqar ] && SWEEPS+=(corpus)
 [ "$DATA" != corpus ] && SWEEPS+=(mqar)
+sweep_args() {  # ARGS: the data arguments of sweep $1
+  if [ "$1" = corpus ]; then ARGS=("${TEXT[@]}"); else ARGS=("${MQAR[@]}"); fi
+}
 for sweep in "${SWEEPS[@]}"; do
-  if [ "$sweep" = corpus ]; then ARGS=("${TEXT[@]}"); else ARGS=("${MQAR[@]}"); fi
+  sweep_args "$sweep"
   run_limited python -m linear_decay.sweep --grid "$GRIDS" "${COMMON[@]}" "${ARGS[@]}" --processes "$PROCESSES" \
       "${BUDGET[@]}" --output_dir "$OUTPUT/$sweep" &
 done
 wait
 # summaries of whatever finished (a no-op rewrite when the sweeps completed)
 for sweep in "${SWEEPS[@]}"; do
-  if [ "$sweep" = corpus ]; then ARGS=("${TEXT[@]}"); else ARGS=("${MQAR[@]}"); fi
+  sweep_args "$sweep"
   python -m linear_decay.sweep --grid "$GRIDS" "${COMMON[@]}" "${ARGS[@]}" --summarize_only --output_dir "$OUTPUT/$sweep"
 done
