@@ -56,8 +56,8 @@ def test_labels_are_the_values_bound_to_the_queried_keys(noise):
 
 
 def test_mixed_pair_counts():
-    """min_pairs: every pair count from min_pairs to num_pairs occurs, each example asks min(num_queries, its count)
-    keys, and each label is the value bound to its key in that example's own context (recomputed from the tokens:
+    """min_pairs: each example asks min(num_queries, its pair count) keys (counts 2 and 3 occur beside the capped 4),
+    and each label is the value bound to its key in that example's own context (recomputed from the tokens:
     a key's first occurrence is its context slot); min_pairs = num_pairs is a single count."""
     vocab, length = 64, 48
     input_ids, labels = mqar_examples(400, vocab_size=vocab, num_pairs=6, num_queries=4, seq_len=length, seed=5,
