@@ -72,5 +72,6 @@ wait
 # summaries of whatever finished (a no-op rewrite when the sweeps completed)
 for sweep in "${SWEEPS[@]}"; do
   sweep_args "$sweep"
-  python -m linear_decay.sweep --grid "$GRIDS" "${COMMON[@]}" "${ARGS[@]}" --summarize_only --output_dir "$OUTPUT/$sweep"
+  python -m linear_decay.sweep --grid "$GRIDS" "${COMMON[@]}" "${ARGS[@]}" --summarize_only \
+      --output_dir "$OUTPUT/$sweep"
 done

@@ -17,16 +17,16 @@ training examples at one pair count or a mixture of counts (`--mqar_min_pairs`).
 
 Output: DIR/<name>-seed<s>/ holds the final model — its model card (README.md) filled from the training record beside
 it, linear_decay_training.json — and result.json (final train loss, eval loss and perplexity or accuracy, tokens/s,
-per-layer decay statistics); DIR/results.csv, DIR/results.md and DIR/decay.png (median λ per
-layer, one line per configuration, averaged over seeds) summarise every finished run. A run whose result.json exists
-is skipped, so an interrupted sweep continues where it stopped, and `--time_budget SECONDS` starts no run that would
-end after the budget (judged by the runs before it), leaving it for the next sweep; a configuration the config
-rejects is reported and skipped. `--model_overrides` changes the preset for every run (the grid's own overrides win). `--shard K/N` trains
-only runs K, K+N, K+2N, ... of the plan, so N processes (on one GPU or several) can share one output directory; a
-last run without `--shard` then finds everything done and writes the summaries (`--summarize_only` writes them for
-the runs finished so far and trains nothing). `--processes N` does the sharding itself: it starts N shard processes
-(spread over the visible GPUs), waits for them and writes the summaries; small models leave a GPU mostly idle, so
-several processes on one GPU finish a grid sooner.
+per-layer decay statistics); DIR/results.csv, DIR/results.md and DIR/decay.png (median λ per layer, one line per
+configuration, averaged over seeds) summarise every finished run. A run whose result.json exists is skipped, so an
+interrupted sweep continues where it stopped, and `--time_budget SECONDS` starts no run that would end after the budget
+(judged by the runs before it), leaving it for the next sweep; a configuration the config rejects is reported and
+skipped. `--model_overrides` changes the preset for every run (the grid's own overrides win). `--shard K/N` trains only
+runs K, K+N, K+2N, ... of the plan, so N processes (on one GPU or several) can share one output directory; a last run
+without `--shard` then finds everything done and writes the summaries (`--summarize_only` writes them for the runs
+finished so far and trains nothing). `--processes N` does the sharding itself: it starts N shard processes (spread over
+the visible GPUs), waits for them and writes the summaries; small models leave a GPU mostly idle, so several processes
+on one GPU finish a grid sooner.
 """
 
 import argparse
