@@ -20,18 +20,23 @@ Algorithm (per head; b = cumulative log λ within a chunk of CHUNK tokens, fp32;
   segments of a sequence in parallel (`_segment_plan`): each segment from zero, `_combine_segments_kernel` joins
   their ends in order, and each segment again from its true start.
 - `_chunk_output_kernel`: one program per (chunk, head; for scalar, static and no decay also per block of 128 value
-  channels): o = (q ⊙ e^{b}) S + A v, A the causal decayed scores of the chunk (vector decay: `_intra_scores`; the
-  others: q kᵀ and q S in one pass). The cost does not depend on the decay's strength: for vector decay the chunk is
-  halved log2(CHUNK) times, and each pair of tokens factorises about the middle row of the one block that has them in
-  different halves, both factors e^{≤ 0}: one dot per level, no pair summed one by one.
+  channels): o = (q ⊙ e^{b}) S + A v, A the causal decayed scores of the chunk (scalar, static and no decay: q kᵀ
+  and q S in one pass; vector decay: from `_chunk_scores_kernel`, `_intra_scores`). The cost does not depend on the
+  decay's strength: for vector decay the chunk is halved log2(CHUNK) times, and each pair of tokens factorises about
+  the middle row of the one block that has them in different halves, both factors e^{≤ 0}: one dot per level, no
+  pair summed one by one.
 - backward: the state gradient at every chunk end (`_chunk_state_grads_kernel`, reverse walk), then dv per (chunk,
-  head) (`_chunk_value_grads_kernel`, from the scores the forward kept), and there, for vector decay, the scores'
-  gradient dA = do vᵀ (the key-gradient kernel forms it itself for the other decays); for vector decay the chunk's own
-  pairs' part of dq and dk per sub-chunk of SUB_CHUNK rows (`_chunk_intra_grads_kernel`: pairs across sub-chunks about
-  an anchor row, pairs within one by halving, small dots at near-fp32 accuracy, `_grad_dot`); then dq, dk and
-  d log λ per (chunk, head, key block) (`_chunk_key_grads_kernel`). d log λ is summed within the chunk from fp32
-  terms that are each a part of the gradient (the pairs of tokens that straddle a position), never as a difference of
-  sequence-long sums, so that its error stays at the level of the other gradients at any decay strength.
+  head) (`_chunk_value_grads_kernel`, from the scores the forward kept); for vector decay the scores' gradient
+  dA = do vᵀ (`_chunk_score_grads_kernel`; the key-gradient kernel forms it itself for the other decays) and the
+  chunk's own pairs' part of dq and dk per sub-chunk of SUB_CHUNK rows (`_chunk_intra_grads_kernel`: pairs across
+  sub-chunks about an anchor row, pairs within one by halving, small dots at near-fp32 accuracy, `_grad_dot`); then
+  dq, dk and d log λ per (chunk, head, key block) (`_chunk_key_grads_kernel`). d log λ is summed within the chunk
+  from fp32 terms that are each a part of the gradient (the pairs of tokens that straddle a position), never as a
+  difference of sequence-long sums, so that its error stays at the level of the other gradients at any decay
+  strength.
+- Vector decay's chunk scores (forward) and its dA and own-pair gradients (backward) need no state: on a GPU the state
+  walks, which run one program per sequence × head × block (or segment) and leave most of the GPU idle, go to a
+  second stream of higher priority, and these stages fill the GPU beside them (`_walk_stream`).
 
 Triton ≥ 3.4 and < 3.7.1 miscompiles `tl.dot(tl.trans(x), y)` on Hopper when x is a down-cast dot result (DESIGN §7):
 transposed operands here are always loaded or elementwise tensors; results wanted transposed are computed as
@@ -43,18 +48,19 @@ graphs (no graph break). Eager calls skip the op's dispatch (`_EagerChunkedRecur
 of chunks from shapes alone (`_num_chunks`), so that no shape depends on cu_seqlens' values.
 """
 
+import contextlib
 import functools
 from types import MappingProxyType
 
 import torch
 import triton.language as tl
 
-from .ops_chunk_backward import (_chunk_intra_grads_kernel, _chunk_key_grads_kernel, _chunk_state_grads_kernel,
-                                 _chunk_value_grads_kernel)
+from .ops_chunk_backward import (_chunk_intra_grads_kernel, _chunk_key_grads_kernel, _chunk_score_grads_kernel,
+                                 _chunk_state_grads_kernel, _chunk_value_grads_kernel)
 from .ops_chunk_common import (CHUNK, CHUNK_LEVELS, DECAY_NONE, DECAY_SCALAR, DECAY_STATIC, DECAY_VECTOR,
                                MAX_HEAD_DIM, SUB_CHUNK)
-from .ops_chunk_forward import (_chunk_output_kernel, _chunk_states_kernel, _combine_segments_kernel,
-                                _cumulative_decay_kernel)
+from .ops_chunk_forward import (_chunk_output_kernel, _chunk_scores_kernel, _chunk_states_kernel,
+                                _combine_segments_kernel, _cumulative_decay_kernel)
 from .ops_host import cdiv, next_power_of_2, op_name, per_tensor, sm_count
 
 
@@ -216,17 +222,27 @@ def _chunk_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay:
     o = v.new_empty(v.shape)
     b = _cumulative_decay(g, layout, decay, heads, key_dim)
     chunks = layout[2].numel()
-    states, final = _forward_states(k, v, b, initial, layout, decay, heads, key_dim, value_dim, num_sequences,
-                                    cdiv(length, CHUNK), output_final_state,
-                                    _spare_chunks(chunks, length, cu_seqlens is not None), exact_states)
     dot_dtype, precision, _, _ = _dot_settings(q.dtype)
-    scores = q.new_empty(chunks if keep else 0, heads, CHUNK, CHUNK, dtype=_kept_dtype(q.dtype))
+    vector = decay == DECAY_VECTOR
+    scores = q.new_empty(chunks if keep or vector else 0, heads, CHUNK, CHUNK, dtype=_kept_dtype(q.dtype))
+    with _walk_stream(q.device, "forward", vector) as walk_stream:
+        with walk_stream():
+            states, final = _forward_states(k, v, b, initial, layout, decay, heads, key_dim, value_dim,
+                                            num_sequences, cdiv(length, CHUNK), output_final_state,
+                                            _spare_chunks(chunks, length, cu_seqlens is not None), exact_states)
+        if vector:  # beside the walk
+            block_k, _, launch = _launch("scores", key_dim, value_dim, dot_dtype)
+            _chunk_scores_kernel[(chunks, heads)](q, k, b, scores, layout[0], layout[2], layout[3], scale, heads,
+                                                  key_dim, block_k, CHUNK, CHUNK_LEVELS, dot_dtype, precision,
+                                                  **launch)
     block_k, block_v, launch = _launch("output", key_dim, value_dim, dot_dtype, decay)
     whole_value = launch.pop("whole_value")
     value_blocks = cdiv(value_dim, block_v) if whole_value else 1  # value blocks per program
     _chunk_output_kernel[(chunks * cdiv(cdiv(value_dim, block_v), value_blocks), heads)](
         q, k, v, b, _planes(states)[0], o, scores, layout[0], layout[2], layout[3], scale, heads, key_dim,
-        value_dim, block_k, block_v, CHUNK, CHUNK_LEVELS, decay, keep, dot_dtype, precision, value_blocks, **launch)
+        value_dim, block_k, block_v, CHUNK, decay, keep, dot_dtype, precision, value_blocks, **launch)
+    if not keep:  # the scores were only the output's
+        scores = q.new_empty(0, heads, CHUNK, CHUNK, dtype=scores.dtype)
     kept_decay = b if keep and decay != DECAY_NONE else g.new_empty(0)
     return o, final if final is not None else g.new_empty(0), states, scores, kept_decay
 
@@ -272,6 +288,13 @@ def _chunk_backward(do: torch.Tensor, final_grad: torch.Tensor | None, q: torch.
     initial_grad = (q.new_empty(num_sequences, heads, key_dim, value_dim, dtype=torch.float32)
                     if initial_grad and initial_state is not None else None)
     final_grad = final_grad.float().contiguous() if final_grad is not None else None
+    chunks = layout[2].numel()
+    vector = decay == DECAY_VECTOR
+    dv, dq, dk = torch.empty_like(v), torch.empty_like(q), torch.empty_like(k)
+    dA = dq_intra = dk_intra = None
+    if vector:  # dA = do vᵀ, and the chunks' own pairs at fp32 accuracy where d log λ is summed from them
+        dA = q.new_empty(chunks, heads, CHUNK, CHUNK, dtype=torch.float32)
+        dq_intra, dk_intra = (q.new_empty(q.shape, dtype=torch.float32) for _ in range(2))
     block_k_split, block_v, launch = _launch("state_grads", key_dim, value_dim, dot_dtype, decay)
     blocks = (cdiv(key_dim, block_k_split), cdiv(value_dim, block_v))
 
@@ -281,26 +304,23 @@ def _chunk_backward(do: torch.Tensor, final_grad: torch.Tensor | None, q: torch.
             layout[1], scale, segments, segment_chunks, heads, key_dim, value_dim, block_k_split, block_v, CHUNK, decay,
             final_grad is not None, initial_grad is not None, walk, planes, dot_dtype, precision, **launch)
 
-    _state_walk(state_grads_walk, blocks, block_k_split, block_v, num_sequences, heads, cdiv(length, CHUNK), key_dim,
-                value_dim, decay, final_grad, initial_grad, layout[0], q.device, reverse=True)
-    chunks = layout[2].numel()
-    vector = decay == DECAY_VECTOR
-    dv = torch.empty_like(v)
-    # dA = do vᵀ: stored for vector decay's own-pair kernel; the key-gradient kernel forms it itself for the others
-    dA = q.new_empty(chunks, heads, CHUNK, CHUNK, dtype=torch.float32) if vector else None
-    block_k, block_v, launch = _launch("value_grads", key_dim, value_dim, dot_dtype)
-    _chunk_value_grads_kernel[(chunks, heads)](
-        k, v, b, do, scores, grads_high, dv, dA, layout[0], layout[2], layout[3], heads, key_dim, value_dim,
-        block_k, block_v, CHUNK, decay, dot_dtype, precision, **launch)
-    dq, dk = torch.empty_like(q), torch.empty_like(k)
-    dq_intra = dk_intra = None
-    if vector:  # the chunks' own pairs by sub-chunks, at fp32 accuracy where d log λ is summed from them
-        dq_intra, dk_intra = (q.new_empty(q.shape, dtype=torch.float32) for _ in range(2))
-        block_k, _, launch = _launch("intra_grads", key_dim, value_dim, dot_dtype)
-        _chunk_intra_grads_kernel[(chunks * CHUNK // SUB_CHUNK * cdiv(key_dim, block_k), heads)](
-            q, k, b, dA, dq_intra, dk_intra, layout[0], layout[2], layout[3], scale, heads, key_dim, block_k,
-            CHUNK, SUB_CHUNK, SUB_CHUNK.bit_length() - 1, exact_precision if needs_decay_grad else fp32_precision,
-            **launch)
+    with _walk_stream(q.device, "backward", vector) as walk_stream:
+        with walk_stream():
+            _state_walk(state_grads_walk, blocks, block_k_split, block_v, num_sequences, heads, cdiv(length, CHUNK),
+                        key_dim, value_dim, decay, final_grad, initial_grad, layout[0], q.device, reverse=True)
+            block_k, block_v, launch = _launch("value_grads", key_dim, value_dim, dot_dtype)
+            _chunk_value_grads_kernel[(chunks, heads)](
+                k, v, b, do, scores, grads_high, dv, layout[0], layout[2], layout[3], heads, key_dim, value_dim,
+                block_k, block_v, CHUNK, decay, dot_dtype, precision, **launch)
+        if vector:  # beside the walk
+            _, block_v, launch = _launch("score_grads", key_dim, value_dim, dot_dtype)
+            _chunk_score_grads_kernel[(chunks, heads)](v, do, dA, layout[0], layout[2], layout[3], heads, value_dim,
+                                                       block_v, CHUNK, dot_dtype, precision, **launch)
+            block_k, _, launch = _launch("intra_grads", key_dim, value_dim, dot_dtype)
+            _chunk_intra_grads_kernel[(chunks * CHUNK // SUB_CHUNK * cdiv(key_dim, block_k), heads)](
+                q, k, b, dA, dq_intra, dk_intra, layout[0], layout[2], layout[3], scale, heads, key_dim, block_k,
+                CHUNK, SUB_CHUNK, SUB_CHUNK.bit_length() - 1, exact_precision if needs_decay_grad else fp32_precision,
+                **launch)
     block_k, block_v, launch = _launch("key_grads", key_dim, value_dim, dot_dtype, decay)
     key_blocks = cdiv(key_dim, block_k)
     d_log_decay = None
@@ -427,30 +447,65 @@ def _state_walk(launch_walk, blocks, block_k, block_v, num_sequences, heads, max
     launch_walk(2, segments, segment_chunks, segment_state, segment_decay)
 
 
+@functools.lru_cache(maxsize=None)
+def _priority_stream(device_index, priority):
+    """One CUDA stream per device and priority (lower is more urgent), made once: `_walk_stream`'s."""
+    return torch.cuda.Stream(device=device_index, priority=priority)
+
+
+@contextlib.contextmanager
+def _walk_stream(device, stage, vector):
+    """Runs vector decay's state walk of `stage` ("forward" / "backward") beside the stages that need no state:
+    yields a context factory under which the walk is launched, on a second stream of `TUNING["walk_stream"]`'s
+    priority that starts after the work queued so far; what is launched outside it goes to the current stream, which
+    waits for the walk's stream when the block ends. A walk runs one program per sequence × head × key and value block
+    (or segment), too few to fill the GPU, and each program's chunks one after another; at a priority above the
+    current stream's its programs start first and the others fill the rest of the GPU. What is allocated under it
+    comes from the walk stream's memory, whose blocks are reused only there, and every use of that stream starts by
+    waiting for the current one: a block is never reused before its last reader ran. Off the GPU, for the other
+    decays, or with the stage's setting 0: everything on the current stream, in launch order."""
+    settings = TUNING["walk_stream"]
+    if device.type != "cuda" or not vector or not settings[stage]:
+        yield contextlib.nullcontext
+        return
+    current = torch.cuda.current_stream(device)
+    walk = _priority_stream(current.device_index, settings["priority"])
+    walk.wait_stream(current)
+    try:
+        yield functools.partial(torch.cuda.stream, walk)
+    finally:
+        current.wait_stream(walk)
+
+
 def _key_block(key_dim):
     return max(16, next_power_of_2(key_dim))
 
 
 # Launch settings per kernel (and, where vector decay differs, per kernel for vector decay): key and value blocks
 # (capped by the head dims; the state walks and the gradient kernels split the key dim over programs, the output and
-# value-gradient kernels loop over its blocks), warps, pipeline stages, and for the output whether one program takes
-# every value block (`whole_value`: vector decay's scores cost six dots per key block, so they are formed once), and
-# where set a cap on registers per thread (Triton's `maxnreg`: vector key gradients at 80 hold three programs an SM
-# instead of two, for 64 bytes of spilled stack at K = 128; the own-pair gradients at 80 six instead of four, for 16
-# bytes). Chosen by sweeps on an H100 at the three shapes of BENCHMARKS.md's kernel table, whose launch-settings
-# table has the measurements: e.g. the value gradients at 4 warps and 3 stages, 2.74 / 5.64 ms vector
-# forward+backward at 8×2048×16×128 / 2×16384×16×128 against 2.91 / 6.00 at 8 warps and 2 stages.
+# value-gradient kernels loop over its blocks; a kernel without a key or value block takes the whole head dim), warps,
+# pipeline stages, and for the output whether one program takes every value block (`whole_value`: vector decay's
+# q ⊙ e^{b} then formed once), and where set a cap on registers per thread (Triton's `maxnreg`: vector key gradients
+# at 80 hold three programs an SM instead of two, for 64 bytes of spilled stack at K = 128; the own-pair gradients at
+# 80 six instead of four, for 16 bytes); `walk_stream`: whether vector decay's state walks run on a second stream
+# beside the stages that need no state, forward and backward, and its priority (`_walk_stream`). Chosen by sweeps on
+# an H100 at the three shapes of BENCHMARKS.md's kernel table, whose launch-settings table has the measurements:
+# e.g. the value gradients at 4 warps and 3 stages, 2.74 / 5.64 ms vector forward+backward at 8×2048×16×128 /
+# 2×16384×16×128 against 2.91 / 6.00 at 8 warps and 2 stages.
 TUNING = MappingProxyType({  # read-only: the kernels' one source of launch settings
     "states": MappingProxyType(dict(block_k=64, block_v=64, num_warps=4, num_stages=3)),
     "states_vector": MappingProxyType(dict(block_k=64, block_v=64, num_warps=4, num_stages=2)),
     "output": MappingProxyType(dict(block_k=128, block_v=128, num_warps=4, num_stages=2, whole_value=False)),
     "output_vector": MappingProxyType(dict(block_k=128, block_v=64, num_warps=8, num_stages=3, whole_value=True)),
+    "scores": MappingProxyType(dict(block_k=128, num_warps=8)),
     "state_grads": MappingProxyType(dict(block_k=64, block_v=64, num_warps=4, num_stages=3)),
     "state_grads_vector": MappingProxyType(dict(block_k=64, block_v=64, num_warps=4, num_stages=2)),
     "value_grads": MappingProxyType(dict(block_k=64, block_v=64, num_warps=4, num_stages=3)),
+    "score_grads": MappingProxyType(dict(block_v=64, num_warps=4, num_stages=2)),
     "intra_grads": MappingProxyType(dict(block_k=32, block_v=64, num_warps=4, num_stages=3, maxnreg=80)),
     "key_grads": MappingProxyType(dict(block_k=64, block_v=64, num_warps=4, num_stages=2)),
     "key_grads_vector": MappingProxyType(dict(block_k=32, block_v=64, num_warps=8, num_stages=2, maxnreg=80)),
+    "walk_stream": MappingProxyType(dict(forward=1, backward=1, priority=-1)),  # `_walk_stream`
 })
 
 
@@ -461,10 +516,10 @@ def _launch(kernel, key_dim, value_dim, dot_dtype, decay=None):
     and without a register cap (`maxnreg`: vector key gradients would spill 400–800 bytes a thread under it)."""
     settings = dict(TUNING.get(f"{kernel}_vector" if decay == DECAY_VECTOR else kernel, TUNING[kernel]))
     if dot_dtype == tl.float32:
-        settings["num_stages"] = min(settings["num_stages"], 2)
+        settings["num_stages"] = min(settings.get("num_stages", 2), 2)
         settings.pop("maxnreg", None)
-    block_k = min(settings.pop("block_k"), _key_block(key_dim))
-    block_v = min(settings.pop("block_v"), _key_block(value_dim))
+    block_k = min(settings.pop("block_k", MAX_HEAD_DIM), _key_block(key_dim))  # a kernel without key blocks: all K
+    block_v = min(settings.pop("block_v", MAX_HEAD_DIM), _key_block(value_dim))
     return block_k, block_v, settings
 
 

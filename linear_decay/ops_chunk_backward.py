@@ -1,5 +1,6 @@
 """The chunk kernels' backward stages (`ops_chunk`'s docstring has the algorithm): the reverse walk of the state
-gradients, the value gradients, vector decay's own-pair gradients per sub-chunk, and the key gradients with d log λ."""
+gradients, the value gradients, vector decay's scores' gradient and own-pair gradients per sub-chunk, and the key
+gradients with d log λ."""
 
 try:
     import triton
@@ -55,13 +56,36 @@ def _chunk_state_grads_kernel(q_ptr, do_ptr, b_ptr, final_grad_ptr, state_grads_
 
 
 @triton.jit
-def _chunk_value_grads_kernel(k_ptr, v_ptr, b_ptr, do_ptr, scores_ptr, state_grads_ptr, dv_ptr, dA_ptr, cu_seqlens_ptr,
+def _chunk_score_grads_kernel(v_ptr, do_ptr, dA_ptr, cu_seqlens_ptr, chunk_seq_ptr, chunk_token_ptr, H: tl.constexpr,
+                              V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                              PRECISION: tl.constexpr):
+    """Vector decay: the scores' gradient dA = do vᵀ of one (chunk, head), causal, fp32, for
+    `_chunk_intra_grads_kernel` and the key gradients' own pairs (the key-gradient kernel forms it itself for the
+    other decays). Needs no state gradient, so it and the own-pair gradients run beside the state-gradient walk
+    (`ops_chunk._walk_stream`)."""
+    chunk, head = tl.program_id(0), tl.program_id(1)
+    seq, token0 = tl.load(chunk_seq_ptr + chunk), tl.load(chunk_token_ptr + chunk)
+    eos = tl.load(cu_seqlens_ptr + seq + 1)
+    rows = tl.arange(0, C)
+    row_mask = token0 + rows < eos
+    i = rows[:, None]
+    j = rows[None, :]
+    dA = tl.zeros((C, C), dtype=tl.float32)
+    for value_block in range(tl.cdiv(V, BV)):
+        cv = value_block * BV + tl.arange(0, BV)
+        v = _tile(v_ptr, token0, rows, row_mask, head, H, V, cv, cv < V).to(DOT_DTYPE)
+        do = _tile(do_ptr, token0, rows, row_mask, head, H, V, cv, cv < V).to(DOT_DTYPE)
+        dA += tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    tl.store(dA_ptr + (chunk * H + head) * C * C + i * C + j, tl.where(i >= j, dA, 0.0))
+
+
+@triton.jit
+def _chunk_value_grads_kernel(k_ptr, v_ptr, b_ptr, do_ptr, scores_ptr, state_grads_ptr, dv_ptr, cu_seqlens_ptr,
                               chunk_seq_ptr, chunk_token_ptr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                               BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
                               DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """dv of one (chunk, head), dv = Aᵀ do + (k ⊙ e^{B − b}) dS (A: the scores the forward kept, dS: ∂L/∂S at the
-    chunk's end), value block by value block; for vector decay also the scores' gradient dA = do vᵀ (causal, fp32)
-    for `_chunk_intra_grads_kernel` (the key-gradient kernel forms it itself for the other decays)."""
+    chunk's end), value block by value block."""
     chunk, head = tl.program_id(0), tl.program_id(1)
     seq, token0 = tl.load(chunk_seq_ptr + chunk), tl.load(chunk_token_ptr + chunk)
     eos = tl.load(cu_seqlens_ptr + seq + 1)
@@ -72,13 +96,9 @@ def _chunk_value_grads_kernel(k_ptr, v_ptr, b_ptr, do_ptr, scores_ptr, state_gra
     chunk_scores_ptr = scores_ptr + (chunk * H + head) * C * C
     scores_t = tl.load(chunk_scores_ptr + j * C + i)  # Aᵀ, loaded transposed
     chunk_grads_ptr = state_grads_ptr + (chunk * H + head) * K * V
-    dA = tl.zeros((C, C), dtype=tl.float32)
     for value_block in range(tl.cdiv(V, BV)):
         cv = value_block * BV + tl.arange(0, BV)
-        v = _tile(v_ptr, token0, rows, row_mask, head, H, V, cv, cv < V).to(DOT_DTYPE)
         do = _tile(do_ptr, token0, rows, row_mask, head, H, V, cv, cv < V).to(DOT_DTYPE)
-        if DECAY == "vector":
-            dA += tl.dot(do, tl.trans(v), input_precision=PRECISION)
         dv = tl.dot(scores_t, do, input_precision=PRECISION)
         for key_block in range(tl.cdiv(K, BK)):
             ck = key_block * BK + tl.arange(0, BK)
@@ -89,8 +109,6 @@ def _chunk_value_grads_kernel(k_ptr, v_ptr, b_ptr, do_ptr, scores_ptr, state_gra
             dv += tl.dot((k * _to_end(b, total, DECAY == "vector")).to(DOT_DTYPE), dstate, input_precision=PRECISION)
         tl.store(dv_ptr + ((token0 + rows[:, None]) * H + head) * V + cv[None, :], dv.to(dv_ptr.dtype.element_ty),
                  mask=row_mask[:, None] & (cv < V)[None, :])
-    if DECAY == "vector":
-        tl.store(dA_ptr + (chunk * H + head) * C * C + i * C + j, tl.where(i >= j, dA, 0.0))
 
 
 @triton.jit
@@ -241,7 +259,7 @@ def _chunk_key_grads_kernel(q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, states_ptr, stat
                             DECAY_GRAD: tl.constexpr, PLANES: tl.constexpr, TRANSPOSED_PAIRS: tl.constexpr,
                             DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr):
     """dq, dk and (DECAY_GRAD) d log λ of one (chunk, head, block of BK key channels), from the state S at the chunk's
-    start, ∂L/∂S at its end (dS) and dA = do vᵀ (vector decay: from `_chunk_value_grads_kernel`; the others form it
+    start, ∂L/∂S at its end (dS) and dA = do vᵀ (vector decay: from `_chunk_score_grads_kernel`; the others form it
     here, beside do Sᵀ, from the same tiles): dq = e^{b} ⊙ (do Sᵀ) + intra,
     dk = e^{B − b} ⊙ (v dSᵀ) + intra; the intra parts from `_chunk_intra_grads_kernel` (vector decay) or
     `_intra_grads` (TRANSPOSED_PAIRS as there), then each token with itself (dA_ii, undecayed).

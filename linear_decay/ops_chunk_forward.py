@@ -1,5 +1,5 @@
 """The chunk kernels' forward stages (`ops_chunk`'s docstring has the algorithm): the cumulative log λ of every
-chunk, the state walk to every chunk start (with its segment join), and the output."""
+chunk, the state walk to every chunk start (with its segment join), vector decay's chunk scores, and the output."""
 
 try:
     import triton
@@ -108,18 +108,39 @@ def _combine_segments_kernel(segment_state_ptr, segment_decay_ptr, start_ptr, en
 
 
 @triton.jit
+def _chunk_scores_kernel(q_ptr, k_ptr, b_ptr, scores_ptr, cu_seqlens_ptr, chunk_seq_ptr, chunk_token_ptr, scale,
+                         H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, LEVELS: tl.constexpr,
+                         DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """Vector decay: the causal decayed scores A [C, C] of one (chunk, head) (`_intra_scores`, summed over key blocks
+    of BK channels), stored in scores_ptr's dtype for the output and the backward. Needs no state, so it runs beside
+    the state walk (`ops_chunk._walk_stream`)."""
+    chunk, head = tl.program_id(0), tl.program_id(1)
+    seq, token0 = tl.load(chunk_seq_ptr + chunk), tl.load(chunk_token_ptr + chunk)
+    eos = tl.load(cu_seqlens_ptr + seq + 1)
+    rows = tl.arange(0, C)
+    row_mask = token0 + rows < eos
+    scores = tl.zeros((C, C), dtype=tl.float32)
+    for key_block in tl.range(0, tl.cdiv(K, BK), num_stages=1):  # not pipelined: six levels' tiles per stage
+        ck = key_block * BK + tl.arange(0, BK)
+        q = _tile(q_ptr, token0, rows, row_mask, head, H, K, ck, ck < K) * scale
+        k = _tile(k_ptr, token0, rows, row_mask, head, H, K, ck, ck < K)
+        b, _ = _chunk_decay(b_ptr, chunk, head, H, K, ck, C, "vector")
+        scores += _intra_scores(q, k, b, b_ptr, chunk, head, H, K, ck, C, LEVELS, DOT_DTYPE, PRECISION)
+    tl.store(scores_ptr + (chunk * H + head) * C * C + rows[:, None] * C + rows[None, :],
+             scores.to(scores_ptr.dtype.element_ty))
+
+
+@triton.jit
 def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, states_ptr, o_ptr, scores_ptr, cu_seqlens_ptr, chunk_seq_ptr,
                          chunk_token_ptr, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                         BV: tl.constexpr, C: tl.constexpr, LEVELS: tl.constexpr, DECAY: tl.constexpr,
-                         STORE_SCORES: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                         VALUE_BLOCKS: tl.constexpr):
+                         BV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr, STORE_SCORES: tl.constexpr,
+                         DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, VALUE_BLOCKS: tl.constexpr):
     """o of one (chunk, head, VALUE_BLOCKS blocks of BV value channels): o = (q ⊙ e^{b}) S + A v, A the causal decayed
-    scores (kept for the backward when STORE_SCORES). The programs of one chunk are adjacent in the grid, so that they
-    share its q and k in L2.
+    scores. The programs of one chunk are adjacent in the grid, so that they share its q and k in L2.
 
-    Vector decay: A first (`_intra_scores`), summed over key blocks of BK channels, then each value block. Scalar,
-    static and no decay (one value block per program): q kᵀ and q S in one pass over the key channels, e^{b},
-    e^{b_i − b_j} and the scale applied to the fp32 sums."""
+    Vector decay: A read from `_chunk_scores_kernel`, then each value block. Scalar, static and no decay (one value
+    block per program): q kᵀ and q S in one pass over the key channels, e^{b}, e^{b_i − b_j} and the scale applied to
+    the fp32 sums, A kept for the backward when STORE_SCORES."""
     VALUE_PROGRAMS: tl.constexpr = ((V + BV - 1) // BV + VALUE_BLOCKS - 1) // VALUE_BLOCKS
     program, head = tl.program_id(0), tl.program_id(1)  # a chunk's programs adjacent: they share q, k in L2
     chunk, value_program = program // VALUE_PROGRAMS, program % VALUE_PROGRAMS
@@ -130,19 +151,12 @@ def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, states_ptr, o_ptr, scores_p
     chunk_states_ptr = states_ptr + (chunk * H + head) * K * V
     if DECAY == "vector":
         ONE_KEY_BLOCK: tl.constexpr = BK >= K  # q ⊙ e^{b} then formed once, for every value block
-        scores = tl.zeros((C, C), dtype=tl.float32)
-        q_decayed = tl.zeros((C, BK), dtype=DOT_DTYPE)
-        for key_block in tl.range(0, tl.cdiv(K, BK), num_stages=1):  # not pipelined: six levels' tiles per stage
-            ck = key_block * BK + tl.arange(0, BK)
-            q = _tile(q_ptr, token0, rows, row_mask, head, H, K, ck, ck < K) * scale
-            k = _tile(k_ptr, token0, rows, row_mask, head, H, K, ck, ck < K)
+        scores = tl.load(scores_ptr + (chunk * H + head) * C * C + rows[:, None] * C + rows[None, :]).to(DOT_DTYPE)
+        if ONE_KEY_BLOCK:
+            ck = tl.arange(0, BK)
             b, _ = _chunk_decay(b_ptr, chunk, head, H, K, ck, C, DECAY)
-            scores += _intra_scores(q, k, b, b_ptr, chunk, head, H, K, ck, C, LEVELS, DOT_DTYPE, PRECISION)
-            if ONE_KEY_BLOCK:
-                q_decayed = (q * _row_decay(b, True)).to(DOT_DTYPE)
-        scores = scores.to(DOT_DTYPE)
-        if STORE_SCORES and value_program == 0:
-            tl.store(scores_ptr + (chunk * H + head) * C * C + rows[:, None] * C + rows[None, :], scores)
+            q = _tile(q_ptr, token0, rows, row_mask, head, H, K, ck, ck < K) * scale
+            q_decayed = (q * _row_decay(b, True)).to(DOT_DTYPE)
         for value_block in range(value_program * VALUE_BLOCKS, tl.minimum((value_program + 1) * VALUE_BLOCKS,
                                                                            tl.cdiv(V, BV))):
             cv = value_block * BV + tl.arange(0, BV)

@@ -11,6 +11,8 @@
 - varlen: a packed batch with `cu_seqlens` equals each sequence run alone (outputs, final states, gradients) and the
   oracle.
 - `triton_fused_recurrent` (decoding) against the oracle, with its in-place state update.
+- Vector decay's state walks on a stream of their own (`ops_chunk._walk_stream`) change no bit of any result: from
+  the default stream, a caller's stream and a CUDA graph.
 - The whole model: a small LinearDecayForCausalLM on CUDA with LINEAR_DECAY_BACKEND=triton against =torch (logits and
   every parameter gradient, fp32 and bf16), cached decoding against a full forward, `torch.compile(model)` forward
   and backward against eager, and `torch.compile(fullgraph=True)` (the kernels as custom ops: no graph break) of a
@@ -415,6 +417,54 @@ def test_chunk_inference_mode_matches_autograd():
                       output_final_state=True)
     assert_close(o, with_grad["o"], 1e-6, "o (inference mode)")
     assert_close(ht, with_grad["ht"], 1e-6, "final state (inference mode)")
+
+
+def walk_stream_runs(inputs, capture=False):
+    """`run_with_grads` of the chunk kernel on bf16 vector-decay inputs, eagerly or (`capture`) replayed from a CUDA
+    graph captured after two warm-up runs on a side stream (torch's recipe for capturing a backward)."""
+    if not capture:
+        return run_with_grads(chunk_kernel(), inputs)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            run_with_grads(chunk_kernel(), inputs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        results = run_with_grads(chunk_kernel(), inputs)
+    graph.replay()
+    torch.cuda.synchronize()
+    return results
+
+
+@pytest.mark.parametrize("where", ["current stream", "user stream", "cuda graph"])
+def test_walk_stream_changes_no_value(where, monkeypatch):
+    """Vector decay's state walks on their own stream beside the stages that need no state (`_walk_stream`) give
+    bit for bit the results of everything on one stream: a walk long enough that the two overlap, a missing wait
+    would show. Run from the default stream, from a stream of the caller's, and captured in a CUDA graph."""
+    from types import MappingProxyType
+
+    from linear_decay import ops_chunk as kernels
+
+    gen = cpu_generator("walk stream")
+    inputs = make_inputs("vector", 1, 8192, HEADS, 128, 128, torch.bfloat16, "mixed", gen, True, True, 128 ** -0.5)
+    runs = {}
+    for on in (0, 1):
+        settings = dict(kernels.TUNING["walk_stream"], forward=on, backward=on)
+        monkeypatch.setattr(kernels, "TUNING", MappingProxyType({**kernels.TUNING,
+                                                                 "walk_stream": MappingProxyType(settings)}))
+        if where == "user stream" and on:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                runs[on] = walk_stream_runs(inputs)
+            torch.cuda.current_stream().wait_stream(stream)
+        else:
+            runs[on] = walk_stream_runs(inputs, capture=where == "cuda graph" and on)
+    torch.cuda.synchronize()
+    for name, expected in runs[0].items():
+        assert torch.equal(runs[1][name], expected), f"{name} differs with the walks on their own stream ({where})"
 
 
 def test_backend_registered_on_cuda():
