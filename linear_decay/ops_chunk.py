@@ -12,7 +12,8 @@ sequences. The oracle is `recurrence.naive_recurrence`; `chunked_recurrence` is 
 
 Algorithm (per head; b = cumulative log λ within a chunk of CHUNK tokens, fp32; q is pre-multiplied by `scale`):
 
-- `_cumulative_decay_kernel`: b of every chunk, chunk-major, read by every later kernel (kept for the backward).
+- `_cumulative_decay_kernel`: b of every chunk, chunk-major, read by every later kernel (kept for the backward);
+  for vector decay `_chunk_scores_kernel` writes it, and the forward walk cumulates log λ itself.
 - `_chunk_states_kernel`: walks each sequence in chunks and stores the state at every chunk start
   (S ← e^{B} ⊙ S + (k ⊙ e^{B − b})ᵀ v, B the chunk's total log-decay), kept for the backward (in the dot operand
   dtype, or exact where scalar or static decay's d log λ will be summed from them: fp32, `_state_dtype`, or two bf16
@@ -220,19 +221,20 @@ def _chunk_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay:
     g = log_decay.float().contiguous() if log_decay is not None else q.new_zeros(1, dtype=torch.float32)
     initial = initial_state.float().contiguous() if initial_state is not None else None
     o = v.new_empty(v.shape)
-    b = _cumulative_decay(g, layout, decay, heads, key_dim)
     chunks = layout[2].numel()
     dot_dtype, precision, _, _ = _dot_settings(q.dtype)
     vector = decay == DECAY_VECTOR
+    # vector decay: the scores kernel writes b, and the walk cumulates log λ itself (`_chunk_states_kernel`)
+    b = g.new_empty(chunks, CHUNK, heads, key_dim) if vector else _cumulative_decay(g, layout, decay, heads, key_dim)
     scores = q.new_empty(chunks if keep or vector else 0, heads, CHUNK, CHUNK, dtype=_kept_dtype(q.dtype))
     with _walk_stream(q.device, "forward", vector) as walk_stream:
         with walk_stream():
-            states, final = _forward_states(k, v, b, initial, layout, decay, heads, key_dim, value_dim,
-                                            num_sequences, cdiv(length, CHUNK), output_final_state,
+            states, final = _forward_states(k, v, g if vector else b, initial, layout, decay, heads, key_dim,
+                                            value_dim, num_sequences, cdiv(length, CHUNK), output_final_state,
                                             _spare_chunks(chunks, length, cu_seqlens is not None), exact_states)
         if vector:  # beside the walk
             block_k, _, launch = _launch("scores", key_dim, value_dim, dot_dtype)
-            _chunk_scores_kernel[(chunks, heads)](q, k, b, scores, layout[0], layout[2], layout[3], scale, heads,
+            _chunk_scores_kernel[(chunks, heads)](q, k, g, b, scores, layout[0], layout[2], layout[3], scale, heads,
                                                   key_dim, block_k, CHUNK, CHUNK_LEVELS, dot_dtype, precision,
                                                   **launch)
     block_k, block_v, launch = _launch("output", key_dim, value_dim, dot_dtype, decay)
@@ -535,11 +537,12 @@ def _cumulative_decay(g, layout, decay, heads, key_dim):
     return b
 
 
-def _forward_states(k, v, b, initial, layout, decay, heads, key_dim, value_dim, num_sequences, max_chunks,
-                    output_final_state, spare=0, exact_states=False):
+def _forward_states(k, v, decay_of_chunks, initial, layout, decay, heads, key_dim, value_dim, num_sequences,
+                    max_chunks, output_final_state, spare=0, exact_states=False):
     """States at every chunk start (`_new_states`) and the final states (fp32) or None
     (`_state_walk`; max_chunks: a bound on a sequence's chunks, ⌈T / C⌉); the last `spare` chunks zeroed first
-    (`_spare_chunks`)."""
+    (`_spare_chunks`). `decay_of_chunks`: log λ itself for vector decay (the walk cumulates it), else its cumulative
+    sums (`_cumulative_decay`)."""
     cu_seqlens, chunk_offsets, chunk_seq, _ = layout
     dot_dtype, precision, _, _ = _dot_settings(k.dtype)
     states = _new_states(k, chunk_seq.numel(), heads, key_dim, value_dim, exact_states)
@@ -552,9 +555,9 @@ def _forward_states(k, v, b, initial, layout, decay, heads, key_dim, value_dim, 
 
     def states_walk(walk, segments, segment_chunks, segment_state, segment_decay):
         _chunk_states_kernel[(*blocks, num_sequences * heads * segments)](
-            k, v, b, initial, high, low, final, segment_state, segment_decay, cu_seqlens, chunk_offsets, segments,
-            segment_chunks, heads, key_dim, value_dim, block_k, block_v, CHUNK, decay, initial is not None,
-            output_final_state, walk, planes, dot_dtype, precision, **launch)
+            k, v, decay_of_chunks, initial, high, low, final, segment_state, segment_decay, cu_seqlens, chunk_offsets,
+            segments, segment_chunks, heads, key_dim, value_dim, block_k, block_v, CHUNK, decay, initial is not None,
+            output_final_state, walk, planes, decay == DECAY_VECTOR, dot_dtype, precision, **launch)
 
     _state_walk(states_walk, blocks, block_k, block_v, num_sequences, heads, max_chunks, key_dim, value_dim, decay,
                 initial, final, cu_seqlens, k.device, reverse=False)

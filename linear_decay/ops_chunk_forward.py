@@ -33,9 +33,12 @@ def _chunk_states_kernel(k_ptr, v_ptr, b_ptr, initial_ptr, states_ptr, states_lo
                          segment_decay_ptr, cu_seqlens_ptr, chunk_offsets_ptr, segments, segment_chunks,
                          H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                          C: tl.constexpr, DECAY: tl.constexpr, HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr,
-                         WALK: tl.constexpr, PLANES: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+                         WALK: tl.constexpr, PLANES: tl.constexpr, FROM_LOG_DECAY: tl.constexpr,
+                         DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """The state at the start of every chunk of one (sequence, head, value block), and the final state; the states
-    kept as `_store_chunk_state` says (PLANES: the second plane at states_low_ptr).
+    kept as `_store_chunk_state` says (PLANES: the second plane at states_low_ptr). FROM_LOG_DECAY: b_ptr holds
+    log λ itself ([T, H, K], vector decay), cumulated here chunk by chunk, so that the walk need not wait for
+    `_chunk_scores_kernel`, which writes the cumulative log λ the other stages read.
 
     WALK (`_segment_plan`): 0 — a whole sequence per program; with segments of `segment_chunks` chunks, 1 — each
     segment from zero (the first from the initial state), storing only its end state and total log-decay for
@@ -57,7 +60,11 @@ def _chunk_states_kernel(k_ptr, v_ptr, b_ptr, initial_ptr, states_ptr, states_lo
         row_mask = token0 + rows < eos
         k = _tile(k_ptr, token0, rows, row_mask, head, H, K, ck, ck < K)
         v = _tile(v_ptr, token0, rows, row_mask, head, H, V, cv, cv < V)
-        b, total = _chunk_decay(b_ptr, first_chunk + n, head, H, K, ck, C, DECAY)
+        if FROM_LOG_DECAY:
+            b = tl.cumsum(_load_log_decay(b_ptr, token0, rows, row_mask, head, H, K, ck, DECAY), axis=0)
+            total = tl.sum(tl.where((rows == C - 1)[:, None], b, 0.0), axis=0)  # the last row, as b has it
+        else:
+            b, total = _chunk_decay(b_ptr, first_chunk + n, head, H, K, ck, C, DECAY)
         state = _advance_state(state, k, v, b, total, VECTOR, DOT_DTYPE, PRECISION)
         if WALK == 1:
             decay_sum += total
@@ -108,12 +115,12 @@ def _combine_segments_kernel(segment_state_ptr, segment_decay_ptr, start_ptr, en
 
 
 @triton.jit
-def _chunk_scores_kernel(q_ptr, k_ptr, b_ptr, scores_ptr, cu_seqlens_ptr, chunk_seq_ptr, chunk_token_ptr, scale,
+def _chunk_scores_kernel(q_ptr, k_ptr, g_ptr, b_ptr, scores_ptr, cu_seqlens_ptr, chunk_seq_ptr, chunk_token_ptr, scale,
                          H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, LEVELS: tl.constexpr,
                          DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """Vector decay: the causal decayed scores A [C, C] of one (chunk, head) (`_intra_scores`, summed over key blocks
-    of BK channels), stored in scores_ptr's dtype for the output and the backward. Needs no state, so it runs beside
-    the state walk (`ops_chunk._walk_stream`)."""
+    """Vector decay: the cumulative log λ of one (chunk, head), as `_cumulative_decay_kernel` writes it, and the causal
+    decayed scores A [C, C] (`_intra_scores`, summed over key blocks of BK channels), stored in scores_ptr's dtype for
+    the output and the backward. Needs no state, so it runs beside the state walk (`ops_chunk._walk_stream`)."""
     chunk, head = tl.program_id(0), tl.program_id(1)
     seq, token0 = tl.load(chunk_seq_ptr + chunk), tl.load(chunk_token_ptr + chunk)
     eos = tl.load(cu_seqlens_ptr + seq + 1)
@@ -122,9 +129,11 @@ def _chunk_scores_kernel(q_ptr, k_ptr, b_ptr, scores_ptr, cu_seqlens_ptr, chunk_
     scores = tl.zeros((C, C), dtype=tl.float32)
     for key_block in tl.range(0, tl.cdiv(K, BK), num_stages=1):  # not pipelined: six levels' tiles per stage
         ck = key_block * BK + tl.arange(0, BK)
+        b = tl.cumsum(_load_log_decay(g_ptr, token0, rows, row_mask, head, H, K, ck, "vector"), axis=0)
+        tl.store(b_ptr + ((chunk * C + rows[:, None]) * H + head) * K + ck[None, :], b, mask=(ck < K)[None, :])
+        tl.debug_barrier()  # `_intra_scores` reads its anchor rows back from b_ptr
         q = _tile(q_ptr, token0, rows, row_mask, head, H, K, ck, ck < K) * scale
         k = _tile(k_ptr, token0, rows, row_mask, head, H, K, ck, ck < K)
-        b, _ = _chunk_decay(b_ptr, chunk, head, H, K, ck, C, "vector")
         scores += _intra_scores(q, k, b, b_ptr, chunk, head, H, K, ck, C, LEVELS, DOT_DTYPE, PRECISION)
     tl.store(scores_ptr + (chunk * H + head) * C * C + rows[:, None] * C + rows[None, :],
              scores.to(scores_ptr.dtype.element_ty))
