@@ -489,7 +489,9 @@ def _key_block(key_dim):
 # pipeline stages, and for the output whether one program takes every value block (`whole_value`: vector decay's
 # q ⊙ e^{b} then formed once), and where set a cap on registers per thread (Triton's `maxnreg`: vector key gradients
 # at 80 hold three programs an SM instead of two, for 64 bytes of spilled stack at K = 128; the own-pair gradients at
-# 80 six instead of four, for 16 bytes); `walk_stream`: whether vector decay's state walks run on a second stream
+# 80 six instead of four, for 16 bytes). The scores' gradient runs unpipelined: Triton 3.6 compiles its loop over
+# value blocks at two stages to a wrong dA from four blocks on (head dim 256: dq, dk and d log λ off by 20–100 % on
+# an H100 and an H200), at one stage exactly. `walk_stream`: whether vector decay's state walks run on a second stream
 # beside the stages that need no state, forward and backward, and its priority (`_walk_stream`). Chosen by sweeps on
 # an H100 at the three shapes of BENCHMARKS.md's kernel table, whose launch-settings table has the measurements:
 # e.g. the value gradients at 4 warps and 3 stages, 2.74 / 5.64 ms vector forward+backward at 8×2048×16×128 /
@@ -503,7 +505,7 @@ TUNING = MappingProxyType({  # read-only: the kernels' one source of launch sett
     "state_grads": MappingProxyType(dict(block_k=64, block_v=64, num_warps=4, num_stages=3)),
     "state_grads_vector": MappingProxyType(dict(block_k=64, block_v=64, num_warps=4, num_stages=2)),
     "value_grads": MappingProxyType(dict(block_k=64, block_v=64, num_warps=4, num_stages=3)),
-    "score_grads": MappingProxyType(dict(block_v=64, num_warps=4, num_stages=2)),
+    "score_grads": MappingProxyType(dict(block_v=64, num_warps=4, num_stages=1)),
     "intra_grads": MappingProxyType(dict(block_k=32, block_v=64, num_warps=4, num_stages=3, maxnreg=80)),
     "key_grads": MappingProxyType(dict(block_k=64, block_v=64, num_warps=4, num_stages=2)),
     "key_grads_vector": MappingProxyType(dict(block_k=32, block_v=64, num_warps=8, num_stages=2, maxnreg=80)),
