@@ -35,9 +35,9 @@ Algorithm (per head; b = cumulative log λ within a chunk of CHUNK tokens, fp32;
   from fp32 terms that are each a part of the gradient (the pairs of tokens that straddle a position), never as a
   difference of sequence-long sums, so that its error stays at the level of the other gradients at any decay
   strength.
-- Vector decay's chunk scores (forward) and its dA and own-pair gradients (backward) need no state: on a GPU the state
-  walks, which run one program per sequence × head × block (or segment) and leave most of the GPU idle, go to a
-  second stream of higher priority, and these stages fill the GPU beside them (`_walk_stream`).
+- Vector decay's chunk scores (forward) and its dA and own-pair gradients (backward) need no state: on a GPU, from
+  head dim 128, the state walks, which run one program per sequence × head × block (or segment) and leave most of
+  the GPU idle, go to a second stream of higher priority, and these stages fill the GPU beside them (`_walk_stream`).
 
 Triton ≥ 3.4 and < 3.7.1 miscompiles `tl.dot(tl.trans(x), y)` on Hopper when x is a down-cast dot result (DESIGN §7):
 transposed operands here are always loaded or elementwise tensors; results wanted transposed are computed as
@@ -227,7 +227,7 @@ def _chunk_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay:
     # vector decay: the scores kernel writes b, and the walk cumulates log λ itself (`_chunk_states_kernel`)
     b = g.new_empty(chunks, CHUNK, heads, key_dim) if vector else _cumulative_decay(g, layout, decay, heads, key_dim)
     scores = q.new_empty(chunks if keep or vector else 0, heads, CHUNK, CHUNK, dtype=_kept_dtype(q.dtype))
-    with _walk_stream(q.device, "forward", vector) as walk_stream:
+    with _walk_stream(q.device, "forward", vector, key_dim) as walk_stream:
         with walk_stream():
             states, final = _forward_states(k, v, g if vector else b, initial, layout, decay, heads, key_dim,
                                             value_dim, num_sequences, cdiv(length, CHUNK), output_final_state,
@@ -306,7 +306,7 @@ def _chunk_backward(do: torch.Tensor, final_grad: torch.Tensor | None, q: torch.
             layout[1], scale, segments, segment_chunks, heads, key_dim, value_dim, block_k_split, block_v, CHUNK, decay,
             final_grad is not None, initial_grad is not None, walk, planes, dot_dtype, precision, **launch)
 
-    with _walk_stream(q.device, "backward", vector) as walk_stream:
+    with _walk_stream(q.device, "backward", vector, key_dim) as walk_stream:
         with walk_stream():
             _state_walk(state_grads_walk, blocks, block_k_split, block_v, num_sequences, heads, cdiv(length, CHUNK),
                         key_dim, value_dim, decay, final_grad, initial_grad, layout[0], q.device, reverse=True)
@@ -456,7 +456,7 @@ def _priority_stream(device_index, priority):
 
 
 @contextlib.contextmanager
-def _walk_stream(device, stage, vector):
+def _walk_stream(device, stage, vector, key_dim):
     """Runs vector decay's state walk of `stage` ("forward" / "backward") beside the stages that need no state:
     yields a context factory under which the walk is launched, on a second stream of `TUNING["walk_stream"]`'s
     priority that starts after the work queued so far; what is launched outside it goes to the current stream, which
@@ -465,9 +465,10 @@ def _walk_stream(device, stage, vector):
     current stream's its programs start first and the others fill the rest of the GPU. What is allocated under it
     comes from the walk stream's memory, whose blocks are reused only there, and every use of that stream starts by
     waiting for the current one: a block is never reused before its last reader ran. Off the GPU, for the other
-    decays, or with the stage's setting 0: everything on the current stream, in launch order."""
+    decays, below the setting's head dim or with the stage's setting 0: everything on the current stream, in launch
+    order."""
     settings = TUNING["walk_stream"]
-    if device.type != "cuda" or not vector or not settings[stage]:
+    if device.type != "cuda" or not vector or not settings[stage] or key_dim < settings["from_head_dim"]:
         yield contextlib.nullcontext
         return
     current = torch.cuda.current_stream(device)
@@ -492,10 +493,11 @@ def _key_block(key_dim):
 # 80 six instead of four, for 16 bytes). The scores' gradient runs unpipelined: Triton 3.6 compiles its loop over
 # value blocks at two stages to a wrong dA from four blocks on (head dim 256: dq, dk and d log λ off by 20–100 % on
 # an H100 and an H200), at one stage exactly. `walk_stream`: whether vector decay's state walks run on a second stream
-# beside the stages that need no state, forward and backward, and its priority (`_walk_stream`). Chosen by sweeps on
-# an H100 at the three shapes of BENCHMARKS.md's kernel table, whose launch-settings table has the measurements:
-# e.g. the value gradients at 4 warps and 3 stages, 2.74 / 5.64 ms vector forward+backward at 8×2048×16×128 /
-# 2×16384×16×128 against 2.91 / 6.00 at 8 warps and 2 stages.
+# beside the stages that need no state, forward and backward, its priority, and the head dim from which it does
+# (`_walk_stream`: at head dim 64 the overlap gained nothing on average and made the time vary more). Chosen by
+# sweeps on an H100 at the three shapes of BENCHMARKS.md's kernel table, whose launch-settings table has the
+# measurements: e.g. the value gradients at 4 warps and 3 stages, 2.74 / 5.64 ms vector forward+backward at
+# 8×2048×16×128 / 2×16384×16×128 against 2.91 / 6.00 at 8 warps and 2 stages.
 TUNING = MappingProxyType({  # read-only: the kernels' one source of launch settings
     "states": MappingProxyType(dict(block_k=64, block_v=64, num_warps=4, num_stages=3)),
     "states_vector": MappingProxyType(dict(block_k=64, block_v=64, num_warps=4, num_stages=2)),
@@ -509,7 +511,7 @@ TUNING = MappingProxyType({  # read-only: the kernels' one source of launch sett
     "intra_grads": MappingProxyType(dict(block_k=32, block_v=64, num_warps=4, num_stages=3, maxnreg=80)),
     "key_grads": MappingProxyType(dict(block_k=64, block_v=64, num_warps=4, num_stages=2)),
     "key_grads_vector": MappingProxyType(dict(block_k=32, block_v=64, num_warps=8, num_stages=2, maxnreg=80)),
-    "walk_stream": MappingProxyType(dict(forward=1, backward=1, priority=-1)),  # `_walk_stream`
+    "walk_stream": MappingProxyType(dict(forward=1, backward=1, priority=-1, from_head_dim=128)),  # `_walk_stream`
 })
 
 
