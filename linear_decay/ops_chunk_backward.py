@@ -8,8 +8,8 @@ try:
 except ImportError as error:  # CPU-only torch ships without Triton: recurrence keeps the PyTorch path
     raise ImportError("Triton is not installed") from error
 
-from .ops_chunk_common import (_bf16_parts, _chunk_decay, _level_factors, _row_decay, _same_block, _store_chunk_state,
-                               _store_segment, _tile, _to_end, _walk_start)
+from .ops_chunk_common import (_bf16_parts, _chunk_decay, _chunk_rows, _level_factors, _row_decay, _same_block,
+                               _store_chunk_state, _store_segment, _tile, _to_end, _walk_start)
 
 
 @triton.jit
@@ -64,10 +64,7 @@ def _chunk_score_grads_kernel(v_ptr, do_ptr, dA_ptr, cu_seqlens_ptr, chunk_seq_p
     other decays). Needs no state gradient, so it and the own-pair gradients run beside the state-gradient walk
     (`ops_chunk._walk_stream`)."""
     chunk, head = tl.program_id(0), tl.program_id(1)
-    seq, token0 = tl.load(chunk_seq_ptr + chunk), tl.load(chunk_token_ptr + chunk)
-    eos = tl.load(cu_seqlens_ptr + seq + 1)
-    rows = tl.arange(0, C)
-    row_mask = token0 + rows < eos
+    token0, rows, row_mask = _chunk_rows(chunk, chunk_seq_ptr, chunk_token_ptr, cu_seqlens_ptr, C)
     i = rows[:, None]
     j = rows[None, :]
     dA = tl.zeros((C, C), dtype=tl.float32)
@@ -87,10 +84,7 @@ def _chunk_value_grads_kernel(k_ptr, v_ptr, b_ptr, do_ptr, scores_ptr, state_gra
     """dv of one (chunk, head), dv = Aᵀ do + (k ⊙ e^{B − b}) dS (A: the scores the forward kept, dS: ∂L/∂S at the
     chunk's end), value block by value block."""
     chunk, head = tl.program_id(0), tl.program_id(1)
-    seq, token0 = tl.load(chunk_seq_ptr + chunk), tl.load(chunk_token_ptr + chunk)
-    eos = tl.load(cu_seqlens_ptr + seq + 1)
-    rows = tl.arange(0, C)
-    row_mask = token0 + rows < eos
+    token0, rows, row_mask = _chunk_rows(chunk, chunk_seq_ptr, chunk_token_ptr, cu_seqlens_ptr, C)
     i = rows[:, None]
     j = rows[None, :]
     chunk_scores_ptr = scores_ptr + (chunk * H + head) * C * C

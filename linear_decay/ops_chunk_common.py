@@ -17,6 +17,15 @@ DECAY_NONE, DECAY_STATIC, DECAY_SCALAR, DECAY_VECTOR = "none", "static", "scalar
 
 
 @triton.jit
+def _chunk_rows(chunk, chunk_seq_ptr, chunk_token_ptr, cu_seqlens_ptr, C: tl.constexpr):
+    """(first token, row offsets 0 … C − 1, which rows belong to the chunk's sequence) of chunk `chunk` of the layout
+    (`ops_chunk._chunk_layout`): a sequence's last chunk may end before C rows."""
+    seq, token0 = tl.load(chunk_seq_ptr + chunk), tl.load(chunk_token_ptr + chunk)
+    rows = tl.arange(0, C)
+    return token0, rows, token0 + rows < tl.load(cu_seqlens_ptr + seq + 1)
+
+
+@triton.jit
 def _load_log_decay(g_ptr, token0, rows, row_mask, head, H: tl.constexpr, K: tl.constexpr, cols,
                     DECAY: tl.constexpr):
     """log λ of `rows` (token offsets from token0) at key channels `cols` as fp32: [R, len(cols)] for vector decay,

@@ -7,8 +7,8 @@ try:
 except ImportError as error:  # CPU-only torch ships without Triton: recurrence keeps the PyTorch path
     raise ImportError("Triton is not installed") from error
 
-from .ops_chunk_common import (_advance_state, _chunk_decay, _intra_scores, _load_log_decay, _row_decay,
-                               _store_chunk_state, _store_segment, _tile, _walk_start)
+from .ops_chunk_common import (_advance_state, _chunk_decay, _chunk_rows, _intra_scores, _load_log_decay,
+                               _row_decay, _store_chunk_state, _store_segment, _tile, _walk_start)
 
 
 @triton.jit
@@ -17,11 +17,9 @@ def _cumulative_decay_kernel(g_ptr, b_ptr, cu_seqlens_ptr, chunk_seq_ptr, chunk_
     """log λ cumulated within each chunk (inclusive), chunk-major: b [chunks, C, H, K] for vector decay, [chunks, C, H]
     for scalar and static decay; rows past a sequence's end repeat its last value."""
     chunk, head = tl.program_id(0), tl.program_id(1)
-    seq, token0 = tl.load(chunk_seq_ptr + chunk), tl.load(chunk_token_ptr + chunk)
-    eos = tl.load(cu_seqlens_ptr + seq + 1)
-    rows = tl.arange(0, C)
+    token0, rows, row_mask = _chunk_rows(chunk, chunk_seq_ptr, chunk_token_ptr, cu_seqlens_ptr, C)
     ck = tl.arange(0, BK)
-    b = tl.cumsum(_load_log_decay(g_ptr, token0, rows, token0 + rows < eos, head, H, K, ck, DECAY), axis=0)
+    b = tl.cumsum(_load_log_decay(g_ptr, token0, rows, row_mask, head, H, K, ck, DECAY), axis=0)
     if DECAY == "vector":
         tl.store(b_ptr + ((chunk * C + rows[:, None]) * H + head) * K + ck[None, :], b, mask=(ck < K)[None, :])
     else:
@@ -122,10 +120,7 @@ def _chunk_scores_kernel(q_ptr, k_ptr, g_ptr, b_ptr, scores_ptr, cu_seqlens_ptr,
     decayed scores A [C, C] (`_intra_scores`, summed over key blocks of BK channels), stored in scores_ptr's dtype for
     the output and the backward. Needs no state, so it runs beside the state walk (`ops_chunk._walk_stream`)."""
     chunk, head = tl.program_id(0), tl.program_id(1)
-    seq, token0 = tl.load(chunk_seq_ptr + chunk), tl.load(chunk_token_ptr + chunk)
-    eos = tl.load(cu_seqlens_ptr + seq + 1)
-    rows = tl.arange(0, C)
-    row_mask = token0 + rows < eos
+    token0, rows, row_mask = _chunk_rows(chunk, chunk_seq_ptr, chunk_token_ptr, cu_seqlens_ptr, C)
     scores = tl.zeros((C, C), dtype=tl.float32)
     for key_block in tl.range(0, tl.cdiv(K, BK), num_stages=1):  # not pipelined: six levels' tiles per stage
         ck = key_block * BK + tl.arange(0, BK)
@@ -153,10 +148,7 @@ def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, states_ptr, o_ptr, scores_p
     VALUE_PROGRAMS: tl.constexpr = ((V + BV - 1) // BV + VALUE_BLOCKS - 1) // VALUE_BLOCKS
     program, head = tl.program_id(0), tl.program_id(1)  # a chunk's programs adjacent: they share q, k in L2
     chunk, value_program = program // VALUE_PROGRAMS, program % VALUE_PROGRAMS
-    seq, token0 = tl.load(chunk_seq_ptr + chunk), tl.load(chunk_token_ptr + chunk)
-    eos = tl.load(cu_seqlens_ptr + seq + 1)
-    rows = tl.arange(0, C)
-    row_mask = token0 + rows < eos
+    token0, rows, row_mask = _chunk_rows(chunk, chunk_seq_ptr, chunk_token_ptr, cu_seqlens_ptr, C)
     chunk_states_ptr = states_ptr + (chunk * H + head) * K * V
     if DECAY == "vector":
         ONE_KEY_BLOCK: tl.constexpr = BK >= K  # q ⊙ e^{b} then formed once, for every value block
