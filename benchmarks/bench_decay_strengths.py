@@ -20,7 +20,9 @@ speed      forward and forward+backward ms (median of triton.testing.do_bench) a
            forward+backward above the inputs, ours and FLA, at 8×2048×16×128, 2×16384×16×128 and 1×16384×16×64; then
            torch's SDPA (causal, default backend selection) forward+backward at the same shapes. One JSON line per case.
 profile    device time of each kernel in one forward+backward (`.grad = None`), the mean of 10 under torch.profiler,
-           ours and FLA, at the same shapes: where the time goes. One JSON line per case.
+           ours and FLA, at the same shapes: where the time goes. Kernels on two streams overlap, so the sum of their
+           times is not the step's: beside it the device span of a step, each stream's busy time and the last step's
+           timeline (kernel, stream, start and duration, ms), from the profiler's trace. One JSON line per case.
 
 FLA is optional (`pip install flash-linear-attention==0.6.0`); a case FLA refuses (chunk_simple_gla with a
 data-dependent g on Hopper with Triton < 3.7.1) prints its message instead of numbers.
@@ -31,6 +33,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -195,6 +198,34 @@ def speed(args, impls):
 PROFILED_STEPS = 10
 
 
+def _busy(intervals):
+    """Length of the union of [start, end) intervals."""
+    total, reach = 0.0, -math.inf
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def device_timeline(trace_events, steps):
+    """From a torch.profiler Chrome trace's events (`export_chrome_trace`) of `steps` identical steps run back to back:
+    the device span of a step (first start to last end over all steps / steps), each stream's busy time per step,
+    and the last step's device activity as [name, stream, start, duration] relative to its first start; ms."""
+    device = sorted((event["ts"], event["dur"], event["args"]["stream"], event["name"]) for event in trace_events
+                    if event.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in event)
+    if not device:
+        return {}
+    per_step = len(device) // steps
+    last = device[len(device) - per_step:]
+    streams = sorted({stream for _, _, stream, _ in device})
+    return {"device span ms": round((max(ts + dur for ts, dur, _, _ in device) - device[0][0]) / steps / 1000, 3),
+            "stream busy ms": {str(stream): round(_busy([(ts, ts + dur) for ts, dur, s, _ in device if s == stream])
+                                                  / steps / 1000, 3) for stream in streams},
+            "last step": [[name[:40], stream, round((ts - last[0][0]) / 1000, 3), round(dur / 1000, 3)]
+                          for ts, dur, stream, name in last]}
+
+
 def profile(args, impls):
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as profiled
@@ -224,8 +255,12 @@ def profile(args, impls):
             kernels = sorted(((event.key, event.self_device_time_total / PROFILED_STEPS / 1000)
                               for event in prof.key_averages() if event.self_device_time_total > 0),
                              key=lambda item: -item[1])
+            with tempfile.TemporaryDirectory() as folder:
+                prof.export_chrome_trace(os.path.join(folder, "trace.json"))
+                with open(os.path.join(folder, "trace.json")) as trace:
+                    timeline = device_timeline(json.load(trace)["traceEvents"], PROFILED_STEPS)
             row[name] = {"total ms": round(sum(ms for _, ms in kernels), 3),
-                         "kernels": [[kernel[:60], round(ms, 3)] for kernel, ms in kernels]}
+                         "kernels": [[kernel[:60], round(ms, 3)] for kernel, ms in kernels], **timeline}
         print("profile", json.dumps(row), flush=True)
 
 

@@ -216,6 +216,36 @@ def test_kernel_benchmark_strengths_and_sections_on_cpu(tmp_path, monkeypatch, c
     assert "Skipped after --deadline" in bench.markdown_tables(skipped)
 
 
+def test_decay_strengths_profile_timeline_from_a_trace(tmp_path):
+    """bench_decay_strengths.py profile's timeline: from a Chrome trace of two identical steps (a walk on a second
+    stream overlapping two kernels of the first, host events beside them), the step's device span, each stream's busy
+    time and the last step's kernels; and a real CPU trace's events, which hold no device work, give none."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    bench = load("bench_decay_strengths")
+    assert bench._busy([(0, 10), (5, 15), (20, 30), (22, 24)]) == 25
+
+    def kernel(name, stream, ts, dur):
+        return {"cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {"stream": stream}}
+
+    events = [{"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 500, "args": {}}]
+    for step in (0, 1):
+        t0 = 5000 * step
+        events += [kernel("scores", 7, t0, 1000), kernel("walk", 20, t0 + 500, 2000),
+                   kernel("output", 7, t0 + 1200, 1000), kernel("output", 7, t0 + 3000, 1000)]
+    timeline = bench.device_timeline(events, 2)
+    assert timeline["device span ms"] == 4.5  # 0 … 9000 µs over two steps
+    assert timeline["stream busy ms"] == {"7": 3.0, "20": 2.0}
+    assert timeline["last step"] == [["scores", 7, 0.0, 1.0], ["walk", 20, 0.5, 2.0], ["output", 7, 1.2, 1.0],
+                                     ["output", 7, 3.0, 1.0]]
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        torch.ones(4, 4) @ torch.ones(4, 4)
+    prof.export_chrome_trace(str(tmp_path / "trace.json"))
+    assert bench.device_timeline(json.loads((tmp_path / "trace.json").read_text())["traceEvents"], 1) == {}
+
+
 # the most shared memory one program may use on the GPUs BENCHMARKS.md measures (H100, H200: 227 KiB)
 HOPPER_SHARED_BYTES = 227 * 1024
 
