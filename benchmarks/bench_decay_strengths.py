@@ -232,8 +232,8 @@ def profile(args, impls):
 
     for shape, kind, strength, inputs in cases(args):
         scale, do = shape[-1] ** -0.5, inputs[-1]
-        row = {"shape": shape, "kind": kind, "strength": strength}
-        for name, fn in impls.items():
+        for name, fn in impls.items():  # one line each, so a slow or failing implementation keeps the other's
+            row = {"shape": shape, "kind": kind, "strength": strength, "impl": name}
             xs = leaves(kind, *inputs[:4])
 
             def forward_backward():
@@ -250,7 +250,7 @@ def profile(args, impls):
                         forward_backward()
                     torch.cuda.synchronize()
             except Exception as error:  # noqa: BLE001 (a refusal is a result)
-                row[name] = str(error).splitlines()[0][:120]
+                print("profile", json.dumps({**row, "refused": str(error).splitlines()[0][:120]}), flush=True)
                 continue
             kernels = sorted(((event.key, event.self_device_time_total / PROFILED_STEPS / 1000)
                               for event in prof.key_averages() if event.self_device_time_total > 0),
@@ -259,9 +259,9 @@ def profile(args, impls):
                 prof.export_chrome_trace(os.path.join(folder, "trace.json"))
                 with open(os.path.join(folder, "trace.json")) as trace:
                     timeline = device_timeline(json.load(trace)["traceEvents"], PROFILED_STEPS)
-            row[name] = {"total ms": round(sum(ms for _, ms in kernels), 3),
-                         "kernels": [[kernel[:60], round(ms, 3)] for kernel, ms in kernels], **timeline}
-        print("profile", json.dumps(row), flush=True)
+            row.update({"total ms": round(sum(ms for _, ms in kernels), 3),
+                        "kernels": [[kernel[:60], round(ms, 3)] for kernel, ms in kernels], **timeline})
+            print("profile", json.dumps(row), flush=True)
 
 
 def parse_shapes(text):
