@@ -22,7 +22,8 @@ speed      forward and forward+backward ms (median of triton.testing.do_bench) a
 profile    device time of each kernel in one forward+backward (`.grad = None`), the mean of 10 under torch.profiler,
            ours and FLA, at the same shapes: where the time goes. Kernels on two streams overlap, so the sum of their
            times is not the step's: beside it the device span of a step, each stream's busy time and the last step's
-           timeline (kernel, stream, start and duration, ms), from the profiler's trace. One JSON line per case.
+           timeline (kernel, stream, start and duration, ms), from the profiler's trace. One JSON line per case and
+           implementation, printed as soon as it is measured.
 
 FLA is optional (`pip install flash-linear-attention==0.6.0`); a case FLA refuses (chunk_simple_gla with a
 data-dependent g on Hopper with Triton < 3.7.1) prints its message instead of numbers.
