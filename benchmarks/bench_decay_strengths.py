@@ -227,41 +227,46 @@ def device_timeline(trace_events, steps):
                           for ts, dur, stream, name in last]}
 
 
-def profile(args, impls):
+def profile_row(fn, kind, xs, scale, do, device="cuda"):
+    """Where one implementation's forward+backward (`.grad = None`) spends its time, `PROFILED_STEPS` steps under
+    torch.profiler after three outside it: each kernel's mean device time per step and `device_timeline`'s span,
+    stream busy times and last step, ms. On the CPU (for testing the scripts) the profile has no device kernels."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as profiled
 
+    def forward_backward():
+        for x in xs:
+            x.grad = None
+        fn(kind, *xs, scale).backward(do)
+
+    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(3):  # compile and warm up outside the profile
+        forward_backward()
+    synchronize()
+    activity = ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU
+    with profiled(activities=[activity]) as prof:
+        for _ in range(PROFILED_STEPS):
+            forward_backward()
+        synchronize()
+    kernels = sorted(((event.key, event.self_device_time_total / PROFILED_STEPS / 1000)
+                      for event in prof.key_averages() if event.self_device_time_total > 0), key=lambda item: -item[1])
+    with tempfile.TemporaryDirectory() as folder:
+        prof.export_chrome_trace(os.path.join(folder, "trace.json"))
+        with open(os.path.join(folder, "trace.json")) as trace:
+            timeline = device_timeline(json.load(trace)["traceEvents"], PROFILED_STEPS)
+    return {"total ms": round(sum(ms for _, ms in kernels), 3),
+            "kernels": [[kernel[:60], round(ms, 3)] for kernel, ms in kernels], **timeline}
+
+
+def profile(args, impls):
     for shape, kind, strength, inputs in cases(args):
         scale, do = shape[-1] ** -0.5, inputs[-1]
         for name, fn in impls.items():  # one line each, so a slow or failing implementation keeps the other's
             row = {"shape": shape, "kind": kind, "strength": strength, "impl": name}
-            xs = leaves(kind, *inputs[:4])
-
-            def forward_backward():
-                for x in xs:
-                    x.grad = None
-                fn(kind, *xs, scale).backward(do)
-
             try:
-                for _ in range(3):  # compile and warm up outside the profile
-                    forward_backward()
-                torch.cuda.synchronize()
-                with profiled(activities=[ProfilerActivity.CUDA]) as prof:
-                    for _ in range(PROFILED_STEPS):
-                        forward_backward()
-                    torch.cuda.synchronize()
+                row.update(profile_row(fn, kind, leaves(kind, *inputs[:4]), scale, do))
             except Exception as error:  # noqa: BLE001 (a refusal is a result)
-                print("profile", json.dumps({**row, "refused": str(error).splitlines()[0][:120]}), flush=True)
-                continue
-            kernels = sorted(((event.key, event.self_device_time_total / PROFILED_STEPS / 1000)
-                              for event in prof.key_averages() if event.self_device_time_total > 0),
-                             key=lambda item: -item[1])
-            with tempfile.TemporaryDirectory() as folder:
-                prof.export_chrome_trace(os.path.join(folder, "trace.json"))
-                with open(os.path.join(folder, "trace.json")) as trace:
-                    timeline = device_timeline(json.load(trace)["traceEvents"], PROFILED_STEPS)
-            row.update({"total ms": round(sum(ms for _, ms in kernels), 3),
-                        "kernels": [[kernel[:60], round(ms, 3)] for kernel, ms in kernels], **timeline})
+                row["refused"] = str(error).splitlines()[0][:120]
             print("profile", json.dumps(row), flush=True)
 
 

@@ -5,8 +5,8 @@ Alternating forward+backward timings and errors against the float64 oracle, on t
 
     python benchmarks/compare_kernels.py snapshot REV DIR     # a git revision's kernel modules into DIR
     python benchmarks/compare_kernels.py run VERSION [VERSION ...] [--kinds static,scalar@u20,vector@mild]
-        [--shapes 8x2048x16x128,2x16384x16x128] [--rounds 2] [--precision] [--precision-shape 2x1000x3x128]
-        [--no-fla] [--device cuda]
+        [--shapes 8x2048x16x128,2x16384x16x128] [--rounds 2] [--profile] [--precision]
+        [--precision-shape 2x1000x3x128] [--no-fla] [--device cuda]
 
 A VERSION is `worktree` (this checkout's linear_decay/ops_*.py) or a directory holding such files (`snapshot` writes
 one, for a machine whose copy of the tree has no git), optionally followed by `:kernel.field=value;...`, overrides
@@ -16,8 +16,10 @@ package of its own (its custom ops get their own names, `ops_host.op_name`); the
 round, so that a drift of the machine's speed reaches them alike. A kind is `vector`, `scalar` or `static`,
 optionally `@strength` (`bench_decay_strengths.STRENGTHS`; static decay: TNL's slopes). One JSON line per case:
 fwd+bwd ms per round (median of `triton.testing.do_bench`, `.grad = None` each time; each time also on stderr as soon
-as it is measured); with `--precision` one more per kind, the relative errors of o, dq, dk, dv and d log λ against the
-float64 oracle. `--device cpu` (fp32 inputs, with TRITON_INTERPRET=1) times one wall-clock call, which means nothing:
+as it is measured); with `--profile` after it one per version, where its forward+backward spends its time
+(`bench_decay_strengths.profile_row`: each kernel's device time, each stream's busy time and the last step's
+timeline), e.g. to see a kernel alone (`walk_stream.forward=0`) and beside the state walk; with `--precision` one
+more per kind, the relative errors of o, dq, dk, dv and d log λ against the float64 oracle. `--device cpu` (fp32 inputs, with TRITON_INTERPRET=1) times one wall-clock call, which means nothing:
 it is for testing this script.
 """
 
@@ -149,6 +151,13 @@ def compare(versions, args):
                     print(f"{'x'.join(map(str, shape))} {kind}@{strength} round {round_index + 1} {label}: {ms:.3f} ms",
                           file=sys.stderr, flush=True)  # as it comes: a run stopped by a time limit keeps it
             print(json.dumps(row), flush=True)
+            if args.profile:
+                for label, fn in impls.items():
+                    if label == "fla" and kind == "scalar":
+                        continue
+                    xs = strengths.leaves(kind, *tensors)
+                    print(json.dumps({**{key: row[key] for key in ("shape", "kind", "strength")}, "version": label,
+                                      **strengths.profile_row(fn, kind, xs, scale, do, args.device)}), flush=True)
     if args.precision:
         for kind, strength in args.kinds:
             print(json.dumps(strengths.precision_row(impls, kind, strength, args.device, dtype, args.precision_shape)),
@@ -170,6 +179,7 @@ def main(argv=None):
     run.add_argument("--precision", action="store_true")
     run.add_argument("--precision-shape", type=lambda text: strengths.parse_shapes(text)[0],
                      default=strengths.PRECISION_SHAPE)
+    run.add_argument("--profile", action="store_true")
     run.add_argument("--no-fla", dest="fla", action="store_false")
     run.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     args = parser.parse_args(argv)

@@ -296,9 +296,9 @@ def test_kernel_resources_every_launch_fits_hopper(tmp_path, dtype, kinds, versi
 
 def test_compare_kernels_versions_side_by_side(tmp_path, capsys, monkeypatch):
     """Two versions of the kernels (a git snapshot and the working tree with a launch-setting override) load as
-    packages of their own and run through the same comparison on CPU, each time also reported as it comes; their
-    errors against the float64 oracle are fp32's (test_ops_chunk.py's 2e-5 at a mild decay); a register cap (`maxnreg`)
-    may be added, an override of any other setting TUNING lacks is refused."""
+    packages of their own and run through the same comparison and profile on CPU, each time also reported as it
+    comes; their errors against the float64 oracle are fp32's (test_ops_chunk.py's 2e-5 at a mild decay); a register
+    cap (`maxnreg`) may be added, an override of any other setting TUNING lacks is refused."""
     compare = load("compare_kernels")
     if subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True).returncode == 0:
         snapshot = tmp_path / "head"
@@ -309,10 +309,12 @@ def test_compare_kernels_versions_side_by_side(tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     assert compare.main(["run", str(snapshot), "worktree:key_grads.block_k=32;key_grads.num_warps=8", "--device",
                          "cpu", "--no-fla", "--kinds", "scalar@mild", "--shapes", "1x70x2x32", "--rounds", "1",
-                         "--precision", "--precision-shape", "1x70x2x32"]) == 0
+                         "--profile", "--precision", "--precision-shape", "1x70x2x32"]) == 0
     output = capsys.readouterr()
-    timing, errors = (json.loads(line) for line in output.out.splitlines())
+    timing, *profiles, errors = (json.loads(line) for line in output.out.splitlines())
     labels = [str(snapshot), "worktree:key_grads.block_k=32;key_grads.num_warps=8"]
+    assert [row["version"] for row in profiles] == labels  # one profile each after the case's timings
+    assert all(row["shape"] == [1, 70, 2, 32] and row["kind"] == "scalar" and "kernels" in row for row in profiles)
     progress = [line for line in output.err.splitlines() if line.startswith("1x70x2x32 scalar@mild round 1 ")]
     assert [line.split(" round 1 ")[1].rsplit(": ", 1)[0] for line in progress] == labels  # each time as it came
     assert sorted(timing["fwd+bwd ms"]) == sorted(labels) and all(ms[0] > 0 for ms in timing["fwd+bwd ms"].values())
