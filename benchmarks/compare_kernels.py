@@ -19,8 +19,8 @@ fwd+bwd ms per round (median of `triton.testing.do_bench`, `.grad = None` each t
 as it is measured); with `--profile` after it one per version, where its forward+backward spends its time
 (`bench_decay_strengths.profile_row`: each kernel's device time, each stream's busy time and the last step's
 timeline), e.g. to see a kernel alone (`walk_stream.forward=0`) and beside the state walk; with `--precision` one
-more per kind, the relative errors of o, dq, dk, dv and d log λ against the float64 oracle. `--device cpu` (fp32 inputs, with TRITON_INTERPRET=1) times one wall-clock call, which means nothing:
-it is for testing this script.
+more per kind, the relative errors of o, dq, dk, dv and d log λ against the float64 oracle. `--device cpu` (fp32
+inputs, with TRITON_INTERPRET=1) times one wall-clock call, which means nothing: it is for testing this script.
 """
 
 import argparse
@@ -123,6 +123,11 @@ def parse_kind(text):
     return kind, strength or ("tnl" if kind == "static" else "u20")
 
 
+def runnable(impls, kind):
+    """(label, implementation) of those that run `kind`: FLA 0.6 refuses scalar decay on Hopper with Triton < 3.7.1."""
+    return [(label, fn) for label, fn in impls.items() if not (label == "fla" and kind == "scalar")]
+
+
 def compare(versions, args):
     """Alternating timings (and errors) of the versions and FLA, one JSON line per shape and kind."""
     impls = {label: implementation(module) for label, module in versions}
@@ -138,9 +143,7 @@ def compare(versions, args):
             scale = shape[-1] ** -0.5
             row = {"shape": list(shape), "kind": kind, "strength": strength, "fwd+bwd ms": {}}
             for round_index in range(args.rounds):
-                for label, fn in impls.items():
-                    if label == "fla" and kind == "scalar":  # FLA 0.6 refuses it on Hopper with Triton < 3.7.1
-                        continue
+                for label, fn in runnable(impls, kind):
                     xs = strengths.leaves(kind, *tensors)
 
                     def forward_backward():
@@ -152,9 +155,7 @@ def compare(versions, args):
                           file=sys.stderr, flush=True)  # as it comes: a run stopped by a time limit keeps it
             print(json.dumps(row), flush=True)
             if args.profile:
-                for label, fn in impls.items():
-                    if label == "fla" and kind == "scalar":
-                        continue
+                for label, fn in runnable(impls, kind):
                     xs = strengths.leaves(kind, *tensors)
                     print(json.dumps({**{key: row[key] for key in ("shape", "kind", "strength")}, "version": label,
                                       **strengths.profile_row(fn, kind, xs, scale, do, args.device)}), flush=True)
