@@ -22,8 +22,8 @@ speed      forward and forward+backward ms (median of triton.testing.do_bench) a
 profile    device time of each kernel in one forward+backward (`.grad = None`), the mean of 10 under torch.profiler,
            ours and FLA, at the same shapes: where the time goes. Kernels on two streams overlap, so the sum of their
            times is not the step's: beside it the device span of a step, each stream's busy time and the last step's
-           timeline (kernel, stream, start and duration, ms), from the profiler's trace. One JSON line per case and
-           implementation, printed as soon as it is measured.
+           timeline (kernel, stream, start and duration, ms) and each kernel's registers a thread, from the profiler's
+           trace. One JSON line per case and implementation, printed as soon as it is measured.
 
 FLA is optional (`pip install flash-linear-attention==0.6.0`); a case FLA refuses (chunk_simple_gla with a
 data-dependent g on Hopper with Triton < 3.7.1) prints its message instead of numbers.
@@ -212,7 +212,8 @@ def _busy(intervals):
 def device_timeline(trace_events, steps):
     """From a torch.profiler Chrome trace's events (`export_chrome_trace`) of `steps` identical steps run back to back:
     the device span of a step (first start to last end over all steps / steps), each stream's busy time per step,
-    and the last step's device activity as [name, stream, start, duration] relative to its first start; ms."""
+    and the last step's device activity as [name, stream, start, duration] relative to its first start; ms. With them
+    each kernel's registers a thread, where the trace gives them (CUPTI's "registers per thread")."""
     device = sorted((event["ts"], event["dur"], event["args"]["stream"], event["name"]) for event in trace_events
                     if event.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in event)
     if not device:
@@ -224,7 +225,9 @@ def device_timeline(trace_events, steps):
             "stream busy ms": {str(stream): round(_busy([(ts, ts + dur) for ts, dur, s, _ in device if s == stream])
                                                   / steps / 1000, 3) for stream in streams},
             "last step": [[name[:40], stream, round((ts - last[0][0]) / 1000, 3), round(dur / 1000, 3)]
-                          for ts, dur, stream, name in last]}
+                          for ts, dur, stream, name in last],
+            "registers": {event["name"][:40]: event["args"]["registers per thread"] for event in trace_events
+                          if event.get("cat") == "kernel" and "registers per thread" in event.get("args", {})}}
 
 
 def profile_row(fn, kind, xs, scale, do, device="cuda"):

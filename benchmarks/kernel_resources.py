@@ -70,10 +70,9 @@ def record_launches(ops_chunk, kind, shape, dtype, sms):
                      "none": None}[kind]
         decay_grad = log_decay is not None and kind != "static"
         exact_states = decay_grad and kind != "vector"  # as `triton_chunked_recurrence` chooses them
-        _, _, states, scores, kept_decay = ops_chunk._chunk_forward(q, k, v, log_decay, None, None, dim ** -0.5,
-                                                                    False, True, exact_states)
-        ops_chunk._chunk_backward(do, None, q, k, v, log_decay, None, states, scores, kept_decay, None, dim ** -0.5,
-                                  decay_grad, False)
+        _, _, *kept = ops_chunk._chunk_forward(q, k, v, log_decay, None, None, dim ** -0.5, False, True,
+                                               exact_states)
+        ops_chunk._chunk_backward(do, None, q, k, v, log_decay, None, *kept, None, dim ** -0.5, decay_grad, False)
     finally:
         for name in kernels:
             setattr(ops_chunk, name, saved[name])

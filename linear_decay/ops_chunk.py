@@ -35,6 +35,9 @@ Algorithm (per head; b = cumulative log λ within a chunk of CHUNK tokens, fp32;
   from fp32 terms that are each a part of the gradient (the pairs of tokens that straddle a position), never as a
   difference of sequence-long sums, so that its error stays at the level of the other gradients at any decay
   strength.
+- Vector decay's scores kernel also writes the decayed dot operands q ⊙ e^{b} and k ⊙ e^{B − b} (`_decayed_operands`):
+  the output and the state-gradient walk read the first, the value gradients the second, each instead of q or k and
+  the fp32 b; the values are the ones those stages formed from q, k and b themselves, bit for bit.
 - Vector decay's chunk scores (forward) and its dA and own-pair gradients (backward) need no state: on a GPU, from
   head dim 128, the state walks, which run one program per sequence × head × block (or segment) and leave most of
   the GPU idle, go to a second stream of higher priority, and these stages fill the GPU beside them (`_walk_stream`).
@@ -206,12 +209,13 @@ def _packed_chunk_layout(cu_seqlens, length):
 
 def _chunk_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor | None,
                    initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None, scale: float,
-                   output_final_state: bool, keep: bool,
-                   exact_states: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                   output_final_state: bool, keep: bool, exact_states: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The chunked recurrence's forward (module docstring): (o, the final states [N, H, K, V] fp32 or, unless
     `output_final_state`, an empty tensor, and for `_chunk_backward` the chunk states [chunks, H, K, V] in
-    `_state_dtype`, and when `keep` the chunks' scores [chunks, H, C, C] in `_kept_dtype` and the cumulative log λ
-    (`_cumulative_decay`, fp32), else empty; chunks: `_num_chunks`)."""
+    `_state_dtype`, and when `keep` the chunks' scores [chunks, H, C, C] in `_kept_dtype`, the cumulative log λ
+    (`_cumulative_decay`, fp32) and for vector decay the decayed operands (`_decayed_operands`), else empty; chunks:
+    `_num_chunks`)."""
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     decay = _decay_kind(log_decay, key_dim)
@@ -227,6 +231,7 @@ def _chunk_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay:
     # vector decay: the scores kernel writes b, and the walk cumulates log λ itself (`_chunk_states_kernel`)
     b = g.new_empty(chunks, CHUNK, heads, key_dim) if vector else _cumulative_decay(g, layout, decay, heads, key_dim)
     scores = q.new_empty(chunks if keep or vector else 0, heads, CHUNK, CHUNK, dtype=_kept_dtype(q.dtype))
+    decayed = _decayed_operands(q, vector, keep)
     with _walk_stream(q.device, "forward", vector, key_dim) as walk_stream:
         with walk_stream():
             states, final = _forward_states(k, v, g if vector else b, initial, layout, decay, heads, key_dim,
@@ -234,19 +239,28 @@ def _chunk_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay:
                                             _spare_chunks(chunks, length, cu_seqlens is not None), exact_states)
         if vector:  # beside the walk
             block_k, _, launch = _launch("scores", key_dim, value_dim, dot_dtype)
-            _chunk_scores_kernel[(chunks, heads)](q, k, g, b, scores, layout[0], layout[2], layout[3], scale, heads,
-                                                  key_dim, block_k, CHUNK, CHUNK_LEVELS, dot_dtype, precision,
-                                                  **launch)
+            _chunk_scores_kernel[(chunks, heads)](q, k, g, b, scores, decayed[0], decayed[-1], layout[0], layout[2],
+                                                  layout[3], scale, heads, key_dim, block_k, CHUNK, CHUNK_LEVELS, keep,
+                                                  dot_dtype, precision, **launch)
     block_k, block_v, launch = _launch("output", key_dim, value_dim, dot_dtype, decay)
     whole_value = launch.pop("whole_value")
     value_blocks = cdiv(value_dim, block_v) if whole_value else 1  # value blocks per program
     _chunk_output_kernel[(chunks * cdiv(cdiv(value_dim, block_v), value_blocks), heads)](
-        q, k, v, b, _planes(states)[0], o, scores, layout[0], layout[2], layout[3], scale, heads, key_dim,
-        value_dim, block_k, block_v, CHUNK, decay, keep, dot_dtype, precision, value_blocks, **launch)
-    if not keep:  # the scores were only the output's
+        q, k, v, b, _planes(states)[0], o, scores, decayed[0] if vector else q, layout[0], layout[2], layout[3], scale,
+        heads, key_dim, value_dim, block_k, block_v, CHUNK, decay, keep, dot_dtype, precision, value_blocks, **launch)
+    if not keep:  # the scores and decayed operands were only the output's
         scores = q.new_empty(0, heads, CHUNK, CHUNK, dtype=scores.dtype)
+        decayed = _decayed_operands(q, False, False)
     kept_decay = b if keep and decay != DECAY_NONE else g.new_empty(0)
-    return o, final if final is not None else g.new_empty(0), states, scores, kept_decay
+    return o, final if final is not None else g.new_empty(0), states, scores, kept_decay, decayed
+
+
+def _decayed_operands(q, vector, keep):
+    """An empty tensor for vector decay's decayed dot operands [2, B, T, H, K] in `_kept_dtype`: q ⊙ e^{b} (scaled) and
+    k ⊙ e^{B − b}, written by `_chunk_scores_kernel` and read by the output, the state-gradient walk and the value
+    gradients instead of q or k with b (half the bytes of b alone, and no exponentials on the walk's path); without
+    `keep` (no backward) the first alone, [1, B, T, H, K]; for the other decays [0]."""
+    return q.new_empty((1 + keep, *q.shape) if vector else (0,), dtype=_kept_dtype(q.dtype))
 
 
 def _chunk_forward_fake(q, k, v, log_decay, initial_state, cu_seqlens, scale, output_final_state, keep,
@@ -263,18 +277,19 @@ def _chunk_forward_fake(q, k, v, log_decay, initial_state, cu_seqlens, scale, ou
                              if keep and decay != DECAY_NONE else (0,), dtype=torch.float32)
     return (v.new_empty(v.shape), final,
             _new_states(q, chunks, heads, key_dim, value_dim, exact_states),
-            q.new_empty(chunks if keep else 0, heads, CHUNK, CHUNK, dtype=kept), kept_decay)
+            q.new_empty(chunks if keep else 0, heads, CHUNK, CHUNK, dtype=kept), kept_decay,
+            _decayed_operands(q, keep and decay == DECAY_VECTOR, True))
 
 
 def _chunk_backward(do: torch.Tensor, final_grad: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
                     v: torch.Tensor, log_decay: torch.Tensor | None, initial_state: torch.Tensor | None,
-                    states: torch.Tensor, scores: torch.Tensor, kept_decay: torch.Tensor,
+                    states: torch.Tensor, scores: torch.Tensor, kept_decay: torch.Tensor, decayed: torch.Tensor,
                     cu_seqlens: torch.Tensor | None, scale: float, decay_grad: bool,
                     initial_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The chunked recurrence's backward from `_chunk_forward`'s inputs, what it kept (chunk states, scores,
-    cumulative log λ) and the gradients of o and (or None) of the final states: (dq, dk, dv, d log λ, ∂L/∂S_0), each
-    in its input's shape and dtype; d log λ only when `decay_grad` and ∂L/∂S_0 only when `initial_grad`, else empty
-    tensors."""
+    cumulative log λ, decayed operands) and the gradients of o and (or None) of the final states: (dq, dk, dv,
+    d log λ, ∂L/∂S_0), each in its input's shape and dtype; d log λ only when `decay_grad` and ∂L/∂S_0 only when
+    `initial_grad`, else empty tensors."""
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     decay = _decay_kind(log_decay, key_dim)
@@ -302,9 +317,10 @@ def _chunk_backward(do: torch.Tensor, final_grad: torch.Tensor | None, q: torch.
 
     def state_grads_walk(walk, segments, segment_chunks, segment_state, segment_decay):
         _chunk_state_grads_kernel[(*blocks, num_sequences * heads * segments)](
-            q, do, b, final_grad, grads_high, grads_low, initial_grad, segment_state, segment_decay, layout[0],
-            layout[1], scale, segments, segment_chunks, heads, key_dim, value_dim, block_k_split, block_v, CHUNK, decay,
-            final_grad is not None, initial_grad is not None, walk, planes, dot_dtype, precision, **launch)
+            q, decayed[0] if vector else q, do, b, final_grad, grads_high, grads_low, initial_grad, segment_state,
+            segment_decay, layout[0], layout[1], scale, segments, segment_chunks, heads, key_dim, value_dim,
+            block_k_split, block_v, CHUNK, decay, final_grad is not None, initial_grad is not None, walk, planes,
+            dot_dtype, precision, **launch)
 
     with _walk_stream(q.device, "backward", vector, key_dim) as walk_stream:
         with walk_stream():
@@ -312,8 +328,8 @@ def _chunk_backward(do: torch.Tensor, final_grad: torch.Tensor | None, q: torch.
                         key_dim, value_dim, decay, final_grad, initial_grad, layout[0], q.device, reverse=True)
             block_k, block_v, launch = _launch("value_grads", key_dim, value_dim, dot_dtype)
             _chunk_value_grads_kernel[(chunks, heads)](
-                k, v, b, do, scores, grads_high, dv, layout[0], layout[2], layout[3], heads, key_dim, value_dim,
-                block_k, block_v, CHUNK, decay, dot_dtype, precision, **launch)
+                k, decayed[1] if vector else k, v, b, do, scores, grads_high, dv, layout[0], layout[2], layout[3],
+                heads, key_dim, value_dim, block_k, block_v, CHUNK, decay, dot_dtype, precision, **launch)
         if vector:  # beside the walk
             _, block_v, launch = _launch("score_grads", key_dim, value_dim, dot_dtype)
             _chunk_score_grads_kernel[(chunks, heads)](v, do, dA, layout[0], layout[2], layout[3], heads, value_dim,
@@ -347,8 +363,8 @@ def _chunk_backward(do: torch.Tensor, final_grad: torch.Tensor | None, q: torch.
     return dq, dk, dv, d_log_decay, initial_grad
 
 
-def _chunk_backward_fake(do, final_grad, q, k, v, log_decay, initial_state, states, scores, kept_decay, cu_seqlens,
-                         scale, decay_grad, initial_grad):
+def _chunk_backward_fake(do, final_grad, q, k, v, log_decay, initial_state, states, scores, kept_decay, decayed,
+                         cu_seqlens, scale, decay_grad, initial_grad):
     with_decay_grad = decay_grad and log_decay is not None
     with_initial_grad = initial_grad and initial_state is not None
     d_log_decay = (log_decay.new_empty(log_decay.shape) if with_decay_grad
@@ -366,24 +382,24 @@ chunk_backward.register_fake(_chunk_backward_fake)
 
 def _save_for_backward(ctx, inputs, output):
     """What the backward reads (the op's setup_context, and `_EagerChunkedRecurrence`'s): the inputs, the chunk
-    states (instead of a second walk), the scores and the cumulative log λ."""
+    states (instead of a second walk), the scores, the cumulative log λ and the decayed operands."""
     q, k, v, log_decay, initial_state, cu_seqlens, scale, output_final_state, keep, exact_states = inputs
-    _, _, states, scores, kept_decay = output
-    ctx.save_for_backward(q, k, v, log_decay, initial_state, states, scores, kept_decay, cu_seqlens)
-    ctx.mark_non_differentiable(states, scores, kept_decay)
+    _, _, states, scores, kept_decay, decayed = output
+    ctx.save_for_backward(q, k, v, log_decay, initial_state, states, scores, kept_decay, decayed, cu_seqlens)
+    ctx.mark_non_differentiable(states, scores, kept_decay, decayed)
     ctx.set_materialize_grads(False)
     ctx.scale, ctx.output_final_state = scale, output_final_state
 
 
 def _gradients(ctx, do, final_grad, backward):
     """The inputs' gradients through `backward` (the op `chunk_backward`, or `_chunk_backward` itself in eager)."""
-    q, k, v, log_decay, initial_state, states, scores, kept_decay, cu_seqlens = ctx.saved_tensors
+    q, k, v, log_decay, initial_state, states, scores, kept_decay, decayed, cu_seqlens = ctx.saved_tensors
     wants_decay_grad, wants_initial_grad = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
     if do is None:  # only the final states reach the loss
         do = torch.zeros_like(v)
     dq, dk, dv, d_log_decay, initial_grad = backward(
         do, final_grad if ctx.output_final_state else None, q, k, v, log_decay, initial_state, states, scores,
-        kept_decay, cu_seqlens, ctx.scale, wants_decay_grad, wants_initial_grad)
+        kept_decay, decayed, cu_seqlens, ctx.scale, wants_decay_grad, wants_initial_grad)
     return (dq, dk, dv, d_log_decay if wants_decay_grad else None, initial_grad if wants_initial_grad else None,
             None, None, None, None, None)
 

@@ -8,19 +8,21 @@ try:
 except ImportError as error:  # CPU-only torch ships without Triton: recurrence keeps the PyTorch path
     raise ImportError("Triton is not installed") from error
 
-from .ops_chunk_common import (_bf16_parts, _chunk_decay, _chunk_rows, _level_factors, _row_decay, _same_block,
-                               _store_chunk_state, _store_segment, _tile, _to_end, _walk_start)
+from .ops_chunk_common import (_bf16_parts, _chunk_decay, _chunk_rows, _chunk_total, _level_factors, _row_decay,
+                               _same_block, _store_chunk_state, _store_segment, _tile, _to_end, _walk_start)
 
 
 @triton.jit
-def _chunk_state_grads_kernel(q_ptr, do_ptr, b_ptr, final_grad_ptr, state_grads_ptr, state_grads_low_ptr,
+def _chunk_state_grads_kernel(q_ptr, q_decayed_ptr, do_ptr, b_ptr, final_grad_ptr, state_grads_ptr, state_grads_low_ptr,
                               initial_grad_ptr, segment_state_ptr, segment_decay_ptr, cu_seqlens_ptr, chunk_offsets_ptr,
                               scale, segments, segment_chunks, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                               BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
                               HAS_FINAL_GRAD: tl.constexpr, STORE_INITIAL_GRAD: tl.constexpr, WALK: tl.constexpr,
                               PLANES: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """∂L/∂S at the end of every chunk (reverse walk): dS ← e^{B} ⊙ dS + (q ⊙ e^{b})ᵀ do; ∂L/∂S_0 last. WALK and
-    PLANES as in `_chunk_states_kernel`, segments walked last to first (the sequence's last segment from ∂L/∂S_T)."""
+    PLANES as in `_chunk_states_kernel`, segments walked last to first (the sequence's last segment from ∂L/∂S_T).
+    Vector decay reads q ⊙ e^{b} as the forward's scores kernel stored it (q_decayed_ptr) and only the chunk's total
+    of b: a third of the bytes per chunk of q and b, on a walk whose chunks go one after another."""
     VECTOR: tl.constexpr = DECAY == "vector"
     (program, seq_head, head, bos, eos, first_chunk, ck, cv, state_offsets, state_mask, first, last,
      dstate) = _walk_start(
@@ -36,14 +38,16 @@ def _chunk_state_grads_kernel(q_ptr, do_ptr, b_ptr, final_grad_ptr, state_grads_
                                ((first_chunk + n) * H + head) * K * V + state_offsets, dstate, state_mask, PLANES)
         token0 = bos + n * C
         row_mask = token0 + rows < eos
-        q = _tile(q_ptr, token0, rows, row_mask, head, H, K, ck, ck < K) * scale
         do = _tile(do_ptr, token0, rows, row_mask, head, H, V, cv, cv < V)
-        b, total = _chunk_decay(b_ptr, first_chunk + n, head, H, K, ck, C, DECAY)
         if VECTOR:
+            q_from_start = _tile(q_decayed_ptr, token0, rows, row_mask, head, H, K, ck, ck < K).to(DOT_DTYPE)
+            total = _chunk_total(b_ptr, first_chunk + n, head, H, K, ck, C)
             dstate = dstate * tl.exp(total)[:, None]
         else:
+            q = _tile(q_ptr, token0, rows, row_mask, head, H, K, ck, ck < K) * scale
+            b, total = _chunk_decay(b_ptr, first_chunk + n, head, H, K, ck, C, DECAY)
             dstate = dstate * tl.exp(total)
-        q_from_start = (q * _row_decay(b, VECTOR)).to(DOT_DTYPE)
+            q_from_start = (q * _row_decay(b, VECTOR)).to(DOT_DTYPE)
         dstate += tl.dot(tl.trans(q_from_start), do.to(DOT_DTYPE), input_precision=PRECISION)
         if WALK == 1:
             decay_sum += total
@@ -77,12 +81,14 @@ def _chunk_score_grads_kernel(v_ptr, do_ptr, dA_ptr, cu_seqlens_ptr, chunk_seq_p
 
 
 @triton.jit
-def _chunk_value_grads_kernel(k_ptr, v_ptr, b_ptr, do_ptr, scores_ptr, state_grads_ptr, dv_ptr, cu_seqlens_ptr,
+def _chunk_value_grads_kernel(k_ptr, k_decayed_ptr, v_ptr, b_ptr, do_ptr, scores_ptr, state_grads_ptr, dv_ptr,
+                              cu_seqlens_ptr,
                               chunk_seq_ptr, chunk_token_ptr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                               BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
                               DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """dv of one (chunk, head), dv = Aᵀ do + (k ⊙ e^{B − b}) dS (A: the scores the forward kept, dS: ∂L/∂S at the
-    chunk's end), value block by value block."""
+    chunk's end), value block by value block; vector decay's k ⊙ e^{B − b} as the forward's scores kernel stored it
+    (k_decayed_ptr)."""
     chunk, head = tl.program_id(0), tl.program_id(1)
     token0, rows, row_mask = _chunk_rows(chunk, chunk_seq_ptr, chunk_token_ptr, cu_seqlens_ptr, C)
     i = rows[:, None]
@@ -96,11 +102,14 @@ def _chunk_value_grads_kernel(k_ptr, v_ptr, b_ptr, do_ptr, scores_ptr, state_gra
         dv = tl.dot(scores_t, do, input_precision=PRECISION)
         for key_block in range(tl.cdiv(K, BK)):
             ck = key_block * BK + tl.arange(0, BK)
-            k = _tile(k_ptr, token0, rows, row_mask, head, H, K, ck, ck < K)
-            b, total = _chunk_decay(b_ptr, chunk, head, H, K, ck, C, DECAY)
+            if DECAY == "vector":
+                k_to_end = _tile(k_decayed_ptr, token0, rows, row_mask, head, H, K, ck, ck < K)
+            else:
+                b, total = _chunk_decay(b_ptr, chunk, head, H, K, ck, C, DECAY)
+                k_to_end = _tile(k_ptr, token0, rows, row_mask, head, H, K, ck, ck < K) * _to_end(b, total, False)
             dstate = tl.load(chunk_grads_ptr + ck[:, None] * V + cv[None, :],
                              mask=(ck < K)[:, None] & (cv < V)[None, :], other=0.0).to(DOT_DTYPE)
-            dv += tl.dot((k * _to_end(b, total, DECAY == "vector")).to(DOT_DTYPE), dstate, input_precision=PRECISION)
+            dv += tl.dot(k_to_end.to(DOT_DTYPE), dstate, input_precision=PRECISION)
         tl.store(dv_ptr + ((token0 + rows[:, None]) * H + head) * V + cv[None, :], dv.to(dv_ptr.dtype.element_ty),
                  mask=row_mask[:, None] & (cv < V)[None, :])
 

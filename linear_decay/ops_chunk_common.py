@@ -51,7 +51,7 @@ def _chunk_decay(b_ptr, chunk, head, H: tl.constexpr, K: tl.constexpr, cols, C: 
     if DECAY == "vector":
         base = b_ptr + (chunk * C * H + head) * K  # row r at base + r·H·K
         b = tl.load(base + rows[:, None] * H * K + cols[None, :], mask=(cols < K)[None, :], other=0.0)
-        return b, tl.load(base + (C - 1) * H * K + cols, mask=cols < K, other=0.0)
+        return b, _chunk_total(b_ptr, chunk, head, H, K, cols, C)
     elif DECAY == "none":
         b = tl.zeros((C,), dtype=tl.float32)
         return b, tl.sum(b, axis=0)
@@ -59,6 +59,12 @@ def _chunk_decay(b_ptr, chunk, head, H: tl.constexpr, K: tl.constexpr, cols, C: 
         base = b_ptr + chunk * C * H + head  # row r at base + r·H
         return tl.load(base + rows * H), tl.load(base + (C - 1) * H)
 
+
+
+@triton.jit
+def _chunk_total(b_ptr, chunk, head, H: tl.constexpr, K: tl.constexpr, cols, C: tl.constexpr):
+    """Vector decay: a chunk's total log-decay [len(cols)], the last row of its cumulative log λ."""
+    return tl.load(b_ptr + ((chunk * C + C - 1) * H + head) * K + cols, mask=cols < K, other=0.0)
 
 
 @triton.jit

@@ -8,7 +8,7 @@ except ImportError as error:  # CPU-only torch ships without Triton: recurrence 
     raise ImportError("Triton is not installed") from error
 
 from .ops_chunk_common import (_advance_state, _chunk_decay, _chunk_rows, _intra_scores, _load_log_decay,
-                               _row_decay, _store_chunk_state, _store_segment, _tile, _walk_start)
+                               _row_decay, _store_chunk_state, _store_segment, _tile, _to_end, _walk_start)
 
 
 @triton.jit
@@ -113,12 +113,16 @@ def _combine_segments_kernel(segment_state_ptr, segment_decay_ptr, start_ptr, en
 
 
 @triton.jit
-def _chunk_scores_kernel(q_ptr, k_ptr, g_ptr, b_ptr, scores_ptr, cu_seqlens_ptr, chunk_seq_ptr, chunk_token_ptr, scale,
-                         H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, LEVELS: tl.constexpr,
-                         DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """Vector decay: the cumulative log λ of one (chunk, head), as `_cumulative_decay_kernel` writes it, and the causal
-    decayed scores A [C, C] (`_intra_scores`, summed over key blocks of BK channels), stored in scores_ptr's dtype for
-    the output and the backward. Needs no state, so it runs beside the state walk (`ops_chunk._walk_stream`)."""
+def _chunk_scores_kernel(q_ptr, k_ptr, g_ptr, b_ptr, scores_ptr, q_decayed_ptr, k_decayed_ptr, cu_seqlens_ptr,
+                         chunk_seq_ptr, chunk_token_ptr, scale, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+                         C: tl.constexpr, LEVELS: tl.constexpr, STORE_KEYS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    """Vector decay: the cumulative log λ of one (chunk, head), as `_cumulative_decay_kernel` writes it, the causal
+    decayed scores A [C, C] (`_intra_scores`, summed over key blocks of BK channels), and the decayed dot operands of
+    the later stages, q ⊙ e^{b} (scaled) and (STORE_KEYS, for a backward) k ⊙ e^{B − b} in q's layout, all stored in
+    their pointers' dtype (the dot operand dtype): the output and the state-gradient walk read the first, the value
+    gradients the second, instead of q or k with b. Needs no state, so it runs beside the state walk
+    (`ops_chunk._walk_stream`)."""
     chunk, head = tl.program_id(0), tl.program_id(1)
     token0, rows, row_mask = _chunk_rows(chunk, chunk_seq_ptr, chunk_token_ptr, cu_seqlens_ptr, C)
     scores = tl.zeros((C, C), dtype=tl.float32)
@@ -130,34 +134,40 @@ def _chunk_scores_kernel(q_ptr, k_ptr, g_ptr, b_ptr, scores_ptr, cu_seqlens_ptr,
         q = _tile(q_ptr, token0, rows, row_mask, head, H, K, ck, ck < K) * scale
         k = _tile(k_ptr, token0, rows, row_mask, head, H, K, ck, ck < K)
         scores += _intra_scores(q, k, b, b_ptr, chunk, head, H, K, ck, C, LEVELS, DOT_DTYPE, PRECISION)
+        offsets = ((token0 + rows[:, None]) * H + head) * K + ck[None, :]
+        mask = row_mask[:, None] & (ck < K)[None, :]
+        tl.store(q_decayed_ptr + offsets, (q * _row_decay(b, True)).to(q_decayed_ptr.dtype.element_ty), mask=mask)
+        if STORE_KEYS:
+            total = tl.sum(tl.where((rows == C - 1)[:, None], b, 0.0), axis=0)  # the last row, as b_ptr has it
+            tl.store(k_decayed_ptr + offsets, (k * _to_end(b, total, True)).to(k_decayed_ptr.dtype.element_ty),
+                     mask=mask)
     tl.store(scores_ptr + (chunk * H + head) * C * C + rows[:, None] * C + rows[None, :],
              scores.to(scores_ptr.dtype.element_ty))
 
 
 @triton.jit
-def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, states_ptr, o_ptr, scores_ptr, cu_seqlens_ptr, chunk_seq_ptr,
-                         chunk_token_ptr, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                         BV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr, STORE_SCORES: tl.constexpr,
-                         DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, VALUE_BLOCKS: tl.constexpr):
+def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, states_ptr, o_ptr, scores_ptr, q_decayed_ptr, cu_seqlens_ptr,
+                         chunk_seq_ptr, chunk_token_ptr, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                         BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
+                         STORE_SCORES: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                         VALUE_BLOCKS: tl.constexpr):
     """o of one (chunk, head, VALUE_BLOCKS blocks of BV value channels): o = (q ⊙ e^{b}) S + A v, A the causal decayed
     scores. The programs of one chunk are adjacent in the grid, so that they share its q and k in L2.
 
-    Vector decay: A read from `_chunk_scores_kernel`, then each value block. Scalar, static and no decay (one value
-    block per program): q kᵀ and q S in one pass over the key channels, e^{b}, e^{b_i − b_j} and the scale applied to
-    the fp32 sums, A kept for the backward when STORE_SCORES."""
+    Vector decay: A and q ⊙ e^{b} read from `_chunk_scores_kernel`, then each value block. Scalar, static and no
+    decay (one value block per program): q kᵀ and q S in one pass over the key channels, e^{b}, e^{b_i − b_j} and the
+    scale applied to the fp32 sums, A kept for the backward when STORE_SCORES."""
     VALUE_PROGRAMS: tl.constexpr = ((V + BV - 1) // BV + VALUE_BLOCKS - 1) // VALUE_BLOCKS
     program, head = tl.program_id(0), tl.program_id(1)  # a chunk's programs adjacent: they share q, k in L2
     chunk, value_program = program // VALUE_PROGRAMS, program % VALUE_PROGRAMS
     token0, rows, row_mask = _chunk_rows(chunk, chunk_seq_ptr, chunk_token_ptr, cu_seqlens_ptr, C)
     chunk_states_ptr = states_ptr + (chunk * H + head) * K * V
     if DECAY == "vector":
-        ONE_KEY_BLOCK: tl.constexpr = BK >= K  # q ⊙ e^{b} then formed once, for every value block
+        ONE_KEY_BLOCK: tl.constexpr = BK >= K  # q ⊙ e^{b} then loaded once, for every value block
         scores = tl.load(scores_ptr + (chunk * H + head) * C * C + rows[:, None] * C + rows[None, :]).to(DOT_DTYPE)
         if ONE_KEY_BLOCK:
             ck = tl.arange(0, BK)
-            b, _ = _chunk_decay(b_ptr, chunk, head, H, K, ck, C, DECAY)
-            q = _tile(q_ptr, token0, rows, row_mask, head, H, K, ck, ck < K) * scale
-            q_decayed = (q * _row_decay(b, True)).to(DOT_DTYPE)
+            q_decayed = _tile(q_decayed_ptr, token0, rows, row_mask, head, H, K, ck, ck < K).to(DOT_DTYPE)
         for value_block in range(value_program * VALUE_BLOCKS, tl.minimum((value_program + 1) * VALUE_BLOCKS,
                                                                            tl.cdiv(V, BV))):
             cv = value_block * BV + tl.arange(0, BV)
@@ -166,9 +176,7 @@ def _chunk_output_kernel(q_ptr, k_ptr, v_ptr, b_ptr, states_ptr, o_ptr, scores_p
             for key_block in range(tl.cdiv(K, BK)):
                 ck = key_block * BK + tl.arange(0, BK)
                 if not ONE_KEY_BLOCK:
-                    q = _tile(q_ptr, token0, rows, row_mask, head, H, K, ck, ck < K) * scale
-                    b, _ = _chunk_decay(b_ptr, chunk, head, H, K, ck, C, DECAY)
-                    q_decayed = (q * _row_decay(b, True)).to(DOT_DTYPE)
+                    q_decayed = _tile(q_decayed_ptr, token0, rows, row_mask, head, H, K, ck, ck < K).to(DOT_DTYPE)
                 state = tl.load(chunk_states_ptr + ck[:, None] * V + cv[None, :],
                                 mask=(ck < K)[:, None] & (cv < V)[None, :], other=0.0).to(DOT_DTYPE)
                 o += tl.dot(q_decayed, state, input_precision=PRECISION)

@@ -227,7 +227,8 @@ def test_decay_strengths_profile_timeline_from_a_trace(tmp_path):
     assert bench._busy([(0, 10), (5, 15), (20, 30), (22, 24)]) == 25
 
     def kernel(name, stream, ts, dur):
-        return {"cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {"stream": stream}}
+        return {"cat": "kernel", "name": name, "ts": ts, "dur": dur,
+                "args": {"stream": stream, "registers per thread": {"scores": 255, "walk": 168}.get(name, 80)}}
 
     events = [{"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 500, "args": {}}]
     for step in (0, 1):
@@ -239,6 +240,7 @@ def test_decay_strengths_profile_timeline_from_a_trace(tmp_path):
     assert timeline["stream busy ms"] == {"7": 3.0, "20": 2.0}
     assert timeline["last step"] == [["scores", 7, 0.0, 1.0], ["walk", 20, 0.5, 2.0], ["output", 7, 1.2, 1.0],
                                      ["output", 7, 3.0, 1.0]]
+    assert timeline["registers"] == {"scores": 255, "walk": 168, "output": 80}
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         torch.ones(4, 4) @ torch.ones(4, 4)

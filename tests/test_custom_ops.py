@@ -102,13 +102,12 @@ def test_chunk_backward_opcheck(kind, packed, decay_grad, initial_grad):
     q, k, v, log_decay, initial = make_inputs(kind, batch, length, seed=4, sequences=len(PACKED_LENGTHS) if packed
                                               else None, grad=False)
     exact_states = decay_grad and kind in ("scalar", "static")
-    o, final, states, scores, kept_decay = chunk_forward(q, k, v, log_decay, initial, cu_seqlens, 0.5, True, True,
-                                                         exact_states)
+    o, final, *kept = chunk_forward(q, k, v, log_decay, initial, cu_seqlens, 0.5, True, True, exact_states)
     generator = torch.Generator().manual_seed(5)
     do = torch.randn(o.shape, generator=generator).to(DEVICE)
     final_grad = torch.randn(final.shape, generator=generator).to(DEVICE)
-    torch.library.opcheck(chunk_backward, (do, final_grad, q, k, v, log_decay, initial, states, scores, kept_decay,
-                                           cu_seqlens, 0.5, decay_grad, initial_grad))
+    torch.library.opcheck(chunk_backward, (do, final_grad, q, k, v, log_decay, initial, *kept, cu_seqlens, 0.5,
+                                           decay_grad, initial_grad))
 
 
 def test_chunk_ops_opcheck_two_state_planes():
@@ -121,13 +120,14 @@ def test_chunk_ops_opcheck_two_state_planes():
     log_decay = -torch.rand(1, CHUNK + 6, 2, generator=generator).to(DEVICE)
     initial = torch.randn(1, 2, key_dim, key_dim, generator=generator).to(DEVICE)
     args = (q, k, v, log_decay, initial, None, key_dim ** -0.5, True, True, True)
-    o, final, states, scores, kept_decay = chunk_forward(*args)
+    o, final, *kept = chunk_forward(*args)
+    states = kept[0]
     assert states.shape == (2, 2, 2, key_dim, key_dim) and states.dtype == torch.bfloat16
     torch.library.opcheck(chunk_forward, args)
     do = torch.randn(o.shape, generator=generator).bfloat16().to(DEVICE)
     final_grad = torch.randn(final.shape, generator=generator).to(DEVICE)
-    torch.library.opcheck(chunk_backward, (do, final_grad, q, k, v, log_decay, initial, states, scores, kept_decay,
-                                           None, key_dim ** -0.5, True, True))
+    torch.library.opcheck(chunk_backward, (do, final_grad, q, k, v, log_decay, initial, *kept, None,
+                                           key_dim ** -0.5, True, True))
 
 
 @pytest.mark.parametrize("kind,state", [(kind, "in-place") for kind in KINDS] + [("vector", "new"),
