@@ -233,7 +233,8 @@ def device_timeline(trace_events, steps):
 def profile_row(fn, kind, xs, scale, do, device="cuda"):
     """Where one implementation's forward+backward (`.grad = None`) spends its time, `PROFILED_STEPS` steps under
     torch.profiler after three outside it: each kernel's mean device time per step and `device_timeline`'s span,
-    stream busy times and last step, ms. On the CPU (for testing the scripts) the profile has no device kernels."""
+    stream busy times and last step, ms, and each kernel's registers a thread. On the CPU (for testing the scripts)
+    the profile has no device kernels."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as profiled
 

@@ -62,6 +62,13 @@ def _chunk_decay(b_ptr, chunk, head, H: tl.constexpr, K: tl.constexpr, cols, C: 
 
 
 @triton.jit
+def _last_row(b):
+    """The last row of a [C, K] tile held in registers (vector decay's chunk total from its cumulative log λ b)."""
+    rows = tl.arange(0, b.shape[0])
+    return tl.sum(tl.where((rows == b.shape[0] - 1)[:, None], b, 0.0), axis=0)
+
+
+@triton.jit
 def _chunk_total(b_ptr, chunk, head, H: tl.constexpr, K: tl.constexpr, cols, C: tl.constexpr):
     """Vector decay: a chunk's total log-decay [len(cols)], the last row of its cumulative log λ."""
     return tl.load(b_ptr + ((chunk * C + C - 1) * H + head) * K + cols, mask=cols < K, other=0.0)

@@ -7,7 +7,7 @@ try:
 except ImportError as error:  # CPU-only torch ships without Triton: recurrence keeps the PyTorch path
     raise ImportError("Triton is not installed") from error
 
-from .ops_chunk_common import (_advance_state, _chunk_decay, _chunk_rows, _intra_scores, _load_log_decay,
+from .ops_chunk_common import (_advance_state, _chunk_decay, _chunk_rows, _intra_scores, _last_row, _load_log_decay,
                                _row_decay, _store_chunk_state, _store_segment, _tile, _to_end, _walk_start)
 
 
@@ -60,7 +60,7 @@ def _chunk_states_kernel(k_ptr, v_ptr, b_ptr, initial_ptr, states_ptr, states_lo
         v = _tile(v_ptr, token0, rows, row_mask, head, H, V, cv, cv < V)
         if FROM_LOG_DECAY:
             b = tl.cumsum(_load_log_decay(b_ptr, token0, rows, row_mask, head, H, K, ck, DECAY), axis=0)
-            total = tl.sum(tl.where((rows == C - 1)[:, None], b, 0.0), axis=0)  # the last row, as b has it
+            total = _last_row(b)  # as b has it
         else:
             b, total = _chunk_decay(b_ptr, first_chunk + n, head, H, K, ck, C, DECAY)
         state = _advance_state(state, k, v, b, total, VECTOR, DOT_DTYPE, PRECISION)
@@ -138,7 +138,7 @@ def _chunk_scores_kernel(q_ptr, k_ptr, g_ptr, b_ptr, scores_ptr, q_decayed_ptr, 
         mask = row_mask[:, None] & (ck < K)[None, :]
         tl.store(q_decayed_ptr + offsets, (q * _row_decay(b, True)).to(q_decayed_ptr.dtype.element_ty), mask=mask)
         if STORE_KEYS:
-            total = tl.sum(tl.where((rows == C - 1)[:, None], b, 0.0), axis=0)  # the last row, as b_ptr has it
+            total = _last_row(b)  # as b_ptr has it
             tl.store(k_decayed_ptr + offsets, (k * _to_end(b, total, True)).to(k_decayed_ptr.dtype.element_ty),
                      mask=mask)
     tl.store(scores_ptr + (chunk * H + head) * C * C + rows[:, None] * C + rows[None, :],
