@@ -58,7 +58,6 @@ def _chunk_state_grads_kernel(q_ptr, q_decayed_ptr, do_ptr, b_ptr, final_grad_pt
                        ck, K, V, VECTOR)
 
 
-
 @triton.jit
 def _chunk_score_grads_kernel(v_ptr, do_ptr, dA_ptr, cu_seqlens_ptr, chunk_seq_ptr, chunk_token_ptr, H: tl.constexpr,
                               V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, DOT_DTYPE: tl.constexpr,
@@ -82,10 +81,9 @@ def _chunk_score_grads_kernel(v_ptr, do_ptr, dA_ptr, cu_seqlens_ptr, chunk_seq_p
 
 @triton.jit
 def _chunk_value_grads_kernel(k_ptr, k_decayed_ptr, v_ptr, b_ptr, do_ptr, scores_ptr, state_grads_ptr, dv_ptr,
-                              cu_seqlens_ptr,
-                              chunk_seq_ptr, chunk_token_ptr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                              BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, DECAY: tl.constexpr,
-                              DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+                              cu_seqlens_ptr, chunk_seq_ptr, chunk_token_ptr, H: tl.constexpr, K: tl.constexpr,
+                              V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                              DECAY: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """dv of one (chunk, head), dv = Aᵀ do + (k ⊙ e^{B − b}) dS (A: the scores the forward kept, dS: ∂L/∂S at the
     chunk's end), value block by value block; vector decay's k ⊙ e^{B − b} as the forward's scores kernel stored it
     (k_decayed_ptr)."""

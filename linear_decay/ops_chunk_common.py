@@ -60,7 +60,6 @@ def _chunk_decay(b_ptr, chunk, head, H: tl.constexpr, K: tl.constexpr, cols, C: 
         return tl.load(base + rows * H), tl.load(base + (C - 1) * H)
 
 
-
 @triton.jit
 def _last_row(b):
     """The last row of a [C, K] tile held in registers (vector decay's chunk total from its cumulative log λ b)."""
@@ -101,7 +100,6 @@ def _tile(ptr, token0, rows, row_mask, head, H: tl.constexpr, D: tl.constexpr, c
     return tl.load(ptrs, mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
 
 
-
 @triton.jit
 def _bf16_parts(a):
     """(fp32 a rounded to bf16, what the rounding left, in bf16): together exact to about 2^-16 of a."""
@@ -129,7 +127,6 @@ def _advance_state(state, k, v, b, total, VECTOR: tl.constexpr, DOT_DTYPE: tl.co
         k_to_end = k * tl.exp(total - b)[:, None]
         state = state * tl.exp(total)
     return state + tl.dot(tl.trans(k_to_end.to(DOT_DTYPE)), v.to(DOT_DTYPE), input_precision=PRECISION)
-
 
 
 @triton.jit

@@ -111,7 +111,6 @@ def _combine_segments_kernel(segment_state_ptr, segment_decay_ptr, start_ptr, en
         tl.store(end_ptr + seq_head * K * V + state_offsets, value, mask=state_mask)
 
 
-
 @triton.jit
 def _chunk_scores_kernel(q_ptr, k_ptr, g_ptr, b_ptr, scores_ptr, q_decayed_ptr, k_decayed_ptr, cu_seqlens_ptr,
                          chunk_seq_ptr, chunk_token_ptr, scale, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
