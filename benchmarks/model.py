@@ -13,7 +13,9 @@ Sections (`--sections`, default all):
             batch 16 with a 2048-token and a 32768-token random prompt; every model with transformers' chunked
             prefill of `--prefill-chunk` tokens (0: one prefill call); the Llama with its default (dynamic) cache and
             with `cache_implementation="static"` (its decoding step compiled; `--llama-caches`). `--fit-batch`
-            halves the batch where a model runs out of memory and runs every model at the batch that fits.
+            halves the batch where a model runs out of memory and runs every model at the batch that fits. Our rows
+            also time their prefill alone; one more row, our model cut to one 64-wide layer with the same vocabulary,
+            is what generate() itself costs at those shapes (`--no-generate-floor` leaves it out).
   decode    our models' one-token decoding step at batch 16 after a 2048-token prompt: median ms per step (50 steps)
             against its memory floor (the weights read once, the recurrent states read and written, at the device's
             measured copy bandwidth), and what one step launches (CUDA kernels: count, device time, the longest).
@@ -185,6 +187,13 @@ def section_profile(args, rows):
         rows.append(row)
 
 
+# generate()'s own cost at the section's shapes: our model cut to one 64-wide layer (the same vocabulary, so the same
+# head and logits), whose prefill and steps cost next to nothing: what every model's generate() call pays besides its
+# own layers
+GENERATE_FLOOR = "generate() floor (ours, 1 layer × 64)"
+FLOOR_SIZES = dict(hidden_size=64, num_hidden_layers=1, num_heads=1)
+
+
 def generate_variants(args):
     """(name, builder, generate options) of the generate section: every model with its default cache, and the Llama
     also with transformers' static cache (`cache_implementation="static"`, which compiles its decoding step): what a
@@ -197,6 +206,9 @@ def generate_variants(args):
             yield name, builder, {}
         if "static" in args.llama_caches:
             yield "llama static cache", builder, {"cache_implementation": "static"}
+    if not args.no_generate_floor:
+        yield GENERATE_FLOOR, functools.partial(build_ours, args.preset, args.decays.split(",")[0], args.vocab,
+                                                dict(args.overrides, **FLOOR_SIZES)), {}
 
 
 def time_generate(args, builder, batch, prompt, extra):
@@ -217,12 +229,31 @@ def time_generate(args, builder, batch, prompt, extra):
             start = time.perf_counter()
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **options)
             synchronize(args.device)
-        return time.perf_counter() - start, out.shape[1] - prompt, peak_gib(args.device)
+            wall, peak = time.perf_counter() - start, peak_gib(args.device)
+            prefill = time_prefill(args, model, ids) if hasattr(model.config, "decay_type") else None
+        return wall, out.shape[1] - prompt, peak, prefill
     finally:
         del model
         gc.collect()
         if args.device == "cuda":
             torch.cuda.empty_cache()
+
+
+def time_prefill(args, model, ids):
+    """Seconds of our model's prefill alone, as generate() runs it: the prompt in chunks of `--prefill-chunk` tokens
+    into one cache, the last position's logits kept (the first of two runs; the second timed)."""
+    from linear_decay.modeling_linear_decay import CACHE_FIELD
+
+    size = args.prefill_chunk or ids.shape[1]
+    for timed in (False, True):
+        synchronize(args.device)
+        start, cache = time.perf_counter(), None
+        for first in range(0, ids.shape[1], size):
+            out = model(input_ids=ids[:, first:first + size], use_cache=True, logits_to_keep=1,
+                        **({CACHE_FIELD: cache} if cache is not None else {}))
+            cache = getattr(out, CACHE_FIELD)
+        synchronize(args.device)
+    return time.perf_counter() - start
 
 
 def section_generate(args, rows):
@@ -237,9 +268,9 @@ def section_generate(args, rows):
                 row = dict(section="generate", model=name, batch=batch, prompt=prompt, new_tokens=args.new_tokens,
                            prefill_chunk=args.prefill_chunk)
                 try:
-                    wall, generated, peak = time_generate(args, builder, batch, prompt, extra)
+                    wall, generated, peak, prefill = time_generate(args, builder, batch, prompt, extra)
                     row.update(wall_s=wall, generated=generated, new_tokens_per_s=batch * generated / wall,
-                               peak_GiB=peak)
+                               peak_GiB=peak, **({} if prefill is None else {"prefill_s": prefill}))
                 except Exception as error:  # noqa: BLE001  (e.g. out of memory)
                     row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
                     if args.fit_batch and isinstance(error, torch.OutOfMemoryError) and batch > 1 \
@@ -383,13 +414,15 @@ def print_table(args, rows):
                   f"{value(row, 'tokens_per_s', ',.0f')} tokens/s{peak(row)}{ratio}{compiled}{host}")
         elif row["section"] == "generate":
             ref = llama.get(key)
-            ours = "error" not in row and not row["model"].startswith("llama")
+            ours = "error" not in row and row["model"].startswith("ours")
             ratio = f"  ours/llama {row['new_tokens_per_s'] / ref['new_tokens_per_s']:.2f}×" if ref and ours else ""
             ref = llama_static.get((row["batch"], row["prompt"]))
             ratio += (f"  ours/llama static cache {row['new_tokens_per_s'] / ref['new_tokens_per_s']:.2f}×"
                       if ref and ours else "")
+            wall = "" if "error" in row else f"  {row['wall_s']:.3f} s" + (
+                f" (prefill alone {row['prefill_s']:.3f} s)" if "prefill_s" in row else "")
             print(f"generate {row['model']:22s} B={row['batch']:<3d} prompt={row['prompt']:<6d} "
-                  f"{value(row, 'new_tokens_per_s', ',.1f')} new tokens/s{peak(row)}{ratio}")
+                  f"{value(row, 'new_tokens_per_s', ',.1f')} new tokens/s{wall}{peak(row)}{ratio}")
         elif row["section"] == "decode":
             floor = "" if "error" in row else (f"  floor {row['floor_ms']:.3f} ms ({row['weight_GB']:.2f} GB weights, "
                                                f"{row['state_GB']:.3f} GB states at {row['bandwidth_GBps']:,.0f} GB/s)"
@@ -426,6 +459,9 @@ def parse_args(argv):
     parser.add_argument("--compile", action="store_true", help="train section: torch.compile every model")
     parser.add_argument("--llama-caches", default="dynamic,static",
                         help="generate section: the Llama's caches, dynamic (transformers' default) and/or static")
+    parser.add_argument("--no-generate-floor", action="store_true",
+                        help="generate section: leave out the row of a 1-layer, 64-wide model of the same vocabulary "
+                             "(generate()'s own cost at those shapes)")
     parser.add_argument("--fit-batch", action="store_true",
                         help="generate section: halve the batch of a prompt length at which a model runs out of "
                              "memory until it fits, and run every model at that batch too")

@@ -26,16 +26,19 @@ def load(name, folder="benchmarks"):
 
 def test_model_benchmark_runs_every_row(tmp_path, capsys):
     out = tmp_path / "rows.json"
-    assert load("model").main(["--device", "cpu", "--quick", "--json", str(out)]) == 0
+    benchmark = load("model")
+    assert benchmark.main(["--device", "cpu", "--quick", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
     models = {"ours mamba2:vector", "ours gla:vector", "ours simple:scalar", "llama sdpa"}
     assert {(r["section"], r["model"]) for r in rows} == (
-        {(s, m) for s in ("train", "generate") for m in models} | {("generate", "llama static cache")}
+        {(s, m) for s in ("train", "generate") for m in models}
+        | {("generate", "llama static cache"), ("generate", benchmark.GENERATE_FLOOR)}
         | {("decode", m) for m in models if not m.startswith("llama")})
     for row in rows:
         assert "error" not in row, row
         if row["section"] == "generate":
             assert row["generated"] == row["new_tokens"] == 4  # exactly the asked number of new tokens
+            assert (row.get("prefill_s", 0) > 0) == (not row["model"].startswith("llama")), row  # ours: prefill alone
         elif row["section"] == "decode":
             assert row["step_ms"] > 0 and row["floor_ms"] > 0 and row["state_GB"] > 0
             assert row["launches"] >= len(row["top_launches"]) > 0  # the step's ATen operators on CPU
@@ -50,8 +53,8 @@ def test_model_benchmark_prompt_lengths(tmp_path):
     """--prompts sets the generate section's prompt lengths, and the decode section's prompt is the first."""
     out = tmp_path / "rows.json"
     assert load("model").main(["--device", "cpu", "--quick", "--sections", "generate,decode", "--decays",
-                               "simple:scalar", "--prompts", "24", "--llama-caches", "dynamic", "--json",
-                               str(out)]) == 0
+                               "simple:scalar", "--prompts", "24", "--llama-caches", "dynamic", "--no-generate-floor",
+                               "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert sorted((r["section"], r["model"], r["prompt"]) for r in rows) == [
         ("decode", "ours simple:scalar", 24), ("generate", "llama sdpa", 24), ("generate", "ours simple:scalar", 24)]
