@@ -241,11 +241,11 @@ def time_generate(args, builder, batch, prompt, extra):
 
 def time_prefill(args, model, ids):
     """Seconds of our model's prefill alone, as generate() runs it: the prompt in chunks of `--prefill-chunk` tokens
-    into one cache, the last position's logits kept (the first of two runs; the second timed)."""
+    into one cache, the last position's logits kept (a warm-up run, then the timed one)."""
     from linear_decay.modeling_linear_decay import CACHE_FIELD
 
     size = args.prefill_chunk or ids.shape[1]
-    for timed in (False, True):
+    for _ in range(2):
         synchronize(args.device)
         start, cache = time.perf_counter(), None
         for first in range(0, ids.shape[1], size):
