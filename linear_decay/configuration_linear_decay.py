@@ -115,10 +115,11 @@ class LinearDecayConfig(PreTrainedConfig):
         fuse_norm, fuse_swiglu, fuse_decay, fuse_cross_entropy: where the recurrence runs on the Triton kernels, also
             run the (gated) RMSNorms, the SwiGLU, mamba2's decay and the training loss as fused Triton kernels; each
             False keeps that piece's torch code (what torch.compile traces anyway).
-        decode_cuda_graphs: replay one-token decoding steps on CUDA as a captured CUDA graph (one capture per
-            generate() call and batch size), so that the host's per-step launch overhead of the layers disappears
-            (BENCHMARKS.md, generation); on by default. CPU decoding, a model split over devices and decoding
-            inside torch.compile run eagerly either way.
+        decode_cuda_graphs: replay one-token decoding steps on CUDA as a captured CUDA graph, so that the host's
+            per-step launch overhead of the layers disappears (BENCHMARKS.md, generation); on by default. The model
+            keeps its latest graph (one batch size) for later generate() calls until its weights move or its config
+            changes (`release_decode_graph()` frees it). CPU decoding, a model split over devices and decoding inside
+            torch.compile run eagerly either way.
     """
 
     model_type = "linear_decay"

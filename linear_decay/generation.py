@@ -6,7 +6,9 @@ filter state, each row's count of real tokens): constant memory in the context l
 torch.export takes it as an input or output.
 """
 
+import copy
 import json
+import weakref
 
 import torch
 from transformers.cache_utils import Cache
@@ -92,6 +94,28 @@ class LinearDecayCache(Cache):
         """From now on state updates are written in place (`RecurrentStateLayer.pinned`)."""
         for layer in self._all_layers():
             layer.pinned = True
+
+    def hold(self, tensors):
+        """Hold `tensors` (in `state_tensors` order, same shapes) as the states, pinned: `DecodeGraph.adopt`."""
+        tensors = iter(tensors)
+        for layer in self._all_layers():
+            layer.tensors = {name: next(tensors) for name in sorted(layer.tensors)}
+        self.pin()
+
+    def __deepcopy__(self, memo):
+        """A copy of the states (transformers' prompt-cache reuse copies a cache); the copy has no decoding graph of
+        its own: its first step takes one over or makes one (`DecodeGraph.for_step`)."""
+        copied = memo[id(self)] = type(self).__new__(type(self))
+        for name, value in vars(self).items():
+            setattr(copied, name, None if name == "decode_graph" else copy.deepcopy(value, memo))
+        return copied
+
+    def keep_own_copies(self):
+        """Replace every state by a copy of it and drop the decoding graph: what a cache keeps when its graph takes
+        over another cache's states."""
+        for layer in self._all_layers():
+            layer.tensors = {name: tensor.clone() for name, tensor in layer.tensors.items()}
+        self.decode_graph = None
 
     def get_seq_length(self, layer_idx=0):
         return self.seen_tokens
@@ -204,15 +228,41 @@ class DecodeGraph:
     their weights stacked when the graph is made (its mixers' `stacked_input_weight` while a step runs; the graph
     keeps the copies: about 3·d² values a layer, and one GEMM a layer instead of up to five). `capture=False` keeps
     all of this but runs the step eagerly on the static buffer (what CPU tests exercise; the graph itself needs
-    CUDA)."""
+    CUDA).
+
+    A model keeps its latest graph, and the next cache of the same batch size takes it over (`for_step`, `adopt`), so
+    later generate() calls replay without capturing again; `release(model)` frees it
+    (`LinearDecayForCausalLM.release_decode_graph`)."""
+
+    _latest = weakref.WeakKeyDictionary()  # model -> the last graph made for it
 
     @staticmethod
     def enabled_on(input_ids):
         """CUDA tensors only: CPU decoding has no launch overhead to remove."""
         return input_ids is not None and input_ids.is_cuda
 
+    @classmethod
+    def for_step(cls, model, cache, input_ids):
+        """The graph that runs this step: the cache's own while it still reads the cache's states, else the model's
+        latest graph where it can take the cache over, else a new one (then the model's latest)."""
+        graph = cache.decode_graph
+        if graph is None or not graph.matches(model, cache, input_ids):
+            graph = cls._latest.get(model)
+            if graph is None or not graph.adopt(model, cache, input_ids):
+                graph = cls(model, cache, input_ids, capture=input_ids.is_cuda)
+                cls._latest[model] = graph
+            cache.decode_graph = graph
+        return graph
+
+    @classmethod
+    def release(cls, model):
+        """Forget the model's latest graph: its state tensors, stacked weights and captured memory are freed once no
+        cache holds them."""
+        cls._latest.pop(model, None)
+
     def __init__(self, model, cache, input_ids, capture=True):
         self.batch_size, self.capture = input_ids.shape[0], capture
+        self.model = weakref.ref(model)
         self.stacked = [(mixer, mixer.stacked_weight_of_inputs()) for mixer in model.modules()
                         if hasattr(mixer, "stacked_input_weight")]
         cache.pin()
@@ -233,12 +283,41 @@ class DecodeGraph:
             raise RuntimeError("a decoding step created cache state that the prefill did not: cannot pin it")
         for tensor, saved in zip(cache.state_tensors(), snapshot):
             tensor.copy_(saved)
-        self.addresses = self._addresses(cache)
+        self.states = cache.state_tensors()
+        self.layout, self.reads = self._layout(cache), self._model_tensors(model)
+        self.config = model.config.to_dict()
+        self.owner = weakref.ref(cache)
         if capture:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.static_logits = self._step(model, cache)
         cache.seen_tokens = seen
+
+    def adopt(self, model, cache, input_ids):
+        """Take `cache` over, if this graph was made for this model as it is now (the same parameter and buffer
+        tensors, the same config) and for a cache of this batch size and state layout: the cache that held the
+        graph's state tensors keeps copies of its own, the new cache's states are copied into them and the cache
+        holds them, and the stacked input weights are made again from the weights as they are now (an optimizer step
+        or a `load_state_dict` between calls writes into the tensors the graph reads). Returns whether it did."""
+        if (self.model() is not model or input_ids.shape[0] != self.batch_size
+                or input_ids.device != self.static_ids.device or self._layout(cache) != self.layout
+                or self._model_tensors(model) != self.reads or model.config.to_dict() != self.config):
+            return False
+        restacked = [mixer.stacked_weight_of_inputs() for mixer, _ in self.stacked]
+        if any((new is None) != (old is None) or (new is not None and new.shape != old.shape)
+               for new, (_, old) in zip(restacked, self.stacked)):
+            return False  # a projection changed kind (e.g. an adapter or a hook added): capture again
+        for new, (_, old) in zip(restacked, self.stacked):
+            if old is not None:
+                old.copy_(new)
+        previous = self.owner()
+        if previous is not None and previous is not cache:
+            previous.keep_own_copies()
+        for state, tensor in zip(self.states, cache.state_tensors()):
+            state.copy_(tensor)
+        cache.hold(self.states)
+        self.owner = weakref.ref(cache)
+        return True
 
     def _step(self, model, cache):
         model.model.tokens_checked = True
@@ -253,12 +332,21 @@ class DecodeGraph:
         return model.lm_head(hidden)
 
     @staticmethod
-    def _addresses(cache):
-        return [t.data_ptr() for t in cache.state_tensors()]
+    def _layout(cache):
+        """Each state's layer, name, shape, dtype and device."""
+        return [(index, name, t.shape, t.dtype, t.device) for index, layer in enumerate(cache._all_layers())
+                for name, t in sorted(layer.tensors.items())]
 
-    def matches(self, cache, input_ids):
-        """Whether this graph still reads this cache's tensors for a batch of this size."""
-        return input_ids.shape[0] == self.batch_size and self._addresses(cache) == self.addresses
+    @staticmethod
+    def _model_tensors(model):
+        """Where each parameter and buffer of the model lies (address, shape, dtype): what the captured step reads."""
+        return [(t.data_ptr(), t.shape, t.dtype) for t in (*model.parameters(), *model.buffers())]
+
+    def matches(self, model, cache, input_ids):
+        """Whether this graph was made for this model and still reads this cache's tensors, for a batch of this
+        size."""
+        return (self.model() is model and input_ids.shape[0] == self.batch_size
+                and [t.data_ptr() for t in cache.state_tensors()] == [t.data_ptr() for t in self.states])
 
     def __call__(self, model, cache, input_ids):
         self.static_ids.copy_(input_ids)

@@ -674,6 +674,11 @@ class LinearDecayForCausalLM(LinearDecayPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
+    def release_decode_graph(self):
+        """Free the captured decoding step the model keeps for later generate() calls (config.decode_cuda_graphs):
+        its state tensors, stacked weights and graph memory, once no cache holds them."""
+        DecodeGraph.release(self)
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """generate(): our recurrent cache instead of a DynamicCache, under the name this transformers reads."""
         for name in ("cache", "past_key_values"):
@@ -701,9 +706,7 @@ class LinearDecayForCausalLM(LinearDecayPreTrainedModel, GenerationMixin):
         if self._graph_decodable(input_ids, attention_mask, position_ids, cache, inputs_embeds, labels, use_cache,
                                  output_hidden_states):
             self.model._check_inputs(input_ids, None, attention_mask, cache.get_seq_length())
-            graph = cache.decode_graph
-            if graph is None or not graph.matches(cache, input_ids):
-                graph = cache.decode_graph = DecodeGraph(self, cache, input_ids, capture=input_ids.is_cuda)
+            graph = DecodeGraph.for_step(self, cache, input_ids)
             output = CausalLMOutputWithPast(logits=graph(self, cache, input_ids), **{CACHE_FIELD: cache})
             return output if return_dict is not False else output.to_tuple()
         if labels is not None:

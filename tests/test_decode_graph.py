@@ -5,6 +5,8 @@ each step on its static input buffer, exactly the bookkeeping the captured graph
 tested on the GPU (tests/test_ops_gpu.py). References: generate() with the option off (the plain eager path).
 """
 
+import copy
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -68,7 +70,7 @@ def test_graph_decoding_matches_eager_greedy_and_beam(graphs_on_cpu, combo):
         assert not graphs_on_cpu
         model.config.decode_cuda_graphs = True
         actual = generate(model, ids, mask, **options)
-        assert len(graphs_on_cpu) == 1  # one per generate() call; beam reordering keeps the pinned addresses
+        assert len(graphs_on_cpu) == 1  # beam search decodes 9 rows: a graph of its own; reordering keeps addresses
         graphs_on_cpu.clear()
         assert torch.equal(actual.sequences, expected.sequences), options
         for a, e in zip(actual.scores, expected.scores):
@@ -178,3 +180,92 @@ def test_graph_step_runs_each_mixers_input_projections_as_one_matmul(graphs_on_c
     for a, e in zip(actual.scores, expected.scores):
         finite = torch.isfinite(e)
         assert torch.equal(finite, torch.isfinite(a)) and relative_error(a[finite], e[finite]) <= 1e-6
+
+
+def assert_same_scores(actual, expected):
+    assert torch.equal(actual.sequences, expected.sequences)
+    for a, e in zip(actual.scores, expected.scores):
+        finite = torch.isfinite(e)
+        assert torch.equal(finite, torch.isfinite(a)) and relative_error(a[finite], e[finite]) <= 1e-6
+
+
+@pytest.mark.parametrize("combo", [COMBOS[0], COMBOS[2]], ids=combo_id)
+def test_later_generate_calls_take_the_models_graph_over(graphs_on_cpu, combo):
+    """The model keeps its graph: a second generate() call at the same batch size makes none, and gives the eager
+    path's tokens and scores on its own prompt."""
+    model = model_for(combo, graphs=True)
+    first, second = prompt(model.config.vocab_size, seed=4), prompt(model.config.vocab_size, seed=5)
+    generate(model, *first)
+    assert len(graphs_on_cpu) == 1
+    actual = generate(model, *second)
+    assert len(graphs_on_cpu) == 1
+    model.config.decode_cuda_graphs = False
+    assert_same_scores(actual, generate(model, *second))
+
+
+def step_logits(model, cache, token, mask):
+    """One decoding step of `token` [B, 1] on `cache`; its logits and the mask grown by the new column."""
+    mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+    return model(input_ids=token, attention_mask=mask, cache=cache).logits[:, -1], mask
+
+
+@pytest.mark.parametrize("combo", [COMBOS[1], COMBOS[3]], ids=combo_id)
+def test_caches_taking_turns_on_one_graph_each_keep_their_own_states(graphs_on_cpu, combo):
+    """Two caches decoding in turns (and a deep copy of one, transformers' prompt-cache reuse) share the model's one
+    graph; each step's logits equal those of the same step on separate caches decoded eagerly."""
+    model = model_for(combo, graphs=True)
+    prompts = [prompt(model.config.vocab_size, seed=6), prompt(model.config.vocab_size, seed=7)]
+    tokens = torch.randint(1, model.config.vocab_size, (6, 3, 1), generator=torch.Generator().manual_seed(8))
+    turns = [0, 0, 1, 1, 0, 2, 1, 0, 2]  # 2: a deep copy of cache 0, made right after its third step
+
+    def run(graphs):
+        model.config.decode_cuda_graphs = graphs
+        logits, caches, masks, steps = [], [], [], [0, 0, 0]
+        with torch.no_grad():
+            for ids, mask in prompts:
+                caches.append(model(input_ids=ids, attention_mask=mask, use_cache=True).cache)
+                masks.append(mask)
+            for index, turn in enumerate(turns):
+                if turn == 2 and len(caches) == 2:
+                    caches.append(copy.deepcopy(caches[0]))
+                    assert caches[2].decode_graph is None  # not a copy of the graph (nor of the modules it runs)
+                    masks.append(masks[0])
+                    steps[2] = steps[0]
+                step, mask = step_logits(model, caches[turn], tokens[steps[turn]], masks[turn])
+                masks[turn], steps[turn] = mask, steps[turn] + 1
+                logits.append(step)
+        return logits
+
+    expected = run(graphs=False)
+    assert not graphs_on_cpu
+    actual = run(graphs=True)
+    assert len(graphs_on_cpu) == 1
+    for index, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        assert relative_error(a, e) <= 1e-6, f"step {index} (cache {turns[index]})"
+
+
+def test_a_new_graph_where_the_old_one_would_read_the_wrong_tensors(graphs_on_cpu):
+    """A replaced parameter, another batch size, a changed config and `release_decode_graph()` each make the next
+    generate() call capture again; its tokens and scores are the eager path's."""
+    model = model_for(("gla", "scalar", False, "rope"), graphs=True)
+    ids, mask = prompt(model.config.vocab_size, seed=9)
+    generate(model, ids, mask)
+    assert len(graphs_on_cpu) == 1
+
+    def check(ids, mask, builds):
+        actual = generate(model, ids, mask)
+        assert len(graphs_on_cpu) == builds
+        model.config.decode_cuda_graphs = False
+        expected = generate(model, ids, mask)
+        model.config.decode_cuda_graphs = True
+        assert_same_scores(actual, expected)
+
+    mixer = model.model.layers[0].attn
+    mixer.o_proj.weight = torch.nn.Parameter(mixer.o_proj.weight.detach() * -2)
+    check(ids, mask, builds=2)
+    check(ids[:2], mask[:2], builds=3)
+    model.config.rms_norm_eps = 1e-3
+    check(ids[:2], mask[:2], builds=4)
+    model.release_decode_graph()
+    check(ids[:2], mask[:2], builds=5)
+    check(ids[:2], mask[:2], builds=5)

@@ -734,7 +734,8 @@ def test_fullgraph_compile_bf16(combo, backend):
 @pytest.mark.parametrize("combo", [MODEL_COMBOS[0], MODEL_COMBOS[2], MODEL_COMBOS[4]], ids=model_id)
 def test_cuda_graph_decoding_matches_eager(combo, backend):
     """config.decode_cuda_graphs: the captured and replayed decoding step gives the eager path's tokens and scores
-    (greedy and beam search, a left-padded row, fp32), with one capture per generate() call."""
+    (beam search and greedy, a left-padded row, fp32), with one capture per batch size; a later call at the last
+    batch size replays the model's graph without capturing, and reads weights changed in place in between."""
     backend("triton")
     model = perturbed_model(model_config(combo), seed=seed_of("graph-model", combo) % 2 ** 31).to(DEVICE).eval()
     ids = torch.randint(1, 64, (3, 40), generator=cpu_generator("graph-ids", combo)).to(DEVICE)
@@ -749,14 +750,20 @@ def test_cuda_graph_decoding_matches_eager(combo, backend):
 
     DecodeGraph.__init__ = counted
     try:
-        for options in (dict(do_sample=False), dict(do_sample=False, num_beams=3)):
+        greedy, beam = dict(do_sample=False), dict(do_sample=False, num_beams=3)
+        for options, change_weights, captured in ((beam, False, [True]), (greedy, False, [True]), (greedy, True, [])):
+            if change_weights:
+                with torch.no_grad():  # what an optimizer step between two calls does
+                    for param in model.parameters():
+                        param.mul_(0.9)
+                ids = ids.flip(1)
             runs = []
             for graphs in (False, True):
                 model.config.decode_cuda_graphs = graphs
                 runs.append(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12,
                                            pad_token_id=0, output_scores=True, return_dict_in_generate=True,
                                            **options))
-            assert captures == [True], options
+            assert captures == captured, options
             captures.clear()
             eager, graphed = runs
             assert torch.equal(eager.sequences, graphed.sequences), options
@@ -766,4 +773,5 @@ def test_cuda_graph_decoding_matches_eager(combo, backend):
                 assert_close(g[finite], e[finite], 1e-5, "graph-replayed scores")
     finally:
         DecodeGraph.__init__ = original
+        model.release_decode_graph()
         model.config.decode_cuda_graphs = False
