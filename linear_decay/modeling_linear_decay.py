@@ -542,7 +542,8 @@ class LinearDecayModel(LinearDecayPreTrainedModel):
             cache = None
         past_length = cache.get_seq_length() if cache is not None else 0
 
-        inputs_embeds = self._check_inputs(input_ids, inputs_embeds, attention_mask, past_length, position_ids)
+        self._check_inputs(input_ids, inputs_embeds, attention_mask, past_length, position_ids)
+        inputs_embeds = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         batch, length = inputs_embeds.shape[:2]
         mask = None
         if attention_mask is not None:
@@ -595,8 +596,8 @@ class LinearDecayModel(LinearDecayPreTrainedModel):
         return cu_seqlens
 
     def _check_inputs(self, input_ids, inputs_embeds, attention_mask, past_length, position_ids=None):
-        """Clear errors before any compute; returns the input embeddings. Shapes are compared as Python ints, which
-        costs nothing in eager mode and is a shape guard, not a graph break, under torch.compile / torch.export."""
+        """Clear errors before any compute. Shapes are compared as Python ints, which costs nothing in eager mode and
+        is a shape guard, not a graph break, under torch.compile / torch.export."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
@@ -632,7 +633,6 @@ class LinearDecayModel(LinearDecayPreTrainedModel):
             if len(shape) > 2 or (len(shape) == 2 and shape[0] not in (1, batch)):
                 raise ValueError(f"position_ids have shape {shape}; expected [{length}], [1, {length}] or "
                                  f"[{batch}, {length}]")
-        return self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
 
     @staticmethod
     def _positions(position_ids, mask, cache, batch, length, device):

@@ -108,6 +108,32 @@ def test_pinned_states_keep_their_addresses_and_the_step_never_syncs(graphs_on_c
         assert cache.seen_tokens == seen + 1 and cache.decode_graph is graph
 
 
+def test_graph_path_checks_the_new_tokens_without_embedding_them_twice(graphs_on_cpu):
+    """Outside the graph the step's tokens are only range-checked (a clear error for an id outside the vocabulary);
+    the one embedding lookup is the graph's (on CPU, the step run eagerly)."""
+    model = model_for(COMBOS[0], graphs=True)
+    ids, mask = prompt(model.config.vocab_size, seed=10)
+
+    class CountEmbeddings(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func is torch.ops.aten.embedding.default
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad():
+        cache = model(input_ids=ids, attention_mask=mask, use_cache=True).cache
+        step = torch.ones(3, 1, dtype=torch.long)
+        model(input_ids=step, cache=cache)  # builds the graph
+        with CountEmbeddings() as lookups:
+            model(input_ids=step, cache=cache)
+        assert lookups.count == 1
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            model(input_ids=step * model.config.vocab_size, cache=cache)
+
+
 def test_graph_path_is_skipped_where_it_does_not_apply(graphs_on_cpu):
     """Prefill, gradients, a new token marked padding in the mask, and a model split over devices by a device map
     take the eager path."""
