@@ -25,6 +25,21 @@ COMBOS = [
 ]
 
 
+MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the calls of the given aten ops while active."""
+
+    def __init__(self, *ops):
+        super().__init__()
+        self.ops, self.count = ops, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.ops
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.fixture
 def graphs_on_cpu(monkeypatch):
     """Let the graph path run on CPU tensors (eagerly, capture=False) and count the graphs built."""
@@ -114,20 +129,11 @@ def test_graph_path_checks_the_new_tokens_without_embedding_them_twice(graphs_on
     model = model_for(COMBOS[0], graphs=True)
     ids, mask = prompt(model.config.vocab_size, seed=10)
 
-    class CountEmbeddings(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.count += func is torch.ops.aten.embedding.default
-            return func(*args, **(kwargs or {}))
-
     with torch.no_grad():
         cache = model(input_ids=ids, attention_mask=mask, use_cache=True).cache
         step = torch.ones(3, 1, dtype=torch.long)
         model(input_ids=step, cache=cache)  # builds the graph
-        with CountEmbeddings() as lookups:
+        with CountOps(torch.ops.aten.embedding.default) as lookups:
             model(input_ids=step, cache=cache)
         assert lookups.count == 1
         with pytest.raises(ValueError, match="outside the vocabulary"):
@@ -172,25 +178,16 @@ def test_graph_step_runs_each_mixers_input_projections_as_one_matmul(graphs_on_c
     model = model_for(combo, graphs=True)
     ids, mask = prompt(model.config.vocab_size, seed=3)
 
-    class CountMatmuls(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.count += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
-            return func(*args, **(kwargs or {}))
-
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, use_cache=True)
         cache = out.past_key_values if hasattr(out, "past_key_values") else out.cache
         step_ids = out.logits[:, -1:].argmax(-1)
         model(input_ids=step_ids, attention_mask=torch.cat([mask, torch.ones_like(step_ids)], 1), cache=cache)
         graph = cache.decode_graph
-        with CountMatmuls() as stacked:
+        with CountOps(*MATMULS) as stacked:
             graph._step(model, cache)
         model.config.decode_cuda_graphs = False
-        with CountMatmuls() as separate:
+        with CountOps(*MATMULS) as separate:
             model(input_ids=step_ids, cache=cache)
     mixers = [layer.attn for layer in model.model.layers]
     saved = sum(len(mixer.input_projections()) - 1 for mixer in mixers)
